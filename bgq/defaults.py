@@ -1,0 +1,29 @@
+"""Every default and fixed limit of bgq, with its unit; settings and the contract read from here."""
+
+# Settings defaults (overridable through BGQ_* environment variables, see bgq.settings).
+MODEL = "u2netp"
+ORT_THREADS = 1  # intra-op threads per worker process
+ORT_ARENA = True  # onnxruntime's CPU memory arena
+MAX_TASKS_PER_CHILD = 200  # tasks before a pool process is replaced
+MAX_MEMORY_PER_CHILD_MB = 2048  # MiB of resident memory before a pool process is replaced
+MAX_MEGAPIXELS = 50.0  # megapixels (width x height / 1e6) an input may have
+PNG_COMPRESS_LEVEL = 6  # zlib level 0-9 for result PNGs; 6 is Pillow's and rembg's default
+TASK_MAX_RETRIES = 5  # retries of a task that failed with a transient error
+MAX_DELIVERIES = 3  # times a job may kill its worker process (crash, OOM) before it fails for good
+
+# Queue and keys.
+QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to
+KEY_PREFIX = "bgq:"  # prefix of every Redis key bgq itself writes (Celery's own keys aside)
+GUARD_TTL = 3600  # seconds an enqueue guard lives; it is released when the job ends
+RESULT_TTL = 86400  # seconds Celery keeps a task's result/state in Redis
+VISIBILITY_TIMEOUT = 3600  # seconds before an unacknowledged task is redelivered
+
+# Retries of transient errors: exponential backoff with full jitter.
+RETRY_BACKOFF_MAX = 60  # seconds, cap of one backoff
+RETRY_BACKOFF_BASE = 1  # seconds, first backoff before jitter
+
+# Local stack.
+WORKER_READY_TIMEOUT = 120  # seconds `bgq up` waits for its worker to answer a ping
+WORKER_STOP_TIMEOUT = 30  # seconds a stopping worker may finish its tasks before it is killed
+REDIS_READY_TIMEOUT = 10  # seconds to wait for an embedded redis-server to answer
+JOB_TIMEOUT = 300  # seconds `bgq submit` waits for a result by default

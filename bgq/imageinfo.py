@@ -1,0 +1,60 @@
+"""Read an image's header (format, size, mode) without decoding its pixels."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from bgq.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+
+# Modes rembg.remove() processes (checked against rembg 2.0.86 for every Pillow mode);
+# alpha matting fails inside pymatting for the two-band modes.
+SUPPORTED_MODES = frozenset(
+    {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "F"}
+)
+NO_ALPHA_MATTING_MODES = frozenset({"LA", "PA"})
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image's header says."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
+
+
+def open_header(data: bytes, max_megapixels: float) -> Image.Image:
+    """Open an image lazily and check it before any pixel is decoded; raise a PermanentError."""
+    if not data:
+        raise InvalidImage("empty input (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidImage(f"not a recognised image ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(f"corrupt image header: {exc}") from None
+    info = ImageInfo(img.format or "?", img.width, img.height, img.mode)
+    if info.megapixels > max_megapixels:
+        raise ImageTooLarge(
+            f"{info.width}x{info.height} is {info.megapixels:.1f} megapixels, over the "
+            f"BGQ_MAX_MEGAPIXELS limit of {max_megapixels:g}"
+        )
+    if info.mode not in SUPPORTED_MODES:
+        raise UnsupportedImage(f"unsupported image mode {info.mode} ({info.format})")
+    return img
+
+
+def probe(data: bytes, max_megapixels: float) -> ImageInfo:
+    """Check an image's header; raise InvalidImage, ImageTooLarge or UnsupportedImage."""
+    img = open_header(data, max_megapixels)
+    return ImageInfo(img.format or "?", img.width, img.height, img.mode)

@@ -1,0 +1,108 @@
+"""The one settings object, read from BGQ_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bgq import defaults
+from bgq.errors import ConfigError, NoBroker
+
+ENV_PREFIX = "BGQ_"
+
+
+def default_home() -> Path:
+    """`$XDG_DATA_HOME/bgq`, i.e. `~/.local/share/bgq` when XDG_DATA_HOME is unset."""
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(xdg) / "bgq"
+
+
+class Settings(BaseSettings):
+    """bgq's configuration; every field is the environment variable BGQ_<FIELD>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    redis_url: str | None = None  # unset: the embedded redis-server of `bgq up`
+    home: Path = Field(default_factory=default_home)
+    models_dir: Path | None = None  # unset: $BGQ_HOME/models
+    model: str = defaults.MODEL
+    concurrency: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
+    ort_threads: Annotated[int, Field(ge=1)] = defaults.ORT_THREADS
+    ort_arena: bool = defaults.ORT_ARENA
+    max_tasks_per_child: Annotated[int, Field(ge=1)] = defaults.MAX_TASKS_PER_CHILD
+    max_memory_per_child_mb: Annotated[int, Field(ge=64)] = defaults.MAX_MEMORY_PER_CHILD_MB
+    max_megapixels: Annotated[float, Field(gt=0)] = defaults.MAX_MEGAPIXELS
+    png_compress_level: Annotated[int, Field(ge=0, le=9)] = defaults.PNG_COMPRESS_LEVEL
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://")):
+            raise ValueError("must start with redis:// or rediss://")
+        return url
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from bgq.contract import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model; choose one of {', '.join(sorted(MODELS))}")
+        return name
+
+    @field_validator("home", "models_dir")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser().absolute()
+
+    @property
+    def store_dir(self) -> Path:
+        """Root of the content-addressed store (inputs and results)."""
+        return self.home / "store"
+
+    @property
+    def run_dir(self) -> Path:
+        """Runtime files: the embedded redis-server's state, data and log."""
+        return self.home / "run"
+
+    @property
+    def model_home(self) -> Path:
+        """Where model weights live; rembg is pointed here through U2NET_HOME."""
+        return self.models_dir or self.home / "models"
+
+    def broker_url(self) -> str:
+        """BGQ_REDIS_URL, else the running embedded server of this BGQ_HOME; raises if neither."""
+        if self.redis_url:
+            return self.redis_url
+        from bgq.redis_server import discover
+
+        url = discover(self.run_dir)
+        if url is None:
+            raise NoBroker(
+                f"no Redis to talk to: BGQ_REDIS_URL is unset and no `bgq up` is running for "
+                f"BGQ_HOME={self.home}. Start a local stack with `bgq up` in another shell, "
+                f"or set BGQ_REDIS_URL=redis://host:6379/0."
+            )
+        return url
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment; a bad value raises ConfigError naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            name = ENV_PREFIX + field.upper()
+            value = os.environ.get(name, err.get("input"))
+            problems.append(f"{name}={value!r}: {err['msg']}")
+        raise ConfigError("invalid setting " + "; ".join(problems)) from None

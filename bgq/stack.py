@@ -1,0 +1,143 @@
+"""A local bgq stack: the embedded Redis (unless BGQ_REDIS_URL is set) plus one Celery worker."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from bgq import defaults
+from bgq.errors import ConfigError
+from bgq.redis_server import EmbeddedRedis
+from bgq.settings import Settings
+
+PR_SET_PDEATHSIG = 1  # prctl option: signal the child when its parent dies
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: a child of ours gets SIGTERM if we die without cleaning up (e.g. SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_command(concurrency: int, hostname: str, *extra: str) -> list[str]:
+    """The `celery worker` command line bgq uses (prefork pool, INFO logging)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "--pool", "prefork", "--concurrency", str(concurrency),
+        "--hostname", hostname, "--loglevel", "INFO", *extra,
+    ]  # fmt: skip
+
+
+class LocalStack:
+    """Starts and stops Redis (when embedded) and a prefork worker; leaves no process behind."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        workers: int | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.workers = workers or settings.concurrency
+        self.env = env or {}
+        self.log = log
+        self.redis: EmbeddedRedis | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.hostname = f"bgq-{os.getpid()}@{socket.gethostname()}"
+        self.url = settings.redis_url or ""
+
+    def start(self) -> LocalStack:
+        """Start everything and wait until the worker answers a ping; clean up on failure."""
+        try:
+            if not self.settings.redis_url:
+                self.redis = EmbeddedRedis.start(self.settings.run_dir)
+                self.url = self.redis.url
+            self._start_worker()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_worker(self) -> None:
+        env = {
+            **os.environ,
+            **self.env,
+            "BGQ_REDIS_URL": self.url,
+            "BGQ_HOME": str(self.settings.home),
+        }
+        out: IO[bytes] | None = None
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log, "ab")  # noqa: SIM115 - lives as long as the worker
+        self.worker = subprocess.Popen(
+            worker_command(self.workers, self.hostname, "--without-mingle", "--without-gossip"),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        if out is not None:
+            out.close()
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        from celery import Celery
+
+        import celeryconfig
+
+        app = Celery("bgq-stack", set_as_current=False)
+        app.conf.update(
+            celeryconfig.build(self.settings.model_copy(update={"redis_url": self.url}))
+        )
+        deadline = time.monotonic() + defaults.WORKER_READY_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                assert self.worker is not None
+                if self.worker.poll() is not None:
+                    where = f"; see {self.log}" if self.log else ""
+                    raise ConfigError(
+                        f"the worker exited with code {self.worker.returncode}{where}"
+                    )
+                if app.control.ping(destination=[self.hostname], timeout=0.5):
+                    return
+            raise ConfigError(f"the worker did not answer within {defaults.WORKER_READY_TIMEOUT}s")
+        finally:
+            app.close()
+
+    def stop(self) -> None:
+        """Warm-stop the worker (running tasks finish), kill what remains, then stop Redis."""
+        if self.worker is not None:
+            _stop_group(self.worker, defaults.WORKER_STOP_TIMEOUT)
+            self.worker = None
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a process leading its own group, wait, then SIGKILL the whole group."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,0 +1,33 @@
+"""Celery configuration for bgq's producers and workers; every value comes from bgq.settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bgq import contract, defaults
+from bgq.settings import Settings
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for these settings (raises ConfigError when no broker is known)."""
+    url = settings.broker_url()
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": defaults.VISIBILITY_TIMEOUT},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": defaults.RESULT_TTL,
+        "task_default_queue": contract.QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.concurrency,
+        "worker_max_tasks_per_child": settings.max_tasks_per_child,
+        "worker_max_memory_per_child": settings.max_memory_per_child_mb * 1024,  # KiB
+        "worker_hijack_root_logger": False,
+    }

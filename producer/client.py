@@ -1,0 +1,168 @@
+"""The Python API other services import: `Producer().submit(image).wait()`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from bgq import contract, defaults
+from bgq.contract import Options, TaskArgs
+from bgq.errors import BgqError, BrokerError, JobFailed, JobTimeout, PermanentError
+from bgq.imageinfo import probe
+from bgq.settings import Settings, load_settings
+from bgq.store import Store
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+Source = bytes | str | os.PathLike[str]
+
+POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
+POLL_MAX = 0.25  # seconds between later checks
+
+
+def read_source(source: Source) -> bytes:
+    """The image bytes of a submit() argument: bytes as they are, else a file path."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    return Path(source).read_bytes()
+
+
+@dataclass
+class Job:
+    """One submitted image: its cache key, whether it was a cache hit, and how to wait for it."""
+
+    key: str
+    cached: bool
+    output_path: Path
+    producer: Producer | None = field(default=None, repr=False)
+    error: BgqError | None = None
+    source: str | None = None
+
+    def wait(self, timeout: float | None = None) -> Path:
+        """Block until the result PNG is in the store and return its path; raise on failure."""
+        if self.error is not None:
+            raise self.error
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = POLL_MIN
+        while True:
+            if self.output_path.is_file():
+                return self.output_path
+            assert self.producer is not None
+            meta = self.producer.task_meta(self.key)
+            if meta["status"] == "FAILURE":
+                exc = meta["result"]
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                raise JobFailed(self.key, reason, permanent=isinstance(exc, PermanentError))
+            if meta["status"] == "SUCCESS" and not self.output_path.is_file():
+                raise JobFailed(self.key, f"result reported done but {self.output_path} is missing")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {self.key} not finished after {timeout:g}s")
+            time.sleep(
+                delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            )
+            delay = min(POLL_MAX, delay * 2)
+
+
+class Producer:
+    """Submits images to bgq; settings come from the environment unless given."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.store = Store(self.settings.store_dir)
+        self._app: Celery | None = None
+
+    @property
+    def app(self) -> Celery:
+        """A light Celery app for publishing (created on first enqueue: cache hits need none)."""
+        if self._app is None:
+            from celery import Celery
+
+            import celeryconfig
+
+            app = Celery("bgq-producer", set_as_current=False)
+            app.conf.update(celeryconfig.build(self.settings))
+            self._app = app
+        return self._app
+
+    def submit(self, source: Source, model: str | None = None, **options: Any) -> Job:
+        """Submit one image (bytes or a path); bad input raises a PermanentError at once."""
+        data = read_source(source)
+        return self._dispatch(self._prepare(data, model, Options.parse(options)), data)
+
+    def submit_many(
+        self, sources: Iterable[Source], model: str | None = None, **options: Any
+    ) -> list[Job]:
+        """Submit many images with the same options; a bad image becomes a failed Job."""
+        opts = Options.parse(options)
+        model = contract.check_model(model or self.settings.model)
+        jobs = []
+        for source in sources:
+            name = None if isinstance(source, bytes | bytearray | memoryview) else str(source)
+            try:
+                data = read_source(source)
+            except OSError as exc:
+                err = PermanentError(f"cannot read {name}: {exc.strerror or exc}")
+                jobs.append(Job("", False, Path(), error=err, source=name))
+                continue
+            try:
+                job = self._dispatch(self._prepare(data, model, opts), data)
+            except PermanentError as exc:
+                args = TaskArgs.build(contract.input_digest(data), model, opts)
+                job = Job(args.key, False, self.store.output_path(args.key), error=exc)
+            job.source = name
+            jobs.append(job)
+        return jobs
+
+    def _prepare(self, data: bytes, model: str | None, options: Options) -> TaskArgs:
+        """Check the request and the image header; build the task arguments."""
+        model = contract.check_model(model or self.settings.model)
+        probe(data, self.settings.max_megapixels)
+        return TaskArgs.build(contract.input_digest(data), model, options)
+
+    def _dispatch(self, args: TaskArgs, data: bytes) -> Job:
+        """Short-circuit on a stored result; else store the input and enqueue."""
+        output = self.store.output_path(args.key)
+        if output.is_file():
+            return Job(args.key, True, output, self)
+        self.store.put_input(args.input_sha256, data)
+        self._enqueue(args)
+        return Job(args.key, False, output, self)
+
+    def _enqueue(self, args: TaskArgs) -> None:
+        """Publish the task unless an identical job is already queued or running."""
+        app = self.app
+        guard = contract.guard_key(args.key)
+        try:
+            client = app.backend.client
+            if not client.set(guard, "1", nx=True, ex=defaults.GUARD_TTL):
+                return
+            try:
+                app.backend.forget(args.key)  # an old failure must not answer for this run
+                app.send_task(
+                    contract.TASK_NAME,
+                    kwargs=args.to_kwargs(),
+                    task_id=args.key,
+                    queue=contract.QUEUE,
+                )
+            except BaseException:
+                client.delete(guard)
+                raise
+        except (redis.RedisError, OperationalError) as exc:
+            raise BrokerError(
+                f"cannot enqueue on {self.settings.redis_url or 'Redis'}: {exc}"
+            ) from exc
+
+    def task_meta(self, key: str) -> dict[str, Any]:
+        """The task's state as Celery stored it (status, result or exception)."""
+        try:
+            return dict(self.app.backend.get_task_meta(key, cache=False))
+        except (redis.RedisError, OperationalError) as exc:
+            raise BrokerError(f"cannot read job state: {exc}") from exc
