@@ -146,6 +146,11 @@ def guard_key(key: str) -> str:
     return f"{defaults.KEY_PREFIX}guard:{key}"
 
 
+def attempts_key(key: str) -> str:
+    """Redis key counting a job's deliveries that started, to stop jobs that crash workers."""
+    return f"{defaults.KEY_PREFIX}attempts:{key}"
+
+
 STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of counters (computed, skipped, failed)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -36,11 +37,15 @@ def open_header(data: bytes, max_megapixels: float) -> Image.Image:
     if not data:
         raise InvalidImage("empty input (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidImage(f"not a recognised image ({len(data)} bytes)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from None
+        # Only where the process kept Pillow's own guard (a library user's); bgq's CLI and
+        # workers lift it, so that BGQ_MAX_MEGAPIXELS alone decides.
+        raise ImageTooLarge(f"over Pillow's decompression-bomb limit: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"corrupt image header: {exc}") from None
     info = ImageInfo(img.format or "?", img.width, img.height, img.mode)

@@ -94,6 +94,16 @@ class Settings(BaseSettings):
         return url
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The BGQ_* environment that reproduces `settings` in a child process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            env[ENV_PREFIX + name.upper()] = text
+    return env
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the settings from the environment; a bad value raises ConfigError naming it."""
     try:

@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import IO
 
 from bgq import defaults
 from bgq.errors import ConfigError
 from bgq.redis_server import EmbeddedRedis
-from bgq.settings import Settings
+from bgq.settings import Settings, settings_env
 
 PR_SET_PDEATHSIG = 1  # prctl option: signal the child when its parent dies
 
@@ -53,7 +54,7 @@ class LocalStack:
         self.log = log
         self.redis: EmbeddedRedis | None = None
         self.worker: subprocess.Popen[bytes] | None = None
-        self.hostname = f"bgq-{os.getpid()}@{socket.gethostname()}"
+        self.hostname = f"bgq-{os.getpid()}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.url = settings.redis_url or ""
 
     def start(self) -> LocalStack:
@@ -69,12 +70,8 @@ class LocalStack:
         return self
 
     def _start_worker(self) -> None:
-        env = {
-            **os.environ,
-            **self.env,
-            "BGQ_REDIS_URL": self.url,
-            "BGQ_HOME": str(self.settings.home),
-        }
+        settings = self.settings.model_copy(update={"redis_url": self.url})
+        env = {**os.environ, **settings_env(settings), **self.env}
         out: IO[bytes] | None = None
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)

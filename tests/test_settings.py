@@ -1,0 +1,176 @@
+"""Settings: defaults, one BGQ_* variable per field, errors that name the bad variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bgq import defaults, redis_server
+from bgq.errors import ConfigError, NoBroker
+from bgq.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No BGQ_* variable from the caller's shell; defaults land under a temporary XDG dir."""
+    for name in list(os.environ):
+        if name.startswith("BGQ_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = load_settings()
+    home = tmp_path / "xdg" / "bgq"
+    assert settings.redis_url is None
+    assert settings.home == home
+    assert settings.model_home == home / "models"
+    assert settings.store_dir == home / "store"
+    assert settings.run_dir == home / "run"
+    assert settings.model == "u2netp"
+    assert settings.concurrency == (os.cpu_count() or 1)
+    assert settings.ort_threads == defaults.ORT_THREADS
+    assert settings.ort_arena is defaults.ORT_ARENA
+    assert settings.max_tasks_per_child == defaults.MAX_TASKS_PER_CHILD
+    assert settings.max_memory_per_child_mb == defaults.MAX_MEMORY_PER_CHILD_MB
+    assert settings.max_megapixels == defaults.MAX_MEGAPIXELS
+    assert settings.png_compress_level == defaults.PNG_COMPRESS_LEVEL
+
+
+def test_home_defaults_to_local_share_without_xdg(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_settings().home == tmp_path / ".local" / "share" / "bgq"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "expected"),
+    [
+        ("BGQ_REDIS_URL", "redis://cache:6380/2", "redis_url", "redis://cache:6380/2"),
+        ("BGQ_REDIS_URL", "rediss://cache:6380/0", "redis_url", "rediss://cache:6380/0"),
+        ("BGQ_HOME", "/srv/bgq-home", "home", Path("/srv/bgq-home")),
+        ("BGQ_MODELS_DIR", "/srv/weights", "model_home", Path("/srv/weights")),
+        ("BGQ_MODEL", "isnet-anime", "model", "isnet-anime"),
+        ("BGQ_CONCURRENCY", "97", "concurrency", 97),
+        ("BGQ_ORT_THREADS", "3", "ort_threads", 3),
+        ("BGQ_ORT_ARENA", "false", "ort_arena", False),
+        ("BGQ_ORT_ARENA", "0", "ort_arena", False),
+        ("BGQ_MAX_TASKS_PER_CHILD", "7", "max_tasks_per_child", 7),
+        ("BGQ_MAX_MEMORY_PER_CHILD_MB", "512", "max_memory_per_child_mb", 512),
+        ("BGQ_MAX_MEGAPIXELS", "12.5", "max_megapixels", 12.5),
+        ("BGQ_PNG_COMPRESS_LEVEL", "1", "png_compress_level", 1),
+    ],
+)
+def test_each_variable_is_read(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str, expected: Any
+) -> None:
+    assert getattr(load_settings(), field) != expected
+    monkeypatch.setenv(variable, value)
+    assert getattr(load_settings(), field) == expected
+
+
+def test_models_dir_follows_bgq_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "h"))
+    settings = load_settings()
+    assert settings.model_home == tmp_path / "h" / "models"
+    assert settings.store_dir == tmp_path / "h" / "store"
+
+
+def test_relative_and_user_paths_become_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("BGQ_HOME", "relative/home")
+    monkeypatch.setenv("BGQ_MODELS_DIR", "~/weights")
+    settings = load_settings()
+    assert settings.home == tmp_path / "relative" / "home"
+    assert settings.model_home == tmp_path / "user" / "weights"
+
+
+def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BGQ_MODEL", "")
+    monkeypatch.setenv("BGQ_REDIS_URL", "")
+    settings = load_settings()
+    assert settings.model == defaults.MODEL
+    assert settings.redis_url is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BGQ_CONCURRENCY", "abc"),
+        ("BGQ_CONCURRENCY", "0"),
+        ("BGQ_MODEL", "nope"),
+        ("BGQ_REDIS_URL", "http://x"),
+        ("BGQ_ORT_ARENA", "maybe"),
+        ("BGQ_ORT_THREADS", "-1"),
+        ("BGQ_MAX_TASKS_PER_CHILD", "many"),
+        ("BGQ_MAX_MEMORY_PER_CHILD_MB", "10"),
+        ("BGQ_MAX_MEGAPIXELS", "0"),
+        ("BGQ_PNG_COMPRESS_LEVEL", "12"),
+    ],
+)
+def test_a_bad_value_raises_config_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert f"{variable}={value!r}" in str(info.value)
+
+
+def test_every_bad_variable_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BGQ_CONCURRENCY", "0")
+    monkeypatch.setenv("BGQ_MODEL", "nope")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "BGQ_CONCURRENCY" in str(info.value)
+    assert "BGQ_MODEL" in str(info.value)
+
+
+def test_unknown_bgq_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BGQ_NOT_A_SETTING", "x")
+    assert load_settings().model == defaults.MODEL
+
+
+def test_broker_url_is_bgq_redis_url_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_discovery(run_dir: Path) -> str | None:
+        raise AssertionError("discover() must not run when BGQ_REDIS_URL is set")
+
+    monkeypatch.setattr(redis_server, "discover", no_discovery)
+    monkeypatch.setenv("BGQ_REDIS_URL", "redis://elsewhere:6379/3")
+    assert load_settings().broker_url() == "redis://elsewhere:6379/3"
+
+
+def test_broker_url_finds_the_embedded_server_of_this_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[Path] = []
+
+    def discover(run_dir: Path) -> str | None:
+        seen.append(run_dir)
+        return "redis://127.0.0.1:4242/0"
+
+    monkeypatch.setattr(redis_server, "discover", discover)
+    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
+    assert load_settings().broker_url() == "redis://127.0.0.1:4242/0"
+    assert seen == [tmp_path / "home" / "run"]
+
+
+def test_broker_url_without_any_redis_says_to_run_bgq_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
+    with pytest.raises(NoBroker) as info:
+        load_settings().broker_url()
+    message = str(info.value)
+    assert "`bgq up`" in message
+    assert "BGQ_REDIS_URL" in message
+    assert str(tmp_path / "home") in message
+    assert isinstance(info.value, ConfigError)
