@@ -14,7 +14,16 @@ from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults
 from bgq.contract import Options, TaskArgs
-from bgq.errors import BgqError, BrokerError, JobFailed, JobTimeout, PermanentError
+from bgq.errors import (
+    BgqError,
+    BrokerError,
+    ImageTooLarge,
+    InvalidImage,
+    JobFailed,
+    JobTimeout,
+    PermanentError,
+    UnsupportedImage,
+)
 from bgq.imageinfo import probe
 from bgq.settings import Settings, load_settings
 from bgq.store import Store
@@ -23,6 +32,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 Source = bytes | str | os.PathLike[str]
+
+IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
 
 POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
 POLL_MAX = 0.25  # seconds between later checks
@@ -114,7 +125,7 @@ class Producer:
                 continue
             try:
                 job = self._dispatch(self._prepare(data, model, opts), data)
-            except PermanentError as exc:
+            except IMAGE_ERRORS as exc:
                 args = TaskArgs.build(contract.input_digest(data), model, opts)
                 job = Job(args.key, False, self.store.output_path(args.key), error=exc)
             job.source = name
