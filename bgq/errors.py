@@ -27,6 +27,10 @@ class InvalidRequest(PermanentError):
     """Unknown model, bad option value or malformed task arguments."""
 
 
+class OutOfMemory(PermanentError):
+    """Processing the image ran out of memory; retrying on the same fleet would repeat that."""
+
+
 class WorkerCrashed(PermanentError):
     """The job killed its worker process too many times (crash or out of memory)."""
 

@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +21,8 @@ import redis
 
 from bgq import defaults
 from bgq.errors import ConfigError
+from bgq.process import die_with_parent, stop_group
+from bgq.store import atomic_write
 
 STATE_FILE = "redis.json"
 
@@ -113,11 +114,12 @@ class EmbeddedRedis:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     start_new_session=True,
+                    preexec_fn=die_with_parent,
                 )
                 url = f"redis://127.0.0.1:{chosen}/0"
                 if cls._wait_ready(proc, url):
                     state = {"pid": proc.pid, "url": url}
-                    (run_dir / STATE_FILE).write_text(json.dumps(state))
+                    atomic_write(run_dir / STATE_FILE, json.dumps(state).encode())
                     return cls(proc, url, run_dir)
                 cls._terminate(proc)
                 if port:
@@ -137,13 +139,7 @@ class EmbeddedRedis:
 
     @staticmethod
     def _terminate(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=defaults.REDIS_READY_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_group(proc, defaults.REDIS_READY_TIMEOUT)
 
     def stop(self) -> None:
         """Shut the server down (SIGTERM flushes the AOF) and remove its state file."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,17 +13,9 @@ from typing import IO
 
 from bgq import defaults
 from bgq.errors import ConfigError
+from bgq.process import die_with_parent, stop_group
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings, settings_env
-
-PR_SET_PDEATHSIG = 1  # prctl option: signal the child when its parent dies
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: a child of ours gets SIGTERM if we die without cleaning up (e.g. SIGKILL)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def worker_command(concurrency: int, hostname: str, *extra: str) -> list[str]:
@@ -83,7 +72,7 @@ class LocalStack:
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         if out is not None:
             out.close()
@@ -116,7 +105,7 @@ class LocalStack:
     def stop(self) -> None:
         """Warm-stop the worker (running tasks finish), kill what remains, then stop Redis."""
         if self.worker is not None:
-            _stop_group(self.worker, defaults.WORKER_STOP_TIMEOUT)
+            stop_group(self.worker, defaults.WORKER_STOP_TIMEOUT)
             self.worker = None
         if self.redis is not None:
             self.redis.stop()
@@ -127,14 +116,3 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM a process leading its own group, wait, then SIGKILL the whole group."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()

@@ -56,6 +56,7 @@ class Job:
     producer: Producer | None = field(default=None, repr=False)
     error: BgqError | None = None
     source: str | None = None
+    args: TaskArgs | None = field(default=None, repr=False)
 
     def wait(self, timeout: float | None = None) -> Path:
         """Block until the result PNG is in the store and return its path; raise on failure."""
@@ -74,6 +75,10 @@ class Job:
                 raise JobFailed(self.key, reason, permanent=isinstance(exc, PermanentError))
             if meta["status"] == "SUCCESS" and not self.output_path.is_file():
                 raise JobFailed(self.key, f"result reported done but {self.output_path} is missing")
+            if meta["status"] == "REVOKED":
+                raise JobFailed(self.key, "the job was revoked")
+            if meta["status"] == "PENDING" and self.args is not None:
+                self.producer.requeue_if_lost(self.args)
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeout(f"job {self.key} not finished after {timeout:g}s")
             time.sleep(
@@ -145,7 +150,7 @@ class Producer:
             return Job(args.key, True, output, self)
         self.store.put_input(args.input_sha256, data)
         self._enqueue(args)
-        return Job(args.key, False, output, self)
+        return Job(args.key, False, output, self, args=args)
 
     def _enqueue(self, args: TaskArgs) -> None:
         """Publish the task unless an identical job is already queued or running."""
@@ -170,6 +175,19 @@ class Producer:
             raise BrokerError(
                 f"cannot enqueue on {self.settings.redis_url or 'Redis'}: {exc}"
             ) from exc
+
+    def requeue_if_lost(self, args: TaskArgs) -> None:
+        """Enqueue again a job that nobody holds any more (message lost, or guard expired).
+
+        The guard is held from enqueue until the final state is stored, so a pending job
+        without a guard was lost; if it merely expired, the task finds the stored result.
+        """
+        try:
+            lost = not self.app.backend.client.exists(contract.guard_key(args.key))
+        except redis.RedisError as exc:
+            raise BrokerError(f"cannot read job state: {exc}") from exc
+        if lost and not self.store.has_output(args.key):
+            self._enqueue(args)
 
     def task_meta(self, key: str) -> dict[str, Any]:
         """The task's state as Celery stored it (status, result or exception)."""

@@ -37,7 +37,7 @@ def remove_background(img: Image.Image, session: BaseSession, options: Options) 
     try:
         result = remove(img, session=session, **options.rembg_kwargs())
     except MemoryError:
-        raise
+        raise  # the task turns it into OutOfMemory
     except Exception as exc:
         raise UnsupportedImage(
             f"rembg failed on this {img.mode} image: {type(exc).__name__}: {exc}"

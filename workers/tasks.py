@@ -13,7 +13,7 @@ from celery import Task
 
 from bgq import contract, defaults
 from bgq.contract import TaskArgs
-from bgq.errors import TransientError, WorkerCrashed
+from bgq.errors import BrokerError, OutOfMemory, TransientError, WorkerCrashed
 from bgq.store import Store
 from workers import imaging, session
 from workers.app import app, settings
@@ -67,11 +67,13 @@ def _count_delivery(key: str) -> None:
 
     The counter is cleared whenever the task ends normally, so only deaths accumulate.
     """
-    client = app.backend.client
-    with client.pipeline() as pipe:
-        pipe.incr(contract.attempts_key(key))
-        pipe.expire(contract.attempts_key(key), defaults.RESULT_TTL)
-        deliveries = int(pipe.execute()[0])
+    try:
+        with app.backend.client.pipeline() as pipe:
+            pipe.incr(contract.attempts_key(key))
+            pipe.expire(contract.attempts_key(key), defaults.RESULT_TTL)
+            deliveries = int(pipe.execute()[0])
+    except redis.RedisError as exc:
+        raise BrokerError(f"cannot count deliveries: {exc}") from exc
     if deliveries > defaults.MAX_DELIVERIES:
         raise WorkerCrashed(
             f"the worker process died {deliveries - 1} times on this job "
@@ -79,39 +81,61 @@ def _count_delivery(key: str) -> None:
         )
 
 
-def _finish(key: str | None, outcome: str | None) -> None:
-    """Count the outcome and release the enqueue guard; best effort, the guard also expires."""
-    try:
-        client = app.backend.client
-        with client.pipeline() as pipe:
-            if outcome:
-                pipe.hincrby(contract.STATS_KEY, outcome, 1)
-            if key:
-                pipe.delete(contract.attempts_key(key))
-                if outcome:
-                    pipe.delete(contract.guard_key(key))
-            pipe.execute()
-    except redis.RedisError as exc:
-        log.warning("could not record outcome %s of %s: %s", outcome, key, exc)
+class RemovalTask(Task):
+    """Records each outcome once Celery has stored the task's state."""
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: Any,
+        kwargs: dict[str, Any],
+        einfo: Any,
+    ) -> None:
+        """Clear the delivery counter; on a final state also count it and release the guard.
+
+        Running after the state is stored means that a producer which wins the guard next can
+        never be answered by this run's state.
+        """
+        final = status in ("SUCCESS", "FAILURE")
+        if status == "SUCCESS":
+            outcome = "computed" if retval.get("computed") else "skipped"
+        else:
+            outcome = "failed"
+        try:
+            with app.backend.client.pipeline() as pipe:
+                pipe.delete(contract.attempts_key(task_id))
+                if final:
+                    pipe.hincrby(contract.STATS_KEY, outcome, 1)
+                    pipe.delete(contract.guard_key(task_id))
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning(
+                "could not record %s of %s (the guard expires by itself): %s", status, task_id, exc
+            )
 
 
-@app.task(name=contract.TASK_NAME, bind=True, max_retries=defaults.TASK_MAX_RETRIES)
+@app.task(
+    name=contract.TASK_NAME,
+    base=RemovalTask,
+    bind=True,
+    max_retries=defaults.TASK_MAX_RETRIES,
+)
 def remove_background(self: Task, **kwargs: Any) -> dict[str, Any]:
     """Remove the background of the input blob named by the (JSON) task arguments."""
-    key = kwargs.get("key") if isinstance(kwargs.get("key"), str) else None
     try:
         args = TaskArgs.from_kwargs(kwargs)
         _count_delivery(args.key)
-        result = process(args)
+        return process(args)
     except TransientError as exc:
-        if self.request.retries < self.max_retries:
-            log.warning("transient failure of %s, retrying: %s", key, exc)
-            _finish(key, None)
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
-        _finish(key, "failed")
-        raise
-    except Exception:
-        _finish(key, "failed")
-        raise
-    _finish(args.key, "computed" if result["computed"] else "skipped")
-    return result
+        if self.request.retries >= self.max_retries:
+            raise
+        log.warning("transient failure of %s, retrying: %s", kwargs.get("key"), exc)
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+    except MemoryError:
+        # Raised as is, Celery would treat it as unrecoverable and stop the whole worker.
+        raise OutOfMemory(
+            "ran out of memory processing this image; lower BGQ_MAX_MEGAPIXELS or "
+            "BGQ_CONCURRENCY, or give the workers more memory"
+        ) from None
