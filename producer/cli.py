@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from bgq import contract, defaults
-from bgq.errors import BgqError, ConfigError, NoBroker
+from bgq.errors import BgqError, ConfigError, InvalidImage, NoBroker
 from bgq.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -252,7 +252,6 @@ def _ensure_model(settings: Settings) -> None:
 
 def _image_files(paths: list[Path]) -> list[Path]:
     """Files named directly, plus the image files directly inside named folders (by content)."""
-    from bgq.errors import InvalidImage
     from bgq.imageinfo import probe
 
     files: list[Path] = []

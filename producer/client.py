@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,15 @@ IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one imag
 
 POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
 POLL_MAX = 0.25  # seconds between later checks
+
+
+@contextlib.contextmanager
+def _broker_errors(doing: str) -> Iterator[None]:
+    """Report Redis trouble as a (transient) BrokerError saying what was being done."""
+    try:
+        yield
+    except (redis.RedisError, OperationalError) as exc:
+        raise BrokerError(f"cannot {doing}: {exc}") from exc
 
 
 def read_source(source: Source) -> bytes:
@@ -156,7 +166,7 @@ class Producer:
         """Publish the task unless an identical job is already queued or running."""
         app = self.app
         guard = contract.guard_key(args.key)
-        try:
+        with _broker_errors(f"enqueue on {self.settings.redis_url or 'Redis'}"):
             client = app.backend.client
             if not client.set(guard, "1", nx=True, ex=defaults.GUARD_TTL):
                 return
@@ -171,10 +181,6 @@ class Producer:
             except BaseException:
                 client.delete(guard)
                 raise
-        except (redis.RedisError, OperationalError) as exc:
-            raise BrokerError(
-                f"cannot enqueue on {self.settings.redis_url or 'Redis'}: {exc}"
-            ) from exc
 
     def requeue_if_lost(self, args: TaskArgs) -> None:
         """Enqueue again a job that nobody holds any more (message lost, or guard expired).
@@ -182,16 +188,12 @@ class Producer:
         The guard is held from enqueue until the final state is stored, so a pending job
         without a guard was lost; if it merely expired, the task finds the stored result.
         """
-        try:
+        with _broker_errors("read job state"):
             lost = not self.app.backend.client.exists(contract.guard_key(args.key))
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot read job state: {exc}") from exc
         if lost and not self.store.has_output(args.key):
             self._enqueue(args)
 
     def task_meta(self, key: str) -> dict[str, Any]:
         """The task's state as Celery stored it (status, result or exception)."""
-        try:
+        with _broker_errors("read job state"):
             return dict(self.app.backend.get_task_meta(key, cache=False))
-        except (redis.RedisError, OperationalError) as exc:
-            raise BrokerError(f"cannot read job state: {exc}") from exc

@@ -12,10 +12,8 @@ import imagehash
 import numpy as np
 import pytest
 import redis
-from celery import Celery
 from PIL import Image
 
-import celeryconfig
 from bgq import contract
 from bgq.contract import Options, TaskArgs
 from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
@@ -130,8 +128,7 @@ def test_concurrent_identical_submits_run_one_inference(
 
 def send_by_name(stack: LocalStack, data: bytes, **options: Any) -> Any:
     """Enqueue like a non-Python caller would: blob into the store, then the task by name."""
-    app = Celery("caller", set_as_current=False)
-    app.conf.update(celeryconfig.build(stack.settings))
+    app = Producer(stack.settings).app
     sha = contract.input_digest(data)
     Store(stack.settings.store_dir).put_input(sha, data)
     args = TaskArgs.build(sha, "u2netp", Options.parse(options))
@@ -139,8 +136,7 @@ def send_by_name(stack: LocalStack, data: bytes, **options: Any) -> Any:
 
 
 def accepted(stack: LocalStack) -> int:
-    app = Celery("inspector", set_as_current=False)
-    app.conf.update(celeryconfig.build(stack.settings))
+    app = Producer(stack.settings).app
     replies = app.control.inspect(destination=[stack.hostname], timeout=2).stats() or {}
     return sum(replies[stack.hostname]["total"].values()) if replies else 0
 

@@ -10,7 +10,6 @@ import pytest
 import redis
 from celery import Celery
 
-import celeryconfig
 from bgq import contract, defaults
 from bgq.errors import JobFailed
 from bgq.stack import LocalStack
@@ -48,9 +47,8 @@ def _active_pid(
 def test_job_that_kills_its_worker_fails_for_good(make_stack: StackFactory) -> None:
     """Like the OOM killer: SIGKILL the pool process on every delivery; it must stop retrying."""
     stack = make_stack(concurrency=1)
-    app = Celery("killer", set_as_current=False)
-    app.conf.update(celeryconfig.build(stack.settings))
     producer = Producer(stack.settings)
+    app = producer.app
     # Alpha matting on a large image keeps the pool process busy for seconds.
     job = producer.submit(variant("cloth-1.jpg", (0, 0, 739, 1134)), alpha_matting=True)
     client = redis.Redis.from_url(stack.url)
@@ -66,5 +64,4 @@ def test_job_that_kills_its_worker_fails_for_good(make_stack: StackFactory) -> N
     assert failure.value.permanent
     # The worker survived and serves the next job.
     assert producer.submit(variant("car-1.jpg", (5, 5, 200, 200))).wait(timeout=120).is_file()
-    app.close()
     client.close()

@@ -98,15 +98,15 @@ class RemovalTask(Task):
         Running after the state is stored means that a producer which wins the guard next can
         never be answered by this run's state.
         """
-        final = status in ("SUCCESS", "FAILURE")
+        outcome = None  # RETRY: the job goes on, keep the guard
         if status == "SUCCESS":
             outcome = "computed" if retval.get("computed") else "skipped"
-        else:
+        elif status == "FAILURE":
             outcome = "failed"
         try:
             with app.backend.client.pipeline() as pipe:
                 pipe.delete(contract.attempts_key(task_id))
-                if final:
+                if outcome:
                     pipe.hincrby(contract.STATS_KEY, outcome, 1)
                     pipe.delete(contract.guard_key(task_id))
                 pipe.execute()
