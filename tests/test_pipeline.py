@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,18 @@ def stats(client: redis.Redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in client.hgetall(contract.STATS_KEY).items()}
 
 
+def settle(client: redis.Redis, key: str, timeout: float = 30) -> None:
+    """Wait until the job's guard is released; its outcome is counted in the same transaction.
+
+    A result PNG is visible before Celery stores the state and the worker's after_return
+    records the outcome, so counters read right after Job.wait() may lag one step.
+    """
+    deadline = time.monotonic() + timeout
+    while client.exists(contract.guard_key(key)):
+        assert time.monotonic() < deadline, f"guard of {key} never released"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize(("name", "options"), PARITY_CASES, ids=lambda v: str(v))
 def test_pixels_identical_to_rembg(
     producer: Producer, reference: Any, name: str, options: dict[str, Any]
@@ -83,6 +96,7 @@ def test_cache_hit_sends_nothing_to_the_broker(
     first = producer.submit(data)
     assert not first.cached
     path = first.wait(timeout=120)
+    settle(redis_client, first.key)
 
     def published() -> int:
         cmd = redis_client.info("commandstats").get("cmdstat_lpush", {})
@@ -123,6 +137,7 @@ def test_concurrent_identical_submits_run_one_inference(
     paths = {job.wait(timeout=120) for job in jobs}
     assert len({job.key for job in jobs}) == 1
     assert len(paths) == 1
+    settle(redis_client, jobs[0].key)
     assert stats(redis_client).get("computed", 0) - before == 1
 
 
@@ -132,6 +147,7 @@ def send_by_name(stack: LocalStack, data: bytes, **options: Any) -> Any:
     sha = contract.input_digest(data)
     Store(stack.settings.store_dir).put_input(sha, data)
     args = TaskArgs.build(sha, "u2netp", Options.parse(options))
+    app.backend.client.set(contract.guard_key(args.key), "1", nx=True)
     return app.send_task(contract.TASK_NAME, kwargs=args.to_kwargs(), task_id=args.key)
 
 
@@ -166,9 +182,9 @@ def test_bad_input_fails_permanently_without_retry(
     assert result.state == "FAILURE"
     assert type(result.result).__name__ == error
     assert words in str(result.result)
+    settle(redis_client, result.id)  # the guard is released once the failure is stored
     assert accepted(stack) - before_accepted == 1  # a retry would be accepted again
     assert stats(redis_client).get("failed", 0) - before_failed == 1
-    assert not redis_client.exists(contract.guard_key(result.id))
     # ...and the worker goes on serving.
     good = send_by_name(stack, variant("car-1.jpg", (0, 0, 200 + len(data) % 97, 150)))
     assert good.get(timeout=120)["computed"] is True
