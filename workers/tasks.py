@@ -49,7 +49,7 @@ def process(args: TaskArgs) -> dict[str, Any]:
         model = session.get(args.model, settings)
         cutout = imaging.remove_background(img, model, args.options)
         lap("remove")
-        png = imaging.encode_png(cutout, settings.png_compress_level)
+        png = imaging.encode_png(cutout, settings.png_encoder, settings.png_compress_level)
         lap("encode")
         store.put_output(args.key, png)
         lap("write")
