@@ -19,7 +19,7 @@ models: $(STAMP)
 	$(BIN)/bgq models fetch u2netp
 
 run: setup
-	$(BIN)/bgq demo samples --out out
+	$(BIN)/bgq ingest samples/catalog.csv --out out
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

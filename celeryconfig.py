@@ -25,6 +25,7 @@ def build(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,
+        "task_time_limit": defaults.TASK_TIME_LIMIT,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": settings.concurrency,
         "worker_max_tasks_per_child": settings.max_tasks_per_child,

@@ -27,6 +27,20 @@ def worker_command(concurrency: int, hostname: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+RESTORE_LIMIT = 1_000_000  # messages requeued at most when a stack starts
+
+
+def restore_unacked(url: str) -> None:
+    """Requeue every message a dead worker had taken but not finished (no visibility wait).
+
+    Only safe on a Redis no running worker uses: the embedded one a stack has just started.
+    """
+    from kombu import Connection
+
+    with Connection(url, transport_options={"visibility_timeout": 0}) as conn:
+        conn.default_channel.qos.restore_visible(num=RESTORE_LIMIT)
+
+
 class LocalStack:
     """Starts and stops Redis (when embedded) and a prefork worker; leaves no process behind."""
 
@@ -52,6 +66,7 @@ class LocalStack:
             if not self.settings.redis_url:
                 self.redis = EmbeddedRedis.start(self.settings.run_dir)
                 self.url = self.redis.url
+                restore_unacked(self.url)  # left by a stack that was killed
             self._start_worker()
         except BaseException:
             self.stop()

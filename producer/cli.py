@@ -13,7 +13,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from bgq import contract, defaults
-from bgq.errors import BgqError, ConfigError, InvalidImage, NoBroker
+from bgq.contract import Options
+from bgq.errors import BgqError, ConfigError, InvalidRequest
 from bgq.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -108,34 +109,48 @@ def status() -> None:
         raise typer.Exit(1)
 
 
+# rembg's own option flags, shared by `submit` and `ingest`.
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="rembg model [default: BGQ_MODEL].")
+]
+AlphaMattingOpt = Annotated[bool, typer.Option("--alpha-matting", "-a")]
+ForegroundOpt = Annotated[int, typer.Option("--alpha-matting-foreground-threshold", "-af")]
+BackgroundOpt = Annotated[int, typer.Option("--alpha-matting-background-threshold", "-ab")]
+ErodeOpt = Annotated[int, typer.Option("--alpha-matting-erode-size", "-ae")]
+OnlyMaskOpt = Annotated[bool, typer.Option("--only-mask", "-om")]
+PostProcessOpt = Annotated[bool, typer.Option("--post-process-mask", "-ppm")]
+BgcolorOpt = Annotated[
+    str | None, typer.Option("--bgcolor", "-bgc", help="Background colour R,G,B,A.")
+]
+
+
+def _rembg_options(values: dict[str, Any]) -> Options:
+    """The rembg options among a command's arguments, validated (a bad one is a usage error)."""
+    fields = Options.model_fields.keys()
+    try:
+        return Options.parse({k: v for k, v in values.items() if k in fields})
+    except InvalidRequest as exc:
+        raise ConfigError(str(exc)) from None
+
+
 @app.command()
 @_errors
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="rembg model [default: BGQ_MODEL].")
-    ] = None,
+    model: ModelOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(
             "--out", "-o", help="Where to write the PNG [default: NAME.out.png next to FILE]."
         ),
     ] = None,
-    alpha_matting: Annotated[bool, typer.Option("--alpha-matting", "-a")] = False,
-    alpha_matting_foreground_threshold: Annotated[
-        int, typer.Option("--alpha-matting-foreground-threshold", "-af")
-    ] = 240,
-    alpha_matting_background_threshold: Annotated[
-        int, typer.Option("--alpha-matting-background-threshold", "-ab")
-    ] = 10,
-    alpha_matting_erode_size: Annotated[
-        int, typer.Option("--alpha-matting-erode-size", "-ae")
-    ] = 10,
-    only_mask: Annotated[bool, typer.Option("--only-mask", "-om")] = False,
-    post_process_mask: Annotated[bool, typer.Option("--post-process-mask", "-ppm")] = False,
-    bgcolor: Annotated[
-        str | None, typer.Option("--bgcolor", "-bgc", help="Background colour R,G,B,A.")
-    ] = None,
+    alpha_matting: AlphaMattingOpt = False,
+    alpha_matting_foreground_threshold: ForegroundOpt = 240,
+    alpha_matting_background_threshold: BackgroundOpt = 10,
+    alpha_matting_erode_size: ErodeOpt = 10,
+    only_mask: OnlyMaskOpt = False,
+    post_process_mask: PostProcessOpt = False,
+    bgcolor: BgcolorOpt = None,
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the result.")
     ] = defaults.JOB_TIMEOUT,
@@ -144,22 +159,55 @@ def submit(
     from bgq.store import atomic_write
     from producer.client import Producer
 
-    options: dict[str, Any] = {
-        "alpha_matting": alpha_matting,
-        "alpha_matting_foreground_threshold": alpha_matting_foreground_threshold,
-        "alpha_matting_background_threshold": alpha_matting_background_threshold,
-        "alpha_matting_erode_size": alpha_matting_erode_size,
-        "only_mask": only_mask,
-        "post_process_mask": post_process_mask,
-        "bgcolor": bgcolor,
-    }
-    job = Producer().submit(file, model=model, **options)
+    options = _rembg_options(locals())
+    producer = Producer()
+    job = producer.submit_data(
+        file.read_bytes(), contract.check_model(model or producer.settings.model), options
+    )
     typer.echo(f"key:    {job.key}")
     typer.echo(f"cached: {'yes' if job.cached else 'no'}")
     result = job.wait(timeout=timeout)
     dest = out or file.with_name(f"{file.stem}.out.png")
     atomic_write(dest, result.read_bytes())
     typer.echo(f"output: {dest}")
+
+
+@app.command()
+@_errors
+def ingest(
+    src: Annotated[
+        Path, typer.Argument(help="A folder (walked recursively) or a .csv/.jsonl manifest.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs (mirrors SRC).")],
+    model: ModelOpt = None,
+    window: Annotated[
+        int, typer.Option(min=1, help="Most jobs outstanding at once.")
+    ] = defaults.INGEST_WINDOW,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="JSONL report, one line per input [default: OUT/bgq-report.jsonl]."),
+    ] = None,
+    alpha_matting: AlphaMattingOpt = False,
+    alpha_matting_foreground_threshold: ForegroundOpt = 240,
+    alpha_matting_background_threshold: BackgroundOpt = 10,
+    alpha_matting_erode_size: ErodeOpt = 10,
+    only_mask: OnlyMaskOpt = False,
+    post_process_mask: PostProcessOpt = False,
+    bgcolor: BgcolorOpt = None,
+) -> None:
+    """Remove the backgrounds of a whole catalog; exit 1 if any input failed (see the report)."""
+    from producer.ingest import run_ingest
+
+    options = _rembg_options(locals())
+    settings = load_settings()
+    try:
+        name = contract.check_model(model or settings.model)
+    except InvalidRequest as exc:
+        raise ConfigError(str(exc)) from None
+    _ensure_model(settings.model_copy(update={"model": name}))
+    failed = run_ingest(settings, src, out, name, options, window, report)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -174,61 +222,6 @@ def worker(ctx: typer.Context) -> None:
     hostname = f"bgq-{os.getpid()}@%h"
     cmd = worker_command(settings.concurrency, hostname, *ctx.args)
     os.execv(cmd[0], cmd)
-
-
-@app.command()
-@_errors
-def demo(
-    paths: Annotated[
-        list[Path] | None, typer.Argument(help="Images or folders [default: ./samples].")
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.")] = Path("out"),
-    workers: Annotated[
-        int | None, typer.Option(help="Worker processes when a stack is started.")
-    ] = None,
-) -> None:
-    """Remove the background of a few images through the queue, starting a stack if none runs."""
-    from bgq.stack import LocalStack
-    from bgq.store import atomic_write
-    from producer.client import Producer
-
-    settings = load_settings()
-    files = _image_files(paths or [Path("samples")])
-    _ensure_model(settings)
-    stack = None
-    started = time.monotonic()
-    failed = 0
-    try:
-        try:
-            jobs = Producer(settings).submit_many(files)
-        except NoBroker:  # something needs computing and nothing runs: start a stack for it
-            stack = LocalStack(settings, workers=workers, log=settings.run_dir / "demo-worker.log")
-            typer.echo(
-                f"bgq: starting a local stack ({stack.workers} worker processes)...", err=True
-            )
-            stack.start()
-            settings = settings.model_copy(update={"redis_url": stack.url})
-            jobs = Producer(settings).submit_many(files)
-        for job in jobs:
-            assert job.source is not None
-            try:
-                result = job.wait(timeout=defaults.JOB_TIMEOUT)
-            except BgqError as exc:
-                failed += 1
-                typer.echo(f"FAILED  {job.source}: {exc}")
-                continue
-            dest = out / f"{Path(job.source).stem}.png"
-            atomic_write(dest, result.read_bytes())
-            typer.echo(f"{'cached' if job.cached else 'done  '}  {job.source} -> {dest}")
-        typer.echo(
-            f"{len(files) - failed} of {len(files)} images in {time.monotonic() - started:.1f}s; "
-            f"PNGs in {out.resolve()}"
-        )
-    finally:
-        if stack is not None:
-            stack.stop()
-    if failed:
-        raise typer.Exit(1)
 
 
 @models_app.command("fetch")
@@ -248,29 +241,6 @@ def _ensure_model(settings: Settings) -> None:
     from workers import models
 
     models.fetch(settings.model, settings.model_home)
-
-
-def _image_files(paths: list[Path]) -> list[Path]:
-    """Files named directly, plus the image files directly inside named folders (by content)."""
-    from bgq.imageinfo import probe
-
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            for candidate in sorted(p for p in path.iterdir() if p.is_file()):
-                try:
-                    probe(candidate.read_bytes(), float("inf"))
-                except InvalidImage:
-                    typer.echo(f"skipped {candidate}: not an image", err=True)
-                    continue
-                except BgqError:
-                    pass  # an image bgq will refuse: submitted, so that it is reported
-                files.append(candidate)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise ConfigError(f"no such file or folder: {path}")
-    return files
 
 
 def main() -> None:

@@ -68,27 +68,39 @@ class Job:
     source: str | None = None
     args: TaskArgs | None = field(default=None, repr=False)
 
-    def wait(self, timeout: float | None = None) -> Path:
-        """Block until the result PNG is in the store and return its path; raise on failure."""
+    def poll(self, check_state: bool = True) -> Path | None:
+        """The result's path if it is ready, else None; raise JobFailed if the job failed.
+
+        With check_state False only the store is looked at (no Redis call).
+        """
         if self.error is not None:
             raise self.error
+        if self.output_path.is_file():
+            return self.output_path
+        if not check_state:
+            return None
+        assert self.producer is not None
+        meta = self.producer.task_meta(self.key)
+        if meta["status"] == "FAILURE":
+            exc = meta["result"]
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise JobFailed(self.key, reason, permanent=isinstance(exc, PermanentError))
+        if meta["status"] == "SUCCESS" and not self.output_path.is_file():
+            raise JobFailed(self.key, f"result reported done but {self.output_path} is missing")
+        if meta["status"] == "REVOKED":
+            raise JobFailed(self.key, "the job was revoked")
+        if meta["status"] == "PENDING" and self.args is not None:
+            self.producer.requeue_if_lost(self.args)
+        return None
+
+    def wait(self, timeout: float | None = None) -> Path:
+        """Block until the result PNG is in the store and return its path; raise on failure."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = POLL_MIN
         while True:
-            if self.output_path.is_file():
-                return self.output_path
-            assert self.producer is not None
-            meta = self.producer.task_meta(self.key)
-            if meta["status"] == "FAILURE":
-                exc = meta["result"]
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                raise JobFailed(self.key, reason, permanent=isinstance(exc, PermanentError))
-            if meta["status"] == "SUCCESS" and not self.output_path.is_file():
-                raise JobFailed(self.key, f"result reported done but {self.output_path} is missing")
-            if meta["status"] == "REVOKED":
-                raise JobFailed(self.key, "the job was revoked")
-            if meta["status"] == "PENDING" and self.args is not None:
-                self.producer.requeue_if_lost(self.args)
+            path = self.poll()
+            if path is not None:
+                return path
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeout(f"job {self.key} not finished after {timeout:g}s")
             time.sleep(
@@ -121,7 +133,8 @@ class Producer:
     def submit(self, source: Source, model: str | None = None, **options: Any) -> Job:
         """Submit one image (bytes or a path); bad input raises a PermanentError at once."""
         data = read_source(source)
-        return self._dispatch(self._prepare(data, model, Options.parse(options)), data)
+        model = contract.check_model(model or self.settings.model)
+        return self.submit_data(data, model, Options.parse(options))
 
     def submit_many(
         self, sources: Iterable[Source], model: str | None = None, **options: Any
@@ -138,26 +151,28 @@ class Producer:
                 err = PermanentError(f"cannot read {name}: {exc.strerror or exc}")
                 jobs.append(Job("", False, Path(), error=err, source=name))
                 continue
-            try:
-                job = self._dispatch(self._prepare(data, model, opts), data)
-            except IMAGE_ERRORS as exc:
-                args = TaskArgs.build(contract.input_digest(data), model, opts)
-                job = Job(args.key, False, self.store.output_path(args.key), error=exc)
+            job = self.submit_data(data, model, opts, raise_bad_image=False)
             job.source = name
             jobs.append(job)
         return jobs
 
-    def _prepare(self, data: bytes, model: str | None, options: Options) -> TaskArgs:
-        """Check the request and the image header; build the task arguments."""
-        model = contract.check_model(model or self.settings.model)
-        probe(data, self.settings.max_megapixels)
-        return TaskArgs.build(contract.input_digest(data), model, options)
+    def submit_data(
+        self, data: bytes, model: str, options: Options, raise_bad_image: bool = True
+    ) -> Job:
+        """Short-circuit on a stored result (no Redis call); else check, store and enqueue.
 
-    def _dispatch(self, args: TaskArgs, data: bytes) -> Job:
-        """Short-circuit on a stored result; else store the input and enqueue."""
+        A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job.
+        """
+        args = TaskArgs.build(contract.input_digest(data), model, options)
         output = self.store.output_path(args.key)
         if output.is_file():
             return Job(args.key, True, output, self)
+        try:
+            probe(data, self.settings.max_megapixels)
+        except IMAGE_ERRORS as exc:
+            if raise_bad_image:
+                raise
+            return Job(args.key, False, output, error=exc)
         self.store.put_input(args.input_sha256, data)
         self._enqueue(args)
         return Job(args.key, False, output, self, args=args)

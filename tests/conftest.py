@@ -118,3 +118,10 @@ def stack(make_stack: StackFactory) -> LocalStack:
 @pytest.fixture
 def producer(stack: LocalStack) -> Producer:
     return Producer(stack.settings)
+
+
+@pytest.fixture
+def env(tmp_path: Path, model_home: Path) -> dict[str, str]:
+    """A fresh BGQ_HOME; the provisioned model weights."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BGQ_")}
+    return {**clean, "BGQ_HOME": str(tmp_path / "home"), "BGQ_MODELS_DIR": str(model_home)}

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,3 +26,30 @@ def variant(name: str, box: tuple[int, int, int, int], fmt: str = "JPEG") -> byt
     buf = io.BytesIO()
     Image.open(SAMPLES / name).convert("RGB").crop(box).save(buf, fmt)
     return buf.getvalue()
+
+
+BGQ = str(Path(sys.executable).with_name("bgq"))
+
+
+def bgq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BGQ, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def wait_for(predicate: object, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        with contextlib.suppress(psutil.Error):
+            if text in " ".join(proc.info["cmdline"] or []) or text in str(proc.info["environ"]):
+                found.append(proc)
+    return found

@@ -9,7 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageChops, ImageFile
+from PIL import Image, ImageFile
 
 from bgq import imageinfo
 from bgq.contract import Options

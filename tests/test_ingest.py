@@ -1,0 +1,159 @@
+"""`bgq ingest` end to end: real embedded Redis, prefork workers, u2netp, in separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import redis
+
+from bgq import contract
+from bgq.contract import Options
+from bgq.settings import Settings
+from bgq.stack import LocalStack
+from producer.ingest import run_ingest
+from tests.helpers import BGQ, bgq, processes_mentioning, variant, wait_for
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def report(path: Path) -> dict[str, dict[str, object]]:
+    """The JSONL report keyed by the input's path relative to its catalog."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {Path(str(r["source"])).name: r for r in rows}
+
+
+def catalog(root: Path) -> Path:
+    """Nested images, a stem collision, and three inputs that must fail with a reason."""
+    src = root / "catalog"
+    write(src / "shoes" / "red" / "1.jpg", variant("car-1.jpg", (0, 0, 300, 200)))
+    write(src / "shoes" / "blue" / "2.jpg", variant("cloth-1.jpg", (0, 0, 300, 400)))
+    write(src / "a.jpg", variant("anime-girl-1.jpg", (0, 0, 300, 300)))
+    write(src / "a.webp", variant("anime-girl-1.jpg", (10, 10, 310, 310), "WEBP"))
+    write(src / "notes.txt", b"not an image at all\n")
+    write(src / "empty.jpg", b"")
+    (src / "broken.jpg").symlink_to(src / "missing.jpg")  # unreadable
+    return src
+
+
+def test_a_folder_catalog_then_a_second_run_that_is_all_cache_hits(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    src, out = catalog(tmp_path), tmp_path / "out"
+    first = bgq("ingest", str(src), "--out", str(out), env=env, timeout=300)
+    assert first.returncode == 1, first.stdout + first.stderr  # some inputs failed
+    rows = report(out / "bgq-report.jsonl")
+    assert {name: r["status"] for name, r in rows.items()} == {
+        "1.jpg": "done",
+        "2.jpg": "done",
+        "a.jpg": "done",
+        "a.webp": "done",
+        "notes.txt": "failed",
+        "empty.jpg": "failed",
+        "broken.jpg": "failed",
+    }
+    assert "not a recognised image" in str(rows["notes.txt"]["error"])
+    assert "empty" in str(rows["empty.jpg"]["error"])
+    assert "cannot read" in str(rows["broken.jpg"]["error"])
+    for name in ("notes.txt", "empty.jpg", "broken.jpg"):
+        assert f"FAILED {src / name}" in first.stdout
+    made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert made == ["a.jpg.png", "a.webp.png", "shoes/blue/2.png", "shoes/red/1.png"]
+    store_file = Path(str(rows["1.jpg"]["output"]))
+    assert store_file.stat().st_nlink == 2  # a hard link into the store
+    assert processes_mentioning(env["BGQ_HOME"]) == []  # the embedded stack is gone
+
+    worker_log = Path(env["BGQ_HOME"]) / "run" / "ingest-worker.log"
+    log_size = worker_log.stat().st_size
+    again = bgq("ingest", str(src), "--out", str(out), env=env, timeout=60)
+    assert again.returncode == 1
+    statuses = {name: r["status"] for name, r in report(out / "bgq-report.jsonl").items()}
+    assert sorted(statuses.values()).count("cached") == 4
+    assert "4 cached, 3 failed" in again.stdout
+    assert worker_log.stat().st_size == log_size  # no worker was started
+
+
+def test_usage_errors_exit_2(env: dict[str, str], tmp_path: Path) -> None:
+    assert bgq("ingest", str(tmp_path / "nope"), "--out", "o", env=env).returncode == 2
+    assert bgq("ingest", str(tmp_path), "--out", "o", "-m", "nomodel", env=env).returncode == 2
+    assert bgq("ingest", str(tmp_path), "--out", "o", "-bgc", "1,2", env=env).returncode == 2
+    assert bgq("ingest", str(tmp_path), env=env).returncode == 2  # --out is required
+
+
+def test_resume_after_the_ingest_process_is_killed(env: dict[str, str], tmp_path: Path) -> None:
+    src, out = tmp_path / "catalog", tmp_path / "out"
+    for i in range(8):
+        write(src / f"{i}.jpg", variant("cloth-1.jpg", (i * 20, i * 20, 400 + i * 20, 500)))
+    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115 - closed below
+    first = subprocess.Popen(
+        [BGQ, "ingest", str(src), "--out", str(out), "--window", "4"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    report_file = out / "bgq-report.jsonl"
+    try:
+        wait_for(
+            lambda: report_file.is_file() and len(report_file.read_text().splitlines()) >= 2,
+            what="two finished inputs",
+        )
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        log.close()
+    wait_for(lambda: not processes_mentioning(env["BGQ_HOME"]), 60, "the stack to go away")
+    results = Path(env["BGQ_HOME"]) / "store" / "results"
+    before = {p: p.stat().st_ino for p in results.rglob("*.png")}
+    assert 2 <= len(before) < 8
+
+    second = bgq("ingest", str(src), "--out", str(out), env=env, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    rows = report(report_file)
+    assert sorted(rows) == [f"{i}.jpg" for i in range(8)]
+    assert {r["status"] for r in rows.values()} <= {"done", "cached"}
+    after = {p: p.stat().st_ino for p in results.rglob("*.png")}
+    assert len(after) == 8
+    assert all(after[p] == ino for p, ino in before.items())  # nothing computed twice
+    assert len(list(out.glob("*.png"))) == 8
+
+
+def test_manifests_through_a_running_cluster(stack: LocalStack, tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    write(images / "x.jpg", variant("car-1.jpg", (40, 40, 300, 300)))
+    write(images / "y.png", variant("car-1.jpg", (60, 40, 320, 300), "PNG"))
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("id,path\nsku-1,imgs/x.jpg\n,imgs/y.png\n../evil,imgs/x.jpg\n")
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text(
+        json.dumps({"id": "p/9", "path": str(images / "y.png")}) + "\n"
+        + json.dumps({"path": "imgs/x.jpg"}) + "\n"
+    )  # fmt: skip
+    settings: Settings = stack.settings
+    opts = Options()
+    failed = run_ingest(settings, csv_file, tmp_path / "o1", "u2netp", opts, 2, None)
+    assert failed == 1  # the ../evil id
+    assert sorted(
+        p.relative_to(tmp_path / "o1").as_posix() for p in (tmp_path / "o1").rglob("*.png")
+    ) == [
+        "imgs/y.png",
+        "sku-1.png",
+    ]
+    assert not (tmp_path / "evil.png").exists()
+    assert run_ingest(settings, jsonl, tmp_path / "o2", "u2netp", opts, 2, None) == 0
+    rows = [
+        json.loads(line) for line in (tmp_path / "o2" / "bgq-report.jsonl").read_text().splitlines()
+    ]
+    assert [(r["id"], r["status"]) for r in rows] == [("p/9", "cached"), (None, "cached")]
+    assert (tmp_path / "o2" / "p" / "9.png").is_file() and (
+        tmp_path / "o2" / "imgs" / "x.png"
+    ).is_file()
+    client = redis.Redis.from_url(stack.url)
+    assert client.llen(contract.QUEUE) == 0
+    assert os.path.samefile(tmp_path / "o1" / "sku-1.png", tmp_path / "o2" / "imgs" / "x.png")
