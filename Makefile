@@ -1,10 +1,10 @@
-# bgq's single entry point: `make run` (set up + run the sample job), `make test` (set up + all checks).
+# bgq: `make run` (set up + ingest the samples), `make test` (set up + all checks), `make bench`.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models run test lint format clean
+.PHONY: setup models run test bench profile lint format clean
 
 setup: $(STAMP) models
 
@@ -20,6 +20,17 @@ models: $(STAMP)
 
 run: setup
 	$(BIN)/bgq ingest samples/catalog.csv --out out
+
+# Figures, not tests: rembg p vs bgq ingest vs the model-bound limit (a few minutes on 2 cores).
+bench: setup $(VENV)/.bench
+	$(BIN)/python -m bench.ingest
+
+profile: setup
+	$(BIN)/python -m bench.profile
+
+$(VENV)/.bench: pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

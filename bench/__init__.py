@@ -1,1 +1,1 @@
-"""Benchmarks that print figures (not timed tests): `python -m bench.ingest`, `python -m bench.profile`."""
+"""Benchmarks that print figures, not timed tests: `bench.ingest`, `bench.profile`."""

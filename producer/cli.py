@@ -204,7 +204,6 @@ def ingest(
         name = contract.check_model(model or settings.model)
     except InvalidRequest as exc:
         raise ConfigError(str(exc)) from None
-    _ensure_model(settings.model_copy(update={"model": name}))
     failed = run_ingest(settings, src, out, name, options, window, report)
     if failed:
         raise typer.Exit(1)

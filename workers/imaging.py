@@ -50,7 +50,7 @@ def remove_background(img: Image.Image, session: BaseSession, options: Options) 
 
 
 def encode_png(img: Image.Image, encoder: str, compress_level: int) -> bytes:
-    """PNG bytes from the configured encoder; encoders and levels change size and speed, never pixels."""
+    """PNG bytes from the chosen encoder; encoder and level change size and speed, never pixels."""
     if encoder == "fast" and img.mode in _PNG_COLOR_TYPES:
         return fast_png(img)
     buf = io.BytesIO()
@@ -91,4 +91,3 @@ def fast_png(img: Image.Image) -> bytes:
             _png_chunk(b"IEND", b""),
         )
     )
-

@@ -1,0 +1,205 @@
+"""Throughput of `bgq ingest` against `rembg p` and the model-bound limit: `make bench`.
+
+Prints img/s for, alternating and repeated:
+  1. `rembg p -m u2netp SRC OUT`, whole command;
+  2. `bgq ingest SRC --out OUT`, cold (empty store), workers already running (as `bgq up`);
+  3. `bgq ingest` self-contained (it starts and stops its own embedded stack);
+  4. the model-bound limit: bare onnxruntime u2netp inference, one process per core;
+then 5. `bgq ingest` warm (all cached, nothing running) over a few thousand files,
+and the peak RSS of a worker pool process. Figures, not a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+import psutil
+
+from bench.catalog import build
+from bgq.settings import Settings, load_settings, settings_env
+from bgq.stack import LocalStack
+from workers import models
+
+BIN = Path(sys.executable).parent
+TARGET_VS_REMBG = 2.0  # cold bgq / rembg p
+TARGET_VS_MODEL = 0.90  # cold bgq / model-bound limit
+TARGET_WARM = 1000.0  # img/s, all cache hits
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    """Seconds one whole command takes; a failure stops the benchmark."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def _infer(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queue) -> None:
+    """One model-bound process: tensors prepared first, then only session.run is timed."""
+    from PIL import Image
+
+    from workers import session
+
+    sess = session.get("u2netp", settings)
+    feeds = [
+        sess.normalize(
+            Image.open(p).convert("RGB"), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)
+        )
+        for p in paths
+    ]
+    sess.inner_session.run(None, feeds[0])  # warm-up
+    barrier.wait()
+    start = time.perf_counter()
+    for feed in feeds:
+        sess.inner_session.run(None, feed)
+    out.put(time.perf_counter() - start)
+
+
+def model_bound(paths: list[Path], settings: Settings, procs: int) -> float:
+    """img/s of bare inference with `procs` processes of settings.ort_threads threads."""
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    workers = [
+        ctx.Process(target=_infer, args=(paths[i::procs], settings, barrier, out))
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    slowest = max(out.get() for _ in workers)
+    for w in workers:
+        w.join()
+    return len(paths) / slowest
+
+
+class PeakRss:
+    """Samples the RSS of a worker's pool processes in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self.parent = psutil.Process(pid)
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            for child in self.parent.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    self.peak = max(self.peak, child.memory_info().rss)
+
+
+def warm_catalog(src: Path, dest: Path, copies: int) -> int:
+    """`copies` hard-linked copies of the catalog under new names: same content, all cached."""
+    files = sorted(src.rglob("*.jpg"))
+    for c in range(copies):
+        for f in files:
+            target = dest / f"copy{c:03d}" / f"{f.stem}-{c}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                os.link(f, target)
+    return copies * len(files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=60, help="distinct 1920x1080 JPEGs")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warm-files", type=int, default=3000)
+    parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp folder)")
+    args = parser.parse_args()
+
+    base = load_settings()
+    models.fetch("u2netp", base.model_home)
+    procs = base.concurrency
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bgq-bench-"))
+    src = work / "catalog"
+    paths = build(src, args.images)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGQ_")}
+    env["BGQ_MODELS_DIR"] = str(base.model_home)
+    rembg_env = {**env, "U2NET_HOME": str(models.weights_path("u2netp", base.model_home).parent)}
+    up_settings = load_settings(home=work / "home-up", models_dir=base.model_home)
+    up_env = {**env, **settings_env(up_settings)}
+    results: dict[str, list[float]] = {k: [] for k in ("rembg", "cold", "self", "model", "warm")}
+    n = len(paths)
+
+    def run(name: str, seconds: Callable[[], float]) -> None:
+        rate = seconds()
+        results[name].append(rate)
+        print(f"  {name:6} {rate:8.2f} img/s", flush=True)
+
+    print(
+        f"{n} images, {procs} worker processes x {base.ort_threads} ORT thread(s); work in {work}"
+    )
+    stack = LocalStack(up_settings, log=work / "up-worker.log").start()  # what `bgq up` runs
+    try:
+        assert stack.worker is not None
+        rss = PeakRss(stack.worker.pid)
+        up_env["BGQ_REDIS_URL"] = stack.url
+        for rep in range(args.repeats):
+            print(f"round {rep + 1}")
+            shutil.rmtree(work / "rembg-out", ignore_errors=True)
+            rembg = [str(BIN / "rembg"), "p", "-m", "u2netp", str(src), str(work / "rembg-out")]
+            run("rembg", lambda: n / timed(rembg, rembg_env))
+            shutil.rmtree(up_settings.store_dir, ignore_errors=True)
+            ingest = [str(BIN / "bgq"), "ingest", str(src), "--out", str(work / "bgq-out")]
+            run("cold", lambda: n / timed(ingest, up_env))
+            self_env = {**env, "BGQ_HOME": str(work / f"home-self-{rep}")}
+            shutil.rmtree(work / f"home-self-{rep}", ignore_errors=True)
+            run("self", lambda: n / timed(ingest, self_env))
+            run("model", lambda: model_bound(paths, base, procs))
+        rss.stop.set()
+    finally:
+        stack.stop()
+    warm_src = work / "warm"
+    files = warm_catalog(src, warm_src, max(1, args.warm_files // n))
+    warm_env = {**env, "BGQ_HOME": str(work / "home-self-0")}
+    warm = [str(BIN / "bgq"), "ingest", str(warm_src), "--out", str(work / "warm-out")]
+    print(f"warm: {files} files, all cached, nothing running")
+    for _ in range(args.repeats):
+        run("warm", lambda: files / timed(warm, warm_env))
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    )
+    print(f"{'run':58} {'img/s (median)':>15}  all runs")
+    rows = [
+        ("rembg", "1. rembg p -m u2netp (whole command)"),
+        ("cold", "2. bgq ingest, cold, workers running (bgq up)"),
+        ("self", "3. bgq ingest, self-contained (starts its own stack)"),
+        ("model", f"4. model-bound: bare ORT inference, {procs} processes"),
+        ("warm", f"5. bgq ingest, warm, {files} files all cached"),
+    ]
+    for key, label in rows:
+        print(f"{label:58} {med[key]:15.2f}  {', '.join(f'{v:.2f}' for v in results[key])}")
+    vs_rembg, vs_model = med["cold"] / med["rembg"], med["cold"] / med["model"]
+    print(f"cold bgq / rembg p:          {vs_rembg:5.2f}x  (target >= {TARGET_VS_REMBG})")
+    print(f"cold bgq / model-bound:      {vs_model:5.2f}   (target >= {TARGET_VS_MODEL})")
+    print(f"warm:                        {med['warm']:5.0f} img/s (target >= {TARGET_WARM:.0f})")
+    print(f"peak RSS of a worker process: {rss.peak / 2**20:.0f} MiB")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
