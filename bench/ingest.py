@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from bench.catalog import build
+from bench.profile import model_input
 from bgq.settings import Settings, load_settings, settings_env
 from bgq.stack import LocalStack
 from workers import models
@@ -57,12 +58,7 @@ def _infer(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queu
     from workers import session
 
     sess = session.get("u2netp", settings)
-    feeds = [
-        sess.normalize(
-            Image.open(p).convert("RGB"), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)
-        )
-        for p in paths
-    ]
+    feeds = [model_input(sess, Image.open(p).convert("RGB")) for p in paths]
     sess.inner_session.run(None, feeds[0])  # warm-up
     barrier.wait()
     start = time.perf_counter()

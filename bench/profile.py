@@ -25,6 +25,11 @@ from bgq.settings import load_settings
 from workers import imaging, session
 
 
+def model_input(sess: Any, img: Image.Image) -> dict[str, Any]:
+    """u2netp's input tensor for `img`, exactly as rembg's U2netpSession.predict makes it."""
+    return sess.normalize(img, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320))
+
+
 def _timed(results: dict[str, list[float]], stage: str, func: Callable[[], Any]) -> Any:
     start = time.perf_counter()
     value = func()
@@ -45,11 +50,7 @@ def profile(paths: list[Path], threads: int) -> dict[str, list[float]]:
         _timed(t, "sha256", lambda: hashlib.sha256(data).hexdigest())
         img = _timed(t, "decode", lambda: Image.open(io.BytesIO(data)).convert("RGB"))
         img = _timed(t, "exif transpose", lambda: ImageOps.exif_transpose(img))
-        feed = _timed(
-            t,
-            "resize to 320 + normalise",
-            lambda: sess.normalize(img, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)),
-        )
+        feed = _timed(t, "resize to 320 + normalise", lambda: model_input(sess, img))
         out = _timed(t, "inference", lambda: inner.run(None, feed))
 
         def mask() -> Image.Image:

@@ -89,7 +89,7 @@ class Ingest:
         options: Options,
         window: int = defaults.INGEST_WINDOW,
         report: IO[str] | None = None,
-        on_outcome: Callable[[Outcome], None] | None = None,
+        on_outcome: Callable[[Counter[str]], None] | None = None,
         stack_log: Path | None = None,
     ) -> None:
         self.settings = settings
@@ -168,8 +168,9 @@ class Ingest:
                     path = entry.job.poll(check_state=check_state)
                 except JobFailed as exc:
                     self._record(entry.item, entry.job.key, "failed", exc.error, entry.started)
-                    path, finished = None, finished + 1
                     self.pending.remove(entry)
+                    finished += 1
+                    continue
                 if path is not None:
                     self._finish(entry.item, entry.job, path, "done", entry.started)
                     self.pending.remove(entry)
@@ -209,16 +210,16 @@ class Ingest:
         seconds = round(time.monotonic() - started, 4)
         outcome = Outcome(item.source, item.id, key, status, output, error, seconds)
         self.counts[status] += 1
-        if status == "failed":
-            self.failures.append(outcome)
+        if status == "failed" and len(self.failures) < MAX_LISTED_FAILURES:
+            self.failures.append(outcome)  # the first few, for the summary; all are in the report
         if self.report is not None:
             self.report.write(json.dumps(asdict(outcome)) + "\n")
             self.report.flush()
         if self.on_outcome is not None:
-            self.on_outcome(outcome)
+            self.on_outcome(self.counts)
 
 
-def _progress(total: int) -> tuple[Progress, Callable[[Outcome], None]]:
+def _progress(total: int) -> tuple[Progress, Callable[[Counter[str]], None]]:
     """A live bar on stderr (terminals only) with done / cached / failed counts and the rate."""
     from rich.console import Console
     from rich.progress import (
@@ -244,16 +245,14 @@ def _progress(total: int) -> tuple[Progress, Callable[[Outcome], None]]:
         disable=not console.is_terminal,
     )
     task = progress.add_task("ingest", total=total, done=0, cached=0, failed=0, rate=0.0)
-    counts: Counter[str] = Counter()
     started = time.monotonic()
 
-    def update(outcome: Outcome) -> None:
-        counts[outcome.status] += 1
-        rate = sum(counts.values()) / max(time.monotonic() - started, 1e-9)
+    def update(counts: Counter[str]) -> None:
+        finished = sum(counts.values())
         progress.update(
             task,
-            advance=1,
-            rate=rate,
+            completed=finished,
+            rate=finished / max(time.monotonic() - started, 1e-9),
             done=counts["done"],
             cached=counts["cached"],
             failed=counts["failed"],
@@ -301,8 +300,8 @@ def _summary(run: Ingest, elapsed: float, report_path: Path) -> None:
         f"{total} inputs in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.1f} img/s): "
         f"{counts['done']} done, {counts['cached']} cached, {counts['failed']} failed"
     )
-    for outcome in run.failures[:MAX_LISTED_FAILURES]:
+    for outcome in run.failures:
         print(f"FAILED {outcome.source}: {outcome.error}")
-    if len(run.failures) > MAX_LISTED_FAILURES:
-        print(f"... and {len(run.failures) - MAX_LISTED_FAILURES} more failures")
+    if counts["failed"] > len(run.failures):
+        print(f"... and {counts['failed'] - len(run.failures)} more failures")
     print(f"report: {report_path}")
