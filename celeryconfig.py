@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu import Queue
+
 from bgq import contract, defaults
 from bgq.settings import Settings
 
@@ -22,6 +24,8 @@ def build(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "result_expires": defaults.RESULT_TTL,
         "task_default_queue": contract.QUEUE,
+        # Workers consume both; deliveries have their own queue so no image backlog delays them.
+        "task_queues": [Queue(contract.QUEUE), Queue(contract.WEBHOOK_QUEUE)],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,

@@ -21,6 +21,8 @@ PIPELINE_VERSION = "1"
 
 TASK_NAME = "bgq.remove_background"
 QUEUE = defaults.QUEUE
+WEBHOOK_TASK_NAME = "bgq.deliver_webhook"  # kwargs: url, body (the job JSON, as sent)
+WEBHOOK_QUEUE = f"{defaults.QUEUE}.webhooks"  # kept apart so deliveries skip the image backlog
 
 # rembg models that run locally from a name alone (no custom weights path, prompt or credentials).
 MODELS = frozenset(
@@ -149,6 +151,16 @@ def guard_key(key: str) -> str:
 def attempts_key(key: str) -> str:
     """Redis key counting a job's deliveries that started, to stop jobs that crash workers."""
     return f"{defaults.KEY_PREFIX}attempts:{key}"
+
+
+def job_key(key: str) -> str:
+    """Redis hash describing a job submitted over HTTP: model, args, created_at, base_url."""
+    return f"{defaults.KEY_PREFIX}job:{key}"
+
+
+def callbacks_key(key: str) -> str:
+    """Redis set of the webhook URLs to notify when a job ends (emptied when they are sent)."""
+    return f"{defaults.KEY_PREFIX}callbacks:{key}"
 
 
 STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of counters (computed, skipped, failed)

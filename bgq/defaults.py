@@ -35,3 +35,17 @@ JOB_TIMEOUT = 300  # seconds `bgq submit` waits for a result by default
 # Ingestion (`bgq ingest`).
 INGEST_WINDOW = 128  # jobs one ingest keeps outstanding; make it >= 2 x the cluster's processes
 INGEST_STATE_POLL = 1.0  # seconds between checks of an outstanding job's Celery state
+
+# HTTP API (`bgq api`).
+API_HOST = "127.0.0.1"
+API_PORT = 8000
+MAX_UPLOAD_MB = 25.0  # MiB a request body may have
+API_WAIT = 30.0  # seconds POST /v1/remove waits for a result by default
+API_MAX_WAIT = 300.0  # seconds a request may ask to wait at most
+API_STATE_POLL = 0.5  # seconds between Redis checks of a job a request waits for (store: faster)
+
+# Webhooks.
+WEBHOOK_MAX_RETRIES = 8  # retries of a failed delivery (backoff 1 s, 2 s, 4 s ... capped, jittered)
+WEBHOOK_BACKOFF_MAX = 600  # seconds, cap of one delivery backoff
+WEBHOOK_TIMEOUT = 10.0  # seconds one delivery may take
+WEBHOOK_SIGNATURE_HEADER = "X-Bgq-Signature"  # "sha256=<hex HMAC-SHA256 of the body>"

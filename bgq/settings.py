@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     max_megapixels: Annotated[float, Field(gt=0)] = defaults.MAX_MEGAPIXELS
     png_encoder: Literal["fast", "pillow"] = defaults.PNG_ENCODER
     png_compress_level: Annotated[int, Field(ge=0, le=9)] = defaults.PNG_COMPRESS_LEVEL
+    max_upload_mb: Annotated[float, Field(gt=0)] = defaults.MAX_UPLOAD_MB
+    api_keys: str | None = None  # comma-separated bearer keys; unset: the API needs no auth
+    webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies
+    webhook_allow_private: bool = False  # allow callbacks to loopback/private/link-local hosts
 
     @field_validator("redis_url")
     @classmethod
@@ -63,6 +67,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         return None if path is None else path.expanduser().absolute()
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The bearer keys of BGQ_API_KEYS (empty: no auth)."""
+        return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
 
     @property
     def store_dir(self) -> Path:

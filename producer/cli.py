@@ -209,6 +209,31 @@ def ingest(
         raise typer.Exit(1)
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@app.command()
+@_errors
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = defaults.API_HOST,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.API_PORT,
+) -> None:
+    """Serve the HTTP API (FastAPI on uvicorn); docs at /docs, schema at /openapi.json."""
+    import uvicorn
+
+    from producer.api import create_app
+
+    settings = load_settings()
+    settings.broker_url()  # fail here, clearly, when there is no broker
+    if host not in LOOPBACK and not settings.api_key_list:
+        typer.echo(
+            f"bgq: warning: listening on {host} with no BGQ_API_KEYS: anyone who can reach it "
+            "can submit jobs",
+            err=True,
+        )
+    uvicorn.run(create_app(settings), host=host, port=port, proxy_headers=True)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_errors
 def worker(ctx: typer.Context) -> None:
@@ -218,8 +243,11 @@ def worker(ctx: typer.Context) -> None:
     settings = load_settings()
     settings.broker_url()  # fail here, clearly, when there is no broker
     _ensure_model(settings)
-    hostname = f"bgq-{os.getpid()}@%h"
-    cmd = worker_command(settings.concurrency, hostname, *ctx.args)
+    named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in ctx.args)
+    cmd = worker_command(settings.concurrency, "bgq@%h", *ctx.args)
+    if named:  # the caller's node name wins: drop bgq's default
+        at = cmd.index("--hostname")
+        del cmd[at : at + 2]
     os.execv(cmd[0], cmd)
 
 

@@ -166,7 +166,7 @@ class Producer:
         args = TaskArgs.build(contract.input_digest(data), model, options)
         output = self.store.output_path(args.key)
         if output.is_file():
-            return Job(args.key, True, output, self)
+            return Job(args.key, True, output, self, args=args)
         try:
             probe(data, self.settings.max_megapixels)
         except IMAGE_ERRORS as exc:

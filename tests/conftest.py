@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -47,6 +48,20 @@ def model_home() -> Path:
     home = Path(os.environ.get("BGQ_TEST_MODELS_DIR") or default_home() / "models")
     models.fetch("u2netp", home)
     return home
+
+
+@pytest.fixture(scope="session")
+def reference(model_home: Path) -> Callable[..., bytes]:
+    """rembg.remove() itself, in this process, with a fresh u2netp session."""
+    os.environ["U2NET_HOME"] = str(model_home)
+    import rembg
+
+    session = rembg.new_session("u2netp")
+
+    def remove(data: bytes, **options: Any) -> bytes:
+        return bytes(rembg.remove(data, session=session, **options))
+
+    return remove
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import redis
 from PIL import Image
+
+from bgq import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -53,3 +57,24 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
             if text in " ".join(proc.info["cmdline"] or []) or text in str(proc.info["environ"]):
                 found.append(proc)
     return found
+
+
+def pixels(png: bytes | Path) -> tuple[str, np.ndarray]:
+    img = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png)
+    return img.mode, np.asarray(img)
+
+
+def stats(client: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in client.hgetall(contract.STATS_KEY).items()}
+
+
+def settle(client: redis.Redis, key: str, timeout: float = 30) -> None:
+    """Wait until the job's guard is released; its outcome is counted in the same transaction.
+
+    A result PNG is visible before Celery stores the state and the worker's after_return
+    records the outcome, so counters read right after Job.wait() may lag one step.
+    """
+    deadline = time.monotonic() + timeout
+    while client.exists(contract.guard_key(key)):
+        assert time.monotonic() < deadline, f"guard of {key} never released"
+        time.sleep(0.01)

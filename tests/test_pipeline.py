@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
 from bgq.stack import LocalStack
 from bgq.store import Store
 from producer import Producer
-from tests.helpers import GOLDEN, SAMPLES, sample_bytes, variant
+from tests.helpers import GOLDEN, SAMPLES, pixels, sample_bytes, settle, stats, variant
 
 PARITY_CASES = [
     ("anime-girl-1.jpg", {}),
@@ -32,41 +31,6 @@ PARITY_CASES = [
     ("plants-1.jpg", {"only_mask": True, "post_process_mask": True}),
     ("cloth-1.jpg", {"bgcolor": (255, 255, 255, 255), "post_process_mask": True}),
 ]
-
-
-@pytest.fixture(scope="module")
-def reference(model_home: Path) -> Any:
-    """rembg.remove() itself, in this process, with a fresh u2netp session."""
-    os.environ["U2NET_HOME"] = str(model_home)
-    import rembg
-
-    session = rembg.new_session("u2netp")
-
-    def remove(data: bytes, **options: Any) -> bytes:
-        return rembg.remove(data, session=session, **options)
-
-    return remove
-
-
-def pixels(png: bytes | Path) -> tuple[str, np.ndarray]:
-    img = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png)
-    return img.mode, np.asarray(img)
-
-
-def stats(client: redis.Redis) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in client.hgetall(contract.STATS_KEY).items()}
-
-
-def settle(client: redis.Redis, key: str, timeout: float = 30) -> None:
-    """Wait until the job's guard is released; its outcome is counted in the same transaction.
-
-    A result PNG is visible before Celery stores the state and the worker's after_return
-    records the outcome, so counters read right after Job.wait() may lag one step.
-    """
-    deadline = time.monotonic() + timeout
-    while client.exists(contract.guard_key(key)):
-        assert time.monotonic() < deadline, f"guard of {key} never released"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(("name", "options"), PARITY_CASES, ids=lambda v: str(v))

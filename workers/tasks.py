@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from typing import Any
 
 import redis
 from celery import Task
 
-from bgq import contract, defaults
+from bgq import contract, defaults, jobs
 from bgq.contract import TaskArgs
 from bgq.errors import BrokerError, OutOfMemory, TransientError, WorkerCrashed
 from bgq.store import Store
 from workers import imaging, session
 from workers.app import app, settings
+from workers.retry import backoff
 
 log = logging.getLogger(__name__)
-
-
-def backoff(retries: int) -> float:
-    """Seconds before retry number `retries` + 1: exponential, capped, with full jitter."""
-    ceiling = min(defaults.RETRY_BACKOFF_MAX, defaults.RETRY_BACKOFF_BASE * 2**retries)
-    return random.uniform(0, ceiling)
 
 
 def process(args: TaskArgs) -> dict[str, Any]:
@@ -114,6 +108,25 @@ class RemovalTask(Task):
             log.warning(
                 "could not record %s of %s (the guard expires by itself): %s", status, task_id, exc
             )
+        if outcome:
+            self._notify(task_id, status, retval)
+
+    def _notify(self, task_id: str, status: str, retval: Any) -> None:
+        """Queue the webhooks registered for this job, now that its final state is stored."""
+        try:
+            client = app.backend.client
+            urls = jobs.take_callbacks(client, task_id)
+            if not urls:
+                return
+            record = jobs.read_record(client, task_id)
+            job = (
+                jobs.view(task_id, "done", record, finished_at=jobs.iso())
+                if status == "SUCCESS"
+                else jobs.view(task_id, "failed", record, jobs.error_line(retval), jobs.iso())
+            )
+            jobs.send_webhooks(app, urls, job)
+        except Exception:
+            log.exception("could not queue the webhooks of %s", task_id)
 
 
 @app.task(

@@ -1,0 +1,540 @@
+"""The HTTP API (`bgq api`): FastAPI on the same Producer as Python callers.
+
+Hashing, the cache short-circuit, the enqueue guard and the store are the Producer's; this
+module only speaks HTTP: request parsing and limits, auth, job views, webhooks, metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import bgq
+from bgq import contract, defaults, jobs, webhooks
+from bgq.contract import Options
+from bgq.errors import (
+    BgqError,
+    BrokerError,
+    ConfigError,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    JobFailed,
+    UnsupportedImage,
+)
+from bgq.settings import Settings, load_settings
+from producer.client import POLL_MAX, POLL_MIN, Job, Producer
+
+log = logging.getLogger("bgq.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+IMMUTABLE = "public, max-age=31536000, immutable"
+REQUEST_FIELDS = ("model", "wait", "callback_url")  # besides the rembg options
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message"}}` with an HTTP status."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def api_error(exc: BgqError) -> ApiError:
+    """The HTTP answer to one of bgq's errors."""
+    if isinstance(exc, InvalidImage):
+        return ApiError(415, "unsupported_media_type", f"not an image: {exc}")
+    if isinstance(exc, ImageTooLarge):
+        return ApiError(413, "image_too_large", str(exc))
+    if isinstance(exc, UnsupportedImage):
+        return ApiError(422, "unsupported_image", str(exc))
+    if isinstance(exc, InvalidRequest):
+        return ApiError(422, "invalid_request", str(exc))
+    if isinstance(exc, JobFailed):
+        return ApiError(422 if exc.permanent else 500, "job_failed", exc.error)
+    if isinstance(exc, BrokerError | ConfigError):
+        return ApiError(503, "unavailable", str(exc))
+    return ApiError(500, "internal", str(exc))
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit: by Content-Length at once, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = error_response(413, "payload_too_large", self.message())
+                await response(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)
+
+    def message(self) -> str:
+        return f"request body over the BGQ_MAX_UPLOAD_MB limit of {self.max_bytes / 2**20:g} MiB"
+
+
+class Metrics:
+    """Prometheus metrics of one API process (its own registry)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "bgq_api_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "bgq_api_request_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "bgq_api_cache_lookups",
+            "Submissions answered from the store (hit) or enqueued (miss).",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("hit", "miss"):
+            self.cache.labels(result)
+
+
+class MetricsMiddleware:
+    """Count every request and its latency under its route template (not the raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def _option_parameters() -> list[dict[str, Any]]:
+    """OpenAPI query parameters: bgq's request fields and every rembg option (one source)."""
+    params: list[dict[str, Any]] = [
+        {
+            "name": "model",
+            "in": "query",
+            "schema": {"type": "string", "enum": sorted(contract.MODELS)},
+        },
+        {
+            "name": "wait",
+            "in": "query",
+            "description": "Seconds to wait for the PNG before answering 202 with the job.",
+            "schema": {"type": "number", "default": defaults.API_WAIT, "minimum": 0},
+        },
+    ]
+    schema = Options.model_json_schema()["properties"]
+    for name in Options.model_fields:
+        prop = dict(schema[name])
+        if name == "bgcolor":
+            prop = {"type": "string", "example": "255,255,255,255", "description": "r,g,b,a"}
+        params.append({"name": name, "in": "query", "schema": prop})
+    return params
+
+
+IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+                "description": "Options may also be sent as form fields.",
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+JOB_EXAMPLE = {
+    "id": "<cache key>",
+    "status": "queued",
+    "cached": False,
+    "result_url": "http://host/v1/jobs/<id>/result",
+}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app; `bgq api` serves it with uvicorn."""
+    settings = settings or load_settings()
+    producer = Producer(settings)
+    metrics = Metrics()
+    keys = [k.encode() for k in settings.api_key_list]
+    max_bytes = int(settings.max_upload_mb * 2**20)
+
+    app = FastAPI(
+        title="bgq",
+        version=bgq.__version__,
+        description="Background removal on a queue: synchronous and asynchronous jobs, "
+        'results, webhooks. Errors are `{"error": {"code", "message"}}`.',
+    )
+    app.state.producer = producer
+    app.state.metrics = metrics
+
+    # -- errors: one JSON shape, never a stack trace -----------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(BgqError)
+    async def _bgq_error(_: Request, exc: BgqError) -> JSONResponse:
+        err = api_error(exc)
+        return error_response(err.status, err.code, err.message)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "payload_too_large", BodyLimit(app, max_bytes).message())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return error_response(500, "internal", "internal server error")
+
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    # -- auth ---------------------------------------------------------------------------------
+
+    def require_key(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or invalid API key: send `Authorization: Bearer <key>`",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def result_url(request: Request, key: str) -> str:
+        return str(request.base_url).rstrip("/") + jobs.result_path(key)
+
+    def png_response(path: Path, key: str, cached: bool) -> FileResponse:
+        return FileResponse(
+            path,
+            media_type="image/png",
+            headers={
+                "ETag": f'"{key}"',
+                "Cache-Control": IMMUTABLE,
+                "X-Bgq-Job-Id": key,
+                "X-Bgq-Cached": "true" if cached else "false",
+            },
+        )
+
+    def job_response(request: Request, key: str, status: str, cached: bool) -> JSONResponse:
+        body = {
+            "id": key,
+            "status": status,
+            "cached": cached,
+            "result_url": result_url(request, key),
+        }
+        return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{key}"})
+
+    async def submit(
+        request: Request, fields: dict[str, str], data: bytes, callback: str | None
+    ) -> Job:
+        """Validate, hand the image to the Producer, and record the job for GET /v1/jobs."""
+        unknown = set(fields) - set(REQUEST_FIELDS) - set(Options.model_fields)
+        if unknown:
+            raise ApiError(
+                422, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}"
+            )
+        model = contract.check_model(fields.get("model") or settings.model)
+        options = Options.parse({k: v for k, v in fields.items() if k in Options.model_fields})
+        if callback:
+            await run_in_threadpool(
+                webhooks.check_callback_url, callback, settings.webhook_allow_private
+            )
+            if not settings.webhook_secret:
+                raise ApiError(
+                    422, "invalid_request", "callback_url needs BGQ_WEBHOOK_SECRET to be set"
+                )
+        job = await run_in_threadpool(producer.submit_data, data, model, options)
+        metrics.cache.labels("hit" if job.cached else "miss").inc()
+        if callback or not job.cached:
+            await run_in_threadpool(record, request, job, callback)
+        return job
+
+    def record(request: Request, job: Job, callback: str | None) -> None:
+        assert job.args is not None
+        client = producer.app.backend.client
+        jobs.register(client, job.args, str(request.base_url), callback)
+        if callback:
+            jobs.notify_if_final(producer.app, client, describe(job.key))
+
+    def describe(key: str) -> jobs.JobView | None:
+        client = producer.app.backend.client
+        record = jobs.read_record(client, key)
+        return jobs.describe(key, record, producer.task_meta(key), producer.store.output_path(key))
+
+    async def read_image(request: Request) -> tuple[dict[str, str], bytes]:
+        """The options (query, then form fields) and the image bytes of a submission."""
+        fields = dict(request.query_params)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=32)
+            try:
+                upload = form.get("file")
+                for name, value in form.multi_items():
+                    if isinstance(value, str):
+                        fields[name] = value
+                if not isinstance(upload, UploadFile):
+                    raise ApiError(422, "invalid_request", "multipart body has no `file` part")
+                return fields, await upload.read()
+            finally:
+                await form.close()
+        if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+            return fields, await request.body()
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the image as multipart `file` or a raw image/* body, not {ctype or 'nothing'}",
+        )
+
+    def wait_seconds(fields: dict[str, str]) -> float:
+        try:
+            wait = float(fields.get("wait", defaults.API_WAIT))
+        except ValueError:
+            raise ApiError(422, "invalid_request", "wait: must be a number of seconds") from None
+        if not 0 <= wait <= defaults.API_MAX_WAIT:
+            raise ApiError(
+                422, "invalid_request", f"wait: must be between 0 and {defaults.API_MAX_WAIT:g}"
+            )
+        return wait
+
+    async def wait_for(job: Job, seconds: float) -> Path | None:
+        """The result's path once it is in the store, or None after `seconds`.
+
+        The store is checked often (a stat); Celery's state in Redis only every
+        API_STATE_POLL seconds, to see failures and re-enqueue lost jobs.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        next_state = loop.time() + defaults.API_STATE_POLL
+        delay = POLL_MIN
+        while True:
+            if job.output_path.is_file():
+                return job.output_path
+            now = loop.time()
+            if now >= next_state:
+                path = await run_in_threadpool(job.poll)
+                if path is not None:
+                    return path
+                next_state = now + defaults.API_STATE_POLL
+            if now >= deadline:
+                return None
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(POLL_MAX, delay * 2)
+
+    # -- routes -------------------------------------------------------------------------------
+
+    @v1.post(
+        "/remove",
+        summary="Remove the background; the PNG if ready within `wait`, else 202 with the job",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"image/png": {}}},
+            202: {"content": {"application/json": {"example": JOB_EXAMPLE}}},
+        },
+        openapi_extra={"parameters": _option_parameters(), "requestBody": IMAGE_BODY},
+    )
+    async def remove(request: Request) -> Response:
+        fields, data = await read_image(request)
+        wait = wait_seconds(fields)
+        if "callback_url" in fields:
+            raise ApiError(422, "invalid_request", "callback_url belongs to POST /v1/jobs")
+        job = await submit(request, fields, data, None)
+        path = job.output_path if job.cached else await wait_for(job, wait)
+        if path is None:
+            return job_response(request, job.key, "queued", cached=False)
+        return png_response(path, job.key, job.cached)
+
+    @v1.post(
+        "/jobs",
+        summary="Submit an asynchronous job (optionally with a webhook)",
+        status_code=202,
+        responses={202: {"content": {"application/json": {"example": JOB_EXAMPLE}}}},
+        openapi_extra={
+            "parameters": [
+                *_option_parameters()[:1],
+                *_option_parameters()[2:],
+                {
+                    "name": "callback_url",
+                    "in": "query",
+                    "schema": {"type": "string", "format": "uri"},
+                },
+            ],
+            "requestBody": IMAGE_BODY,
+        },
+    )
+    async def create_job(request: Request) -> JSONResponse:
+        fields, data = await read_image(request)
+        if "wait" in fields:
+            raise ApiError(422, "invalid_request", "wait belongs to POST /v1/remove")
+        job = await submit(request, fields, data, fields.get("callback_url"))
+        return job_response(request, job.key, "done" if job.cached else "queued", job.cached)
+
+    def known_key(key: str) -> str:
+        if not KEY_RE.match(key):
+            raise ApiError(404, "not_found", f"no job {key!r}")
+        return key
+
+    @v1.get("/jobs/{job_id}", summary="A job's status", response_model=jobs.JobView)
+    async def get_job(job_id: str) -> jobs.JobView:
+        key = known_key(job_id)
+        job = await run_in_threadpool(describe, key)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {key}")
+        if job.status == "queued":
+            record = await run_in_threadpool(jobs.read_record, producer.app.backend.client, key)
+            args = jobs.record_args(record)
+            if args is not None:
+                await run_in_threadpool(producer.requeue_if_lost, args)
+        return job
+
+    @v1.get(
+        "/jobs/{job_id}/result",
+        summary="A finished job's PNG (immutable; ETag is the job id)",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def get_result(job_id: str, request: Request) -> Response:
+        key = known_key(job_id)
+        path = producer.store.output_path(key)
+        if path.is_file():
+            if request.headers.get("if-none-match") == f'"{key}"':
+                return Response(status_code=304, headers={"ETag": f'"{key}"'})
+            return png_response(path, key, cached=True)
+        job = await run_in_threadpool(describe, key)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {key}")
+        if job.status == "failed":
+            raise ApiError(409, "job_failed", f"the job failed: {job.error}")
+        raise ApiError(409, "not_ready", f"the job is {job.status}; try again later")
+
+    app.include_router(v1)
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Redis is reachable and at least one worker is online")
+    async def readyz() -> JSONResponse:
+        def check() -> tuple[bool, int, str | None]:
+            try:
+                producer.app.backend.client.ping()
+                replies = producer.app.control.ping(timeout=1.0) or []
+            except Exception as exc:
+                return False, 0, f"{type(exc).__name__}: {exc}"
+            return True, sum(len(r) for r in replies), None
+
+        redis_ok, workers, problem = await run_in_threadpool(check)
+        ready = redis_ok and workers > 0
+        body: dict[str, Any] = {"ready": ready, "redis": redis_ok, "workers": workers}
+        if problem:
+            body["error"] = problem
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

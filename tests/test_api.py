@@ -1,0 +1,504 @@
+"""The HTTP API served over a real socket, on real Redis and real prefork workers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+from PIL import Image
+
+from bgq import contract, jobs, webhooks
+from bgq.settings import Settings
+from bgq.stack import LocalStack
+from producer.api import create_app
+from producer.http_client import ApiError, HttpClient
+from tests.conftest import StackFactory
+from tests.helpers import BGQ, pixels, sample_bytes, settle, stats, variant, wait_for
+
+SECRET = "webhook-test-secret"
+JPEG = {"Content-Type": "image/jpeg"}
+
+
+class ApiServer:
+    """create_app() under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> ApiServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=20, what="the API to start")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def api_stack(make_stack: StackFactory) -> LocalStack:
+    """Workers that can sign webhooks and may call the loopback receiver of these tests."""
+    return make_stack(webhook_secret=SECRET, webhook_allow_private=True)
+
+
+@pytest.fixture(scope="module")
+def serve(api_stack: LocalStack) -> Iterator[Callable[..., str]]:
+    """Start an API on the module's stack with some settings changed; return its base URL."""
+    servers: list[ApiServer] = []
+
+    def start(**overrides: Any) -> str:
+        settings = api_stack.settings.model_copy(update={"redis_url": api_stack.url, **overrides})
+        servers.append(ApiServer(settings).start())
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def base(serve: Callable[..., str]) -> str:
+    """The API most tests use: small limits, webhooks to loopback allowed."""
+    return serve(max_upload_mb=1, max_megapixels=2, webhook_allow_private=True)
+
+
+@pytest.fixture
+def http(base: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield client
+
+
+def error_of(response: httpx.Response) -> dict[str, str]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return dict(body["error"])
+
+
+def test_sync_remove_returns_rembgs_png(
+    http: httpx.Client, reference: Callable[..., bytes]
+) -> None:
+    data = sample_bytes("anime-girl-1.jpg")
+    multipart = http.post("/v1/remove", files={"file": ("a.jpg", data, "image/jpeg")})
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.headers["content-type"] == "image/png"
+    mode, got = pixels(multipart.content)
+    want_mode, want = pixels(reference(data))
+    assert mode == want_mode and (got == want).all()
+    # The same image as a raw body is a cache hit with the same bytes.
+    raw = http.post("/v1/remove", content=data, headers=JPEG)
+    assert raw.status_code == 200 and raw.headers["x-bgq-cached"] == "true"
+    assert raw.content == multipart.content
+    assert raw.headers["etag"] == f'"{raw.headers["x-bgq-job-id"]}"'
+
+
+def test_options_as_query_or_form_fields(
+    http: httpx.Client, reference: Callable[..., bytes]
+) -> None:
+    data = sample_bytes("car-1.jpg")
+    options = {"bgcolor": "255,255,255,255", "post_process_mask": "true"}
+    by_form = http.post("/v1/remove", files={"file": ("c.jpg", data)}, data=options)
+    by_query = http.post("/v1/remove", params=options, content=data, headers=JPEG)
+    assert by_form.status_code == by_query.status_code == 200
+    assert by_form.headers["x-bgq-job-id"] == by_query.headers["x-bgq-job-id"]
+    want = reference(data, bgcolor=(255, 255, 255, 255), post_process_mask=True)
+    assert (pixels(by_query.content)[1] == pixels(want)[1]).all()
+
+
+def test_async_job_lifecycle(base: str, api_stack: LocalStack) -> None:
+    data = variant("cloth-1.jpg", (0, 0, 500, 700))
+    control = LocalStackControl(api_stack)
+    with HttpClient(base) as client:
+        control.pause()
+        try:
+            job = client.submit(data)
+            assert job["status"] == "queued" and job["cached"] is False
+            assert job["result_url"] == f"{base}/v1/jobs/{job['id']}/result"
+            view = client.job(job["id"])
+            assert view["status"] == "queued" and view["model"] == "u2netp"
+            assert view["created_at"] and view["finished_at"] is None
+            with pytest.raises(ApiError) as not_ready:
+                client.result(job["id"])
+            assert not_ready.value.status == 409 and not_ready.value.code == "not_ready"
+        finally:
+            control.resume()
+        png = client.wait(job["id"], timeout=120)
+        done = client.job(job["id"])
+        assert done["status"] == "done" and done["finished_at"] >= done["created_at"]
+        # Idempotent: the job id is the cache key.
+        again = client.submit(data)
+        assert again["id"] == job["id"] and again["status"] == "done" and again["cached"]
+    with httpx.Client(base_url=base) as http:
+        result = http.get(f"/v1/jobs/{job['id']}/result")
+        assert result.content == png
+        assert result.headers["etag"] == f'"{job["id"]}"'
+        assert "immutable" in result.headers["cache-control"]
+        cached = http.get(
+            f"/v1/jobs/{job['id']}/result", headers={"If-None-Match": result.headers["etag"]}
+        )
+        assert cached.status_code == 304
+        created = http.post("/v1/jobs", content=data, headers=JPEG)
+        assert created.status_code == 202 and created.headers["location"] == f"/v1/jobs/{job['id']}"
+
+
+class LocalStackControl:
+    """Stop and restart a stack's worker consuming the image queue (jobs stay queued)."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        from producer import Producer
+
+        self.app = Producer(stack.settings.model_copy(update={"redis_url": stack.url})).app
+        self.hostname = stack.hostname
+
+    def pause(self) -> None:
+        self.app.control.cancel_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
+
+    def resume(self) -> None:
+        self.app.control.add_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
+
+
+def test_remove_answers_202_when_not_ready_within_wait(
+    http: httpx.Client, api_stack: LocalStack
+) -> None:
+    control = LocalStackControl(api_stack)
+    control.pause()
+    try:
+        response = http.post(
+            "/v1/remove",
+            params={"wait": "0.2"},
+            content=variant("car-1.jpg", (5, 5, 300, 300)),
+            headers=JPEG,
+        )
+    finally:
+        control.resume()
+    assert response.status_code == 202
+    job = response.json()
+    assert job["status"] == "queued" and response.headers["location"] == f"/v1/jobs/{job['id']}"
+    wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done", what="done")
+
+
+def test_failed_job(http: httpx.Client) -> None:
+    truncated = sample_bytes("car-1.jpg")[:30000]  # a valid header: only the worker finds out
+    response = http.post("/v1/remove", content=truncated, headers=JPEG)
+    assert response.status_code == 422
+    assert error_of(response)["code"] == "job_failed"
+    assert "truncated" in error_of(response)["message"]
+    key = contract.cache_key(contract.input_digest(truncated), "u2netp", contract.Options())
+    view = http.get(f"/v1/jobs/{key}").json()
+    assert view["status"] == "failed" and "truncated" in view["error"]
+    result = http.get(f"/v1/jobs/{key}/result")
+    assert result.status_code == 409 and error_of(result)["code"] == "job_failed"
+
+
+def test_concurrent_identical_posts_run_one_inference(base: str, redis_client: redis.Redis) -> None:
+    data = variant("anime-girl-1.jpg", (20, 20, 620, 500))
+    before = stats(redis_client).get("computed", 0)
+
+    async def post_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+            return await asyncio.gather(
+                *(client.post("/v1/remove", content=data, headers=JPEG) for _ in range(50))
+            )
+
+    responses = asyncio.run(post_all())
+    assert [r.status_code for r in responses] == [200] * 50
+    assert len({r.content for r in responses}) == 1
+    settle(redis_client, responses[0].headers["x-bgq-job-id"])
+    assert stats(redis_client).get("computed", 0) - before == 1
+
+
+def big_image() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1500)).save(buf, "JPEG")  # 3 MP in a few KB
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status", "code"),
+    [
+        ({"content": os.urandom(2 * 2**20)}, 413, "payload_too_large"),
+        ({"content": iter([os.urandom(2**19)] * 4)}, 413, "payload_too_large"),  # chunked
+        ({"content": b"plain text, not an image"}, 415, "unsupported_media_type"),
+        ({"content": b""}, 415, "unsupported_media_type"),
+        ({"content": big_image()}, 413, "image_too_large"),
+        ({"params": {"model": "no-such-model"}}, 422, "invalid_request"),
+        ({"params": {"alpha_matting_erode_size": "-1"}}, 422, "invalid_request"),
+        ({"params": {"bgcolor": "1,2,3"}}, 422, "invalid_request"),
+        ({"params": {"alpha_matting": "maybe"}}, 422, "invalid_request"),
+        ({"params": {"no_such_option": "1"}}, 422, "invalid_request"),
+        ({"params": {"wait": "soon"}}, 422, "invalid_request"),
+        ({"headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+        ({"files": {"other": ("a.jpg", b"x")}}, 422, "invalid_request"),
+    ],
+    ids=[
+        "body-over-limit",
+        "chunked-body-over-limit",
+        "not-an-image",
+        "empty",
+        "too-many-megapixels",
+        "unknown-model",
+        "bad-option",
+        "bad-bgcolor",
+        "bad-bool",
+        "unknown-option",
+        "bad-wait",
+        "wrong-content-type",
+        "multipart-without-file",
+    ],
+)
+def test_errors(http: httpx.Client, request_args: dict[str, Any], status: int, code: str) -> None:
+    kwargs: dict[str, Any] = {"content": sample_bytes("car-1.jpg"), "headers": JPEG}
+    kwargs.update(request_args)
+    if "files" in kwargs:
+        del kwargs["content"], kwargs["headers"]
+    response = http.post("/v1/remove", **kwargs)
+    assert response.status_code == status, response.text
+    assert error_of(response)["code"] == code
+    assert "Traceback" not in response.text
+
+
+def test_unknown_routes_and_jobs_are_404_json(http: httpx.Client) -> None:
+    for path in ("/v1/jobs/" + "0" * 64, "/v1/jobs/not-a-key", "/v1/jobs/" + "0" * 64 + "/result"):
+        response = http.get(path)
+        assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+    assert error_of(http.get("/nowhere"))["code"] == "not_found"
+    assert error_of(http.get("/v1/remove"))["code"] == "method_not_allowed"
+
+
+def test_auth(serve: Callable[..., str]) -> None:
+    url = serve(api_keys="key-one, key-two")
+    data = sample_bytes("car-1.jpg")
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
+            response = http.post("/v1/remove", content=data, headers={**JPEG, **headers})
+            assert response.status_code == 401
+            assert error_of(response)["code"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert http.get("/v1/jobs/" + "0" * 64).status_code == 401
+        for open_route in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+            assert http.get(open_route).status_code == 200, open_route
+    with HttpClient(url, api_key="key-two") as client:
+        assert client.remove(data)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class Receiver:
+    """A webhook receiver on loopback; answers 500 to the first `fail_first` deliveries."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append((dict(self.headers), body))
+                self.send_response(500 if len(receiver.received) <= fail_first else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/bgq"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(fail_first: int = 0) -> Receiver:
+        made.append(Receiver(fail_first))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def signed_job(headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    signature = headers[webhooks.SIGNATURE_HEADER]
+    assert webhooks.verify(SECRET, body, signature)
+    assert not webhooks.verify("another-secret", body, signature)
+    return dict(json.loads(body))
+
+
+def test_webhook_signed_and_retried_after_a_500(
+    base: str, receiver: Callable[..., Receiver]
+) -> None:
+    hook = receiver(fail_first=1)
+    data = variant("car-1.jpg", (10, 0, 470, 350))
+    with HttpClient(base) as client:
+        job = client.submit(data, callback_url=hook.url)
+        wait_for(lambda: len(hook.received) >= 2, timeout=90, what="the retried webhook")
+        (_, b1), (h2, b2) = hook.received[:2]
+        assert b1 == b2
+        payload = signed_job(h2, b2)
+        assert payload["id"] == job["id"] and payload["status"] == "done"
+        assert payload["result_url"] == job["result_url"] and payload["model"] == "u2netp"
+        assert h2[webhooks.EVENT_HEADER] == "job.done"
+        assert client.result(job["id"])[:4] == b"\x89PNG"
+        # A callback on a job that is already done is delivered at once.
+        late = receiver()
+        assert client.submit(data, callback_url=late.url)["cached"] is True
+        wait_for(lambda: late.received, timeout=60, what="the webhook of a cached job")
+        assert signed_job(*late.received[0])["status"] == "done"
+    time.sleep(1)
+    assert len(hook.received) == 2  # delivered once it succeeded, never again
+
+
+def test_webhook_of_a_failed_job(base: str, receiver: Callable[..., Receiver]) -> None:
+    hook = receiver()
+    truncated = sample_bytes("cloth-1.jpg")[:20000]
+    with HttpClient(base) as client:
+        job = client.submit(truncated, callback_url=hook.url)
+        wait_for(lambda: hook.received, timeout=90, what="the failure webhook")
+    headers, body = hook.received[0]
+    payload = signed_job(headers, body)
+    assert payload["id"] == job["id"] and payload["status"] == "failed"
+    assert "truncated" in payload["error"] and headers[webhooks.EVENT_HEADER] == "job.failed"
+
+
+@pytest.fixture(scope="module")
+def strict(serve: Callable[..., str]) -> str:
+    """An API with the default BGQ_WEBHOOK_ALLOW_PRIVATE=false."""
+    return serve(webhook_allow_private=False)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://127.0.0.1:9/hook", "non-public"),
+        ("http://localhost/hook", "non-public"),
+        ("http://10.1.2.3/hook", "non-public"),
+        ("http://169.254.169.254/latest/meta-data", "non-public"),
+        ("http://[::1]/hook", "non-public"),
+        ("ftp://example.com/hook", "http"),
+        ("not a url", "http"),
+    ],
+)
+def test_private_or_odd_callbacks_refused_by_default(strict: str, url: str, words: str) -> None:
+    with httpx.Client(base_url=strict, timeout=60) as http:
+        response = http.post(
+            "/v1/jobs",
+            params={"callback_url": url},
+            content=sample_bytes("car-1.jpg"),
+            headers=JPEG,
+        )
+    assert response.status_code == 422
+    assert words in error_of(response)["message"]
+
+
+def test_callback_needs_a_secret(serve: Callable[..., str]) -> None:
+    url = serve(webhook_secret=None, webhook_allow_private=True)
+    with HttpClient(url) as client, pytest.raises(ApiError) as refused:
+        client.submit(sample_bytes("car-1.jpg"), callback_url="http://127.0.0.1:9/")
+    assert refused.value.status == 422 and "BGQ_WEBHOOK_SECRET" in refused.value.message
+
+
+def test_health_and_metrics(http: httpx.Client) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"] >= 1
+    http.post("/v1/remove", content=sample_bytes("car-1.jpg"), headers=JPEG)  # a hit by now
+    text = http.get("/metrics").text
+    assert 'bgq_api_requests_total{method="POST",route="/v1/remove",status="200"}' in text
+    assert 'bgq_api_cache_lookups_total{result="hit"}' in text
+    assert "bgq_api_request_seconds_bucket" in text
+    hits = [line for line in text.splitlines() if line.startswith("bgq_api_cache_lookups_total")]
+    assert any(line.endswith(" 0.0") is False for line in hits)
+    assert "/v1/jobs/{job_id}" in http.get("/openapi.json").json()["paths"]
+    assert http.get("/docs").status_code == 200
+
+
+def test_readyz_without_workers(serve: Callable[..., str], tmp_path: Any) -> None:
+    url = serve(redis_url="redis://127.0.0.1:9/0")  # nothing listens there
+    with httpx.Client(base_url=url, timeout=30) as http:
+        assert http.get("/healthz").status_code == 200
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is False
+        down = http.post("/v1/remove", content=variant("car-1.jpg", (1, 1, 99, 99)), headers=JPEG)
+        assert down.status_code == 503 and error_of(down)["code"] == "unavailable"
+
+
+def test_job_record_describes_a_queued_job(api_stack: LocalStack) -> None:
+    """The record alone (no task yet) reads as queued; Celery's state and the store decide."""
+    args = contract.TaskArgs.build("0" * 64, "u2netp", contract.Options())
+    client = redis.Redis.from_url(api_stack.url)
+    try:
+        jobs.register(client, args, "http://h:1/")
+        record = jobs.read_record(client, args.key)
+        job = jobs.describe(args.key, record, {"status": "PENDING"}, api_stack.settings.home / "x")
+        assert job is not None and job.status == "queued"
+        assert job.result_url == f"http://h:1/v1/jobs/{args.key}/result"
+        assert (
+            jobs.describe(args.key, {}, {"status": "PENDING"}, api_stack.settings.home / "x")
+            is None
+        )
+    finally:
+        client.delete(contract.job_key(args.key))
+        client.close()
+
+
+def test_bgq_api_command(api_stack: LocalStack, env: dict[str, str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**env, "BGQ_REDIS_URL": api_stack.url, "BGQ_HOME": str(api_stack.settings.home)}
+    proc = subprocess.Popen(
+        [BGQ, "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, timeout=60, what="bgq api to be ready")
+        with HttpClient(f"http://127.0.0.1:{port}") as client:
+            assert client.remove(sample_bytes("car-1.jpg"))[:4] == b"\x89PNG"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_bgq_api_without_broker(env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [BGQ, "api", "--port", "1"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "no Redis to talk to" in result.stderr
