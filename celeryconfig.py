@@ -25,7 +25,26 @@ def build(settings: Settings) -> dict[str, Any]:
         "result_expires": defaults.RESULT_TTL,
         "task_default_queue": contract.QUEUE,
         # Workers consume both; deliveries have their own queue so no image backlog delays them.
-        "task_queues": [Queue(contract.QUEUE), Queue(contract.WEBHOOK_QUEUE)],
+        "task_queues": [
+            Queue(contract.QUEUE),
+            Queue(contract.WEBHOOK_QUEUE),
+            Queue(contract.MAINTENANCE_QUEUE),
+        ],
+        "task_routes": {
+            contract.WEBHOOK_TASK_NAME: {"queue": contract.WEBHOOK_QUEUE},
+            contract.PRUNE_TASK_NAME: {"queue": contract.MAINTENANCE_QUEUE},
+        },
+        # `bgq beat` sends the prune; the workers run it with their BGQ_CACHE_* settings.
+        "beat_schedule": {
+            "bgq-prune-cache": {
+                "task": contract.PRUNE_TASK_NAME,
+                "schedule": defaults.PRUNE_INTERVAL,
+                "options": {"expires": defaults.PRUNE_INTERVAL},
+            }
+        },
+        # Task events, so Flower shows every task with its state and runtime.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,

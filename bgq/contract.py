@@ -23,6 +23,8 @@ TASK_NAME = "bgq.remove_background"
 QUEUE = defaults.QUEUE
 WEBHOOK_TASK_NAME = "bgq.deliver_webhook"  # kwargs: url, body (the job JSON, as sent)
 WEBHOOK_QUEUE = f"{defaults.QUEUE}.webhooks"  # kept apart so deliveries skip the image backlog
+PRUNE_TASK_NAME = "bgq.prune_cache"  # no arguments: the worker's BGQ_CACHE_* settings apply
+MAINTENANCE_QUEUE = f"{defaults.QUEUE}.maintenance"
 
 # rembg models that run locally from a name alone (no custom weights path, prompt or credentials).
 MODELS = frozenset(
@@ -163,6 +165,21 @@ def callbacks_key(key: str) -> str:
     return f"{defaults.KEY_PREFIX}callbacks:{key}"
 
 
+def input_refs_key(input_sha256: str) -> str:
+    """Redis set of the job keys that still need an input blob (prune keeps it while non-empty)."""
+    return f"{defaults.KEY_PREFIX}inputs:{input_sha256}"
+
+
+def stage_key(stage: str) -> str:
+    """Redis hash of a worker stage's latency histogram: `le:<bound>` counts, `sum`, `count`."""
+    return f"{defaults.KEY_PREFIX}stage:{stage}"
+
+
+STAGES = ("read", "decode", "inference", "encode", "write")  # of one computed result
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Counters in STATS_KEY: cache_hits and cache_misses (producers), enqueued (producers),
+# computed, skipped and failed (workers).
 STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of counters (computed, skipped, failed)
 
 

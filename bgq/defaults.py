@@ -32,6 +32,26 @@ WORKER_STOP_TIMEOUT = 30  # seconds a stopping worker may finish its tasks befor
 REDIS_READY_TIMEOUT = 10  # seconds to wait for an embedded redis-server to answer
 JOB_TIMEOUT = 300  # seconds `bgq submit` waits for a result by default
 
+# Cache statistics and lifecycle.
+STATS_FLUSH_INTERVAL = (
+    1.0  # seconds a producer batches its cache-hit count before adding it in Redis
+)
+USE_RESOLUTION = (
+    30.0  # seconds: a hit re-stamps a result's mtime (its last use) when older than this
+)
+PRUNE_MIN_IDLE = 60.0  # seconds since last use within which prune never deletes a result
+PRUNE_INPUT_GRACE = (
+    600.0  # seconds an unreferenced input blob is kept (a producer may be enqueueing)
+)
+PRUNE_TMP_AGE = 3600.0  # seconds after which a leftover temporary file in the store is removed
+PRUNE_INTERVAL = 3600.0  # seconds between the beat schedule's prune runs
+STORE_SCAN_INTERVAL = 60.0  # seconds the exporter reuses one scan of the store's size
+
+# Monitoring.
+FLOWER_PORT = 5555
+FLOWER_PURGE_OFFLINE = 60  # seconds after which Flower drops a worker that went offline
+EXPORTER_PORT = 9808
+
 # Ingestion (`bgq ingest`).
 INGEST_WINDOW = 128  # jobs one ingest keeps outstanding; make it >= 2 x the cluster's processes
 INGEST_STATE_POLL = 1.0  # seconds between checks of an outstanding job's Celery state
@@ -45,7 +65,8 @@ API_MAX_WAIT = 300.0  # seconds a request may ask to wait at most
 API_STATE_POLL = 0.5  # seconds between Redis checks of a job a request waits for (store: faster)
 
 # Webhooks.
-WEBHOOK_MAX_RETRIES = 8  # retries of a failed delivery (backoff 1 s, 2 s, 4 s ... capped, jittered)
+WEBHOOK_MAX_RETRIES = 10  # retries of a failed delivery: ~15 min on average, 27 min at most
+WEBHOOK_BACKOFF_BASE = 2.0  # seconds, ceiling of the first retry's delay (then doubling, jittered)
 WEBHOOK_BACKOFF_MAX = 600  # seconds, cap of one delivery backoff
 WEBHOOK_TIMEOUT = 10.0  # seconds one delivery may take
 WEBHOOK_SIGNATURE_HEADER = "X-Bgq-Signature"  # "sha256=<hex HMAC-SHA256 of the body>"

@@ -67,14 +67,11 @@ def register(
 ) -> None:
     """Record a submitted job (its first submission time is kept) and an optional callback."""
     job_key = contract.job_key(args.key)
-    fields = {
-        "model": args.model,
-        "args": json.dumps(args.to_kwargs()),
-        "base_url": base_url.rstrip("/"),
-    }
     with client.pipeline() as pipe:
         pipe.hsetnx(job_key, "created_at", iso())
-        pipe.hset(job_key, mapping=fields)  # type: ignore[arg-type]
+        # The first submitter's URL stays: a later one cannot redirect others' result_url.
+        pipe.hsetnx(job_key, "base_url", base_url.rstrip("/"))
+        pipe.hset(job_key, mapping={"model": args.model, "args": json.dumps(args.to_kwargs())})
         pipe.expire(job_key, defaults.RESULT_TTL)
         if callback_url:
             pipe.sadd(contract.callbacks_key(args.key), callback_url)

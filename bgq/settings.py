@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bgq import defaults
 from bgq.errors import ConfigError, NoBroker
+from bgq.units import parse_duration, parse_size
 
 ENV_PREFIX = "BGQ_"
 
@@ -44,8 +45,30 @@ class Settings(BaseSettings):
     png_compress_level: Annotated[int, Field(ge=0, le=9)] = defaults.PNG_COMPRESS_LEVEL
     max_upload_mb: Annotated[float, Field(gt=0)] = defaults.MAX_UPLOAD_MB
     api_keys: str | None = None  # comma-separated bearer keys; unset: the API needs no auth
+    public_url: str | None = None  # the API's URL as clients see it; unset: from each request
     webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies
     webhook_allow_private: bool = False  # allow callbacks to loopback/private/link-local hosts
+    flower_basic_auth: str | None = None  # user:password for Flower
+    cache_max_age: float | None = None  # seconds since last use after which prune drops a result
+    cache_max_size: int | None = None  # bytes of results prune keeps at most
+    cache_keep_inputs: bool = False  # keep input blobs after their jobs are done
+
+    @field_validator("cache_max_age", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("cache_max_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return None if value is None else parse_size(value)  # type: ignore[arg-type]
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _user_password(cls, value: str | None) -> str | None:
+        if value is not None and (":" not in value or value.startswith(":")):
+            raise ValueError("must be user:password")
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -27,6 +27,22 @@ def worker_command(concurrency: int, hostname: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def flower_command(port: int, address: str) -> list[str]:
+    """The Flower command line bgq uses (login from FLOWER_BASIC_AUTH in the environment)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+        f"--port={port}", f"--address={address}",
+    ]  # fmt: skip
+
+
+def flower_env(settings: Settings) -> dict[str, str]:
+    """Flower's own variables: the login, and forgetting workers that went away."""
+    env = {"FLOWER_PURGE_OFFLINE_WORKERS": str(defaults.FLOWER_PURGE_OFFLINE)}
+    if settings.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    return env
+
+
 RESTORE_LIMIT = 1_000_000  # messages requeued at most when a stack starts
 
 
@@ -50,8 +66,11 @@ class LocalStack:
         workers: int | None = None,
         env: dict[str, str] | None = None,
         log: Path | None = None,
+        flower_port: int | None = None,
     ) -> None:
         self.settings = settings
+        self.flower_port = flower_port
+        self.flower: subprocess.Popen[bytes] | None = None
         self.workers = workers or settings.concurrency
         self.env = env or {}
         self.log = log
@@ -68,30 +87,43 @@ class LocalStack:
                 self.url = self.redis.url
                 restore_unacked(self.url)  # left by a stack that was killed
             self._start_worker()
+            if self.flower_port is not None:
+                self._start_flower(self.flower_port)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_worker(self) -> None:
+    def _spawn(self, cmd: list[str], extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """A child in its own process group, on this stack's settings, logging to self.log."""
         settings = self.settings.model_copy(update={"redis_url": self.url})
-        env = {**os.environ, **settings_env(settings), **self.env}
+        env = {**os.environ, **settings_env(settings), **self.env, **extra_env}
         out: IO[bytes] | None = None
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
-            out = open(self.log, "ab")  # noqa: SIM115 - lives as long as the worker
-        self.worker = subprocess.Popen(
-            worker_command(self.workers, self.hostname, "--without-mingle", "--without-gossip"),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
+            out = open(self.log, "ab")  # noqa: SIM115 - lives as long as the child
+        try:
+            return subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if out is not None:
+                out.close()
+
+    def _start_worker(self) -> None:
+        self.worker = self._spawn(
+            worker_command(self.workers, self.hostname, "--without-mingle", "--without-gossip"), {}
         )
-        if out is not None:
-            out.close()
         self._wait_ready()
+
+    def _start_flower(self, port: int) -> None:
+        self.flower = self._spawn(flower_command(port, "127.0.0.1"), flower_env(self.settings))
 
     def _wait_ready(self) -> None:
         from celery import Celery
@@ -119,6 +151,9 @@ class LocalStack:
 
     def stop(self) -> None:
         """Warm-stop the worker (running tasks finish), kill what remains, then stop Redis."""
+        if self.flower is not None:
+            stop_group(self.flower, defaults.WORKER_STOP_TIMEOUT)
+            self.flower = None
         if self.worker is not None:
             stop_group(self.worker, defaults.WORKER_STOP_TIMEOUT)
             self.worker = None

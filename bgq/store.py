@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
-from bgq import contract
+from bgq import contract, defaults
 from bgq.errors import StoreError
 
 FILE_MODE = 0o644  # results are read by other processes and users (api, flower, ops)
@@ -54,11 +55,34 @@ class Store:
     def has_output(self, key: str) -> bool:
         return self.output_path(key).is_file()
 
+    def use_output(self, key: str) -> bool:
+        """True if the result exists; then record this use as its mtime (prune's LRU clock).
+
+        Access times are unreliable (noatime mounts), so a hit stamps the mtime itself, at most
+        once per USE_RESOLUTION seconds per result. A read-only store is not stamped.
+        """
+        path = self.output_path(key)
+        try:
+            mtime = path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if time.time() - mtime > defaults.USE_RESOLUTION:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        return True
+
     def put_input(self, input_sha256: str, data: bytes) -> Path:
-        """Store an input blob once; content addressing makes an existing blob correct."""
+        """Store an input blob once; content addressing makes an existing blob correct.
+
+        An existing blob is touched, so that prune's grace period covers this new job too.
+        """
         path = self.input_path(input_sha256)
-        if not path.is_file():
+        try:
+            os.utime(path)
+        except FileNotFoundError:
             self._write(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot touch {path}: {exc}") from exc
         return path
 
     def put_output(self, key: str, png: bytes) -> Path:

@@ -15,6 +15,27 @@ from bgq import defaults
 from bgq.errors import InvalidRequest
 
 SIGNATURE_HEADER = defaults.WEBHOOK_SIGNATURE_HEADER
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+class CallbackUnresolvable(InvalidRequest):
+    """The callback host does not resolve (maybe only for now: a worker retries)."""
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address, also for IPv4 embedded in IPv6 (mapped, 6to4, NAT64)."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if address in NAT64 or address in IPV4_COMPATIBLE:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not is_public(embedded):
+            return False
+    return True
+
+
 EVENT_HEADER = "X-Bgq-Event"  # job.done or job.failed
 
 
@@ -49,12 +70,12 @@ def check_callback_url(url: str, allow_private: bool = False) -> str:
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise InvalidRequest(
+        raise CallbackUnresolvable(
             f"callback_url host {parts.hostname!r} does not resolve: {exc}"
         ) from None
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not address.is_global or address.is_multicast:
+        if not is_public(address):
             raise InvalidRequest(
                 f"callback_url host {parts.hostname!r} is a non-public address ({address}); "
                 "set BGQ_WEBHOOK_ALLOW_PRIVATE=true to allow it"

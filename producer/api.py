@@ -7,14 +7,16 @@ module only speaks HTTP: request parsing and limits, auth, job views, webhooks, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -53,7 +55,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+KEY_RE = re.compile(r"[0-9a-f]{64}")
 IMMUTABLE = "public, max-age=31536000, immutable"
 REQUEST_FIELDS = ("model", "wait", "callback_url")  # besides the rembg options
 
@@ -242,7 +244,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keys = [k.encode() for k in settings.api_key_list]
     max_bytes = int(settings.max_upload_mb * 2**20)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """Add the batched cache-hit count to Redis every few seconds, and at shutdown."""
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(defaults.STATS_FLUSH_INTERVAL)
+                await run_in_threadpool(producer.flush_stats)
+
+        flusher = asyncio.create_task(flush_forever())
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            await run_in_threadpool(producer.flush_stats)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="bgq",
         version=bgq.__version__,
         description="Background removal on a queue: synchronous and asynchronous jobs, "
@@ -266,6 +285,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
         return error_response(413, "payload_too_large", BodyLimit(app, max_bytes).message())
 
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("Redis error: %s", exc)
+        return error_response(503, "unavailable", "Redis is unavailable; try again later")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -287,7 +311,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- auth ---------------------------------------------------------------------------------
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -304,8 +328,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def base_url(request: Request) -> str:
+        return (settings.public_url or str(request.base_url)).rstrip("/")
+
     def result_url(request: Request, key: str) -> str:
-        return str(request.base_url).rstrip("/") + jobs.result_path(key)
+        return base_url(request) + jobs.result_path(key)
 
     def png_response(path: Path, key: str, cached: bool) -> FileResponse:
         return FileResponse(
@@ -329,7 +356,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{key}"})
 
     async def submit(
-        request: Request, fields: dict[str, str], data: bytes, callback: str | None
+        request: Request,
+        fields: dict[str, str],
+        data: bytes,
+        callback: str | None,
+        record_job: bool,
     ) -> Job:
         """Validate, hand the image to the Producer, and record the job for GET /v1/jobs."""
         unknown = set(fields) - set(REQUEST_FIELDS) - set(Options.model_fields)
@@ -349,14 +380,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
         job = await run_in_threadpool(producer.submit_data, data, model, options)
         metrics.cache.labels("hit" if job.cached else "miss").inc()
-        if callback or not job.cached:
+        if record_job:
             await run_in_threadpool(record, request, job, callback)
         return job
 
     def record(request: Request, job: Job, callback: str | None) -> None:
         assert job.args is not None
         client = producer.app.backend.client
-        jobs.register(client, job.args, str(request.base_url), callback)
+        jobs.register(client, job.args, base_url(request), callback)
         if callback:
             jobs.notify_if_final(producer.app, client, describe(job.key))
 
@@ -400,7 +431,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         return wait
 
-    async def wait_for(job: Job, seconds: float) -> Path | None:
+    async def wait_for(request: Request, job: Job, seconds: float) -> Path | None:
         """The result's path once it is in the store, or None after `seconds`.
 
         The store is checked often (a stat); Celery's state in Redis only every
@@ -419,7 +450,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if path is not None:
                     return path
                 next_state = now + defaults.API_STATE_POLL
-            if now >= deadline:
+            if now >= deadline or await request.is_disconnected():
                 return None
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(POLL_MAX, delay * 2)
@@ -441,8 +472,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         wait = wait_seconds(fields)
         if "callback_url" in fields:
             raise ApiError(422, "invalid_request", "callback_url belongs to POST /v1/jobs")
-        job = await submit(request, fields, data, None)
-        path = job.output_path if job.cached else await wait_for(job, wait)
+        job = await submit(request, fields, data, None, record_job=False)
+        if not job.cached:  # so that GET /v1/jobs/{id} knows it should the wait run out
+            await run_in_threadpool(record, request, job, None)
+        path = job.output_path if job.cached else await wait_for(request, job, wait)
         if path is None:
             return job_response(request, job.key, "queued", cached=False)
         return png_response(path, job.key, job.cached)
@@ -469,20 +502,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fields, data = await read_image(request)
         if "wait" in fields:
             raise ApiError(422, "invalid_request", "wait belongs to POST /v1/remove")
-        job = await submit(request, fields, data, fields.get("callback_url"))
+        job = await submit(request, fields, data, fields.get("callback_url"), record_job=True)
         return job_response(request, job.key, "done" if job.cached else "queued", job.cached)
 
     def known_key(key: str) -> str:
-        if not KEY_RE.match(key):
+        if not KEY_RE.fullmatch(key):
             raise ApiError(404, "not_found", f"no job {key!r}")
         return key
 
     @v1.get("/jobs/{job_id}", summary="A job's status", response_model=jobs.JobView)
-    async def get_job(job_id: str) -> jobs.JobView:
+    async def get_job(job_id: str, request: Request) -> jobs.JobView:
         key = known_key(job_id)
         job = await run_in_threadpool(describe, key)
         if job is None:
             raise ApiError(404, "not_found", f"no job {key}")
+        if job.result_url and job.result_url.startswith("/"):  # no record (e.g. a Python caller)
+            job.result_url = base_url(request) + job.result_url
         if job.status == "queued":
             record = await run_in_threadpool(jobs.read_record, producer.app.backend.client, key)
             args = jobs.record_args(record)
@@ -499,7 +534,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def get_result(job_id: str, request: Request) -> Response:
         key = known_key(job_id)
         path = producer.store.output_path(key)
-        if path.is_file():
+        if producer.store.use_output(key):
             if request.headers.get("if-none-match") == f'"{key}"':
                 return Response(status_code=304, headers={"ETag": f'"{key}"'})
             return png_response(path, key, cached=True)

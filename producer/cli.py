@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+cache_app = typer.Typer(help="The result cache (the store).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +61,8 @@ def up(
     workers: Annotated[
         int | None, typer.Option(help="Worker processes [default: BGQ_CONCURRENCY].")
     ] = None,
+    flower: Annotated[bool, typer.Option(help="Also run Flower on 127.0.0.1.")] = False,
+    flower_port: Annotated[int, typer.Option(help="Flower's port.")] = defaults.FLOWER_PORT,
 ) -> None:
     """Run a local stack in the foreground: embedded Redis (unless BGQ_REDIS_URL) and workers."""
     from bgq.stack import LocalStack
@@ -71,7 +77,7 @@ def up(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stack = LocalStack(settings, workers=workers)
+    stack = LocalStack(settings, workers=workers, flower_port=flower_port if flower else None)
     typer.echo(f"bgq: starting Redis and {stack.workers} worker process(es)...", err=True)
     with stack:
         assert stack.worker is not None
@@ -80,6 +86,8 @@ def up(
             f"{stack.workers} worker process(es). Ctrl-C stops everything.",
             err=True,
         )
+        if flower:
+            typer.echo(f"bgq: Flower on http://127.0.0.1:{flower_port}/", err=True)
         while not stopping and stack.worker.poll() is None:
             time.sleep(0.2)
         crashed = not stopping
@@ -232,6 +240,155 @@ def api(
             err=True,
         )
     uvicorn.run(create_app(settings), host=host, port=port, proxy_headers=True)
+
+
+@app.command("flower")
+@_errors
+def flower_cmd(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = defaults.FLOWER_PORT,
+    address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Run Flower on the configured broker; login from BGQ_FLOWER_BASIC_AUTH (user:password)."""
+    from bgq.stack import flower_command, flower_env
+
+    settings = load_settings()
+    settings.broker_url()
+    if address not in LOOPBACK and not settings.flower_basic_auth:
+        raise ConfigError(
+            f"refusing to serve Flower on {address} without a login: set "
+            "BGQ_FLOWER_BASIC_AUTH=user:password (or listen on 127.0.0.1)"
+        )
+    cmd = flower_command(port, address)
+    env = {**os.environ, **flower_env(settings)}
+    os.execve(cmd[0], cmd, env)
+
+
+@app.command()
+@_errors
+def exporter(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.EXPORTER_PORT,
+) -> None:
+    """Serve bgq's Prometheus metrics (queues, cache, results, stage times, store) on /metrics."""
+    from bgq.exporter import Exporter
+
+    settings = load_settings()
+    stopping = _stop_on_signals()
+    server = Exporter(settings, host, port)
+    typer.echo(f"bgq: exporter on http://{host}:{server.port}/metrics", err=True)
+    try:
+        stopping.wait()
+    finally:
+        server.stop()
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM."""
+    event = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return event
+
+
+@app.command()
+@_errors
+def beat() -> None:
+    """Run Celery beat with bgq's schedule (the cache prune every hour, run by the workers)."""
+    settings = load_settings()
+    settings.broker_url()
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", "INFO",
+        "--schedule", str(settings.run_dir / "celerybeat-schedule"),
+    ]  # fmt: skip
+    os.execv(cmd[0], cmd)
+
+
+@cache_app.command("stats")
+@_errors
+def cache_stats() -> None:
+    """Entries and bytes in the store, and the cluster's cache hit rate."""
+    from bgq import cache
+    from bgq.units import format_size
+
+    settings = load_settings()
+    stats = cache.store_stats(settings.store_dir)
+    typer.echo(f"store:    {settings.store_dir}")
+    typer.echo(f"results:  {stats.results} ({format_size(stats.result_bytes)})")
+    typer.echo(f"inputs:   {stats.inputs} ({format_size(stats.input_bytes)})")
+    client = cache.cluster_redis(settings)
+    if client is None:
+        typer.echo("hit rate: unknown (no Redis running for this BGQ_HOME)")
+        return
+    with client:
+        raw = client.hgetall(contract.STATS_KEY)
+    counts = {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
+    hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
+    rate = f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
+    typer.echo(f"hit rate: {rate} ({hits} hits, {misses} misses)")
+    typer.echo(
+        "results:  "
+        + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("computed", "skipped", "failed"))
+    )
+
+
+@cache_app.command("prune")
+@_errors
+def cache_prune(
+    max_age: Annotated[
+        str | None,
+        typer.Option(
+            help="Drop results unused for this long, e.g. 7d [default: BGQ_CACHE_MAX_AGE]."
+        ),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Then drop the LRU ones down to this, e.g. 20G [default: BGQ_CACHE_MAX_SIZE]."
+        ),
+    ] = None,
+    keep_inputs: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-inputs/--drop-inputs", help="Keep input blobs [default: BGQ_CACHE_KEEP_INPUTS]."
+        ),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only report what would go.")] = False,
+) -> None:
+    """Delete least-recently-used results (never in-flight or used in the last minute)."""
+    from bgq import cache
+    from bgq.units import format_size, parse_duration, parse_size
+
+    settings = load_settings()
+    try:
+        age = parse_duration(max_age) if max_age is not None else settings.cache_max_age
+        size = parse_size(max_size) if max_size is not None else settings.cache_max_size
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    keep = settings.cache_keep_inputs if keep_inputs is None else keep_inputs
+    client = cache.cluster_redis(settings)
+    with cache.prune_lock(client) as held:
+        if not held:
+            raise ConfigError("another prune is running (lock bgq:prune-lock); try later")
+        report = cache.prune(settings.store_dir, client, age, size, keep, dry_run)
+    if client is not None:
+        client.close()
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(
+        f"{verb} {report.removed} result(s) ({format_size(report.removed_bytes)}), "
+        f"{report.inputs_removed} input(s) ({format_size(report.inputs_removed_bytes)}), "
+        f"{report.temporaries_removed} temporary file(s)"
+    )
+    typer.echo(
+        f"kept {report.kept} result(s) ({format_size(report.kept_bytes)}): "
+        f"{report.skipped_recent} used in the last minute, {report.skipped_in_flight} in flight"
+    )
+    for note in report.notes:
+        typer.echo(f"note: {note}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

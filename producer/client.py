@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ if TYPE_CHECKING:
 Source = bytes | str | os.PathLike[str]
 
 IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
+
+# KEYS: guard, Celery's state of the task. Takes the guard; if won, forgets the old state.
+TAKE_GUARD = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
 
 POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
 POLL_MAX = 0.25  # seconds between later checks
@@ -116,6 +126,10 @@ class Producer:
         self.settings = settings or load_settings()
         self.store = Store(self.settings.store_dir)
         self._app: Celery | None = None
+        self._lock = threading.Lock()
+        self._hits = 0  # cache hits not yet added to the counters in Redis
+        self._last_flush = time.monotonic()
+        self._stats_client: redis.Redis | None = None
 
     @property
     def app(self) -> Celery:
@@ -165,7 +179,8 @@ class Producer:
         """
         args = TaskArgs.build(contract.input_digest(data), model, options)
         output = self.store.output_path(args.key)
-        if output.is_file():
+        if self.store.use_output(args.key):
+            self._count_hit()
             return Job(args.key, True, output, self, args=args)
         try:
             probe(data, self.settings.max_megapixels)
@@ -177,16 +192,37 @@ class Producer:
         self._enqueue(args)
         return Job(args.key, False, output, self, args=args)
 
-    def _enqueue(self, args: TaskArgs) -> None:
-        """Publish the task unless an identical job is already queued or running."""
+    def _enqueue(self, args: TaskArgs, miss: bool = True) -> None:
+        """Publish the task unless an identical job is already queued or running.
+
+        One round trip takes the guard, marks the input blob as needed by this job (prune keeps
+        it), and adds this miss and the batched cache hits to the cluster's counters.
+        """
         app = self.app
         guard = contract.guard_key(args.key)
-        with _broker_errors(f"enqueue on {self.settings.redis_url or 'Redis'}"):
+        refs = contract.input_refs_key(args.input_sha256)
+        with self._lock:
+            hits, self._hits = self._hits, 0
+        with _broker_errors("enqueue"):
             client = app.backend.client
-            if not client.set(guard, "1", nx=True, ex=defaults.GUARD_TTL):
+            with client.pipeline(transaction=False) as pipe:
+                # Guard and forgetting an old run's state in one step, so no other submitter
+                # can be answered by an old failure once this run holds the guard.
+                pipe.eval(
+                    TAKE_GUARD,
+                    2,
+                    guard,
+                    app.backend.get_key_for_task(args.key),
+                    defaults.GUARD_TTL,
+                )
+                pipe.sadd(refs, args.key)
+                pipe.expire(refs, 2 * defaults.GUARD_TTL)
+                pipe.hincrby(contract.STATS_KEY, "cache_misses", int(miss))
+                pipe.hincrby(contract.STATS_KEY, "cache_hits", hits)
+                won = pipe.execute()[0]
+            if not won:
                 return
             try:
-                app.backend.forget(args.key)  # an old failure must not answer for this run
                 app.send_task(
                     contract.TASK_NAME,
                     kwargs=args.to_kwargs(),
@@ -196,6 +232,36 @@ class Producer:
             except BaseException:
                 client.delete(guard)
                 raise
+            client.hincrby(contract.STATS_KEY, "enqueued", 1)
+
+    def _count_hit(self) -> None:
+        """Count a cache hit; the count reaches Redis in batches, not one call per hit."""
+        with self._lock:
+            self._hits += 1
+            due = time.monotonic() - self._last_flush >= defaults.STATS_FLUSH_INTERVAL
+        if due:
+            self.flush_stats()
+
+    def flush_stats(self) -> None:
+        """Add the cache hits counted so far to the cluster's counters; best effort.
+
+        With no Redis to reach (nothing running and no BGQ_REDIS_URL), they stay counted here
+        until one is there; hits of a producer that never meets a Redis are not recorded.
+        """
+        with self._lock:
+            hits, self._hits = self._hits, 0
+            self._last_flush = time.monotonic()
+        if not hits:
+            return
+        try:
+            if self._stats_client is None:
+                self._stats_client = redis.Redis.from_url(
+                    self.settings.broker_url(), socket_connect_timeout=1, socket_timeout=1
+                )
+            self._stats_client.hincrby(contract.STATS_KEY, "cache_hits", hits)
+        except (redis.RedisError, BgqError):
+            with self._lock:
+                self._hits += hits
 
     def requeue_if_lost(self, args: TaskArgs) -> None:
         """Enqueue again a job that nobody holds any more (message lost, or guard expired).
@@ -206,7 +272,7 @@ class Producer:
         with _broker_errors("read job state"):
             lost = not self.app.backend.client.exists(contract.guard_key(args.key))
         if lost and not self.store.has_output(args.key):
-            self._enqueue(args)
+            self._enqueue(args, miss=False)
 
     def task_meta(self, key: str) -> dict[str, Any]:
         """The task's state as Celery stored it (status, result or exception)."""

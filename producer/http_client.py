@@ -82,13 +82,16 @@ class HttpClient:
             code, message = "http_error", response.text[:200]
         raise ApiError(response.status_code, code, message)
 
-    def _post_image(self, path: str, image: Image, fields: dict[str, Any]) -> httpx.Response:
+    def _post_image(
+        self, path: str, image: Image, fields: dict[str, Any], timeout: float | None = None
+    ) -> httpx.Response:
         return self._call(
             "POST",
             path,
             params=_query(fields),
             content=_image_bytes(image),
             headers={"Content-Type": "application/octet-stream"},
+            timeout=timeout if timeout is not None else self.http.timeout,
         )
 
     def remove(
@@ -100,7 +103,8 @@ class HttpClient:
         **options: Any,
     ) -> bytes:
         """The result PNG: POST /v1/remove, then, if the job outlives `wait`, poll for it."""
-        response = self._post_image("/v1/remove", image, {"model": model, "wait": wait, **options})
+        fields = {"model": model, "wait": wait, **options}
+        response = self._post_image("/v1/remove", image, fields, timeout=wait + 30)
         if response.status_code == 200:
             return response.content
         return self.wait(response.json()["id"], timeout=timeout)

@@ -116,6 +116,7 @@ class Ingest:
             while self.pending:
                 self._collect()
         finally:
+            self.producer.flush_stats()
             if self.stack is not None:
                 self.stack.stop()
                 self.stack = None
@@ -150,6 +151,7 @@ class Ingest:
             from bgq.stack import LocalStack
 
             self.stack = LocalStack(self.settings, log=self.stack_log).start()
+            self.producer.flush_stats()  # the hits so far: it finds the embedded Redis now
             settings = self.settings.model_copy(update={"redis_url": self.stack.url})
             self.producer = Producer(settings)
             return self.producer.submit_data(data, self.model, self.options, raise_bad_image=False)

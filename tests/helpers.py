@@ -15,6 +15,8 @@ import redis
 from PIL import Image
 
 from bgq import contract
+from bgq.stack import LocalStack
+from producer import Producer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -78,3 +80,17 @@ def settle(client: redis.Redis, key: str, timeout: float = 30) -> None:
     while client.exists(contract.guard_key(key)):
         assert time.monotonic() < deadline, f"guard of {key} never released"
         time.sleep(0.01)
+
+
+class LocalStackControl:
+    """Stop and restart a stack's worker consuming the image queue (jobs stay queued)."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.app = Producer(stack.settings.model_copy(update={"redis_url": stack.url})).app
+        self.hostname = stack.hostname
+
+    def pause(self) -> None:
+        self.app.control.cancel_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
+
+    def resume(self) -> None:
+        self.app.control.add_consumer(contract.QUEUE, destination=[self.hostname], reply=True)

@@ -27,7 +27,16 @@ from bgq.stack import LocalStack
 from producer.api import create_app
 from producer.http_client import ApiError, HttpClient
 from tests.conftest import StackFactory
-from tests.helpers import BGQ, pixels, sample_bytes, settle, stats, variant, wait_for
+from tests.helpers import (
+    BGQ,
+    LocalStackControl,
+    pixels,
+    sample_bytes,
+    settle,
+    stats,
+    variant,
+    wait_for,
+)
 
 SECRET = "webhook-test-secret"
 JPEG = {"Content-Type": "image/jpeg"}
@@ -40,7 +49,7 @@ class ApiServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="off")
+        config = uvicorn.Config(create_app(settings), log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
@@ -160,22 +169,6 @@ def test_async_job_lifecycle(base: str, api_stack: LocalStack) -> None:
         assert cached.status_code == 304
         created = http.post("/v1/jobs", content=data, headers=JPEG)
         assert created.status_code == 202 and created.headers["location"] == f"/v1/jobs/{job['id']}"
-
-
-class LocalStackControl:
-    """Stop and restart a stack's worker consuming the image queue (jobs stay queued)."""
-
-    def __init__(self, stack: LocalStack) -> None:
-        from producer import Producer
-
-        self.app = Producer(stack.settings.model_copy(update={"redis_url": stack.url})).app
-        self.hostname = stack.hostname
-
-    def pause(self) -> None:
-        self.app.control.cancel_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
-
-    def resume(self) -> None:
-        self.app.control.add_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
 
 
 def test_remove_answers_202_when_not_ready_within_wait(
@@ -439,14 +432,25 @@ def test_health_and_metrics(http: httpx.Client) -> None:
     assert http.get("/docs").status_code == 200
 
 
-def test_readyz_without_workers(serve: Callable[..., str], tmp_path: Any) -> None:
-    url = serve(redis_url="redis://127.0.0.1:9/0")  # nothing listens there
+def test_redis_down(serve: Callable[..., str]) -> None:
+    url = serve(redis_url="redis://:hunter2@127.0.0.1:9/0")  # nothing listens there
     with httpx.Client(base_url=url, timeout=30) as http:
         assert http.get("/healthz").status_code == 200
         ready = http.get("/readyz")
         assert ready.status_code == 503 and ready.json()["redis"] is False
         down = http.post("/v1/remove", content=variant("car-1.jpg", (1, 1, 99, 99)), headers=JPEG)
         assert down.status_code == 503 and error_of(down)["code"] == "unavailable"
+        job = http.get("/v1/jobs/" + "0" * 64)
+        assert job.status_code == 503 and error_of(job)["code"] == "unavailable"
+        for response in (ready, down, job):
+            assert "hunter2" not in response.text
+
+
+def test_result_url_keeps_the_first_submitters_host(http: httpx.Client) -> None:
+    data = variant("car-1.jpg", (7, 7, 207, 207))
+    first = http.post("/v1/jobs", content=data, headers=JPEG).json()
+    http.post("/v1/jobs", content=data, headers={**JPEG, "Host": "evil.example"})
+    assert http.get(f"/v1/jobs/{first['id']}").json()["result_url"] == first["result_url"]
 
 
 def test_job_record_describes_a_queued_job(api_stack: LocalStack) -> None:

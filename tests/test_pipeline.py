@@ -71,7 +71,9 @@ def test_cache_hit_sends_nothing_to_the_broker(
     assert again.cached and again.key == first.key
     assert again.wait(timeout=1) == path
     assert published() == before
-    assert stats(redis_client) == before_stats
+    after = stats(redis_client)
+    hits = after.pop("cache_hits", 0) - before_stats.pop("cache_hits", 0)
+    assert after == before_stats and hits in (0, 1)  # a hit is only counted, in batches
     assert redis_client.llen(contract.QUEUE) == 0
 
     # Stronger: a producer whose broker does not even exist still answers a cache hit.

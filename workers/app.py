@@ -15,7 +15,7 @@ from workers import session
 log = logging.getLogger(__name__)
 
 settings = load_settings()
-app = Celery("bgq", include=["workers.tasks", "workers.webhooks"])
+app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maintenance"])
 app.conf.update(celeryconfig.build(settings))
 
 

@@ -42,7 +42,7 @@ def process(args: TaskArgs) -> dict[str, Any]:
         lap("decode")
         model = session.get(args.model, settings)
         cutout = imaging.remove_background(img, model, args.options)
-        lap("remove")
+        lap("inference")  # rembg.remove: resize, model, mask, cutout
         png = imaging.encode_png(cutout, settings.png_encoder, settings.png_compress_level)
         lap("encode")
         store.put_output(args.key, png)
@@ -75,6 +75,17 @@ def _count_delivery(key: str) -> None:
         )
 
 
+def observe_stages(pipe: Any, seconds: dict[str, float]) -> None:
+    """Add one computed result's stage times to the histograms in Redis (all pool processes
+    and all worker machines add to the same ones; the exporter reads them)."""
+    for stage, value in seconds.items():
+        bound = next((b for b in contract.STAGE_BUCKETS if value <= b), None)
+        key = contract.stage_key(stage)
+        pipe.hincrby(key, f"le:{bound:g}" if bound is not None else "le:+Inf", 1)
+        pipe.hincrbyfloat(key, "sum", value)
+        pipe.hincrby(key, "count", 1)
+
+
 class RemovalTask(Task):
     """Records each outcome once Celery has stored the task's state."""
 
@@ -93,6 +104,7 @@ class RemovalTask(Task):
         never be answered by this run's state.
         """
         outcome = None  # RETRY: the job goes on, keep the guard
+        urls: list[bytes] = []
         if status == "SUCCESS":
             outcome = "computed" if retval.get("computed") else "skipped"
         elif status == "FAILURE":
@@ -103,22 +115,28 @@ class RemovalTask(Task):
                 if outcome:
                     pipe.hincrby(contract.STATS_KEY, outcome, 1)
                     pipe.delete(contract.guard_key(task_id))
-                pipe.execute()
+                    # This run's webhooks, taken with the guard's release: once a new run can
+                    # start, callbacks registered for it are no longer this run's to send.
+                    pipe.smembers(contract.callbacks_key(task_id))
+                    pipe.delete(contract.callbacks_key(task_id))
+                    if isinstance(kwargs.get("input_sha256"), str):
+                        pipe.srem(contract.input_refs_key(kwargs["input_sha256"]), task_id)
+                if outcome == "computed":
+                    observe_stages(pipe, retval.get("seconds", {}))
+                replies = pipe.execute()
+            if outcome:
+                urls = sorted(replies[3])
         except redis.RedisError as exc:
             log.warning(
                 "could not record %s of %s (the guard expires by itself): %s", status, task_id, exc
             )
-        if outcome:
-            self._notify(task_id, status, retval)
+        if urls:
+            self._notify(task_id, status, retval, [u.decode() for u in urls])
 
-    def _notify(self, task_id: str, status: str, retval: Any) -> None:
-        """Queue the webhooks registered for this job, now that its final state is stored."""
+    def _notify(self, task_id: str, status: str, retval: Any, urls: list[str]) -> None:
+        """Queue this run's webhooks, now that its final state is stored."""
         try:
-            client = app.backend.client
-            urls = jobs.take_callbacks(client, task_id)
-            if not urls:
-                return
-            record = jobs.read_record(client, task_id)
+            record = jobs.read_record(app.backend.client, task_id)
             job = (
                 jobs.view(task_id, "done", record, finished_at=jobs.iso())
                 if status == "SUCCESS"

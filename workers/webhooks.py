@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from bgq import contract, defaults, webhooks
 from bgq.errors import PermanentError, TransientError
@@ -26,12 +27,13 @@ class WebhookFailed(TransientError):
     bind=True,
     max_retries=defaults.WEBHOOK_MAX_RETRIES,
     queue=contract.WEBHOOK_QUEUE,
+    soft_time_limit=2 * defaults.WEBHOOK_TIMEOUT,  # a receiver that drips bytes is cut off
+    time_limit=3 * defaults.WEBHOOK_TIMEOUT,
 )
 def deliver_webhook(self: Task, url: str, body: str) -> dict[str, Any]:
     """POST `body` to `url` with its HMAC-SHA256 signature; retry with backoff until a 2xx."""
     if not settings.webhook_secret:
         raise PermanentError("BGQ_WEBHOOK_SECRET is not set on this worker: cannot sign webhooks")
-    webhooks.check_callback_url(url, settings.webhook_allow_private)  # again: DNS may have moved
     data = body.encode()
     event = "job.done" if json.loads(body).get("status") == "done" else "job.failed"
     headers = {
@@ -40,16 +42,25 @@ def deliver_webhook(self: Task, url: str, body: str) -> dict[str, Any]:
         webhooks.SIGNATURE_HEADER: webhooks.sign(settings.webhook_secret, data),
         webhooks.EVENT_HEADER: event,
     }
+    status = 0
     try:
-        response = httpx.post(url, content=data, headers=headers, timeout=defaults.WEBHOOK_TIMEOUT)
-        problem = None if response.is_success else f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
+        webhooks.check_callback_url(url, settings.webhook_allow_private)  # DNS may have moved
+        with httpx.stream(
+            "POST", url, content=data, headers=headers, timeout=defaults.WEBHOOK_TIMEOUT
+        ) as response:  # the answer's body is never read
+            status = response.status_code
+        problem = None if 200 <= status < 300 else f"HTTP {status}"
+    except webhooks.CallbackUnresolvable as exc:
+        problem = str(exc)
+    except (httpx.HTTPError, SoftTimeLimitExceeded) as exc:
         problem = f"{type(exc).__name__}: {exc}"
     if problem is None:
-        return {"url": url, "status": response.status_code, "attempts": self.request.retries + 1}
+        return {"url": url, "status": status, "attempts": self.request.retries + 1}
     failure = WebhookFailed(f"delivery to {url} failed: {problem}")
     if self.request.retries >= self.max_retries:
         raise failure
     log.warning("%s; retry %d", failure, self.request.retries + 1)
-    countdown = backoff(self.request.retries, defaults.WEBHOOK_BACKOFF_MAX)
+    countdown = backoff(
+        self.request.retries, defaults.WEBHOOK_BACKOFF_MAX, defaults.WEBHOOK_BACKOFF_BASE
+    )
     raise self.retry(exc=failure, countdown=countdown)

@@ -1,0 +1,242 @@
+"""The store's lifecycle: what it holds, and pruning it by age and size, least recently used first.
+
+A result's mtime is its last use: workers write it, and producers re-stamp it on a cache hit
+(`Store.use_output`). Prune never deletes a result used within PRUNE_MIN_IDLE seconds or one
+whose job is in flight (its guard is held in Redis), and removes an input blob once no job
+needs it any more (its reference set in Redis is gone) unless inputs are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bgq import contract, defaults
+from bgq.errors import BrokerError, NoBroker
+
+if TYPE_CHECKING:
+    import redis
+
+    from bgq.settings import Settings
+
+CHUNK = 500  # Redis lookups per round trip
+LOCK_KEY = f"{defaults.KEY_PREFIX}prune-lock"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the store."""
+
+    path: Path
+    name: str  # result key or input digest
+    size: int
+    mtime: float
+
+
+def scan(root: Path, kind: str) -> Iterator[Entry]:
+    """The files under `<store>/<kind>` (results or inputs), temporary files excluded."""
+    top = root / kind
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                yield Entry(path, name.removesuffix(".png"), st.st_size, st.st_mtime)
+
+
+def temporaries(root: Path) -> Iterator[Path]:
+    """Leftover temporary files of interrupted writes (`.<name>.<random>.tmp`)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if name.startswith(".") and name.endswith(".tmp"):
+                yield Path(dirpath, name)
+
+
+@dataclass
+class StoreStats:
+    results: int = 0
+    result_bytes: int = 0
+    inputs: int = 0
+    input_bytes: int = 0
+
+
+def store_stats(root: Path) -> StoreStats:
+    stats = StoreStats()
+    for entry in scan(root, "results"):
+        stats.results += 1
+        stats.result_bytes += entry.size
+    for entry in scan(root, "inputs"):
+        stats.inputs += 1
+        stats.input_bytes += entry.size
+    return stats
+
+
+@dataclass
+class PruneReport:
+    removed: int = 0
+    removed_bytes: int = 0
+    kept: int = 0
+    kept_bytes: int = 0
+    skipped_recent: int = 0  # used within PRUNE_MIN_IDLE
+    skipped_in_flight: int = 0  # a job on that key is queued or running
+    inputs_removed: int = 0
+    inputs_removed_bytes: int = 0
+    inputs_kept: int = 0
+    temporaries_removed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _exists(client: redis.Redis | None, keys: list[str]) -> list[bool]:
+    if client is None or not keys:
+        return [False] * len(keys)
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.exists(key)
+        return [bool(n) for n in pipe.execute()]
+
+
+def _unlink_if_unchanged(entry: Entry, now: float) -> bool:
+    """Delete unless it was used since the scan (a hit re-stamps its mtime)."""
+    try:
+        if entry.path.stat().st_mtime > entry.mtime or now - entry.mtime < defaults.PRUNE_MIN_IDLE:
+            return False
+        entry.path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def prune(
+    root: Path,
+    client: redis.Redis | None,
+    max_age: float | None = None,
+    max_size: int | None = None,
+    keep_inputs: bool = False,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> PruneReport:
+    """Delete results older than `max_age` seconds since their last use, then the least
+    recently used ones until the results fit in `max_size` bytes; then unneeded inputs.
+
+    `client` is the cluster's Redis (None when there is none: nothing can be in flight, but
+    queued jobs of a stopped embedded Redis may need their inputs, so inputs are kept).
+    """
+    now = time.time() if now is None else now
+    report = PruneReport()
+    entries = sorted(scan(root, "results"), key=lambda e: e.mtime)
+    remaining = sum(e.size for e in entries)
+    done = False
+    for start in range(0, len(entries), CHUNK):
+        chunk = entries[start : start + CHUNK]
+        busy = (
+            [False] * len(chunk)
+            if done
+            else _exists(client, [contract.guard_key(e.name) for e in chunk])
+        )
+        for entry, in_flight in zip(chunk, busy, strict=True):
+            expired = max_age is not None and now - entry.mtime > max_age
+            oversize = max_size is not None and remaining > max_size
+            if done or not (expired or oversize):
+                done = True  # sorted by last use: every later entry is newer, and it all fits
+                report.kept += 1
+                report.kept_bytes += entry.size
+                continue
+            if now - entry.mtime < defaults.PRUNE_MIN_IDLE:
+                report.skipped_recent += 1
+            elif in_flight:
+                report.skipped_in_flight += 1
+            elif dry_run or _unlink_if_unchanged(entry, now):
+                report.removed += 1
+                report.removed_bytes += entry.size
+                remaining -= entry.size
+                continue
+            report.kept += 1
+            report.kept_bytes += entry.size
+    if max_size is not None and remaining > max_size:
+        report.notes.append(
+            f"the results still take {remaining} bytes, over {max_size}: the rest were used "
+            f"within the last {defaults.PRUNE_MIN_IDLE:g} s or belong to jobs in flight"
+        )
+    _prune_inputs(root, client, keep_inputs, dry_run, now, report)
+    for tmp in temporaries(root):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime > defaults.PRUNE_TMP_AGE:
+                if not dry_run:
+                    tmp.unlink()
+                report.temporaries_removed += 1
+    return report
+
+
+def _prune_inputs(
+    root: Path,
+    client: redis.Redis | None,
+    keep_inputs: bool,
+    dry_run: bool,
+    now: float,
+    report: PruneReport,
+) -> None:
+    """Remove input blobs that no job needs: old enough and with no reference left in Redis."""
+    if keep_inputs:
+        return
+    if client is None:
+        report.notes.append("no Redis to ask which inputs queued jobs still need: inputs kept")
+        return
+    old = [e for e in scan(root, "inputs") if now - e.mtime > defaults.PRUNE_INPUT_GRACE]
+    for start in range(0, len(old), CHUNK):
+        chunk = old[start : start + CHUNK]
+        needed = _exists(client, [contract.input_refs_key(e.name) for e in chunk])
+        for entry, in_use in zip(chunk, needed, strict=True):
+            if in_use:
+                report.inputs_kept += 1
+                continue
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.path.unlink()
+            report.inputs_removed += 1
+            report.inputs_removed_bytes += entry.size
+
+
+@contextlib.contextmanager
+def prune_lock(client: redis.Redis | None) -> Iterator[bool]:
+    """Hold the cluster-wide prune lock; yields False when another prune holds it."""
+    if client is None:
+        yield True
+        return
+    token = f"{os.getpid()}-{time.time()}"
+    if not client.set(LOCK_KEY, token, nx=True, ex=int(defaults.PRUNE_INTERVAL)):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        if client.get(LOCK_KEY) == token.encode():
+            client.delete(LOCK_KEY)
+
+
+def cluster_redis(settings: Settings) -> redis.Redis | None:
+    """The cluster's Redis, or None when there is none (no BGQ_REDIS_URL, no `bgq up`).
+
+    A configured Redis that does not answer raises BrokerError: pruning without knowing which
+    jobs are in flight could delete what they need.
+    """
+    import redis
+
+    try:
+        url = settings.broker_url()
+    except NoBroker:
+        return None
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        raise BrokerError(f"cannot reach Redis: {exc}") from exc
+    return client

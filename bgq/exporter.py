@@ -1,0 +1,189 @@
+"""`bgq exporter`: Prometheus metrics Flower does not have, for the whole cluster.
+
+Everything comes from where all processes on all machines write: Redis (queue lengths, the
+counters producers and workers add to, the workers' stage histograms) and the store (its size,
+from a scan repeated every STORE_SCAN_INTERVAL seconds in the background). The exporter keeps
+no counts of its own, so it can restart, or run anywhere, without losing any.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import redis
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from bgq import cache, contract, defaults
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from bgq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUEUES = (contract.QUEUE, contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE)
+
+
+class StoreScanner:
+    """The store's size, re-scanned in a background thread (a scan can take seconds)."""
+
+    def __init__(self, settings: Settings, interval: float = defaults.STORE_SCAN_INTERVAL) -> None:
+        self.root = settings.store_dir
+        self.interval = interval
+        self.stats: cache.StoreStats | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bgq-store-scan", daemon=True)
+
+    def start(self) -> StoreScanner:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.stats = cache.store_stats(self.root)
+            except OSError as exc:
+                log.warning("cannot scan the store %s: %s", self.root, exc)
+            self._stop.wait(self.interval)
+
+
+class BgqCollector(Collector):
+    """Reads the cluster's state at each scrape."""
+
+    def __init__(self, client: redis.Redis, scanner: StoreScanner) -> None:
+        self.client = client
+        self.scanner = scanner
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("bgq_redis_up", "1 when the exporter could read Redis.")
+        try:
+            metrics = list(self._from_redis())
+            up.add_metric([], 1)
+        except redis.RedisError as exc:
+            log.warning("cannot read Redis: %s", exc)
+            metrics = []
+            up.add_metric([], 0)
+        yield up
+        yield from metrics
+        yield from self._from_store()
+
+    def _from_redis(self) -> Iterator[Metric]:
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in QUEUES:
+                pipe.llen(queue)
+            pipe.hgetall(contract.STATS_KEY)
+            for stage in contract.STAGES:
+                pipe.hgetall(contract.stage_key(stage))
+            replies = pipe.execute()
+        depths, raw_stats, stages = (
+            replies[: len(QUEUES)],
+            replies[len(QUEUES)],
+            replies[-len(contract.STAGES) :],
+        )
+        depth = GaugeMetricFamily(
+            "bgq_queue_depth", "Messages waiting in each queue.", labels=["queue"]
+        )
+        for queue, n in zip(QUEUES, depths, strict=True):
+            depth.add_metric([queue], n)
+        yield depth
+
+        stats = {k.decode(): float(v) for k, v in raw_stats.items()}
+        hits, misses = stats.get("cache_hits", 0.0), stats.get("cache_misses", 0.0)
+        yield CounterMetricFamily(
+            "bgq_jobs_enqueued", "Jobs producers put on the queue.", stats.get("enqueued", 0.0)
+        )
+        yield CounterMetricFamily(
+            "bgq_cache_hits",
+            "Submissions answered from the store (producers report in batches).",
+            hits,
+        )
+        yield CounterMetricFamily(
+            "bgq_cache_misses",
+            "Submissions not in the store (enqueued or joined in flight).",
+            misses,
+        )
+        ratio = GaugeMetricFamily(
+            "bgq_cache_hit_ratio", "hits / (hits + misses), since Redis began."
+        )
+        ratio.add_metric([], hits / (hits + misses) if hits + misses else 0.0)
+        yield ratio
+        results = CounterMetricFamily(
+            "bgq_results",
+            "Finished jobs by outcome: computed, skipped (already in the store), failed.",
+            labels=["status"],
+        )
+        for status in ("computed", "skipped", "failed"):
+            results.add_metric([status], stats.get(status, 0.0))
+        yield results
+
+        histogram = HistogramMetricFamily(
+            "bgq_stage_seconds",
+            "Seconds per stage of a computed result, all worker processes on all machines.",
+            labels=["stage"],
+        )
+        for stage, raw in zip(contract.STAGES, stages, strict=True):
+            fields = {k.decode(): float(v) for k, v in raw.items()}
+            buckets, cumulative = [], 0.0
+            for bound in contract.STAGE_BUCKETS:
+                cumulative += fields.get(f"le:{bound:g}", 0.0)
+                buckets.append((f"{bound:g}", cumulative))
+            buckets.append(("+Inf", fields.get("count", 0.0)))
+            histogram.add_metric([stage], buckets, fields.get("sum", 0.0))
+        yield histogram
+
+    def _from_store(self) -> Iterator[Metric]:
+        stats = self.scanner.stats
+        if stats is None:
+            return
+        entries = GaugeMetricFamily("bgq_store_entries", "Files in the store.", labels=["kind"])
+        size = GaugeMetricFamily("bgq_store_bytes", "Bytes in the store.", labels=["kind"])
+        entries.add_metric(["results"], stats.results)
+        entries.add_metric(["inputs"], stats.inputs)
+        size.add_metric(["results"], stats.result_bytes)
+        size.add_metric(["inputs"], stats.input_bytes)
+        yield entries
+        yield size
+
+
+class Exporter:
+    """The HTTP server of `bgq exporter` (its own thread); stop() shuts it down."""
+
+    def __init__(self, settings: Settings, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        self.client = redis.Redis.from_url(
+            settings.broker_url(), socket_connect_timeout=5, socket_timeout=10
+        )
+        self.scanner = StoreScanner(settings).start()
+        self.registry = CollectorRegistry()
+        self.registry.register(BgqCollector(self.client, self.scanner))
+        self.server: WSGIServer
+        self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        self.port = self.server.server_port
+
+    def stop(self) -> None:
+        self.scanner.stop()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+        self.client.close()
+
+    def wait_for_scan(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.scanner.stats is None and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,0 +1,325 @@
+"""Operations: Flower, the exporter, cache stats and prune, beat; real Redis and workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from bgq import cache, contract
+from bgq.exporter import Exporter
+from bgq.stack import LocalStack
+from bgq.store import Store
+from bgq.units import parse_duration, parse_size
+from producer import Producer
+from tests.helpers import BGQ, LocalStackControl, bgq, settle, variant, wait_for
+
+DAY = 86400.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """One sample's value from a Prometheus text page (0 when absent)."""
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
+# -- Flower --------------------------------------------------------------------------------
+
+
+def test_up_with_flower_shows_workers_and_tasks_behind_basic_auth(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {**env, "BGQ_FLOWER_BASIC_AUTH": "admin:s3cret"}
+    up = subprocess.Popen(
+        [BGQ, "up", "--workers", "1", "--flower", "--flower-port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    auth = ("admin", "s3cret")
+    try:
+
+        def flower_up() -> bool:
+            try:
+                return httpx.get(f"{url}/healthcheck").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(flower_up, timeout=120, what="Flower")
+        assert httpx.get(f"{url}/api/workers").status_code == 401
+        assert httpx.get(f"{url}/", auth=("admin", "wrong")).status_code == 401
+
+        def workers() -> list[str]:
+            reply = httpx.get(f"{url}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30)
+            return list(reply.json()) if reply.status_code == 200 else []
+
+        wait_for(lambda: any(w.startswith("bgq-") for w in workers()), what="a worker in Flower")
+        image = tmp_path / "car.jpg"
+        image.write_bytes(variant("car-1.jpg", (3, 3, 303, 203)))
+        submitted = bgq("submit", str(image), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        key = submitted.stdout.split()[1]
+
+        def task() -> dict[str, object]:
+            reply = httpx.get(f"{url}/api/task/info/{key}", auth=auth, timeout=30)
+            return dict(reply.json()) if reply.status_code == 200 else {}
+
+        wait_for(lambda: task().get("state") == "SUCCESS", what="the task's events in Flower")
+        assert float(str(task()["runtime"])) > 0
+        metrics = httpx.get(f"{url}/metrics")
+        assert metrics.status_code == 200 and "flower_events_total" in metrics.text
+    finally:
+        up.send_signal(signal.SIGINT)
+        _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+
+
+def test_flower_refuses_a_public_address_without_auth(redis_url: str, env: dict[str, str]) -> None:
+    result = bgq("flower", "--address", "0.0.0.0", env={**env, "BGQ_REDIS_URL": redis_url})
+    assert result.returncode == 2 and "BGQ_FLOWER_BASIC_AUTH" in result.stderr
+
+
+# -- exporter ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exporter(stack: LocalStack) -> Iterator[Exporter]:
+    server = Exporter(stack.settings, "127.0.0.1", 0)
+    server.wait_for_scan()
+    yield server
+    server.stop()
+
+
+def scrape(server: Exporter) -> str:
+    return httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
+
+
+def test_exporter_queue_depth_results_stages_and_cache_hits(
+    stack: LocalStack, exporter: Exporter, redis_client: redis.Redis
+) -> None:
+    producer = Producer(stack.settings)
+    images = [variant("anime-girl-1.jpg", (i, i, 400 + i, 300 + i)) for i in range(3)]
+    before = scrape(exporter)
+    control = LocalStackControl(stack)
+    control.pause()
+    try:
+        jobs = [producer.submit(data) for data in images]
+        queued = scrape(exporter)
+        assert metric(queued, "bgq_queue_depth", 'queue="bgq"') == 3
+        assert (
+            metric(queued, "bgq_jobs_enqueued_total") - metric(before, "bgq_jobs_enqueued_total")
+            == 3
+        )
+    finally:
+        control.resume()
+    for job in jobs:
+        job.wait(timeout=120)
+        settle(redis_client, job.key)
+    done = scrape(exporter)
+    assert metric(done, "bgq_queue_depth", 'queue="bgq"') == 0
+    computed = 'status="computed"'
+    assert (
+        metric(done, "bgq_results_total", computed) - metric(before, "bgq_results_total", computed)
+        == 3
+    )
+    for stage in ("decode", "inference", "encode", "write"):
+        count = f'stage="{stage}"'
+        assert metric(done, "bgq_stage_seconds_count", count) >= 3
+        assert metric(done, "bgq_stage_seconds_bucket", f'le="+Inf",{count}') >= 3
+
+    # A repeated submit is a cache hit, counted once the producer's batch reaches Redis.
+    assert producer.submit(images[0]).cached and producer.submit(images[1]).cached
+    producer.flush_stats()
+    hits = scrape(exporter)
+    assert metric(hits, "bgq_cache_hits_total") - metric(done, "bgq_cache_hits_total") == 2
+    assert 0 < metric(hits, "bgq_cache_hit_ratio") < 1
+    assert metric(hits, "bgq_redis_up") == 1
+
+
+def test_exporter_store_size(stack: LocalStack, exporter: Exporter) -> None:
+    stats = cache.store_stats(stack.settings.store_dir)
+    text = scrape(exporter)
+    assert metric(text, "bgq_store_entries", 'kind="results"') == stats.results
+    assert metric(text, "bgq_store_bytes", 'kind="results"') == stats.result_bytes
+
+
+def test_exporter_command(stack: LocalStack, env: dict[str, str]) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [BGQ, "exporter", "--port", str(port)],
+        env={**env, "BGQ_REDIS_URL": stack.url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def scraped() -> bool:
+            try:
+                return "bgq_queue_depth" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            except httpx.TransportError:
+                return False
+
+        wait_for(scraped, timeout=60, what="bgq exporter")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+# -- cache lifecycle ----------------------------------------------------------------------
+
+
+def put(path: Path, size: int, age: float, now: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (now - age, now - age))
+    return path
+
+
+def key(n: int) -> str:
+    return f"{n:064x}"
+
+
+def test_prune_by_age_and_size_lru_first(tmp_path: Path, redis_client: redis.Redis) -> None:
+    store, now = Store(tmp_path), time.time()
+    old = put(store.output_path(key(1)), 1000, 10 * DAY, now)
+    older = put(store.output_path(key(2)), 1000, 20 * DAY, now)
+    busy = put(store.output_path(key(3)), 1000, 30 * DAY, now)  # its job is in flight
+    recent = put(store.output_path(key(4)), 1000, 2 * DAY, now)
+    newer = put(store.output_path(key(5)), 1000, 1 * DAY, now)
+    just_used = put(store.output_path(key(6)), 1000, 10, now)
+    tmp = put(store.output_path(key(7)).with_name(".x.png.abc.tmp"), 10, 2 * DAY, now)
+    redis_client.set(contract.guard_key(key(3)), "1", ex=60)
+    try:
+        report = cache.prune(tmp_path, redis_client, max_age=7 * DAY, now=now)
+        assert not old.exists() and not older.exists() and not tmp.exists()
+        assert busy.exists() and recent.exists() and newer.exists() and just_used.exists()
+        assert (report.removed, report.skipped_in_flight, report.temporaries_removed) == (2, 1, 1)
+        # By size: the least recently used go first, down to the limit.
+        report = cache.prune(tmp_path, redis_client, max_size=3000, now=now)
+        assert not recent.exists() and busy.exists() and newer.exists() and just_used.exists()
+        assert report.removed == 1 and not report.notes
+        report = cache.prune(tmp_path, redis_client, max_size=0, now=now)
+        assert not newer.exists() and busy.exists() and just_used.exists()
+        assert report.skipped_recent == 1 and report.skipped_in_flight == 1
+        assert report.notes  # still over the limit, and it says why
+    finally:
+        redis_client.delete(contract.guard_key(key(3)))
+
+
+def test_a_cache_hit_counts_as_a_use(stack: LocalStack) -> None:
+    producer = Producer(stack.settings)
+    data = variant("car-1.jpg", (0, 0, 250, 250))
+    path = producer.submit(data).wait(timeout=120)
+    long_ago = time.time() - 30 * DAY
+    os.utime(path, (long_ago, long_ago))
+    assert producer.submit(data).cached  # a hit re-stamps the result's last use
+    report = cache.prune(stack.settings.store_dir, None, max_age=7 * DAY)
+    assert path.exists() and report.removed == 0
+    assert time.time() - path.stat().st_mtime < 60
+
+
+def test_prune_removes_inputs_no_job_needs(tmp_path: Path, redis_client: redis.Redis) -> None:
+    store, now = Store(tmp_path), time.time()
+    done = put(store.input_path("a" * 64), 100, DAY, now)
+    needed = put(store.input_path("b" * 64), 100, DAY, now)
+    fresh = put(store.input_path("c" * 64), 100, 5, now)  # a producer may be enqueueing it
+    redis_client.sadd(contract.input_refs_key("b" * 64), key(1))
+    try:
+        kept = cache.prune(tmp_path, redis_client, keep_inputs=True, now=now)
+        assert kept.inputs_removed == 0 and done.exists()
+        assert cache.prune(tmp_path, None, now=now).notes  # no Redis: inputs kept, said why
+        assert done.exists()
+        report = cache.prune(tmp_path, redis_client, now=now)
+        assert not done.exists() and needed.exists() and fresh.exists()
+        assert (report.inputs_removed, report.inputs_kept) == (1, 1)
+    finally:
+        redis_client.delete(contract.input_refs_key("b" * 64))
+
+
+def test_finished_jobs_release_their_inputs(producer: Producer, redis_client: redis.Redis) -> None:
+    data = variant("cloth-1.jpg", (0, 0, 300, 300))
+    job = producer.submit(data)
+    assert job.args is not None
+    assert redis_client.sismember(contract.input_refs_key(job.args.input_sha256), job.key)
+    job.wait(timeout=120)
+    settle(redis_client, job.key)
+    assert not redis_client.exists(contract.input_refs_key(job.args.input_sha256))
+
+
+def test_prune_task_runs_on_the_workers(stack: LocalStack) -> None:
+    app = Producer(stack.settings).app
+    result = app.send_task(contract.PRUNE_TASK_NAME).get(timeout=60)
+    assert "removed" in result
+    schedule = app.conf.beat_schedule if app.conf.beat_schedule else {}
+    assert any(e["task"] == contract.PRUNE_TASK_NAME for e in schedule.values())
+
+
+def test_cache_commands(stack: LocalStack, env: dict[str, str]) -> None:
+    env = {**env, "BGQ_REDIS_URL": stack.url, "BGQ_HOME": str(stack.settings.home)}
+    stats = bgq("cache", "stats", env=env)
+    assert stats.returncode == 0, stats.stderr
+    assert re.search(r"results:\s+\d+ \(", stats.stdout) and "hit rate:" in stats.stdout
+    dry = bgq("cache", "prune", "--max-age", "0s", "--dry-run", env=env)
+    assert dry.returncode == 0 and "would remove" in dry.stdout
+    assert bgq("cache", "prune", "--max-size", "lots", env=env).returncode == 2
+
+
+def test_cache_prune_with_nothing_running(env: dict[str, str]) -> None:
+    result = bgq("cache", "prune", "--max-age", "7d", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "removed 0 result(s)" in result.stdout and "inputs kept" in result.stdout
+
+
+def test_beat_starts_with_the_schedule(stack: LocalStack, env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [BGQ, "beat"],
+        env={**env, "BGQ_REDIS_URL": stack.url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            if "beat: Starting" in line or time.monotonic() > deadline:
+                break
+        assert "beat: Starting" in line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("15m", 900), ("12h", 43200), ("7d", 604800), ("90", 90)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("20G", 20 * 2**30), ("500M", 500 * 2**20), ("1.5k", 1536), ("7", 7)]
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
