@@ -360,7 +360,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fields: dict[str, str],
         data: bytes,
         callback: str | None,
-        record_job: bool,
+        record_hits: bool,
     ) -> Job:
         """Validate, hand the image to the Producer, and record the job for GET /v1/jobs."""
         unknown = set(fields) - set(REQUEST_FIELDS) - set(Options.model_fields)
@@ -380,7 +380,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
         job = await run_in_threadpool(producer.submit_data, data, model, options)
         metrics.cache.labels("hit" if job.cached else "miss").inc()
-        if record_job:
+        if record_hits or not job.cached:  # a job to look up later (a hit needs none)
             await run_in_threadpool(record, request, job, callback)
         return job
 
@@ -472,9 +472,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         wait = wait_seconds(fields)
         if "callback_url" in fields:
             raise ApiError(422, "invalid_request", "callback_url belongs to POST /v1/jobs")
-        job = await submit(request, fields, data, None, record_job=False)
-        if not job.cached:  # so that GET /v1/jobs/{id} knows it should the wait run out
-            await run_in_threadpool(record, request, job, None)
+        job = await submit(request, fields, data, None, record_hits=False)
         path = job.output_path if job.cached else await wait_for(request, job, wait)
         if path is None:
             return job_response(request, job.key, "queued", cached=False)
@@ -502,7 +500,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fields, data = await read_image(request)
         if "wait" in fields:
             raise ApiError(422, "invalid_request", "wait belongs to POST /v1/remove")
-        job = await submit(request, fields, data, fields.get("callback_url"), record_job=True)
+        job = await submit(request, fields, data, fields.get("callback_url"), record_hits=True)
         return job_response(request, job.key, "done" if job.cached else "queued", job.cached)
 
     def known_key(key: str) -> str:
