@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psutil
 import redis
@@ -94,3 +95,12 @@ class LocalStackControl:
 
     def resume(self) -> None:
         self.app.control.add_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
+
+
+def answers(url: str, text: str = "") -> bool:
+    """True when a GET of `url` answers 200 (containing `text`); False while nothing listens."""
+    try:
+        response = httpx.get(url, timeout=10)
+    except httpx.TransportError:
+        return False
+    return response.status_code == 200 and text in response.text

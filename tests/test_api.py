@@ -30,6 +30,7 @@ from tests.conftest import StackFactory
 from tests.helpers import (
     BGQ,
     LocalStackControl,
+    answers,
     pixels,
     sample_bytes,
     settle,
@@ -485,14 +486,9 @@ def test_bgq_api_command(api_stack: LocalStack, env: dict[str, str]) -> None:
         text=True,
     )
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, timeout=60, what="bgq api to be ready")
+        wait_for(
+            lambda: answers(f"http://127.0.0.1:{port}/readyz"), timeout=60, what="bgq api ready"
+        )
         with HttpClient(f"http://127.0.0.1:{port}") as client:
             assert client.remove(sample_bytes("car-1.jpg"))[:4] == b"\x89PNG"
     finally:

@@ -21,7 +21,7 @@ from bgq.stack import LocalStack
 from bgq.store import Store
 from bgq.units import parse_duration, parse_size
 from producer import Producer
-from tests.helpers import BGQ, LocalStackControl, bgq, settle, variant, wait_for
+from tests.helpers import BGQ, LocalStackControl, answers, bgq, settle, variant, wait_for
 
 DAY = 86400.0
 
@@ -57,14 +57,7 @@ def test_up_with_flower_shows_workers_and_tasks_behind_basic_auth(
     url = f"http://127.0.0.1:{port}"
     auth = ("admin", "s3cret")
     try:
-
-        def flower_up() -> bool:
-            try:
-                return httpx.get(f"{url}/healthcheck").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(flower_up, timeout=120, what="Flower")
+        wait_for(lambda: answers(f"{url}/healthcheck"), timeout=120, what="Flower")
         assert httpx.get(f"{url}/api/workers").status_code == 401
         assert httpx.get(f"{url}/", auth=("admin", "wrong")).status_code == 401
 
@@ -172,14 +165,8 @@ def test_exporter_command(stack: LocalStack, env: dict[str, str]) -> None:
         text=True,
     )
     try:
-
-        def scraped() -> bool:
-            try:
-                return "bgq_queue_depth" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
-            except httpx.TransportError:
-                return False
-
-        wait_for(scraped, timeout=60, what="bgq exporter")
+        metrics = f"http://127.0.0.1:{port}/metrics"
+        wait_for(lambda: answers(metrics, "bgq_queue_depth"), timeout=60, what="bgq exporter")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
