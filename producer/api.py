@@ -102,6 +102,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+def too_large(max_bytes: int) -> str:
+    return f"request body over the BGQ_MAX_UPLOAD_MB limit of {max_bytes / 2**20:g} MiB"
+
+
 class BodyLimit:
     """Refuse request bodies over the limit: by Content-Length at once, else while reading."""
 
@@ -115,7 +119,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = error_response(413, "payload_too_large", self.message())
+                response = error_response(413, "payload_too_large", too_large(self.max_bytes))
                 await response(scope, receive, send)
                 return
         seen = 0
@@ -129,9 +133,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
-
-    def message(self) -> str:
-        return f"request body over the BGQ_MAX_UPLOAD_MB limit of {self.max_bytes / 2**20:g} MiB"
 
 
 class Metrics:
@@ -283,7 +284,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "payload_too_large", BodyLimit(app, max_bytes).message())
+        return error_response(413, "payload_too_large", too_large(max_bytes))
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -69,14 +68,7 @@ def up(
 
     settings = load_settings()
     _ensure_model(settings)
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = _stop_on_signals()
     stack = LocalStack(settings, workers=workers, flower_port=flower_port if flower else None)
     typer.echo(f"bgq: starting Redis and {stack.workers} worker process(es)...", err=True)
     with stack:
@@ -88,9 +80,9 @@ def up(
         )
         if flower:
             typer.echo(f"bgq: Flower on http://127.0.0.1:{flower_port}/", err=True)
-        while not stopping and stack.worker.poll() is None:
-            time.sleep(0.2)
-        crashed = not stopping
+        while not stopping.is_set() and stack.worker.poll() is None:
+            stopping.wait(0.2)
+        crashed = not stopping.is_set()
         typer.echo("bgq: stopping...", err=True)
     if crashed:
         raise ConfigError("the worker exited unexpectedly; everything was stopped")
