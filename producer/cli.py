@@ -124,6 +124,14 @@ BgcolorOpt = Annotated[
 ]
 
 
+def _model(name: str | None, settings: Settings) -> str:
+    """The model a command runs (--model, else BGQ_MODEL); an unknown one is a usage error."""
+    try:
+        return contract.check_model(name or settings.model)
+    except InvalidRequest as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _rembg_options(values: dict[str, Any]) -> Options:
     """The rembg options among a command's arguments, validated (a bad one is a usage error)."""
     fields = Options.model_fields.keys()
@@ -161,9 +169,7 @@ def submit(
 
     options = _rembg_options(locals())
     producer = Producer()
-    job = producer.submit_data(
-        file.read_bytes(), contract.check_model(model or producer.settings.model), options
-    )
+    job = producer.submit_data(file.read_bytes(), _model(model, producer.settings), options)
     typer.echo(f"key:    {job.key}")
     typer.echo(f"cached: {'yes' if job.cached else 'no'}")
     result = job.wait(timeout=timeout)
@@ -200,11 +206,7 @@ def ingest(
 
     options = _rembg_options(locals())
     settings = load_settings()
-    try:
-        name = contract.check_model(model or settings.model)
-    except InvalidRequest as exc:
-        raise ConfigError(str(exc)) from None
-    failed = run_ingest(settings, src, out, name, options, window, report)
+    failed = run_ingest(settings, src, out, _model(model, settings), options, window, report)
     if failed:
         raise typer.Exit(1)
 
@@ -409,7 +411,7 @@ def models_fetch(
     from workers import models
 
     settings = load_settings()
-    path = models.fetch(contract.check_model(name or settings.model), settings.model_home)
+    path = models.fetch(_model(name, settings), settings.model_home)
     typer.echo(f"{name or settings.model}: {path}")
 
 

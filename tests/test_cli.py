@@ -71,6 +71,15 @@ def test_commands_explain_what_to_do_when_nothing_runs(env: dict[str, str], tmp_
     assert bgq("status", env=env, timeout=30).returncode != 0
 
 
+def test_unknown_model_is_a_usage_error(env: dict[str, str], tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(variant("car-1.jpg", (0, 0, 100, 100)))
+    for args in (("submit", str(image), "-m", "nomodel"), ("models", "fetch", "nomodel")):
+        result = bgq(*args, env=env, timeout=30)
+        assert result.returncode == 2, args
+        assert "unknown model 'nomodel'" in result.stderr and "u2netp" in result.stderr
+
+
 def test_bad_setting_names_the_variable(env: dict[str, str]) -> None:
     result = bgq("status", env={**env, "BGQ_MAX_MEGAPIXELS": "lots"}, timeout=30)
     assert result.returncode == 2
