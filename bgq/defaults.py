@@ -55,6 +55,7 @@ EXPORTER_PORT = 9808
 # Ingestion (`bgq ingest`).
 INGEST_WINDOW = 128  # jobs one ingest keeps outstanding; make it >= 2 x the cluster's processes
 INGEST_STATE_POLL = 1.0  # seconds between checks of an outstanding job's Celery state
+INGEST_STALL_WARNING = 60.0  # seconds with no finished job before ingest checks for workers
 
 # HTTP API (`bgq api`).
 API_HOST = "127.0.0.1"

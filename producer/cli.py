@@ -98,12 +98,11 @@ def status() -> None:
     producer = Producer()
     celery_app = producer.app
     url = celery_app.conf.broker_url
-    replies = celery_app.control.ping(timeout=1.0) or []
+    names = producer.workers_online()
     depth = celery_app.backend.client.llen(contract.QUEUE)
     typer.echo(f"broker:      {_sanitize(url)}")
     typer.echo(f"store:       {producer.settings.store_dir}")
     typer.echo(f"queue depth: {depth} ({contract.QUEUE})")
-    names = sorted(name for reply in replies for name in reply)
     typer.echo(f"workers:     {len(names)} online" + "".join(f"\n  {n}" for n in names))
     if not names:
         raise typer.Exit(1)

@@ -144,6 +144,14 @@ class Producer:
             self._app = app
         return self._app
 
+    def workers_online(self, timeout: float = 1.0) -> list[str]:
+        """The names of the Celery workers that answer a ping on this broker."""
+        try:
+            replies = self.app.control.ping(timeout=timeout) or []
+        except (redis.RedisError, OSError, OperationalError) as exc:
+            raise BrokerError(f"cannot ping workers: {exc}") from exc
+        return sorted(name for reply in replies for name in reply)
+
     def submit(self, source: Source, model: str | None = None, **options: Any) -> Job:
         """Submit one image (bytes or a path); bad input raises a PermanentError at once."""
         data = read_source(source)

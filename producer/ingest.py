@@ -91,8 +91,10 @@ class Ingest:
         report: IO[str] | None = None,
         on_outcome: Callable[[Counter[str]], None] | None = None,
         stack_log: Path | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.warn = warn or (lambda message: print(message, file=sys.stderr))
         self.producer = Producer(settings)
         self.out_dir = out_dir
         self.model = model
@@ -105,6 +107,7 @@ class Ingest:
         self.pending: list[Pending] = []
         self.counts: Counter[str] = Counter()
         self.failures: list[Outcome] = []
+        self.progress_at = time.monotonic()  # when an input last finished (stall detection)
 
     def run(self, items: Iterable[Item]) -> None:
         """Process every item; stops an embedded stack it started, whatever happens."""
@@ -180,6 +183,7 @@ class Ingest:
             if finished:
                 return
             self._check_stack()
+            self._check_stalled()
             time.sleep(delay)
             delay = min(POLL_MAX, delay * 1.5)
 
@@ -188,6 +192,24 @@ class Ingest:
         if worker is not None and worker.poll() is not None:
             raise BgqError(
                 f"the embedded worker exited with code {worker.returncode}; see {self.stack_log}"
+            )
+
+    def _check_stalled(self) -> None:
+        """After INGEST_STALL_WARNING seconds without a finished input, say so if no worker is
+        online on the cluster's broker (then keep waiting: one may be started)."""
+        now = time.monotonic()
+        if self.stack is not None or now - self.progress_at < defaults.INGEST_STALL_WARNING:
+            return
+        self.progress_at = now  # look again after another period
+        try:
+            online = self.producer.workers_online()
+        except BgqError:
+            return  # the broker itself is failing: the next submit or poll reports it
+        if not online:
+            self.warn(
+                f"bgq: nothing has finished for {defaults.INGEST_STALL_WARNING:.0f}s and no worker "
+                f"is online; start one with `bgq worker` (same BGQ_REDIS_URL and store). "
+                f"{len(self.pending)} jobs are waiting; Ctrl-C stops, the same command resumes."
             )
 
     def _finish(self, item: Item, job: Job, result: Path, status: str, started: float) -> None:
@@ -209,7 +231,8 @@ class Ingest:
         started: float,
         output: str | None = None,
     ) -> None:
-        seconds = round(time.monotonic() - started, 4)
+        self.progress_at = time.monotonic()
+        seconds = round(self.progress_at - started, 4)
         outcome = Outcome(item.source, item.id, key, status, output, error, seconds)
         self.counts[status] += 1
         if status == "failed" and len(self.failures) < MAX_LISTED_FAILURES:
@@ -281,7 +304,17 @@ def run_ingest(
     started = time.monotonic()
     with report_path.open("w", encoding="utf-8") as report, progress:
         run = Ingest(
-            settings, out, model, options, window, report, update, settings.run_dir / STACK_LOG
+            settings,
+            out,
+            model,
+            options,
+            window,
+            report,
+            update,
+            settings.run_dir / STACK_LOG,
+            lambda message: progress.console.print(
+                message, markup=False, highlight=False, soft_wrap=True
+            ),
         )
         try:
             run.run(items)

@@ -6,16 +6,27 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
+import pytest
 import redis
 
-from bgq import contract
+from bgq import contract, defaults
 from bgq.contract import Options
+from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from producer.ingest import run_ingest
-from tests.helpers import BGQ, bgq, processes_mentioning, variant, wait_for
+from producer.catalog import open_catalog
+from producer.ingest import Ingest, run_ingest
+from tests.helpers import (
+    BGQ,
+    LocalStackControl,
+    bgq,
+    processes_mentioning,
+    variant,
+    wait_for,
+)
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -157,3 +168,48 @@ def test_manifests_through_a_running_cluster(stack: LocalStack, tmp_path: Path) 
     client = redis.Redis.from_url(stack.url)
     assert client.llen(contract.QUEUE) == 0
     assert os.path.samefile(tmp_path / "o1" / "sku-1.png", tmp_path / "o2" / "imgs" / "x.png")
+
+
+class Stop(Exception):
+    """Ends a run that would otherwise wait for a worker forever."""
+
+
+def _ingest_one(settings: Settings, tmp_path: Path, warnings: list[str], stop: bool) -> Ingest:
+    src = write(tmp_path / "src" / "one.jpg", variant("plants-1.jpg", (5, 5, 305, 245))).parent
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if stop:
+            raise Stop
+
+    run = Ingest(settings, tmp_path / "out", "u2netp", Options(), warn=warn)
+    run.run(open_catalog(src, exclude=tmp_path / "out")[1])
+    return run
+
+
+def test_a_stalled_run_says_so_when_no_worker_is_online(
+    tmp_path: Path, model_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(defaults, "INGEST_STALL_WARNING", 0.5)
+    server = EmbeddedRedis.start(tmp_path / "redis")  # a broker of its own, no worker on it
+    try:
+        settings = Settings(home=tmp_path / "home", redis_url=server.url, models_dir=model_home)
+        warnings: list[str] = []
+        with pytest.raises(Stop):
+            _ingest_one(settings, tmp_path, warnings, stop=True)
+    finally:
+        server.stop()
+    assert "no worker is online" in warnings[0] and "`bgq worker`" in warnings[0]
+    assert "1 jobs are waiting" in warnings[0]
+
+
+def test_a_slow_queue_with_a_worker_online_is_not_a_stall(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(defaults, "INGEST_STALL_WARNING", 0.3)
+    control = LocalStackControl(stack)
+    control.pause()  # online and answering pings, but taking no job
+    threading.Timer(2.0, control.resume).start()
+    warnings: list[str] = []
+    run = _ingest_one(stack.settings, tmp_path, warnings, stop=False)
+    assert run.counts["done"] == 1 and warnings == []
