@@ -105,6 +105,7 @@ class RemovalTask(Task):
         """
         outcome = None  # RETRY: the job goes on, keep the guard
         urls: list[bytes] = []
+        callbacks_at = -1  # index of the callbacks' SMEMBERS reply in the pipeline
         if status == "SUCCESS":
             outcome = "computed" if retval.get("computed") else "skipped"
         elif status == "FAILURE":
@@ -117,6 +118,7 @@ class RemovalTask(Task):
                     pipe.delete(contract.guard_key(task_id))
                     # This run's webhooks, taken with the guard's release: once a new run can
                     # start, callbacks registered for it are no longer this run's to send.
+                    callbacks_at = len(pipe)
                     pipe.smembers(contract.callbacks_key(task_id))
                     pipe.delete(contract.callbacks_key(task_id))
                     if isinstance(kwargs.get("input_sha256"), str):
@@ -124,8 +126,8 @@ class RemovalTask(Task):
                 if outcome == "computed":
                     observe_stages(pipe, retval.get("seconds", {}))
                 replies = pipe.execute()
-            if outcome:
-                urls = sorted(replies[3])
+            if callbacks_at >= 0:
+                urls = sorted(replies[callbacks_at])
         except redis.RedisError as exc:
             log.warning(
                 "could not record %s of %s (the guard expires by itself): %s", status, task_id, exc
