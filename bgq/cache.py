@@ -1,9 +1,10 @@
 """The store's lifecycle: what it holds, and pruning it by age and size, least recently used first.
 
-A result's mtime is its last use: workers write it, and producers re-stamp it on a cache hit
-(`Store.use_output`). Prune never deletes a result used within PRUNE_MIN_IDLE seconds or one
-whose job is in flight (its guard is held in Redis), and removes an input blob once no job
-needs it any more (its reference set in Redis is gone) unless inputs are kept.
+A result's modification time is its last use: workers write it, and producers re-stamp it on a
+cache hit (`Store.use_output`), on a directory and on S3 alike. Prune never deletes a result
+used within PRUNE_MIN_IDLE seconds or one whose job is in flight (its guard is held in Redis),
+and removes an input blob once no job needs it any more (its reference set in Redis is gone)
+unless inputs are kept.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bgq import contract, defaults
 from bgq.errors import BrokerError, NoBroker
+from bgq.store import INPUTS, RESULTS, Store
 
 if TYPE_CHECKING:
     import redis
@@ -28,38 +29,6 @@ CHUNK = 500  # Redis lookups per round trip
 LOCK_KEY = f"{defaults.KEY_PREFIX}prune-lock"
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One file of the store."""
-
-    path: Path
-    name: str  # result key or input digest
-    size: int
-    mtime: float
-
-
-def scan(root: Path, kind: str) -> Iterator[Entry]:
-    """The files under `<store>/<kind>` (results or inputs), temporary files excluded."""
-    top = root / kind
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(dirpath, name)
-            with contextlib.suppress(FileNotFoundError):
-                st = path.stat()
-                yield Entry(path, name.removesuffix(".png"), st.st_size, st.st_mtime)
-
-
-def temporaries(root: Path) -> Iterator[Path]:
-    """Leftover temporary files of interrupted writes (`.<name>.<random>.tmp`)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            if name.startswith(".") and name.endswith(".tmp"):
-                yield Path(dirpath, name)
-
-
 @dataclass
 class StoreStats:
     results: int = 0
@@ -68,12 +37,13 @@ class StoreStats:
     input_bytes: int = 0
 
 
-def store_stats(root: Path) -> StoreStats:
+def store_stats(store: Store) -> StoreStats:
+    """Count the store's results and inputs, and their bytes (a full listing)."""
     stats = StoreStats()
-    for entry in scan(root, "results"):
+    for entry in store.scan(RESULTS):
         stats.results += 1
         stats.result_bytes += entry.size
-    for entry in scan(root, "inputs"):
+    for entry in store.scan(INPUTS):
         stats.inputs += 1
         stats.input_bytes += entry.size
     return stats
@@ -103,19 +73,8 @@ def _exists(client: redis.Redis | None, keys: list[str]) -> list[bool]:
         return [bool(n) for n in pipe.execute()]
 
 
-def _unlink_if_unchanged(entry: Entry, now: float) -> bool:
-    """Delete unless it was used since the scan (a hit re-stamps its mtime)."""
-    try:
-        if entry.path.stat().st_mtime > entry.mtime or now - entry.mtime < defaults.PRUNE_MIN_IDLE:
-            return False
-        entry.path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def prune(
-    root: Path,
+    store: Store,
     client: redis.Redis | None,
     max_age: float | None = None,
     max_size: int | None = None,
@@ -131,7 +90,7 @@ def prune(
     """
     now = time.time() if now is None else now
     report = PruneReport()
-    entries = sorted(scan(root, "results"), key=lambda e: e.mtime)
+    entries = sorted(store.scan(RESULTS), key=lambda e: e.mtime)
     remaining = sum(e.size for e in entries)
     done = False
     for start in range(0, len(entries), CHUNK):
@@ -153,7 +112,7 @@ def prune(
                 report.skipped_recent += 1
             elif in_flight:
                 report.skipped_in_flight += 1
-            elif dry_run or _unlink_if_unchanged(entry, now):
+            elif dry_run or store.delete_if_unused(entry, now):
                 report.removed += 1
                 report.removed_bytes += entry.size
                 remaining -= entry.size
@@ -165,18 +124,13 @@ def prune(
             f"the results still take {remaining} bytes, over {max_size}: the rest were used "
             f"within the last {defaults.PRUNE_MIN_IDLE:g} s or belong to jobs in flight"
         )
-    _prune_inputs(root, client, keep_inputs, dry_run, now, report)
-    for tmp in temporaries(root):
-        with contextlib.suppress(FileNotFoundError):
-            if now - tmp.stat().st_mtime > defaults.PRUNE_TMP_AGE:
-                if not dry_run:
-                    tmp.unlink()
-                report.temporaries_removed += 1
+    _prune_inputs(store, client, keep_inputs, dry_run, now, report)
+    report.temporaries_removed = store.remove_temporaries(defaults.PRUNE_TMP_AGE, now, dry_run)
     return report
 
 
 def _prune_inputs(
-    root: Path,
+    store: Store,
     client: redis.Redis | None,
     keep_inputs: bool,
     dry_run: bool,
@@ -189,7 +143,7 @@ def _prune_inputs(
     if client is None:
         report.notes.append("no Redis to ask which inputs queued jobs still need: inputs kept")
         return
-    old = [e for e in scan(root, "inputs") if now - e.mtime > defaults.PRUNE_INPUT_GRACE]
+    old = [e for e in store.scan(INPUTS) if now - e.mtime > defaults.PRUNE_INPUT_GRACE]
     for start in range(0, len(old), CHUNK):
         chunk = old[start : start + CHUNK]
         needed = _exists(client, [contract.input_refs_key(e.name) for e in chunk])
@@ -197,9 +151,9 @@ def _prune_inputs(
             if in_use:
                 report.inputs_kept += 1
                 continue
-            if not dry_run:
-                with contextlib.suppress(FileNotFoundError):
-                    entry.path.unlink()
+            if not dry_run and not store.delete_if_unused(entry, now):
+                report.inputs_kept += 1
+                continue
             report.inputs_removed += 1
             report.inputs_removed_bytes += entry.size
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -131,18 +130,17 @@ def cache_key(input_sha256: str, model: str, options: Options) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _sharded(root: Path, kind: str, digest: str, suffix: str = "") -> Path:
-    return root / kind / digest[:2] / digest[2:4] / f"{digest}{suffix}"
+INPUTS = "inputs"  # store kinds: the first part of every object name
+RESULTS = "results"
 
 
-def input_path(store: Path, input_sha256: str) -> Path:
-    """Where an input blob lives: `<store>/inputs/ab/cd/<sha256>`."""
-    return _sharded(store, "inputs", input_sha256)
+def object_name(kind: str, name: str) -> str:
+    """Where an object lives in the store, relative to its root or prefix.
 
-
-def output_path(store: Path, key: str) -> Path:
-    """Where a result lives: `<store>/results/ab/cd/<key>.png`."""
-    return _sharded(store, "results", key, ".png")
+    Inputs: `inputs/ab/cd/<sha256>`; results: `results/ab/cd/<key>.png`.
+    """
+    suffix = ".png" if kind == RESULTS else ""
+    return f"{kind}/{name[:2]}/{name[2:4]}/{name}{suffix}"
 
 
 def guard_key(key: str) -> str:

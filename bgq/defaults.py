@@ -45,6 +45,11 @@ PRUNE_INPUT_GRACE = (
 )
 PRUNE_TMP_AGE = 3600.0  # seconds after which a leftover temporary file in the store is removed
 PRUNE_INTERVAL = 3600.0  # seconds between the beat schedule's prune runs
+PRESIGN_SECONDS = 900  # seconds a presigned result URL stays valid (BGQ_RESULT_REDIRECT)
+S3_TIMEOUT = 30.0  # seconds one try of an S3 request may wait for data (connect: at most 5)
+S3_CONNECT_TIMEOUT = 5.0  # seconds to connect to the S3 endpoint, at most
+S3_MAX_ATTEMPTS = 5  # tries of one S3 request (timeouts, 5xx, throttling) before StoreError
+S3_POOL_CONNECTIONS = 32  # HTTP connections one S3 client keeps (the API's threads share it)
 STORE_SCAN_INTERVAL = 60.0  # seconds the exporter reuses one scan of the store's size
 
 # Monitoring.

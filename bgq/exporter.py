@@ -25,6 +25,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from bgq import cache, contract, defaults
+from bgq.errors import StoreError
+from bgq.store import open_store
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -40,7 +42,7 @@ class StoreScanner:
     """The store's size, re-scanned in a background thread (a scan can take seconds)."""
 
     def __init__(self, settings: Settings, interval: float = defaults.STORE_SCAN_INTERVAL) -> None:
-        self.root = settings.store_dir
+        self.store = open_store(settings)
         self.interval = interval
         self.stats: cache.StoreStats | None = None
         self._stop = threading.Event()
@@ -56,9 +58,9 @@ class StoreScanner:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.stats = cache.store_stats(self.root)
-            except OSError as exc:
-                log.warning("cannot scan the store %s: %s", self.root, exc)
+                self.stats = cache.store_stats(self.store)
+            except (OSError, StoreError) as exc:
+                log.warning("cannot scan the store %s: %s", self.store.url, exc)
             self._stop.wait(self.interval)
 
 
@@ -150,7 +152,7 @@ class BgqCollector(Collector):
         stats = self.scanner.stats
         if stats is None:
             return
-        entries = GaugeMetricFamily("bgq_store_entries", "Files in the store.", labels=["kind"])
+        entries = GaugeMetricFamily("bgq_store_entries", "Objects in the store.", labels=["kind"])
         size = GaugeMetricFamily("bgq_store_bytes", "Bytes in the store.", labels=["kind"])
         entries.add_metric(["results"], stats.results)
         entries.add_metric(["inputs"], stats.inputs)

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
 from bgq import contract, defaults
-from bgq.contract import TaskArgs
+from bgq.contract import RESULTS, TaskArgs
 
 if TYPE_CHECKING:
     import redis
     from celery import Celery
+
+    from bgq.store import Store
 
 Status = Literal["queued", "running", "done", "failed"]
 FINAL: frozenset[str] = frozenset({"done", "failed"})
@@ -108,17 +109,14 @@ def view(
 
 
 def describe(
-    key: str, record: dict[str, str], meta: dict[str, Any], output: Path
+    key: str, record: dict[str, str], meta: dict[str, Any], store: Store
 ) -> JobView | None:
     """The job's view from its record, Celery's state and the store; None if it is unknown."""
     state = meta.get("status")
     done_at = iso(meta["date_done"]) if meta.get("date_done") else None
-    try:
-        mtime: float | None = output.stat().st_mtime
-    except FileNotFoundError:
-        mtime = None
-    if mtime is not None:
-        return view(key, "done", record, finished_at=done_at or iso(mtime))
+    entry = store.stat(RESULTS, key)
+    if entry is not None:
+        return view(key, "done", record, finished_at=done_at or iso(entry.mtime))
     if state == "FAILURE":
         return view(key, "failed", record, error_line(meta.get("result")), done_at)
     if state == "REVOKED":

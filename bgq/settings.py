@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     cache_max_age: float | None = None  # seconds since last use after which prune drops a result
     cache_max_size: int | None = None  # bytes of results prune keeps at most
     cache_keep_inputs: bool = False  # keep input blobs after their jobs are done
+    store_url: str | None = (
+        None  # unset: $BGQ_HOME/store; a path, file:///abs or s3://bucket/prefix
+    )
+    s3_endpoint_url: str | None = None  # unset: AWS; else MinIO, Ceph, R2, a local S3 server
+    s3_region: str | None = None  # unset: the AWS chain's (AWS_REGION, profile), else us-east-1
+    s3_timeout: Annotated[float, Field(gt=0)] = defaults.S3_TIMEOUT  # seconds per S3 request try
+    result_redirect: Literal["stream", "presigned"] = "stream"  # GET .../result on S3
+    presign_seconds: Annotated[int, Field(ge=1, le=604800)] = defaults.PRESIGN_SECONDS
 
     @field_validator("cache_max_age", mode="before")
     @classmethod
@@ -77,6 +85,21 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis:// or rediss://")
         return url
 
+    @field_validator("store_url")
+    @classmethod
+    def _store_scheme(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if url.startswith("s3://"):
+            if not url.removeprefix("s3://").split("/", 1)[0]:
+                raise ValueError("s3:// needs a bucket: s3://BUCKET[/PREFIX]")
+        elif url.startswith("file://"):
+            if not url.removeprefix("file://").startswith("/"):
+                raise ValueError("file:// needs an absolute path: file:///abs/path")
+        elif "://" in url:
+            raise ValueError("must be a path, file:///abs/path or s3://BUCKET[/PREFIX]")
+        return url
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
@@ -98,8 +121,20 @@ class Settings(BaseSettings):
 
     @property
     def store_dir(self) -> Path:
-        """Root of the content-addressed store (inputs and results)."""
-        return self.home / "store"
+        """Root of a filesystem store: BGQ_STORE_URL's path, else $BGQ_HOME/store."""
+        url = self.store_url
+        if url is None or url.startswith("s3://"):
+            return self.home / "store"
+        return Path(url.removeprefix("file://")).expanduser().absolute()
+
+    @property
+    def store_bucket(self) -> tuple[str, str] | None:
+        """(bucket, prefix) of an S3 store (prefix "" or ending in "/"); None for a directory."""
+        if self.store_url is None or not self.store_url.startswith("s3://"):
+            return None
+        bucket, _, prefix = self.store_url.removeprefix("s3://").partition("/")
+        prefix = prefix.strip("/")
+        return bucket, f"{prefix}/" if prefix else ""
 
     @property
     def run_dir(self) -> Path:

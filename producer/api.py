@@ -11,236 +11,49 @@ import contextlib
 import hmac
 import logging
 import re
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import StreamingResponse
 
 import bgq
 from bgq import contract, defaults, jobs, webhooks
 from bgq.contract import Options
-from bgq.errors import (
-    BgqError,
-    BrokerError,
-    ConfigError,
-    ImageTooLarge,
-    InvalidImage,
-    InvalidRequest,
-    JobFailed,
-    UnsupportedImage,
-)
+from bgq.errors import BgqError
 from bgq.settings import Settings, load_settings
+from producer.api_http import (
+    ApiError,
+    BodyLimit,
+    BodyTooLarge,
+    Metrics,
+    MetricsMiddleware,
+    api_error,
+    error_response,
+    too_large,
+)
+from producer.api_schema import IMAGE_BODY, JOB_EXAMPLE, option_parameters
 from producer.client import POLL_MAX, POLL_MIN, Job, Producer
 
 log = logging.getLogger("bgq.api")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 KEY_RE = re.compile(r"[0-9a-f]{64}")
 IMMUTABLE = "public, max-age=31536000, immutable"
 REQUEST_FIELDS = ("model", "wait", "callback_url")  # besides the rembg options
 
 
-class ApiError(Exception):
-    """An error answered as `{"error": {"code", "message"}}` with an HTTP status."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
-
-
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
-
-
-def api_error(exc: BgqError) -> ApiError:
-    """The HTTP answer to one of bgq's errors."""
-    if isinstance(exc, InvalidImage):
-        return ApiError(415, "unsupported_media_type", f"not an image: {exc}")
-    if isinstance(exc, ImageTooLarge):
-        return ApiError(413, "image_too_large", str(exc))
-    if isinstance(exc, UnsupportedImage):
-        return ApiError(422, "unsupported_image", str(exc))
-    if isinstance(exc, InvalidRequest):
-        return ApiError(422, "invalid_request", str(exc))
-    if isinstance(exc, JobFailed):
-        return ApiError(422 if exc.permanent else 500, "job_failed", exc.error)
-    if isinstance(exc, BrokerError | ConfigError):
-        return ApiError(503, "unavailable", str(exc))
-    return ApiError(500, "internal", str(exc))
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-def too_large(max_bytes: int) -> str:
-    return f"request body over the BGQ_MAX_UPLOAD_MB limit of {max_bytes / 2**20:g} MiB"
-
-
-class BodyLimit:
-    """Refuse request bodies over the limit: by Content-Length at once, else while reading."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = error_response(413, "payload_too_large", too_large(self.max_bytes))
-                await response(scope, receive, send)
-                return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise BodyTooLarge
-            return message
-
-        await self.app(scope, limited, send)
-
-
-class Metrics:
-    """Prometheus metrics of one API process (its own registry)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "bgq_api_requests",
-            "HTTP requests by route, method and status.",
-            ["route", "method", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "bgq_api_request_seconds",
-            "HTTP request latency by route.",
-            ["route"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=self.registry,
-        )
-        self.cache = Counter(
-            "bgq_api_cache_lookups",
-            "Submissions answered from the store (hit) or enqueued (miss).",
-            ["result"],
-            registry=self.registry,
-        )
-        for result in ("hit", "miss"):
-            self.cache.labels(result)
-
-
-class MetricsMiddleware:
-    """Count every request and its latency under its route template (not the raw path)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-
-
-def _option_parameters() -> list[dict[str, Any]]:
-    """OpenAPI query parameters: bgq's request fields and every rembg option (one source)."""
-    params: list[dict[str, Any]] = [
-        {
-            "name": "model",
-            "in": "query",
-            "schema": {"type": "string", "enum": sorted(contract.MODELS)},
-        },
-        {
-            "name": "wait",
-            "in": "query",
-            "description": "Seconds to wait for the PNG before answering 202 with the job.",
-            "schema": {"type": "number", "default": defaults.API_WAIT, "minimum": 0},
-        },
-    ]
-    schema = Options.model_json_schema()["properties"]
-    for name in Options.model_fields:
-        prop = dict(schema[name])
-        if name == "bgcolor":
-            prop = {"type": "string", "example": "255,255,255,255", "description": "r,g,b,a"}
-        params.append({"name": name, "in": "query", "schema": prop})
-    return params
-
-
-IMAGE_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {"file": {"type": "string", "format": "binary"}},
-                "required": ["file"],
-                "description": "Options may also be sent as form fields.",
-            }
-        },
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
-    },
-}
-JOB_EXAMPLE = {
-    "id": "<cache key>",
-    "status": "queued",
-    "cached": False,
-    "result_url": "http://host/v1/jobs/<id>/result",
-}
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app; `bgq api` serves it with uvicorn."""
     settings = settings or load_settings()
     producer = Producer(settings)
+    store = producer.store
     metrics = Metrics()
     keys = [k.encode() for k in settings.api_key_list]
     max_bytes = int(settings.max_upload_mb * 2**20)
@@ -335,17 +148,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def result_url(request: Request, key: str) -> str:
         return base_url(request) + jobs.result_path(key)
 
-    def png_response(path: Path, key: str, cached: bool) -> FileResponse:
-        return FileResponse(
-            path,
-            media_type="image/png",
-            headers={
-                "ETag": f'"{key}"',
-                "Cache-Control": IMMUTABLE,
-                "X-Bgq-Job-Id": key,
-                "X-Bgq-Cached": "true" if cached else "false",
-            },
-        )
+    def png_response(key: str, cached: bool) -> Response:
+        """The result: a file sent as is from a filesystem store, else streamed from the store."""
+        headers = {
+            "ETag": f'"{key}"',
+            "Cache-Control": IMMUTABLE,
+            "X-Bgq-Job-Id": key,
+            "X-Bgq-Cached": "true" if cached else "false",
+        }
+        path = store.local_path(key)
+        if path is not None:
+            return FileResponse(path, media_type="image/png", headers=headers)
+        return StreamingResponse(store.chunks(key), media_type="image/png", headers=headers)
 
     def job_response(request: Request, key: str, status: str, cached: bool) -> JSONResponse:
         body = {
@@ -395,7 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def describe(key: str) -> jobs.JobView | None:
         client = producer.app.backend.client
         record = jobs.read_record(client, key)
-        return jobs.describe(key, record, producer.task_meta(key), producer.store.output_path(key))
+        return jobs.describe(key, record, producer.task_meta(key), store)
 
     async def read_image(request: Request) -> tuple[dict[str, str], bytes]:
         """The options (query, then form fields) and the image bytes of a submission."""
@@ -432,27 +246,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         return wait
 
-    async def wait_for(request: Request, job: Job, seconds: float) -> Path | None:
-        """The result's path once it is in the store, or None after `seconds`.
+    async def wait_for(request: Request, job: Job, seconds: float) -> bool:
+        """True once the result is in the store, False after `seconds` (or a disconnect).
 
-        The store is checked often (a stat); Celery's state in Redis only every
-        API_STATE_POLL seconds, to see failures and re-enqueue lost jobs.
+        Each check reads the job's state in Redis and asks the store only once it reports
+        success, all off the event loop: a slow store never stalls other requests.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        next_state = loop.time() + defaults.API_STATE_POLL
         delay = POLL_MIN
         while True:
-            if job.output_path.is_file():
-                return job.output_path
+            if await run_in_threadpool(job.poll) is not None:
+                return True
             now = loop.time()
-            if now >= next_state:
-                path = await run_in_threadpool(job.poll)
-                if path is not None:
-                    return path
-                next_state = now + defaults.API_STATE_POLL
             if now >= deadline or await request.is_disconnected():
-                return None
+                return False
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(POLL_MAX, delay * 2)
 
@@ -466,7 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             200: {"content": {"image/png": {}}},
             202: {"content": {"application/json": {"example": JOB_EXAMPLE}}},
         },
-        openapi_extra={"parameters": _option_parameters(), "requestBody": IMAGE_BODY},
+        openapi_extra={"parameters": option_parameters(), "requestBody": IMAGE_BODY},
     )
     async def remove(request: Request) -> Response:
         fields, data = await read_image(request)
@@ -474,10 +282,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if "callback_url" in fields:
             raise ApiError(422, "invalid_request", "callback_url belongs to POST /v1/jobs")
         job = await submit(request, fields, data, None, record_hits=False)
-        path = job.output_path if job.cached else await wait_for(request, job, wait)
-        if path is None:
+        if not (job.cached or await wait_for(request, job, wait)):
             return job_response(request, job.key, "queued", cached=False)
-        return png_response(path, job.key, job.cached)
+        return png_response(job.key, job.cached)
 
     @v1.post(
         "/jobs",
@@ -486,8 +293,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={202: {"content": {"application/json": {"example": JOB_EXAMPLE}}}},
         openapi_extra={
             "parameters": [
-                *_option_parameters()[:1],
-                *_option_parameters()[2:],
+                *option_parameters()[:1],
+                *option_parameters()[2:],
                 {
                     "name": "callback_url",
                     "in": "query",
@@ -532,11 +339,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def get_result(job_id: str, request: Request) -> Response:
         key = known_key(job_id)
-        path = producer.store.output_path(key)
-        if producer.store.use_output(key):
+        if await run_in_threadpool(store.use_output, key):
             if request.headers.get("if-none-match") == f'"{key}"':
                 return Response(status_code=304, headers={"ETag": f'"{key}"'})
-            return png_response(path, key, cached=True)
+            if settings.result_redirect == "presigned":
+                url = await run_in_threadpool(store.presigned_url, key, settings.presign_seconds)
+                if url is not None:
+                    return RedirectResponse(url, status_code=307)
+            return png_response(key, cached=True)
         job = await run_in_threadpool(describe, key)
         if job is None:
             raise ApiError(404, "not_found", f"no job {key}")

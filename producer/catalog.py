@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from bgq.errors import ConfigError
+from bgq.errors import ConfigError, PermanentError
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
@@ -27,6 +27,21 @@ class Item:
     output: str | None
     id: str | None = None
     error: str | None = None
+
+
+class InputError(PermanentError):
+    """One input cannot be read (missing, not a regular file, unreadable)."""
+
+
+def read_file(source: str) -> bytes:
+    """The bytes of a local input; InputError says why not."""
+    path = Path(source)
+    if path.exists() and not path.is_file():
+        raise InputError("not a regular file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}") from None
 
 
 def open_catalog(src: Path, exclude: Path | None = None) -> tuple[int, Iterator[Item]]:

@@ -28,7 +28,7 @@ from bgq.errors import (
 )
 from bgq.imageinfo import probe
 from bgq.settings import Settings, load_settings
-from bgq.store import Store
+from bgq.store import Store, open_store
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -66,51 +66,70 @@ def read_source(source: Source) -> bytes:
     return Path(source).read_bytes()
 
 
+Location = Path | str  # a result's local Path (filesystem store) or its s3:// URL
+
+
 @dataclass
 class Job:
-    """One submitted image: its cache key, whether it was a cache hit, and how to wait for it."""
+    """One submitted image: its cache key, whether it was a cache hit, and how to wait for it.
+
+    `wait()` returns where the result is (a local Path on a filesystem store, its s3:// URL on
+    S3); `read()` and `save(path)` work the same on both.
+    """
 
     key: str
     cached: bool
-    output_path: Path
+    store: Store | None = field(default=None, repr=False)
     producer: Producer | None = field(default=None, repr=False)
     error: BgqError | None = None
     source: str | None = None
     args: TaskArgs | None = field(default=None, repr=False)
+    done: bool = False
 
-    def poll(self, check_state: bool = True) -> Path | None:
-        """The result's path if it is ready, else None; raise JobFailed if the job failed.
+    @property
+    def location(self) -> Location:
+        assert self.store is not None
+        return self.store.location(self.key)
 
-        With check_state False only the store is looked at (no Redis call).
-        """
+    def poll(self) -> Location | None:
+        """Where the result is if it is ready, else None; raise JobFailed if the job failed."""
         if self.error is not None:
             raise self.error
-        if self.output_path.is_file():
-            return self.output_path
-        if not check_state:
-            return None
+        if self.cached or self.done:
+            return self.location
         assert self.producer is not None
-        meta = self.producer.task_meta(self.key)
-        if meta["status"] == "FAILURE":
+        return self.update(self.producer.task_meta(self.key))
+
+    def update(self, meta: dict[str, Any], check_lost: bool = True) -> Location | None:
+        """Apply the task's state as Celery stored it (one poll, or one of a batch).
+
+        The store is only asked once the task reports success, or when a pending job lost its
+        guard (its result may be there already; else it is enqueued again).
+        """
+        assert self.store is not None and self.producer is not None
+        status = meta["status"]
+        if status == "FAILURE":
             exc = meta["result"]
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise JobFailed(self.key, reason, permanent=isinstance(exc, PermanentError))
-        if meta["status"] == "SUCCESS" and not self.output_path.is_file():
-            raise JobFailed(self.key, f"result reported done but {self.output_path} is missing")
-        if meta["status"] == "REVOKED":
+        if status == "REVOKED":
             raise JobFailed(self.key, "the job was revoked")
-        if meta["status"] == "PENDING" and self.args is not None:
-            self.producer.requeue_if_lost(self.args)
-        return None
+        if status == "SUCCESS":
+            if not self.store.has_output(self.key):
+                raise JobFailed(self.key, f"result reported done but not in {self.store.url}")
+            self.done = True
+        elif status == "PENDING" and check_lost and self.args is not None:
+            self.done = self.producer.requeue_if_lost(self.args)
+        return self.location if self.done else None
 
-    def wait(self, timeout: float | None = None) -> Path:
-        """Block until the result PNG is in the store and return its path; raise on failure."""
+    def wait(self, timeout: float | None = None) -> Location:
+        """Block until the result is in the store and say where; raise on failure or timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = POLL_MIN
         while True:
-            path = self.poll()
-            if path is not None:
-                return path
+            location = self.poll()
+            if location is not None:
+                return location
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeout(f"job {self.key} not finished after {timeout:g}s")
             time.sleep(
@@ -118,13 +137,26 @@ class Job:
             )
             delay = min(POLL_MAX, delay * 2)
 
+    def read(self, timeout: float | None = None) -> bytes:
+        """Wait for the result and return its PNG bytes (any store)."""
+        self.wait(timeout)
+        assert self.store is not None
+        return self.store.read_output(self.key)
+
+    def save(self, dest: str | os.PathLike[str], timeout: float | None = None) -> Path:
+        """Wait for the result and write it to the local path `dest` atomically (any store)."""
+        self.wait(timeout)
+        assert self.store is not None
+        self.store.save(self.key, Path(dest))
+        return Path(dest)
+
 
 class Producer:
     """Submits images to bgq; settings come from the environment unless given."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
-        self.store = Store(self.settings.store_dir)
+        self.store = open_store(self.settings)
         self._app: Celery | None = None
         self._lock = threading.Lock()
         self._hits = 0  # cache hits not yet added to the counters in Redis
@@ -171,7 +203,7 @@ class Producer:
                 data = read_source(source)
             except OSError as exc:
                 err = PermanentError(f"cannot read {name}: {exc.strerror or exc}")
-                jobs.append(Job("", False, Path(), error=err, source=name))
+                jobs.append(Job("", False, error=err, source=name))
                 continue
             job = self.submit_data(data, model, opts, raise_bad_image=False)
             job.source = name
@@ -186,19 +218,18 @@ class Producer:
         A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job.
         """
         args = TaskArgs.build(contract.input_digest(data), model, options)
-        output = self.store.output_path(args.key)
         if self.store.use_output(args.key):
             self._count_hit()
-            return Job(args.key, True, output, self, args=args)
+            return Job(args.key, True, self.store, self, args=args)
         try:
             probe(data, self.settings.max_megapixels)
         except IMAGE_ERRORS as exc:
             if raise_bad_image:
                 raise
-            return Job(args.key, False, output, error=exc)
+            return Job(args.key, False, self.store, error=exc)
         self.store.put_input(args.input_sha256, data)
         self._enqueue(args)
-        return Job(args.key, False, output, self, args=args)
+        return Job(args.key, False, self.store, self, args=args)
 
     def _enqueue(self, args: TaskArgs, miss: bool = True) -> None:
         """Publish the task unless an identical job is already queued or running.
@@ -271,18 +302,32 @@ class Producer:
             with self._lock:
                 self._hits += hits
 
-    def requeue_if_lost(self, args: TaskArgs) -> None:
-        """Enqueue again a job that nobody holds any more (message lost, or guard expired).
+    def requeue_if_lost(self, args: TaskArgs) -> bool:
+        """Enqueue again a job that nobody holds any more (message lost, or guard expired);
+        True if its result turned out to be in the store already.
 
         The guard is held from enqueue until the final state is stored, so a pending job
         without a guard was lost; if it merely expired, the task finds the stored result.
         """
         with _broker_errors("read job state"):
             lost = not self.app.backend.client.exists(contract.guard_key(args.key))
-        if lost and not self.store.has_output(args.key):
-            self._enqueue(args, miss=False)
+        if not lost:
+            return False
+        if self.store.has_output(args.key):
+            return True
+        self._enqueue(args, miss=False)
+        return False
 
     def task_meta(self, key: str) -> dict[str, Any]:
         """The task's state as Celery stored it (status, result or exception)."""
+        return self.task_metas([key])[0]
+
+    def task_metas(self, keys: list[str]) -> list[dict[str, Any]]:
+        """The states of many tasks in one round trip (PENDING for those with none stored)."""
+        backend = self.app.backend
         with _broker_errors("read job state"):
-            return dict(self.app.backend.get_task_meta(key, cache=False))
+            raw = backend.client.mget([backend.get_key_for_task(k) for k in keys]) if keys else []
+            return [
+                dict(backend.decode_result(value)) if value else {"status": "PENDING"}
+                for value in raw
+            ]

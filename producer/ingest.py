@@ -8,24 +8,23 @@ run resumes where it stopped and a finished one is all cache hits.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Protocol
 
 from bgq import defaults
 from bgq.contract import Options
-from bgq.errors import BgqError, JobFailed, NoBroker
+from bgq.errors import BgqError, JobFailed, NoBroker, StoreError
 from bgq.settings import Settings
-from bgq.store import atomic_write
-from producer.catalog import Item, open_catalog
+from bgq.store import Store
+from producer.catalog import InputError, Item, open_catalog, read_file
 from producer.client import Job, Producer
+from producer.remote import S3Prefix, is_s3
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -62,20 +61,25 @@ class Pending:
     checked: float
 
 
-def place(result: Path, dest: Path) -> None:
-    """Put a result at `dest` atomically: a hard link into the store, or a copy across devices."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if dest.exists() and os.path.samefile(result, dest):
-            return
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        os.link(result, tmp)
-        os.replace(tmp, dest)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        atomic_write(dest, result.read_bytes())
+class Destination(Protocol):
+    """Where ingest puts outputs: a local folder or an S3 prefix."""
+
+    def place(self, store: Store, key: str, name: str) -> str:
+        """Put the result `key` under the relative `name`; return where it went."""
+        ...
+
+
+@dataclass(frozen=True)
+class Folder:
+    """Outputs in a local folder: hard links into a filesystem store when possible, else copies
+    (downloads from S3), each placed atomically."""
+
+    root: Path
+
+    def place(self, store: Store, key: str, name: str) -> str:
+        dest = self.root / name
+        store.save(key, dest, link=True)
+        return str(dest)
 
 
 class Ingest:
@@ -84,7 +88,7 @@ class Ingest:
     def __init__(
         self,
         settings: Settings,
-        out_dir: Path,
+        out: Destination,
         model: str,
         options: Options,
         window: int = defaults.INGEST_WINDOW,
@@ -92,11 +96,13 @@ class Ingest:
         on_outcome: Callable[[Counter[str]], None] | None = None,
         stack_log: Path | None = None,
         warn: Callable[[str], None] | None = None,
+        read: Callable[[str], bytes] = read_file,
     ) -> None:
         self.settings = settings
         self.warn = warn or (lambda message: print(message, file=sys.stderr))
         self.producer = Producer(settings)
-        self.out_dir = out_dir
+        self.out = out
+        self.read = read
         self.model = model
         self.options = options
         self.window = window
@@ -129,20 +135,16 @@ class Ingest:
         if item.error is not None or item.output is None:
             self._record(item, None, "failed", item.error or "no output name", started)
             return
-        source = Path(item.source)
-        if source.exists() and not source.is_file():
-            self._record(item, None, "failed", "not a regular file", started)
-            return
         try:
-            data = source.read_bytes()
-        except OSError as exc:
-            self._record(item, None, "failed", f"cannot read: {exc.strerror or exc}", started)
+            data = self.read(item.source)
+        except InputError as exc:
+            self._record(item, None, "failed", str(exc), started)
             return
         job = self._submit(data)
         if job.error is not None:
             self._record(item, job.key, "failed", str(job.error), started)
         elif job.cached:
-            self._finish(item, job, job.output_path, "cached", started)
+            self._finish(item, job, "cached", started)
         else:
             self.pending.append(Pending(item, job, started, started))
 
@@ -160,24 +162,29 @@ class Ingest:
             return self.producer.submit_data(data, self.model, self.options, raise_bad_image=False)
 
     def _collect(self) -> None:
-        """Wait until at least one outstanding job has finished (or failed), and record it."""
+        """Wait until at least one outstanding job has finished (or failed), and record it.
+
+        Each round reads every outstanding job's state in one Redis round trip; the store is
+        asked only for those that report success (or lost their guard, once a second).
+        """
         delay = POLL_MIN
         while True:
-            finished = 0
             now = time.monotonic()
-            for entry in list(self.pending):
-                check_state = now - entry.checked >= defaults.INGEST_STATE_POLL
-                if check_state:
+            metas = self.producer.task_metas([entry.job.key for entry in self.pending])
+            finished = 0
+            for entry, meta in zip(list(self.pending), metas, strict=True):
+                check_lost = now - entry.checked >= defaults.INGEST_STATE_POLL
+                if check_lost:
                     entry.checked = now
                 try:
-                    path = entry.job.poll(check_state=check_state)
+                    done = entry.job.update(meta, check_lost) is not None
                 except JobFailed as exc:
                     self._record(entry.item, entry.job.key, "failed", exc.error, entry.started)
-                    self.pending.remove(entry)
-                    finished += 1
-                    continue
-                if path is not None:
-                    self._finish(entry.item, entry.job, path, "done", entry.started)
+                    done = True
+                else:
+                    if done:
+                        self._finish(entry.item, entry.job, "done", entry.started)
+                if done:
                     self.pending.remove(entry)
                     finished += 1
             if finished:
@@ -212,15 +219,14 @@ class Ingest:
                 f"{len(self.pending)} jobs are waiting; Ctrl-C stops, the same command resumes."
             )
 
-    def _finish(self, item: Item, job: Job, result: Path, status: str, started: float) -> None:
+    def _finish(self, item: Item, job: Job, status: str, started: float) -> None:
         assert item.output is not None
-        dest = self.out_dir / item.output
         try:
-            place(result, dest)
-        except OSError as exc:
-            self._record(item, job.key, "failed", f"cannot write {dest}: {exc}", started)
+            dest = self.out.place(self.producer.store, job.key, item.output)
+        except (OSError, StoreError) as exc:
+            self._record(item, job.key, "failed", f"cannot place {item.output}: {exc}", started)
             return
-        self._record(item, job.key, status, None, started, str(dest))
+        self._record(item, job.key, status, None, started, dest)
 
     def _record(
         self,
@@ -286,26 +292,45 @@ def _progress(total: int) -> tuple[Progress, Callable[[Counter[str]], None]]:
     return progress, update
 
 
+def open_source(
+    settings: Settings, src: str, exclude: Path | str
+) -> tuple[int, Iterator[Item], Callable[[str], bytes]]:
+    """The inputs of SRC (a folder, a manifest or an S3 prefix) and how to read each."""
+    if is_s3(src):
+        bucket = S3Prefix(settings, src)
+        total, items = bucket.catalog(exclude if isinstance(exclude, str) else None)
+        return total, items, bucket.read
+    total, items = open_catalog(Path(src), exclude=exclude if isinstance(exclude, Path) else None)
+    return total, items, read_file
+
+
 def run_ingest(
     settings: Settings,
-    src: Path,
-    out: Path,
+    src: str,
+    out: str,
     model: str,
     options: Options,
     window: int,
     report_path: Path | None,
 ) -> int:
     """The whole `bgq ingest` command: progress, report, summary; returns the failed count."""
-    out = out.absolute()
-    total, items = open_catalog(src, exclude=out)
-    out.mkdir(parents=True, exist_ok=True)
-    report_path = report_path or out / REPORT_NAME
+    dest: Folder | S3Prefix
+    if is_s3(out):
+        dest = S3Prefix(settings, out)
+        total, items, read = open_source(settings, src, dest.url)
+        report_path = report_path or Path(REPORT_NAME)
+    else:
+        dest = Folder(Path(out).absolute())
+        total, items, read = open_source(settings, src, dest.root)
+        dest.root.mkdir(parents=True, exist_ok=True)
+        report_path = report_path or dest.root / REPORT_NAME
+    report_path.parent.mkdir(parents=True, exist_ok=True)
     progress, update = _progress(total)
     started = time.monotonic()
     with report_path.open("w", encoding="utf-8") as report, progress:
         run = Ingest(
             settings,
-            out,
+            dest,
             model,
             options,
             window,
@@ -315,6 +340,7 @@ def run_ingest(
             lambda message: progress.console.print(
                 message, markup=False, highlight=False, soft_wrap=True
             ),
+            read,
         )
         try:
             run.run(items)

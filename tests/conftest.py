@@ -14,7 +14,13 @@ import redis
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings, default_home
 from bgq.stack import LocalStack
+from bgq.store import FileStore, Store, open_store
 from producer import Producer
+from tests.s3server import AWS_ENV, S3Server
+
+STORES = ("file", "s3")
+# Runs a test (and its module's stack) once on each store backend.
+both_stores = pytest.mark.parametrize("store_kind", STORES, indirect=True, scope="module")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,7 +40,14 @@ def clean_environment() -> Iterator[None]:
     }
     for name in saved:
         del os.environ[name]
+    aws = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)  # what the S3 tests' producers and workers authenticate with
     yield
+    for name, value in aws.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     os.environ.update(saved)
     leftovers = psutil.Process().children(recursive=True)
     assert not leftovers, f"tests left processes behind: {[p.cmdline() for p in leftovers]}"
@@ -89,6 +102,44 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-protocol HTTP server on loopback (moto's server mode), for the session."""
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def s3_settings(server: S3Server) -> dict[str, object]:
+    """Settings overrides for a store in a new bucket of `server`, under a prefix."""
+    return {"store_url": f"s3://{server.bucket()}/bgq", "s3_endpoint_url": server.url}
+
+
+@pytest.fixture(scope="module")
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The store backend of this module's stack: "file" unless a test asks for both."""
+    return str(getattr(request, "param", "file"))
+
+
+@pytest.fixture(scope="module")
+def store_settings(request: pytest.FixtureRequest, store_kind: str) -> dict[str, object]:
+    """Settings overrides that select the store backend (a new bucket for S3)."""
+    if store_kind == "s3":
+        return s3_settings(request.getfixturevalue("s3_server"))
+    return {}
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """An empty store of each backend (a directory, or a new bucket on the S3 server)."""
+    if request.param == "s3":
+        values = s3_settings(request.getfixturevalue("s3_server"))
+        return open_store(Settings(home=tmp_path, **values))  # type: ignore[arg-type]
+    return FileStore(tmp_path / "store")
+
+
 StackFactory = Callable[..., LocalStack]
 
 
@@ -125,9 +176,9 @@ def make_stack(
 
 
 @pytest.fixture(scope="module")
-def stack(make_stack: StackFactory) -> LocalStack:
+def stack(make_stack: StackFactory, store_settings: dict[str, object]) -> LocalStack:
     """Two prefork worker processes with default settings, shared by a test module."""
-    return make_stack()
+    return make_stack(**store_settings)
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,11 +15,14 @@ import httpx
 import numpy as np
 import psutil
 import redis
+import uvicorn
 from PIL import Image
 
 from bgq import contract
+from bgq.settings import Settings
 from bgq.stack import LocalStack
 from producer import Producer
+from producer.api import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -63,8 +68,8 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
 
 
 def pixels(png: bytes | Path) -> tuple[str, np.ndarray]:
-    img = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png)
-    return img.mode, np.asarray(img)
+    with Image.open(io.BytesIO(png) if isinstance(png, bytes) else png) as img:
+        return img.mode, np.asarray(img)
 
 
 def stats(client: redis.Redis) -> dict[str, int]:
@@ -104,3 +109,27 @@ def answers(url: str, text: str = "") -> bool:
     except httpx.TransportError:
         return False
     return response.status_code == 200 and text in response.text
+
+
+class ApiServer:
+    """create_app() under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(settings), log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> ApiServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=20, what="the API to start")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

@@ -18,17 +18,15 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from PIL import Image
 
 from bgq import contract, jobs, webhooks
-from bgq.settings import Settings
 from bgq.stack import LocalStack
-from producer.api import create_app
 from producer.http_client import ApiError, HttpClient
-from tests.conftest import StackFactory
+from tests.conftest import StackFactory, both_stores
 from tests.helpers import (
     BGQ,
+    ApiServer,
     LocalStackControl,
     answers,
     pixels,
@@ -43,34 +41,10 @@ SECRET = "webhook-test-secret"
 JPEG = {"Content-Type": "image/jpeg"}
 
 
-class ApiServer:
-    """create_app() under uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(settings), log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def start(self) -> ApiServer:
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=20, what="the API to start")
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
-def api_stack(make_stack: StackFactory) -> LocalStack:
+def api_stack(make_stack: StackFactory, store_settings: dict[str, object]) -> LocalStack:
     """Workers that can sign webhooks and may call the loopback receiver of these tests."""
-    return make_stack(webhook_secret=SECRET, webhook_allow_private=True)
+    return make_stack(webhook_secret=SECRET, webhook_allow_private=True, **store_settings)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +80,7 @@ def error_of(response: httpx.Response) -> dict[str, str]:
     return dict(body["error"])
 
 
+@both_stores
 def test_sync_remove_returns_rembgs_png(
     http: httpx.Client, reference: Callable[..., bytes]
 ) -> None:
@@ -136,6 +111,7 @@ def test_options_as_query_or_form_fields(
     assert (pixels(by_query.content)[1] == pixels(want)[1]).all()
 
 
+@both_stores
 def test_async_job_lifecycle(base: str, api_stack: LocalStack) -> None:
     data = variant("cloth-1.jpg", (0, 0, 500, 700))
     control = LocalStackControl(api_stack)
@@ -192,6 +168,7 @@ def test_remove_answers_202_when_not_ready_within_wait(
     wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "done", what="done")
 
 
+@both_stores
 def test_failed_job(http: httpx.Client) -> None:
     truncated = sample_bytes("car-1.jpg")[:30000]  # a valid header: only the worker finds out
     response = http.post("/v1/remove", content=truncated, headers=JPEG)
@@ -205,6 +182,7 @@ def test_failed_job(http: httpx.Client) -> None:
     assert result.status_code == 409 and error_of(result)["code"] == "job_failed"
 
 
+@both_stores
 def test_concurrent_identical_posts_run_one_inference(base: str, redis_client: redis.Redis) -> None:
     data = variant("anime-girl-1.jpg", (20, 20, 620, 500))
     before = stats(redis_client).get("computed", 0)
@@ -345,6 +323,7 @@ def signed_job(headers: dict[str, str], body: bytes) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
+@both_stores
 def test_webhook_signed_and_retried_after_a_500(
     base: str, receiver: Callable[..., Receiver]
 ) -> None:

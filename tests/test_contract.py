@@ -178,15 +178,15 @@ def test_check_model_rejects_an_unknown_model_listing_choices() -> None:
 # --- store layout ----------------------------------------------------------------------------
 
 
-def test_input_path_is_sharded_by_digest() -> None:
+def test_input_name_is_sharded_by_digest() -> None:
     digest = "abcd" + "0" * 60
-    assert contract.input_path(Path("/s"), digest) == Path("/s/inputs/ab/cd") / digest
+    assert contract.object_name(contract.INPUTS, digest) == f"inputs/ab/cd/{digest}"
 
 
-def test_output_path_is_sharded_png_by_key() -> None:
+def test_output_name_is_sharded_png_by_key() -> None:
     key = key_of({})
-    expected = Path("/s/results") / key[:2] / key[2:4] / f"{key}.png"
-    assert contract.output_path(Path("/s"), key) == expected
+    expected = f"results/{key[:2]}/{key[2:4]}/{key}.png"
+    assert contract.object_name(contract.RESULTS, key) == expected
 
 
 def test_guard_key_is_prefixed() -> None:

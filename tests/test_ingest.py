@@ -17,8 +17,10 @@ from bgq.contract import Options
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
 from bgq.stack import LocalStack
+from bgq.store import RESULTS, open_store
 from producer.catalog import open_catalog
-from producer.ingest import Ingest, run_ingest
+from producer.ingest import Folder, Ingest, run_ingest
+from tests.conftest import both_stores
 from tests.helpers import (
     BGQ,
     LocalStackControl,
@@ -98,7 +100,22 @@ def test_usage_errors_exit_2(env: dict[str, str], tmp_path: Path) -> None:
     assert bgq("ingest", str(tmp_path), env=env).returncode == 2  # --out is required
 
 
-def test_resume_after_the_ingest_process_is_killed(env: dict[str, str], tmp_path: Path) -> None:
+def results(env: dict[str, str]) -> dict[str, float]:
+    """The store's results and their last writes, as the ingest's environment configures it."""
+    values = {k.removeprefix("BGQ_").lower(): v for k, v in env.items() if k.startswith("BGQ_")}
+    store = open_store(Settings(**values))  # type: ignore[arg-type]
+    return {entry.name: entry.mtime for entry in store.scan(RESULTS)}
+
+
+def store_env(store_settings: dict[str, object]) -> dict[str, str]:
+    return {f"BGQ_{k.upper()}": str(v) for k, v in store_settings.items()}
+
+
+@both_stores
+def test_resume_after_the_ingest_process_is_killed(
+    env: dict[str, str], tmp_path: Path, store_settings: dict[str, object]
+) -> None:
+    env = {**env, **store_env(store_settings)}
     src, out = tmp_path / "catalog", tmp_path / "out"
     for i in range(8):
         write(src / f"{i}.jpg", variant("cloth-1.jpg", (i * 20, i * 20, 400 + i * 20, 500)))
@@ -120,8 +137,7 @@ def test_resume_after_the_ingest_process_is_killed(env: dict[str, str], tmp_path
         first.wait()
         log.close()
     wait_for(lambda: not processes_mentioning(env["BGQ_HOME"]), 60, "the stack to go away")
-    results = Path(env["BGQ_HOME"]) / "store" / "results"
-    before = {p: p.stat().st_ino for p in results.rglob("*.png")}
+    before = results(env)
     assert 2 <= len(before) < 8
 
     second = bgq("ingest", str(src), "--out", str(out), env=env, timeout=300)
@@ -129,9 +145,9 @@ def test_resume_after_the_ingest_process_is_killed(env: dict[str, str], tmp_path
     rows = report(report_file)
     assert sorted(rows) == [f"{i}.jpg" for i in range(8)]
     assert {r["status"] for r in rows.values()} <= {"done", "cached"}
-    after = {p: p.stat().st_ino for p in results.rglob("*.png")}
+    after = results(env)
     assert len(after) == 8
-    assert all(after[p] == ino for p, ino in before.items())  # nothing computed twice
+    assert all(after[key] == mtime for key, mtime in before.items())  # nothing computed twice
     assert len(list(out.glob("*.png"))) == 8
 
 
@@ -148,7 +164,7 @@ def test_manifests_through_a_running_cluster(stack: LocalStack, tmp_path: Path) 
     )  # fmt: skip
     settings: Settings = stack.settings
     opts = Options()
-    failed = run_ingest(settings, csv_file, tmp_path / "o1", "u2netp", opts, 2, None)
+    failed = run_ingest(settings, str(csv_file), str(tmp_path / "o1"), "u2netp", opts, 2, None)
     assert failed == 1  # the ../evil id
     assert sorted(
         p.relative_to(tmp_path / "o1").as_posix() for p in (tmp_path / "o1").rglob("*.png")
@@ -157,7 +173,7 @@ def test_manifests_through_a_running_cluster(stack: LocalStack, tmp_path: Path) 
         "sku-1.png",
     ]
     assert not (tmp_path / "evil.png").exists()
-    assert run_ingest(settings, jsonl, tmp_path / "o2", "u2netp", opts, 2, None) == 0
+    assert run_ingest(settings, str(jsonl), str(tmp_path / "o2"), "u2netp", opts, 2, None) == 0
     rows = [
         json.loads(line) for line in (tmp_path / "o2" / "bgq-report.jsonl").read_text().splitlines()
     ]
@@ -182,7 +198,7 @@ def _ingest_one(settings: Settings, tmp_path: Path, warnings: list[str], stop: b
         if stop:
             raise Stop
 
-    run = Ingest(settings, tmp_path / "out", "u2netp", Options(), warn=warn)
+    run = Ingest(settings, Folder(tmp_path / "out"), "u2netp", Options(), warn=warn)
     run.run(open_catalog(src, exclude=tmp_path / "out")[1])
     return run
 

@@ -15,12 +15,13 @@ import httpx
 import pytest
 import redis
 
-from bgq import cache, contract
+from bgq import cache, contract, defaults
 from bgq.exporter import Exporter
 from bgq.stack import LocalStack
-from bgq.store import Store
+from bgq.store import INPUTS, RESULTS, Entry, FileStore, Store, open_store
 from bgq.units import parse_duration, parse_size
 from producer import Producer
+from tests.conftest import both_stores
 from tests.helpers import BGQ, LocalStackControl, answers, bgq, settle, variant, wait_for
 
 DAY = 86400.0
@@ -149,7 +150,7 @@ def test_exporter_queue_depth_results_stages_and_cache_hits(
 
 
 def test_exporter_store_size(stack: LocalStack, exporter: Exporter) -> None:
-    stats = cache.store_stats(stack.settings.store_dir)
+    stats = cache.store_stats(open_store(stack.settings))
     text = scrape(exporter)
     assert metric(text, "bgq_store_entries", 'kind="results"') == stats.results
     assert metric(text, "bgq_store_bytes", 'kind="results"') == stats.result_bytes
@@ -176,69 +177,83 @@ def test_exporter_command(stack: LocalStack, env: dict[str, str]) -> None:
 # -- cache lifecycle ----------------------------------------------------------------------
 
 
-def put(path: Path, size: int, age: float, now: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * size)
-    os.utime(path, (now - age, now - age))
-    return path
-
-
 def key(n: int) -> str:
     return f"{n:064x}"
 
 
-def test_prune_by_age_and_size_lru_first(tmp_path: Path, redis_client: redis.Redis) -> None:
-    store, now = Store(tmp_path), time.time()
-    old = put(store.output_path(key(1)), 1000, 10 * DAY, now)
-    older = put(store.output_path(key(2)), 1000, 20 * DAY, now)
-    busy = put(store.output_path(key(3)), 1000, 30 * DAY, now)  # its job is in flight
-    recent = put(store.output_path(key(4)), 1000, 2 * DAY, now)
-    newer = put(store.output_path(key(5)), 1000, 1 * DAY, now)
-    just_used = put(store.output_path(key(6)), 1000, 10, now)
-    tmp = put(store.output_path(key(7)).with_name(".x.png.abc.tmp"), 10, 2 * DAY, now)
-    redis_client.set(contract.guard_key(key(3)), "1", ex=60)
+def written(store: Store, kind: str, name: str, size: int) -> Entry:
+    store.write(kind, name, b"x" * size)
+    entry = store.stat(kind, name)
+    assert entry is not None
+    return entry
+
+
+def test_prune_by_age_skips_in_flight_and_recent(store: Store, redis_client: redis.Redis) -> None:
+    old, busy = written(store, RESULTS, key(1), 1000), written(store, RESULTS, key(3), 1000)
+    redis_client.set(contract.guard_key(key(3)), "1", ex=60)  # its job is in flight
     try:
-        report = cache.prune(tmp_path, redis_client, max_age=7 * DAY, now=now)
-        assert not old.exists() and not older.exists() and not tmp.exists()
-        assert busy.exists() and recent.exists() and newer.exists() and just_used.exists()
-        assert (report.removed, report.skipped_in_flight, report.temporaries_removed) == (2, 1, 1)
-        # By size: the least recently used go first, down to the limit.
-        report = cache.prune(tmp_path, redis_client, max_size=3000, now=now)
-        assert not recent.exists() and busy.exists() and newer.exists() and just_used.exists()
-        assert report.removed == 1 and not report.notes
-        report = cache.prune(tmp_path, redis_client, max_size=0, now=now)
-        assert not newer.exists() and busy.exists() and just_used.exists()
-        assert report.skipped_recent == 1 and report.skipped_in_flight == 1
-        assert report.notes  # still over the limit, and it says why
+        recent = cache.prune(store, redis_client, max_age=0, now=busy.mtime + 10)
+        assert recent.skipped_recent == 2 and recent.removed == 0  # used in the last minute
+        report = cache.prune(store, redis_client, max_age=7 * DAY, now=busy.mtime + 10 * DAY)
+        assert not store.has_output(old.name) and store.has_output(busy.name)
+        assert (report.removed, report.skipped_in_flight) == (1, 1)
     finally:
         redis_client.delete(contract.guard_key(key(3)))
 
 
-def test_a_cache_hit_counts_as_a_use(stack: LocalStack) -> None:
+def test_prune_by_size_drops_the_least_recently_used(store: Store) -> None:
+    first = written(store, RESULTS, key(1), 1000)
+    time.sleep(1.1)  # distinct last uses (S3's Last-Modified has whole seconds)
+    second = written(store, RESULTS, key(2), 1000)
+    time.sleep(1.1)
+    third = written(store, RESULTS, key(3), 1000)
+    report = cache.prune(store, None, max_size=2000, keep_inputs=True, now=third.mtime + DAY)
+    assert not store.has_output(first.name)
+    assert store.has_output(second.name) and store.has_output(third.name)
+    assert report.removed == 1 and not report.notes
+    report = cache.prune(store, None, max_size=0, keep_inputs=True, now=third.mtime + 30)
+    assert report.skipped_recent == 2 and report.notes  # still over the limit, and it says why
+
+
+def test_prune_removes_temporary_files(tmp_path: Path) -> None:
+    files, now = FileStore(tmp_path), time.time()
+    tmp = files.local_path(key(7)).with_name(".x.png.abc.tmp")
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"x")
+    os.utime(tmp, (now - DAY, now - DAY))
+    assert cache.prune(files, None, max_age=7 * DAY, now=now).temporaries_removed == 1
+    assert not tmp.exists()
+
+
+@both_stores
+def test_a_cache_hit_counts_as_a_use(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
     producer = Producer(stack.settings)
     data = variant("car-1.jpg", (0, 0, 250, 250))
-    path = producer.submit(data).wait(timeout=120)
-    long_ago = time.time() - 30 * DAY
-    os.utime(path, (long_ago, long_ago))
+    job = producer.submit(data)
+    job.wait(timeout=120)
+    before = producer.store.stat(RESULTS, job.key)
+    assert before is not None
+    time.sleep(1.1)
+    monkeypatch.setattr(defaults, "USE_RESOLUTION", 0.0)
     assert producer.submit(data).cached  # a hit re-stamps the result's last use
-    report = cache.prune(stack.settings.store_dir, None, max_age=7 * DAY)
-    assert path.exists() and report.removed == 0
-    assert time.time() - path.stat().st_mtime < 60
+    report = cache.prune(producer.store, None, max_age=7 * DAY, now=before.mtime + 7 * DAY + 0.6)
+    assert producer.store.has_output(job.key) and report.removed == 0
 
 
-def test_prune_removes_inputs_no_job_needs(tmp_path: Path, redis_client: redis.Redis) -> None:
-    store, now = Store(tmp_path), time.time()
-    done = put(store.input_path("a" * 64), 100, DAY, now)
-    needed = put(store.input_path("b" * 64), 100, DAY, now)
-    fresh = put(store.input_path("c" * 64), 100, 5, now)  # a producer may be enqueueing it
+def test_prune_removes_inputs_no_job_needs(store: Store, redis_client: redis.Redis) -> None:
+    done = written(store, INPUTS, "a" * 64, 100)
+    needed = written(store, INPUTS, "b" * 64, 100)
+    time.sleep(1.1)
+    fresh = written(store, INPUTS, "c" * 64, 100)  # a producer may be enqueueing it
+    now = done.mtime + defaults.PRUNE_INPUT_GRACE + 0.5
     redis_client.sadd(contract.input_refs_key("b" * 64), key(1))
     try:
-        kept = cache.prune(tmp_path, redis_client, keep_inputs=True, now=now)
-        assert kept.inputs_removed == 0 and done.exists()
-        assert cache.prune(tmp_path, None, now=now).notes  # no Redis: inputs kept, said why
-        assert done.exists()
-        report = cache.prune(tmp_path, redis_client, now=now)
-        assert not done.exists() and needed.exists() and fresh.exists()
+        kept = cache.prune(store, redis_client, keep_inputs=True, now=now)
+        assert kept.inputs_removed == 0 and store.stat(INPUTS, done.name)
+        assert cache.prune(store, None, now=now).notes  # no Redis: inputs kept, said why
+        report = cache.prune(store, redis_client, now=now)
+        assert store.stat(INPUTS, done.name) is None
+        assert store.stat(INPUTS, needed.name) and store.stat(INPUTS, fresh.name)
         assert (report.inputs_removed, report.inputs_kept) == (1, 1)
     finally:
         redis_client.delete(contract.input_refs_key("b" * 64))

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bgq import contract, store
+from bgq import contract, defaults
 from bgq.errors import StoreError, TransientError
-from bgq.store import FILE_MODE, Store, atomic_write
+from bgq.store import FILE_MODE, INPUTS, RESULTS, FileStore, Store, atomic_write
 
 DIGEST = contract.input_digest(b"input")
 
 
 def fail_fsync(fd: int) -> None:
     raise OSError(5, "simulated I/O error")
-
-
-@pytest.fixture
-def blobs(tmp_path: Path) -> Store:
-    return Store(tmp_path / "blobs")
 
 
 @pytest.fixture
@@ -88,64 +85,111 @@ def test_interrupted_write_cleans_up(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert os.listdir(tmp_path) == []
 
 
-def test_store_paths_follow_the_contract(blobs: Store) -> None:
-    assert blobs.input_path(DIGEST) == contract.input_path(blobs.root, DIGEST)
-    assert blobs.output_path("ab" * 32) == contract.output_path(blobs.root, "ab" * 32)
+def test_layout_follows_the_contract(tmp_path: Path) -> None:
+    files = FileStore(tmp_path)
+    assert files.local_path("ab" * 32) == tmp_path / contract.object_name(RESULTS, "ab" * 32)
+    assert files.path(INPUTS, DIGEST) == tmp_path / "inputs" / DIGEST[:2] / DIGEST[2:4] / DIGEST
 
 
-def test_put_input_then_read_input(blobs: Store) -> None:
-    path = blobs.put_input(DIGEST, b"input")
-    assert path == blobs.root / "inputs" / DIGEST[:2] / DIGEST[2:4] / DIGEST
-    assert blobs.read_input(DIGEST) == b"input"
+def test_put_input_then_read_input(store: Store) -> None:
+    store.put_input(DIGEST, b"input")
+    assert store.read_input(DIGEST) == b"input"
+    entry = store.stat(INPUTS, DIGEST)
+    assert entry is not None and entry.size == len(b"input")
 
 
-def test_put_input_is_idempotent(blobs: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = blobs.put_input(DIGEST, b"input")
+def test_put_input_writes_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.put_input(DIGEST, b"input")
 
-    def no_rewrite(path: Path, data: bytes) -> None:
+    def no_rewrite(*args: object) -> None:
         raise AssertionError("an existing input blob must not be rewritten")
 
-    monkeypatch.setattr(store, "atomic_write", no_rewrite)
-    assert blobs.put_input(DIGEST, b"input") == first
-    assert blobs.read_input(DIGEST) == b"input"
+    monkeypatch.setattr(store, "write", no_rewrite)
+    store.put_input(DIGEST, b"input")
+    assert store.read_input(DIGEST) == b"input"
 
 
-def test_read_input_of_a_missing_blob_is_a_transient_store_error(blobs: Store) -> None:
+def test_read_input_of_a_missing_blob_is_a_transient_store_error(store: Store) -> None:
     with pytest.raises(StoreError, match="store") as info:
-        blobs.read_input(DIGEST)
+        store.read_input(DIGEST)
     assert isinstance(info.value, TransientError)
     assert DIGEST in str(info.value)
 
 
-def test_read_input_of_an_unreadable_blob_is_a_store_error(blobs: Store) -> None:
-    blobs.input_path(DIGEST).mkdir(parents=True)
+def test_read_input_of_an_unreadable_blob_is_a_store_error(tmp_path: Path) -> None:
+    files = FileStore(tmp_path)
+    files.path(INPUTS, DIGEST).mkdir(parents=True)
     with pytest.raises(StoreError, match="cannot read"):
-        blobs.read_input(DIGEST)
+        files.read_input(DIGEST)
 
 
-def test_put_output_then_has_output(blobs: Store) -> None:
+def test_put_output_then_has_output(store: Store, tmp_path: Path) -> None:
     key = "cd" * 32
-    assert not blobs.has_output(key)
-    path = blobs.put_output(key, b"\x89PNG fake")
-    assert path == blobs.output_path(key)
-    assert path.read_bytes() == b"\x89PNG fake"
-    assert blobs.has_output(key)
-    assert not blobs.has_output("ef" * 32)
+    assert not store.has_output(key)
+    store.put_output(key, b"\x89PNG fake")
+    assert store.read_output(key) == b"\x89PNG fake"
+    assert b"".join(store.chunks(key)) == b"\x89PNG fake"
+    assert store.has_output(key)
+    assert not store.has_output("ef" * 32)
+    assert [(e.name, e.size) for e in store.scan(RESULTS)] == [(key, 9)]
+    store.save(key, tmp_path / "copy" / "out.png")
+    assert (tmp_path / "copy" / "out.png").read_bytes() == b"\x89PNG fake"
 
 
-def test_put_output_overwrites_a_previous_result(blobs: Store) -> None:
+def test_put_output_overwrites_a_previous_result(store: Store) -> None:
     key = "cd" * 32
-    blobs.put_output(key, b"one")
-    blobs.put_output(key, b"two")
-    assert blobs.output_path(key).read_bytes() == b"two"
+    store.put_output(key, b"one")
+    store.put_output(key, b"two")
+    assert store.read_output(key) == b"two"
+
+
+def test_a_hit_stamps_the_last_use(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "cd" * 32
+    store.put_output(key, b"png")
+    before = store.stat(RESULTS, key)
+    assert before is not None
+    time.sleep(1.1)  # S3's Last-Modified has whole seconds
+    assert store.use_output(key)
+    unchanged = store.stat(RESULTS, key)
+    assert unchanged is not None and unchanged.mtime == before.mtime  # used just now: no stamp
+    monkeypatch.setattr(defaults, "USE_RESOLUTION", 0.0)
+    assert store.use_output(key)
+    after = store.stat(RESULTS, key)
+    assert after is not None and after.mtime > before.mtime
+    assert store.read_output(key) == b"png"  # the stamp keeps the bytes
+    assert not store.use_output("ef" * 32)
+
+
+def test_delete_if_unused_keeps_what_was_used_since_the_scan(store: Store) -> None:
+    key = "cd" * 32
+    store.put_output(key, b"png")
+    (entry,) = store.scan(RESULTS)
+    assert not store.delete_if_unused(entry, now=entry.mtime + 10)  # used within PRUNE_MIN_IDLE
+    stale = dataclasses.replace(entry, mtime=entry.mtime - 5)  # scanned before a later use
+    assert not store.delete_if_unused(stale, now=entry.mtime + 3600)
+    assert store.delete_if_unused(entry, now=entry.mtime + 3600)
+    assert not store.has_output(key)
+    assert list(store.scan(RESULTS)) == []
+
+
+def test_locations(store: Store) -> None:
+    key = "cd" * 32
+    where = store.location(key)
+    if isinstance(store, FileStore):
+        assert where == store.local_path(key) and store.s3_object(key) is None
+        assert store.presigned_url(key, 60) is None
+    else:
+        assert where == f"{store.url}results/cd/cd/{key}.png"
+        assert store.local_path(key) is None
+        assert store.s3_object(key) == (store.url[5:].split("/")[0], f"bgq/results/cd/cd/{key}.png")
 
 
 def test_a_failed_store_write_is_a_store_error(
-    blobs: Store, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = "cd" * 32
+    files, key = FileStore(tmp_path), "cd" * 32
     monkeypatch.setattr(os, "fsync", fail_fsync)
     with pytest.raises(StoreError, match="cannot write"):
-        blobs.put_output(key, b"png")
-    assert not blobs.has_output(key)
-    assert os.listdir(blobs.output_path(key).parent) == []
+        files.put_output(key, b"png")
+    assert not files.has_output(key)
+    assert os.listdir(files.local_path(key).parent) == []

@@ -14,7 +14,7 @@ from bgq import contract, defaults
 from bgq.errors import JobFailed
 from bgq.stack import LocalStack
 from producer import Producer
-from tests.conftest import StackFactory
+from tests.conftest import StackFactory, both_stores
 from tests.helpers import variant
 
 
@@ -44,9 +44,12 @@ def _active_pid(
     raise AssertionError(f"job {key} never became active")
 
 
-def test_job_that_kills_its_worker_fails_for_good(make_stack: StackFactory) -> None:
+@both_stores
+def test_job_that_kills_its_worker_fails_for_good(
+    make_stack: StackFactory, store_settings: dict[str, object]
+) -> None:
     """Like the OOM killer: SIGKILL the pool process on every delivery; it must stop retrying."""
-    stack = make_stack(concurrency=1)
+    stack = make_stack(concurrency=1, **store_settings)
     producer = Producer(stack.settings)
     app = producer.app
     # Alpha matting on a large image keeps the pool process busy for seconds.
@@ -63,5 +66,5 @@ def test_job_that_kills_its_worker_fails_for_good(make_stack: StackFactory) -> N
         job.wait(timeout=120)
     assert failure.value.permanent
     # The worker survived and serves the next job.
-    assert producer.submit(variant("car-1.jpg", (5, 5, 200, 200))).wait(timeout=120).is_file()
+    assert producer.submit(variant("car-1.jpg", (5, 5, 200, 200))).read(timeout=120)
     client.close()

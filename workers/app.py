@@ -10,6 +10,7 @@ from celery.signals import worker_init, worker_process_init
 import celeryconfig
 from bgq.errors import BgqError
 from bgq.settings import load_settings
+from bgq.store import Store, open_store
 from workers import session
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,23 @@ app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maint
 app.conf.update(celeryconfig.build(settings))
 
 
+_store: Store | None = None
+
+
+def app_store() -> Store:
+    """This process's store (its clients are made after fork, on first use)."""
+    global _store
+    if _store is None:
+        _store = open_store(settings)
+    return _store
+
+
 @worker_init.connect
 def _check_model(**_: object) -> None:
-    """In the main process, before forking: the default model's weights must be in place."""
+    """In the main process, before forking: the model's weights and the store must be usable."""
     try:
         session.ensure_weights(settings)
+        open_store(settings).check()
     except BgqError as exc:
         log.critical("bgq worker cannot start: %s", exc)
         raise SystemExit(f"bgq worker cannot start: {exc}") from None

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from bgq import cache, contract
-from workers.app import app, settings
+from workers.app import app, app_store, settings
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def prune_cache() -> dict[str, Any]:
         if not held:
             return {"skipped": "another prune is running"}
         report = cache.prune(
-            settings.store_dir,
+            app_store(),
             client,
             max_age=settings.cache_max_age,
             max_size=settings.cache_max_size,

@@ -13,9 +13,8 @@ from celery import Task
 from bgq import contract, defaults, jobs
 from bgq.contract import TaskArgs
 from bgq.errors import BrokerError, OutOfMemory, TransientError, WorkerCrashed
-from bgq.store import Store
 from workers import imaging, session
-from workers.app import app, settings
+from workers.app import app, app_store, settings
 from workers.retry import backoff
 
 log = logging.getLogger(__name__)
@@ -23,10 +22,9 @@ log = logging.getLogger(__name__)
 
 def process(args: TaskArgs) -> dict[str, Any]:
     """Compute one result unless the store already has it; return what was done and how long."""
-    store = Store(settings.store_dir)
-    out = store.output_path(args.key)
+    store = app_store()
     seconds: dict[str, float] = {}
-    computed = not out.is_file()
+    computed = not store.has_output(args.key)
     if computed:
         clock = time.perf_counter()
 
@@ -49,7 +47,7 @@ def process(args: TaskArgs) -> dict[str, Any]:
         lap("write")
     return {
         "key": args.key,
-        "output": str(out),
+        "output": str(store.location(args.key)),
         "computed": computed,
         "pid": os.getpid(),
         "seconds": seconds,

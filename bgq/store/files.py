@@ -1,0 +1,162 @@
+"""The filesystem store: a directory every process sees (one machine, or a shared volume/NFS)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bgq.errors import ConfigError, StoreError
+from bgq.store.base import RESULTS, Entry, Store, entry_name, object_name
+
+FILE_MODE = 0o644  # results are read by other processes and users (api, flower, ops)
+CHUNK = 1 << 20  # bytes per piece when a result is streamed
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that no reader ever sees a partial file.
+
+    A temporary file in the same directory is written and fsynced, then renamed over `path`;
+    the directory is fsynced so the rename survives a crash.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), FILE_MODE)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def link_or_copy(source: Path, dest: Path) -> None:
+    """Put `source` at `dest` atomically: a hard link when possible, else a copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if dest.exists() and os.path.samefile(source, dest):
+            return
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        atomic_write(dest, source.read_bytes())
+
+
+class FileStore(Store):
+    """The store under one root directory, laid out by `object_name`."""
+
+    def __init__(self, root: Path, setting: str = "BGQ_HOME") -> None:
+        self.root = root
+        self.url = str(root)
+        self.setting = setting  # named in errors: the variable that chose this directory
+
+    def path(self, kind: str, name: str) -> Path:
+        return self.root / object_name(kind, name)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".check.", suffix=".tmp"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.setting}: the store {self.root} is not writable: {exc.strerror or exc}"
+            ) from None
+
+    def stat(self, kind: str, name: str) -> Entry | None:
+        try:
+            st = self.path(kind, name).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {self.path(kind, name)}: {exc}") from exc
+        return Entry(kind, name, st.st_size, st.st_mtime)
+
+    def read(self, kind: str, name: str) -> bytes:
+        path = self.path(kind, name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{path} not found in the store") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def write(self, kind: str, name: str, data: bytes) -> None:
+        path = self.path(kind, name)
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc}") from exc
+
+    def touch(self, kind: str, name: str) -> None:
+        try:
+            os.utime(self.path(kind, name))
+        except OSError as exc:
+            raise StoreError(f"cannot touch {self.path(kind, name)}: {exc}") from exc
+
+    def delete(self, kind: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(kind, name).unlink()
+
+    def scan(self, kind: str) -> Iterator[Entry]:
+        for dirpath, dirnames, filenames in os.walk(self.root / kind):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for base in filenames:
+                if base.startswith("."):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = Path(dirpath, base).stat()
+                    yield Entry(kind, entry_name(kind, base), st.st_size, st.st_mtime)
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        path = self.path(RESULTS, key)
+        try:
+            with path.open("rb") as fh:
+                while piece := fh.read(CHUNK):
+                    yield piece
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def save(self, key: str, dest: Path, link: bool = False) -> None:
+        if not link:
+            super().save(key, dest)
+            return
+        try:
+            link_or_copy(self.path(RESULTS, key), dest)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path(RESULTS, key)} not found in the store") from None
+        except OSError as exc:
+            raise StoreError(f"cannot write {dest}: {exc}") from exc
+
+    def local_path(self, key: str) -> Path:
+        return self.path(RESULTS, key)
+
+    def remove_temporaries(self, older_than: float, now: float, dry_run: bool) -> int:
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.root):
+            for base in filenames:
+                if not (base.startswith(".") and base.endswith(".tmp")):
+                    continue
+                path = Path(dirpath, base)
+                with contextlib.suppress(FileNotFoundError):
+                    if now - path.stat().st_mtime > older_than:
+                        if not dry_run:
+                            path.unlink()
+                        removed += 1
+        return removed

@@ -1,0 +1,228 @@
+"""The S3 store: objects under s3://BUCKET/PREFIX on AWS or any S3-compatible server.
+
+One PUT writes an object whole, so no reader ever sees part of it; a result's LastModified is
+its last use, re-stamped on a hit by a server-side self-copy (as the filesystem store re-stamps
+a file's mtime). Errors that can pass (timeouts, 5xx, throttling, a dropped connection) are
+retried by botocore, then raised as StoreError (transient); a missing bucket or refused
+credentials raise ConfigError naming the setting (permanent).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from bgq import defaults
+from bgq.contract import RESULTS, object_name
+from bgq.errors import ConfigError, StoreError
+from bgq.store.base import Entry, Store, entry_name
+
+if TYPE_CHECKING:
+    from bgq.settings import Settings
+
+CHUNK = 1 << 20  # bytes per piece when a result is streamed
+CONTENT_TYPES = {RESULTS: "image/png"}  # inputs: application/octet-stream
+DENIED = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "AuthorizationHeaderMalformed",
+        "403",
+    }
+)
+MISSING_BUCKET = frozenset({"NoSuchBucket"})
+CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE"
+
+
+def make_client(settings: Settings, attempts: int = defaults.S3_MAX_ATTEMPTS) -> Any:
+    """A boto3 S3 client from BGQ_S3_* and the standard AWS credential chain."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    config = Config(
+        connect_timeout=min(defaults.S3_CONNECT_TIMEOUT, settings.s3_timeout),
+        read_timeout=settings.s3_timeout,
+        retries={"max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=defaults.S3_POOL_CONNECTIONS,
+        s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
+    )
+    return session.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region or session.region_name or "us-east-1",
+        config=config,
+    )
+
+
+def error_code(exc: Exception) -> str:
+    """The S3 error code of a botocore ClientError ("" for other errors)."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def raise_store_error(exc: Exception, doing: str, where: str) -> NoReturn:
+    """Re-raise a botocore error: ConfigError for a missing bucket or refused credentials,
+    StoreError (transient) for the rest. Messages never carry credentials."""
+    from botocore.exceptions import NoCredentialsError
+
+    code = error_code(exc)
+    if isinstance(exc, NoCredentialsError):
+        raise ConfigError(f"no AWS credentials for {where}: set {CREDENTIALS}") from None
+    if code in MISSING_BUCKET:
+        raise ConfigError(f"the bucket of {where} does not exist") from None
+    if code in DENIED:
+        raise ConfigError(
+            f"{where}: access refused ({code}); check the credentials ({CREDENTIALS})"
+        ) from None
+    raise StoreError(f"cannot {doing} {where}: {exc}") from exc
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(bucket, key prefix) of `s3://BUCKET[/PREFIX]`; the prefix is "" or ends in "/"."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+class S3Store(Store):
+    """The store in one bucket, under one key prefix, laid out by `object_name`."""
+
+    def __init__(self, settings: Settings, bucket: str, prefix: str) -> None:
+        self.settings = settings
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}"
+        self._client: Any = None
+        self._pid = 0
+
+    @property
+    def client(self) -> Any:
+        """This process's client: made on first use, and again after a fork."""
+        if self._client is None or self._pid != os.getpid():
+            self._client, self._pid = make_client(self.settings), os.getpid()
+        return self._client
+
+    def key(self, kind: str, name: str) -> str:
+        return self.prefix + object_name(kind, name)
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        endpoint = self.settings.s3_endpoint_url
+        try:
+            make_client(self.settings, attempts=1).head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchBucket"):
+                raise ConfigError(
+                    f"BGQ_STORE_URL={self.url}: bucket {self.bucket!r} does not exist"
+                ) from None
+            raise_store_error(exc, "reach", self.url)
+        except BotoCoreError as exc:
+            if "credentials" in type(exc).__name__.lower():
+                raise_store_error(exc, "reach", self.url)
+            where = f"BGQ_S3_ENDPOINT_URL={endpoint}" if endpoint else "the AWS S3 endpoint"
+            raise ConfigError(f"{where} is unreachable: {exc}") from None
+
+    def stat(self, kind: str, name: str) -> Entry | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key(kind, name))
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey"):
+                return None
+            raise_store_error(exc, "stat", self.url + object_name(kind, name))
+        except BotoCoreError as exc:
+            raise_store_error(exc, "stat", self.url + object_name(kind, name))
+        return Entry(kind, name, head["ContentLength"], _seconds(head["LastModified"]))
+
+    def read(self, kind: str, name: str) -> bytes:
+        return b"".join(self._body(kind, name))
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        return self._body(RESULTS, key)
+
+    def _body(self, kind: str, name: str) -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = self.url + object_name(kind, name)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(kind, name))["Body"]
+            yield from body.iter_chunks(CHUNK)
+        except ClientError as exc:
+            if error_code(exc) == "NoSuchKey":
+                raise StoreError(f"{where} not found in the store") from None
+            raise_store_error(exc, "read", where)
+        except BotoCoreError as exc:
+            raise_store_error(exc, "read", where)
+
+    def write(self, kind: str, name: str, data: bytes) -> None:
+        self._call(
+            "put_object",
+            kind,
+            name,
+            Body=data,
+            ContentType=CONTENT_TYPES.get(kind, "application/octet-stream"),
+        )
+
+    def touch(self, kind: str, name: str) -> None:
+        self._call(
+            "copy_object",
+            kind,
+            name,
+            CopySource={"Bucket": self.bucket, "Key": self.key(kind, name)},
+            MetadataDirective="REPLACE",
+            Metadata={"bgq-used": str(int(time.time()))},
+            ContentType=CONTENT_TYPES.get(kind, "application/octet-stream"),
+        )
+
+    def delete(self, kind: str, name: str) -> None:
+        self._call("delete_object", kind, name)
+
+    def _call(self, method: str, kind: str, name: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            call = getattr(self.client, method)
+            return call(Bucket=self.bucket, Key=self.key(kind, name), **kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise_store_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
+
+    def scan(self, kind: str) -> Iterator[Entry]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}{kind}/"
+        )
+        try:
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    base = obj["Key"].rsplit("/", 1)[-1]
+                    if base and not base.startswith("."):
+                        name = entry_name(kind, base)
+                        yield Entry(kind, name, obj["Size"], _seconds(obj["LastModified"]))
+        except (BotoCoreError, ClientError) as exc:
+            raise_store_error(exc, "list", self.url + kind)
+
+    def s3_object(self, key: str) -> tuple[str, str]:
+        return self.bucket, self.key(RESULTS, key)
+
+    def presigned_url(self, key: str, seconds: int) -> str:
+        return str(
+            self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self.key(RESULTS, key)},
+                ExpiresIn=seconds,
+            )
+        )
+
+
+def _seconds(moment: Any) -> float:
+    """Whole seconds: HEAD's Last-Modified has no fraction, LIST's may have one."""
+    return float(int(moment.timestamp()))

@@ -1,0 +1,158 @@
+"""The HTTP plumbing of `bgq api`: the JSON error shape, the body limit, per-process metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from bgq.errors import (
+    BgqError,
+    BrokerError,
+    ConfigError,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    JobFailed,
+    UnsupportedImage,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message"}}` with an HTTP status."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def api_error(exc: BgqError) -> ApiError:
+    """The HTTP answer to one of bgq's errors."""
+    if isinstance(exc, InvalidImage):
+        return ApiError(415, "unsupported_media_type", f"not an image: {exc}")
+    if isinstance(exc, ImageTooLarge):
+        return ApiError(413, "image_too_large", str(exc))
+    if isinstance(exc, UnsupportedImage):
+        return ApiError(422, "unsupported_image", str(exc))
+    if isinstance(exc, InvalidRequest):
+        return ApiError(422, "invalid_request", str(exc))
+    if isinstance(exc, JobFailed):
+        return ApiError(422 if exc.permanent else 500, "job_failed", exc.error)
+    if isinstance(exc, BrokerError | ConfigError):
+        return ApiError(503, "unavailable", str(exc))
+    return ApiError(500, "internal", str(exc))
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def too_large(max_bytes: int) -> str:
+    return f"request body over the BGQ_MAX_UPLOAD_MB limit of {max_bytes / 2**20:g} MiB"
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit: by Content-Length at once, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = error_response(413, "payload_too_large", too_large(self.max_bytes))
+                await response(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class Metrics:
+    """Prometheus metrics of one API process (its own registry)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "bgq_api_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "bgq_api_request_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "bgq_api_cache_lookups",
+            "Submissions answered from the store (hit) or enqueued (miss).",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("hit", "miss"):
+            self.cache.labels(result)
+
+
+class MetricsMiddleware:
+    """Count every request and its latency under its route template (not the raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)

@@ -1,0 +1,174 @@
+"""The long-running commands: a local stack, workers, the API, Flower, the exporter, beat."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from bgq import contract, defaults
+from bgq.errors import ConfigError
+from bgq.settings import load_settings
+from producer.cli_common import (
+    LOOPBACK,
+    app,
+    check_store,
+    ensure_model,
+    handle_errors,
+    sanitize_url,
+    stop_on_signals,
+)
+
+
+@app.command()
+@handle_errors
+def up(
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes [default: BGQ_CONCURRENCY].")
+    ] = None,
+    flower: Annotated[bool, typer.Option(help="Also run Flower on 127.0.0.1.")] = False,
+    flower_port: Annotated[int, typer.Option(help="Flower's port.")] = defaults.FLOWER_PORT,
+) -> None:
+    """Run a local stack in the foreground: embedded Redis (unless BGQ_REDIS_URL) and workers."""
+    from bgq.stack import LocalStack
+    from bgq.store import open_store
+
+    settings = load_settings()
+    ensure_model(settings)
+    check_store(settings)
+    stopping = stop_on_signals()
+    stack = LocalStack(settings, workers=workers, flower_port=flower_port if flower else None)
+    typer.echo(f"bgq: starting Redis and {stack.workers} worker process(es)...", err=True)
+    with stack:
+        assert stack.worker is not None
+        typer.echo(
+            f"bgq: ready. broker {sanitize_url(stack.url)}, store {open_store(settings).url}, "
+            f"{stack.workers} worker process(es). Ctrl-C stops everything.",
+            err=True,
+        )
+        if flower:
+            typer.echo(f"bgq: Flower on http://127.0.0.1:{flower_port}/", err=True)
+        while not stopping.is_set() and stack.worker.poll() is None:
+            stopping.wait(0.2)
+        crashed = not stopping.is_set()
+        typer.echo("bgq: stopping...", err=True)
+    if crashed:
+        raise ConfigError("the worker exited unexpectedly; everything was stopped")
+    typer.echo("bgq: stopped.", err=True)
+
+
+@app.command()
+@handle_errors
+def status() -> None:
+    """Print the broker URL, the workers online and the queue depth; exit 1 if no worker is up."""
+    from producer.client import Producer
+
+    producer = Producer()
+    producer.store.check()
+    celery_app = producer.app
+    url = celery_app.conf.broker_url
+    names = producer.workers_online()
+    depth = celery_app.backend.client.llen(contract.QUEUE)
+    typer.echo(f"broker:      {sanitize_url(url)}")
+    typer.echo(f"store:       {producer.store.url}")
+    typer.echo(f"queue depth: {depth} ({contract.QUEUE})")
+    typer.echo(f"workers:     {len(names)} online" + "".join(f"\n  {n}" for n in names))
+    if not names:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = defaults.API_HOST,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.API_PORT,
+) -> None:
+    """Serve the HTTP API (FastAPI on uvicorn); docs at /docs, schema at /openapi.json."""
+    import uvicorn
+
+    from producer.api import create_app
+
+    settings = load_settings()
+    settings.broker_url()  # fail here, clearly, when there is no broker
+    check_store(settings)
+    if host not in LOOPBACK and not settings.api_key_list:
+        typer.echo(
+            f"bgq: warning: listening on {host} with no BGQ_API_KEYS: anyone who can reach it "
+            "can submit jobs",
+            err=True,
+        )
+    uvicorn.run(create_app(settings), host=host, port=port, proxy_headers=True)
+
+
+@app.command("flower")
+@handle_errors
+def flower_cmd(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = defaults.FLOWER_PORT,
+    address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Run Flower on the configured broker; login from BGQ_FLOWER_BASIC_AUTH (user:password)."""
+    from bgq.stack import flower_command, flower_env
+
+    settings = load_settings()
+    settings.broker_url()
+    if address not in LOOPBACK and not settings.flower_basic_auth:
+        raise ConfigError(
+            f"refusing to serve Flower on {address} without a login: set "
+            "BGQ_FLOWER_BASIC_AUTH=user:password (or listen on 127.0.0.1)"
+        )
+    cmd = flower_command(port, address)
+    env = {**os.environ, **flower_env(settings)}
+    os.execve(cmd[0], cmd, env)
+
+
+@app.command()
+@handle_errors
+def exporter(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.EXPORTER_PORT,
+) -> None:
+    """Serve bgq's Prometheus metrics (queues, cache, results, stage times, store) on /metrics."""
+    from bgq.exporter import Exporter
+
+    settings = load_settings()
+    stopping = stop_on_signals()
+    server = Exporter(settings, host, port)
+    typer.echo(f"bgq: exporter on http://{host}:{server.port}/metrics", err=True)
+    try:
+        stopping.wait()
+    finally:
+        server.stop()
+
+
+@app.command()
+@handle_errors
+def beat() -> None:
+    """Run Celery beat with bgq's schedule (the cache prune every hour, run by the workers)."""
+    settings = load_settings()
+    settings.broker_url()
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", "INFO",
+        "--schedule", str(settings.run_dir / "celerybeat-schedule"),
+    ]  # fmt: skip
+    os.execv(cmd[0], cmd)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def worker(ctx: typer.Context) -> None:
+    """Start a Celery worker with bgq's defaults; extra arguments go to `celery worker`."""
+    from bgq.stack import worker_command
+
+    settings = load_settings()
+    settings.broker_url()  # fail here, clearly, when there is no broker
+    ensure_model(settings)
+    check_store(settings)
+    named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in ctx.args)
+    cmd = worker_command(settings.concurrency, "bgq@%h", *ctx.args)
+    if named:  # the caller's node name wins: drop bgq's default
+        at = cmd.index("--hostname")
+        del cmd[at : at + 2]
+    os.execv(cmd[0], cmd)

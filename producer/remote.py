@@ -1,0 +1,104 @@
+"""S3 sources and destinations of `bgq ingest` (`s3://BUCKET/PREFIX`), with the store's S3
+settings (BGQ_S3_ENDPOINT_URL, BGQ_S3_REGION, the AWS credential chain)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from bgq.store.s3 import error_code, make_client, raise_store_error, split_url
+from producer.catalog import InputError, Item, output_names
+
+if TYPE_CHECKING:
+    from bgq.settings import Settings
+    from bgq.store import Store
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+class S3Prefix:
+    """Objects under one bucket and key prefix."""
+
+    def __init__(self, settings: Settings, url: str) -> None:
+        self.client: Any = make_client(settings)
+        self.bucket, self.prefix = split_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}"
+
+    def keys(self, exclude: str | None = None) -> list[str]:
+        """Every visible object key under the prefix, relative to it, in key order."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix
+        )
+        try:
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    rel = obj["Key"][len(self.prefix) :]
+                    hidden = any(part.startswith(".") for part in rel.split("/"))
+                    if rel and not rel.endswith("/") and not hidden:
+                        found.append(rel)
+        except (BotoCoreError, ClientError) as exc:
+            raise_store_error(exc, "list", self.url)
+        if exclude is not None:
+            found = [k for k in found if not (self.prefix + k).startswith(exclude)]
+        return found
+
+    def catalog(self, exclude: str | None = None) -> tuple[int, Iterator[Item]]:
+        """The inputs under the prefix as ingest Items, outputs mirrored like a folder's."""
+        folders: dict[str, list[str]] = {}
+        for rel in self.keys(exclude):
+            folder, _, name = rel.rpartition("/")
+            folders.setdefault(folder, []).append(name)
+        items = [
+            Item(f"{self.url}{folder}/{name}" if folder else f"{self.url}{name}", out)
+            for folder in sorted(folders)
+            for name, out in zip(
+                folders[folder],
+                [str(PurePosixPath(folder, n)) for n in output_names(folders[folder])],
+                strict=True,
+            )
+        ]
+        return len(items), iter(items)
+
+    def read(self, source: str) -> bytes:
+        """The bytes of one listed input (`s3://BUCKET/KEY`); a vanished one is InputError."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = source.removeprefix("s3://").partition("/")
+        try:
+            return bytes(self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                raise InputError("not found (deleted since it was listed?)") from None
+            raise_store_error(exc, "read", source)
+        except BotoCoreError as exc:
+            raise_store_error(exc, "read", source)
+
+    def place(self, store: Store, key: str, name: str) -> str:
+        """Put a result under the prefix: a server-side copy from an S3 store, else an upload."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        dest = self.prefix + name
+        source = store.s3_object(key)
+        try:
+            if source is not None:
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=dest,
+                    CopySource={"Bucket": source[0], "Key": source[1]},
+                )
+            else:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=dest,
+                    Body=store.read_output(key),
+                    ContentType="image/png",
+                )
+        except (BotoCoreError, ClientError) as exc:
+            raise_store_error(exc, "write", f"s3://{self.bucket}/{dest}")
+        return f"s3://{self.bucket}/{dest}"

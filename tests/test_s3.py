@@ -1,0 +1,245 @@
+"""What only the S3 store does: nothing shared but Redis and the bucket, buckets as ingest's
+source and destination, presigned results, start-up checks, and an S3 outage mid-ingest."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from bgq.settings import Settings
+from bgq.stack import LocalStack
+from bgq.store import RESULTS, open_store
+from producer import Producer
+from tests.conftest import StackFactory, s3_settings
+from tests.helpers import BGQ, ApiServer, bgq, pixels, variant, wait_for
+from tests.s3server import S3Server
+
+
+@pytest.fixture(scope="module")
+def store_kind() -> str:
+    return "s3"
+
+
+def s3_env(stack: LocalStack, env: dict[str, str]) -> dict[str, str]:
+    """A command's environment on the stack's Redis and bucket."""
+    settings = stack.settings
+    return {
+        **env,
+        "BGQ_REDIS_URL": stack.url,
+        "BGQ_STORE_URL": str(settings.store_url),
+        "BGQ_S3_ENDPOINT_URL": str(settings.s3_endpoint_url),
+    }
+
+
+def keys(server: S3Server, bucket: str, prefix: str = "") -> list[str]:
+    pages = server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", ()))
+
+
+def test_nothing_is_shared_but_redis_and_the_bucket(
+    stack: LocalStack, tmp_path: Path, reference: Callable[..., bytes]
+) -> None:
+    """Workers, a producer and an API, each with its own BGQ_HOME: no store file anywhere."""
+    producer = Producer(stack.settings.model_copy(update={"home": tmp_path / "producer"}))
+    data = variant("anime-girl-1.jpg", (20, 20, 420, 420))
+    job = producer.submit(data)
+    assert isinstance(job.wait(timeout=120), str)  # the result's s3:// URL
+    assert (pixels(job.read())[1] == pixels(reference(data))[1]).all()
+    job.save(tmp_path / "out" / "x.png")
+    assert (tmp_path / "out" / "x.png").read_bytes() == job.read()
+    api_settings = stack.settings.model_copy(
+        update={"home": tmp_path / "api", "redis_url": stack.url}
+    )
+    api = ApiServer(api_settings).start()
+    try:
+        got = httpx.get(f"{api.url}/v1/jobs/{job.key}/result", timeout=30)
+        assert got.status_code == 200 and got.content == job.read()
+        posted = httpx.post(f"{api.url}/v1/remove", content=data, timeout=60)
+        assert posted.headers["x-bgq-cached"] == "true" and posted.content == job.read()
+    finally:
+        api.stop()
+    for home in (stack.settings.home, tmp_path / "producer", tmp_path / "api"):
+        assert not (home / "store").exists(), f"a store directory appeared under {home}"
+
+
+def test_presigned_result_redirect(stack: LocalStack) -> None:
+    producer = Producer(stack.settings)
+    job = producer.submit(variant("car-1.jpg", (0, 0, 260, 200)))
+    png = job.read(timeout=120)
+    settings = stack.settings.model_copy(
+        update={"redis_url": stack.url, "result_redirect": "presigned", "presign_seconds": 60}
+    )
+    api = ApiServer(settings).start()
+    try:
+        answer = httpx.get(f"{api.url}/v1/jobs/{job.key}/result", timeout=30)
+        assert answer.status_code == 307
+        location = answer.headers["location"]
+        assert "Expires=" in location or "X-Amz-Expires=60" in location
+        assert httpx.get(location, timeout=30).content == png  # the bucket serves the bytes
+    finally:
+        api.stop()
+
+
+def test_ingest_from_a_bucket_into_a_bucket_and_resume(
+    stack: LocalStack, s3_server: S3Server, env: dict[str, str], reference: Callable[..., bytes]
+) -> None:
+    client, source, dest = s3_server.client(), s3_server.bucket(), s3_server.bucket()
+    inputs = {
+        "catalog/shoes/1.jpg": variant("car-1.jpg", (0, 0, 300, 220)),
+        "catalog/shoes/2.png": variant("cloth-1.jpg", (0, 0, 280, 400), "PNG"),
+        "catalog/a.jpg": variant("anime-girl-1.jpg", (0, 0, 300, 300)),
+        "catalog/notes.txt": b"not an image",
+        "catalog/.hidden/x.jpg": b"skipped",
+    }
+    for key, data in inputs.items():
+        client.put_object(Bucket=source, Key=key, Body=data)
+    env = s3_env(stack, env)
+    args = ("ingest", f"s3://{source}/catalog", "--out", f"s3://{dest}/cutouts")
+    first = bgq(*args, "--report", str(Path(env["BGQ_HOME"]) / "r1.jsonl"), env=env, timeout=300)
+    assert first.returncode == 1, first.stdout + first.stderr  # notes.txt is not an image
+    assert "3 done, 0 cached, 1 failed" in first.stdout
+    assert f"FAILED s3://{source}/catalog/notes.txt" in first.stdout
+    made = keys(s3_server, dest)
+    assert made == ["cutouts/a.png", "cutouts/shoes/1.png", "cutouts/shoes/2.png"]
+    got = client.get_object(Bucket=dest, Key="cutouts/a.png")["Body"].read()
+    want = reference(inputs["catalog/a.jpg"])
+    assert (pixels(got)[1] == pixels(want)[1]).all()
+    again = bgq(*args, "--report", str(Path(env["BGQ_HOME"]) / "r2.jsonl"), env=env, timeout=120)
+    assert "0 done, 3 cached, 1 failed" in again.stdout, again.stdout + again.stderr
+    assert keys(s3_server, dest) == made
+
+
+def test_ingest_from_an_s3_store_into_a_folder(
+    stack: LocalStack, env: dict[str, str], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "p.jpg").write_bytes(variant("plants-1.jpg", (0, 0, 300, 300), "PNG"))
+    result = bgq("ingest", str(src), "--out", str(tmp_path / "out"), env=s3_env(stack, env))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out" / "p.png"
+    assert pixels(out)[0] == "RGBA" and out.stat().st_nlink == 1  # a download, not a link
+
+
+def failing_start(env: dict[str, str], words: list[str]) -> None:
+    for command in (["status"], ["worker"], ["api", "--port", "0"]):
+        result = bgq(*command, env=env, timeout=120)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(w in lines[0] for w in words), (command, lines)
+        assert env["AWS_SECRET_ACCESS_KEY"] not in result.stderr
+
+
+def test_start_checks_name_the_setting(
+    stack: LocalStack, env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**s3_env(stack, env), **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
+    failing_start({**env, "BGQ_STORE_URL": "s3://no-such-bucket/x"}, ["BGQ_STORE_URL", "exist"])
+    closed = f"http://127.0.0.1:{free_port()}"
+    failing_start({**env, "BGQ_S3_ENDPOINT_URL": closed}, ["BGQ_S3_ENDPOINT_URL", "unreachable"])
+    strict = S3Server(tmp_path / "strict.log", INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        failing_start(
+            {**env, "BGQ_S3_ENDPOINT_URL": strict.url}, ["access refused", "AWS_ACCESS_KEY_ID"]
+        )
+    finally:
+        strict.stop()
+
+
+def free_port() -> int:
+    from tests.s3server import free_port as port
+
+    return port()
+
+
+def test_an_unreachable_endpoint_is_a_transient_error(tmp_path: Path) -> None:
+    from bgq.errors import StoreError
+
+    settings = Settings(
+        home=tmp_path,
+        store_url="s3://bucket/x",
+        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
+        s3_timeout=1,
+    )
+    store = open_store(settings)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot"):
+        store.put_output("ab" * 32, b"png")
+    assert time.monotonic() - started < 60  # bounded retries
+
+
+def test_cache_stats_prune_and_exporter_on_the_bucket(
+    stack: LocalStack, env: dict[str, str]
+) -> None:
+    from bgq.exporter import Exporter
+
+    Producer(stack.settings).submit(variant("car-1.jpg", (3, 3, 203, 153))).wait(timeout=120)
+    env = s3_env(stack, env)
+    stats = bgq("cache", "stats", env=env)
+    assert stats.returncode == 0, stats.stderr
+    assert f"store:    {stack.settings.store_url}/" in stats.stdout
+    assert "results:  0 " not in stats.stdout
+    dry = bgq("cache", "prune", "--max-age", "0s", "--dry-run", env=env)
+    assert dry.returncode == 0 and "would remove 0 result(s)" in dry.stdout  # all just used
+    exporter = Exporter(stack.settings.model_copy(update={"redis_url": stack.url}), "127.0.0.1", 0)
+    try:
+        exporter.wait_for_scan()
+        page = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics", timeout=10).text
+    finally:
+        exporter.stop()
+    count = len(list(open_store(stack.settings).scan(RESULTS)))
+    assert f'bgq_store_entries{{kind="results"}} {float(count)}' in page
+
+
+def test_store_url_forms(tmp_path: Path) -> None:
+    assert Settings(home=tmp_path).store_bucket is None
+    assert Settings(home=tmp_path, store_url=str(tmp_path / "s")).store_dir == tmp_path / "s"
+    as_file = Settings(home=tmp_path, store_url=f"file://{tmp_path}/f")
+    assert as_file.store_dir == tmp_path / "f" and open_store(as_file).url == str(tmp_path / "f")
+    assert Settings(home=tmp_path, store_url="s3://b").store_bucket == ("b", "")
+    assert Settings(home=tmp_path, store_url="s3://b/p/q/").store_bucket == ("b", "p/q/")
+
+
+def test_an_s3_outage_mid_ingest_is_ridden_out(
+    make_stack: StackFactory,
+    s3_server: S3Server,
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Last in the module: its stack (a bucket of its own, short S3 timeouts) replaces the
+    module's."""
+    stack = make_stack(s3_timeout=2, **s3_settings(s3_server))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        (src / f"{i}.jpg").write_bytes(variant("cloth-1.jpg", (i * 9, 0, 300 + i * 9, 400)))
+    env = {**s3_env(stack, env), "BGQ_S3_TIMEOUT": "2"}
+    report = tmp_path / "out" / "bgq-report.jsonl"
+    with subprocess.Popen(
+        [BGQ, "ingest", str(src), "--out", str(tmp_path / "out"), "--window", "4"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as run:
+        wait_for(lambda: report.is_file() and report.read_text().count("\n") >= 2, 120, "2 done")
+        with s3_server.paused():
+            time.sleep(3)  # requests in flight time out, and are tried again
+        out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert "10 done" in out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        f"{i}.png" for i in range(10)
+    ]
+    store = open_store(stack.settings)
+    assert len(list(store.scan(RESULTS))) == 10
+    for png in (tmp_path / "out").glob("*.png"):
+        Image.open(io.BytesIO(png.read_bytes())).verify()
