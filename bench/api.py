@@ -1,9 +1,10 @@
 """Cache-hit latency of `POST /v1/remove` on loopback: `make bench-api`.
 
-Starts a local stack (embedded Redis, one worker process), computes one result, then serves
-`bgq api` as its own process and sends it the same image over and over: every request is a
-cache hit (read the body, hash it, find the PNG, send it back). Prints p50/p99 latency and
-requests/s, sequential and with concurrent clients. Figures, not a pass/fail test.
+For each store (the filesystem, then S3 on a local moto server), starts a local stack
+(embedded Redis, one worker process), computes one result, then serves `bgq api` as its own
+process and sends it the same image over and over: every request is a cache hit (read the body,
+hash it, find the PNG, send it back). Prints p50/p99 latency and requests/s, sequential and with
+concurrent clients. Figures, not a pass/fail test.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from bgq.settings import load_settings, settings_env
+from bench.s3server import AWS_ENV, S3Server
+from bgq.settings import Settings, load_settings, settings_env
 from bgq.stack import LocalStack
 from producer.client import Producer
 
@@ -30,6 +32,8 @@ BIN = Path(sys.executable).parent
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "car-1.jpg"
 TARGET_P50_MS = 5.0
 TARGET_P99_MS = 20.0
+TARGET_S3_P50_MS = 20.0  # the S3 store, against a local S3 server
+TARGET_S3_P99_MS = 50.0
 JPEG = {"Content-Type": "image/jpeg"}
 
 
@@ -90,59 +94,94 @@ def report(name: str, latencies: list[float], seconds: float) -> tuple[float, fl
     return p50, p99
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=2000, help="requests per run")
-    parser.add_argument("--clients", type=int, default=8, help="connections of the parallel run")
-    args = parser.parse_args()
+def serve_api(settings: Settings, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`bgq api` as its own process on a free port, once it answers /healthz."""
+    port = free_port()
+    env = {**os.environ, **settings_env(settings)}
+    api = subprocess.Popen(
+        [str(BIN / "bgq"), "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "api.log", "wb"),  # noqa: SIM115 - closed with the process
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return api, url
+        except httpx.TransportError:
+            if time.monotonic() > deadline or api.poll() is not None:
+                api.kill()
+                raise SystemExit(f"bgq api did not start; see {tmp / 'api.log'}") from None
+            time.sleep(0.2)
+
+
+def measure(
+    store: str, overrides: dict[str, object], args: argparse.Namespace
+) -> tuple[float, float]:
+    """One store's table rows; returns the sequential run's (p50, p99)."""
     data = SAMPLE.read_bytes()
     with tempfile.TemporaryDirectory(prefix="bgq-bench-api-") as tmp:
-        settings = load_settings(home=Path(tmp) / "home", redis_url=None, concurrency=1)
+        settings = load_settings(
+            home=Path(tmp) / "home", redis_url=None, concurrency=1, **overrides
+        )
         with LocalStack(settings, log=Path(tmp) / "worker.log") as stack:
             settings = settings.model_copy(update={"redis_url": stack.url})
             Producer(settings).submit(data).wait(timeout=120)  # the one computed result
-            port = free_port()
-            env = {**os.environ, **settings_env(settings)}
-            api = subprocess.Popen(
-                [str(BIN / "bgq"), "api", "--port", str(port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=open(Path(tmp) / "api.log", "wb"),  # noqa: SIM115 - closed with the process
-            )
-            url = f"http://127.0.0.1:{port}"
+            api, url = serve_api(settings, Path(tmp))
             try:
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        if httpx.get(f"{url}/healthz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        if time.monotonic() > deadline:
-                            raise SystemExit("bgq api did not start") from None
-                        time.sleep(0.2)
                 sequential(url, data, 100)  # warm-up: connections, caches, first imports
-                print(
-                    f"bgq api cache hits: POST /v1/remove with {SAMPLE.name} "
-                    f"({len(data) / 1e3:.0f} kB in, PNG out), loopback, "
-                    f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-                    f"Python {platform.python_version()}\n"
+                p50, p99 = report(
+                    f"{store}, sequential, 1 connection", *sequential(url, data, args.requests)
                 )
-                print("| run | requests | p50 ms | p99 ms | mean ms | requests/s |")
-                print("|---|---|---|---|---|---|")
-                p50, p99 = report("sequential, 1 connection", *sequential(url, data, args.requests))
                 report(
-                    f"{args.clients} connections in parallel",
+                    f"{store}, {args.clients} connections in parallel",
                     *asyncio.run(concurrent(url, data, args.requests, args.clients)),
                 )
             finally:
                 api.terminate()
                 api.wait(timeout=30)
-    ok50, ok99 = p50 <= TARGET_P50_MS, p99 <= TARGET_P99_MS
+    return p50, p99
+
+
+def verdict(store: str, p50: float, p99: float, targets: tuple[float, float]) -> None:
+    ok50, ok99 = p50 <= targets[0], p99 <= targets[1]
     print(
-        f"\ntargets (sequential): p50 {p50:.2f} ms <= {TARGET_P50_MS:g} "
-        f"{'met' if ok50 else 'MISSED'}; p99 {p99:.2f} ms <= {TARGET_P99_MS:g} "
+        f"{store} (sequential): p50 {p50:.2f} ms <= {targets[0]:g} "
+        f"{'met' if ok50 else 'MISSED'}; p99 {p99:.2f} ms <= {targets[1]:g} "
         f"{'met' if ok99 else 'MISSED'}"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per run")
+    parser.add_argument("--clients", type=int, default=8, help="connections of the parallel run")
+    args = parser.parse_args()
+    print(
+        f"bgq api cache hits: POST /v1/remove with {SAMPLE.name} "
+        f"({SAMPLE.stat().st_size / 1e3:.0f} kB in, PNG out), loopback, "
+        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}\n"
+    )
+    print("| store, run | requests | p50 ms | p99 ms | mean ms | requests/s |")
+    print("|---|---|---|---|---|---|")
+    files = measure("file", {}, args)
+    with tempfile.TemporaryDirectory(prefix="bgq-bench-s3-") as tmp:
+        os.environ.update(AWS_ENV)
+        server = S3Server(Path(tmp) / "moto.log")
+        try:
+            overrides: dict[str, object] = {
+                "store_url": f"s3://{server.bucket()}/bgq",
+                "s3_endpoint_url": server.url,
+            }
+            s3 = measure("s3 (moto server on loopback)", overrides, args)
+        finally:
+            server.stop()
+    print()
+    verdict("file", *files, (TARGET_P50_MS, TARGET_P99_MS))
+    verdict("s3", *s3, (TARGET_S3_P50_MS, TARGET_S3_P99_MS))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Prints img/s for, alternating and repeated:
   1. `rembg p -m u2netp SRC OUT`, whole command;
   2. `bgq ingest SRC --out OUT`, cold (empty store), workers already running (as `bgq up`) and
      warmed up by one ingest of the sample photos, as a deployment's workers are;
+  2s. the same with the S3 store, against a local S3 server (moto, on the same 2 cores);
   3. `bgq ingest` self-contained (it starts and stops its own embedded stack);
   4. the model-bound limit: bare onnxruntime u2netp inference, one process per core;
   4b. the compute-bound limit: what a worker computes (decode, rembg.remove, PNG encode) in a
@@ -35,6 +36,7 @@ import psutil
 
 from bench.catalog import SAMPLES, build
 from bench.profile import model_input
+from bench.s3server import AWS_ENV, S3Server
 from bgq.settings import Settings, load_settings, settings_env
 from bgq.stack import LocalStack
 from workers import models
@@ -43,6 +45,7 @@ BIN = Path(sys.executable).parent
 TARGET_VS_REMBG = 2.0  # cold bgq / rembg p
 TARGET_VS_MODEL = 0.90  # cold bgq / model-bound limit
 TARGET_WARM = 1000.0  # img/s, all cache hits
+TARGET_S3 = 0.90  # cold bgq on the S3 store / cold bgq on the filesystem store
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -174,7 +177,7 @@ def main() -> None:
     rembg_env = {**env, "U2NET_HOME": str(models.weights_path("u2netp", base.model_home).parent)}
     up_settings = load_settings(home=work / "home-up", models_dir=base.model_home)
     up_env = {**env, **settings_env(up_settings)}
-    runs = ("rembg", "cold", "self", "model", "compute", "warm")
+    runs = ("rembg", "cold", "s3", "self", "model", "compute", "warm")
     results: dict[str, list[float]] = {k: [] for k in runs}
     n = len(paths)
 
@@ -186,12 +189,25 @@ def main() -> None:
     print(
         f"{n} images, {procs} worker processes x {base.ort_threads} ORT thread(s); work in {work}"
     )
+    os.environ.update(AWS_ENV)
+    s3_server = S3Server(work / "moto.log")
+    bucket = s3_server.bucket()
+    s3_settings = load_settings(
+        home=work / "home-s3",
+        models_dir=base.model_home,
+        store_url=f"s3://{bucket}/bench",
+        s3_endpoint_url=s3_server.url,
+    )
+    s3_env = {**env, **AWS_ENV, **settings_env(s3_settings)}
     stack = LocalStack(up_settings, log=work / "up-worker.log").start()  # what `bgq up` runs
+    s3_stack = LocalStack(s3_settings, log=work / "s3-worker.log").start()
     try:
         assert stack.worker is not None
         rss = PeakRss(stack.worker.pid)
         up_env["BGQ_REDIS_URL"] = stack.url
+        s3_env["BGQ_REDIS_URL"] = s3_stack.url
         warm_up_workers(work, up_env)
+        warm_up_workers(work, s3_env)
         for rep in range(args.repeats):
             print(f"round {rep + 1}")
             shutil.rmtree(work / "rembg-out", ignore_errors=True)
@@ -200,6 +216,9 @@ def main() -> None:
             shutil.rmtree(up_settings.store_dir, ignore_errors=True)
             ingest = [str(BIN / "bgq"), "ingest", str(src), "--out", str(work / "bgq-out")]
             run("cold", lambda: n / timed(ingest, up_env))
+            s3_server.empty(bucket)
+            s3_out = [str(BIN / "bgq"), "ingest", str(src), "--out", str(work / "s3-out")]
+            run("s3", lambda: n / timed(s3_out, s3_env))
             self_env = {**env, "BGQ_HOME": str(work / f"home-self-{rep}")}
             shutil.rmtree(work / f"home-self-{rep}", ignore_errors=True)
             run("self", lambda: n / timed(ingest, self_env))
@@ -207,7 +226,9 @@ def main() -> None:
             run("compute", lambda: bound(paths, base, procs, _compute))
         rss.stop.set()
     finally:
+        s3_stack.stop()
         stack.stop()
+        s3_server.stop()
     warm_src = work / "warm"
     files = warm_catalog(src, warm_src, max(1, args.warm_files // n))
     warm_env = {**env, "BGQ_HOME": str(work / "home-self-0")}
@@ -226,6 +247,7 @@ def main() -> None:
     rows = [
         ("rembg", "1. rembg p -m u2netp (whole command)"),
         ("cold", "2. bgq ingest, cold, workers running (bgq up)"),
+        ("s3", "2s. the same on the S3 store (local moto server)"),
         ("self", "3. bgq ingest, self-contained (starts its own stack)"),
         ("model", f"4. model-bound: bare ORT inference, {procs} processes"),
         ("compute", f"4b. compute-bound: decode+rembg+PNG, {procs} processes"),
@@ -237,6 +259,7 @@ def main() -> None:
     print(f"cold bgq / rembg p:          {vs_rembg:5.2f}x  (target >= {TARGET_VS_REMBG})")
     print(f"cold bgq / model-bound:      {vs_model:5.2f}   (target >= {TARGET_VS_MODEL})")
     print(f"warm:                        {med['warm']:5.0f} img/s (target >= {TARGET_WARM:.0f})")
+    print(f"cold S3 store / file store:  {med['s3'] / med['cold']:5.2f}   (target >= {TARGET_S3})")
     print("where the model-bound gap goes:")
     print(
         f"  compute-bound / model-bound: {med['compute'] / med['model']:5.2f}"

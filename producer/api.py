@@ -335,7 +335,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/jobs/{job_id}/result",
         summary="A finished job's PNG (immutable; ETag is the job id)",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={
+            200: {"content": {"image/png": {}}},
+            307: {"description": "BGQ_RESULT_REDIRECT=presigned: a presigned URL in Location"},
+        },
     )
     async def get_result(job_id: str, request: Request) -> Response:
         key = known_key(job_id)

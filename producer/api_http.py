@@ -17,6 +17,7 @@ from bgq.errors import (
     InvalidImage,
     InvalidRequest,
     JobFailed,
+    StoreError,
     UnsupportedImage,
 )
 
@@ -60,7 +61,7 @@ def api_error(exc: BgqError) -> ApiError:
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, JobFailed):
         return ApiError(422 if exc.permanent else 500, "job_failed", exc.error)
-    if isinstance(exc, BrokerError | ConfigError):
+    if isinstance(exc, BrokerError | ConfigError | StoreError):
         return ApiError(503, "unavailable", str(exc))
     return ApiError(500, "internal", str(exc))
 

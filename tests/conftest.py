@@ -11,12 +11,12 @@ import psutil
 import pytest
 import redis
 
+from bench.s3server import AWS_ENV, S3Server
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings, default_home
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store, open_store
 from producer import Producer
-from tests.s3server import AWS_ENV, S3Server
 
 STORES = ("file", "s3")
 # Runs a test (and its module's stack) once on each store backend.
@@ -149,14 +149,16 @@ def make_stack(
 ) -> Iterator[StackFactory]:
     """Start workers with given settings and a fresh BGQ_HOME.
 
-    They share the test Redis and its queue, so only the newest stack runs; all are stopped and
-    Redis is flushed when the module ends.
+    They share the test Redis and its queue, so only the newest stack runs; Redis is flushed
+    when one replaces another, and when the module ends.
     """
     stacks: list[LocalStack] = []
 
     def make(**overrides: object) -> LocalStack:
         for previous in stacks:
             previous.stop()
+        if stacks:  # a new cluster: nothing of the previous one's jobs or records
+            redis.Redis.from_url(redis_url).flushdb()
         home = tmp_path_factory.mktemp("bgq-home")
         values: dict[str, object] = {
             "home": home,

@@ -22,6 +22,7 @@ from PIL import Image
 
 from bgq import contract, jobs, webhooks
 from bgq.stack import LocalStack
+from bgq.store import open_store
 from producer.http_client import ApiError, HttpClient
 from tests.conftest import StackFactory, both_stores
 from tests.helpers import (
@@ -440,13 +441,11 @@ def test_job_record_describes_a_queued_job(api_stack: LocalStack) -> None:
     try:
         jobs.register(client, args, "http://h:1/")
         record = jobs.read_record(client, args.key)
-        job = jobs.describe(args.key, record, {"status": "PENDING"}, api_stack.settings.home / "x")
+        store = open_store(api_stack.settings)
+        job = jobs.describe(args.key, record, {"status": "PENDING"}, store)
         assert job is not None and job.status == "queued"
         assert job.result_url == f"http://h:1/v1/jobs/{args.key}/result"
-        assert (
-            jobs.describe(args.key, {}, {"status": "PENDING"}, api_stack.settings.home / "x")
-            is None
-        )
+        assert jobs.describe(args.key, {}, {"status": "PENDING"}, store) is None
     finally:
         client.delete(contract.job_key(args.key))
         client.close()

@@ -245,7 +245,7 @@ def test_prune_removes_inputs_no_job_needs(store: Store, redis_client: redis.Red
     needed = written(store, INPUTS, "b" * 64, 100)
     time.sleep(1.1)
     fresh = written(store, INPUTS, "c" * 64, 100)  # a producer may be enqueueing it
-    now = done.mtime + defaults.PRUNE_INPUT_GRACE + 0.5
+    now = max(done.mtime, needed.mtime) + defaults.PRUNE_INPUT_GRACE + 0.5
     redis_client.sadd(contract.input_refs_key("b" * 64), key(1))
     try:
         kept = cache.prune(store, redis_client, keep_inputs=True, now=now)

@@ -14,13 +14,13 @@ import httpx
 import pytest
 from PIL import Image
 
+from bench.s3server import S3Server
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import RESULTS, open_store
 from producer import Producer
 from tests.conftest import StackFactory, s3_settings
 from tests.helpers import BGQ, ApiServer, bgq, pixels, variant, wait_for
-from tests.s3server import S3Server
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_start_checks_name_the_setting(
 
 
 def free_port() -> int:
-    from tests.s3server import free_port as port
+    from bench.s3server import free_port as port
 
     return port()
 

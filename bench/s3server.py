@@ -1,4 +1,4 @@
-"""A real S3-protocol server for the tests: moto's server mode, on a free loopback port."""
+"""A real S3-protocol server on loopback for the tests and benchmarks: moto's server mode."""
 
 from __future__ import annotations
 
@@ -74,6 +74,14 @@ class S3Server:
         name = f"bgq-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+    def empty(self, bucket: str) -> None:
+        """Delete every object of a bucket."""
+        client = self.client()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            objects = [{"Key": obj["Key"]} for obj in page.get("Contents", ())]
+            if objects:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
 
     @contextmanager
     def paused(self) -> Iterator[None]:
