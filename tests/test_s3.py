@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from bench.s3server import S3Server
+from bgq.errors import ConfigError
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import RESULTS, open_store
@@ -150,8 +151,23 @@ def test_start_checks_name_the_setting(
         failing_start(
             {**env, "BGQ_S3_ENDPOINT_URL": strict.url}, ["access refused", "AWS_ACCESS_KEY_ID"]
         )
+        # At run time too, refused credentials and a missing bucket are permanent (no retry).
+        refused = open_store(
+            Settings(home=tmp_path, store_url="s3://b/x", s3_endpoint_url=strict.url)
+        )
+        with pytest.raises(ConfigError, match="access refused"):
+            refused.read_input("ab" * 32)
     finally:
         strict.stop()
+    missing = open_store(
+        Settings(
+            home=tmp_path,
+            store_url="s3://no-such-bucket/x",
+            s3_endpoint_url=env["BGQ_S3_ENDPOINT_URL"],
+        )
+    )
+    with pytest.raises(ConfigError, match="does not exist"):
+        missing.put_output("ab" * 32, b"png")
 
 
 def free_port() -> int:

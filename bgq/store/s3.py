@@ -45,12 +45,16 @@ def make_client(settings: Settings, attempts: int = defaults.S3_MAX_ATTEMPTS) ->
     from botocore.config import Config
 
     session = boto3.session.Session()
+    other = settings.s3_endpoint_url is not None  # MinIO, Ceph, R2...: not AWS itself
     config = Config(
         connect_timeout=min(defaults.S3_CONNECT_TIMEOUT, settings.s3_timeout),
         read_timeout=settings.s3_timeout,
         retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=defaults.S3_POOL_CONNECTIONS,
-        s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
+        s3={"addressing_style": "path"} if other else None,
+        # Some S3-compatible servers refuse the CRC checksum headers newer botocore sends.
+        request_checksum_calculation="when_required" if other else "when_supported",
+        response_checksum_validation="when_required" if other else "when_supported",
     )
     return session.client(
         "s3",
