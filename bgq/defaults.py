@@ -68,7 +68,7 @@ API_PORT = 8000
 MAX_UPLOAD_MB = 25.0  # MiB a request body may have
 API_WAIT = 30.0  # seconds POST /v1/remove waits for a result by default
 API_MAX_WAIT = 300.0  # seconds a request may ask to wait at most
-API_STATE_POLL = 0.5  # seconds between Redis checks of a job a request waits for (store: faster)
+API_RETRY_AFTER = 5  # seconds a 503 (Redis or the store unavailable) asks clients to wait
 
 # Webhooks.
 WEBHOOK_MAX_RETRIES = 10  # retries of a failed delivery: ~15 min on average, 27 min at most

@@ -30,6 +30,7 @@ from bgq.contract import Options
 from bgq.errors import BgqError
 from bgq.settings import Settings, load_settings
 from producer.api_http import (
+    RETRY_LATER,
     ApiError,
     BodyLimit,
     BodyTooLarge,
@@ -49,10 +50,10 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 REQUEST_FIELDS = ("model", "wait", "callback_url")  # besides the rembg options
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ASGI app; `bgq api` serves it with uvicorn."""
+def create_app(settings: Settings | None = None, producer: Producer | None = None) -> FastAPI:
+    """The ASGI app; `bgq api` serves it with uvicorn (a given producer brings its own store)."""
     settings = settings or load_settings()
-    producer = Producer(settings)
+    producer = producer or Producer(settings)
     store = producer.store
     metrics = Metrics()
     keys = [k.encode() for k in settings.api_key_list]
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(BgqError)
     async def _bgq_error(_: Request, exc: BgqError) -> JSONResponse:
         err = api_error(exc)
-        return error_response(err.status, err.code, err.message)
+        return error_response(err.status, err.code, err.message, err.headers)
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
@@ -102,7 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(redis.RedisError)
     async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("Redis error: %s", exc)
-        return error_response(503, "unavailable", "Redis is unavailable; try again later")
+        return error_response(
+            503, "unavailable", "Redis is unavailable; try again later", RETRY_LATER
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -378,7 +381,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body: dict[str, Any] = {"ready": ready, "redis": redis_ok, "workers": workers}
         if problem:
             body["error"] = problem
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return JSONResponse(
+            body, status_code=200 if ready else 503, headers=None if ready else RETRY_LATER
+        )
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from bgq import defaults
 from bgq.errors import (
     BgqError,
     BrokerError,
@@ -41,6 +42,9 @@ class ApiError(Exception):
         self.headers = headers
 
 
+RETRY_LATER = {"Retry-After": str(defaults.API_RETRY_AFTER)}  # with every 503
+
+
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -62,7 +66,7 @@ def api_error(exc: BgqError) -> ApiError:
     if isinstance(exc, JobFailed):
         return ApiError(422 if exc.permanent else 500, "job_failed", exc.error)
     if isinstance(exc, BrokerError | ConfigError | StoreError):
-        return ApiError(503, "unavailable", str(exc))
+        return ApiError(503, "unavailable", str(exc), RETRY_LATER)
     return ApiError(500, "internal", str(exc))
 
 

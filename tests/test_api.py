@@ -20,9 +20,11 @@ import pytest
 import redis
 from PIL import Image
 
-from bgq import contract, jobs, webhooks
+from bgq import contract, defaults, jobs, webhooks
 from bgq.stack import LocalStack
-from bgq.store import open_store
+from bgq.store import Entry, FileStore, open_store
+from producer import Producer
+from producer.api import create_app
 from producer.http_client import ApiError, HttpClient
 from tests.conftest import StackFactory, both_stores
 from tests.helpers import (
@@ -425,6 +427,38 @@ def test_redis_down(serve: Callable[..., str]) -> None:
         assert job.status_code == 503 and error_of(job)["code"] == "unavailable"
         for response in (ready, down, job):
             assert "hunter2" not in response.text
+            assert response.headers["retry-after"] == str(defaults.API_RETRY_AFTER)
+
+
+class SlowStore(FileStore):
+    """A store whose every lookup takes a second, like a congested NFS mount or S3 endpoint."""
+
+    def stat(self, kind: str, name: str) -> Entry | None:
+        time.sleep(1.0)
+        return super().stat(kind, name)
+
+
+def test_a_slow_store_never_stalls_the_event_loop(api_stack: LocalStack) -> None:
+    settings = api_stack.settings.model_copy(update={"redis_url": api_stack.url})
+    producer = Producer(settings)
+    producer.store = SlowStore(settings.store_dir)
+    server = ApiServer(settings, create_app(settings, producer)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            slow = [
+                threading.Thread(target=http.get, args=(f"/v1/jobs/{n:064x}/result",))
+                for n in range(4)
+            ]
+            for thread in slow:
+                thread.start()
+            time.sleep(0.2)  # the lookups are under way
+            started = time.perf_counter()
+            assert http.get("/healthz").status_code == 200
+            assert time.perf_counter() - started < 0.5  # not behind 4 s of store lookups
+            for thread in slow:
+                thread.join()
+    finally:
+        server.stop()
 
 
 def test_result_url_keeps_the_first_submitters_host(http: httpx.Client) -> None:
