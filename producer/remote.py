@@ -28,7 +28,8 @@ class S3Prefix:
         self.url = f"s3://{self.bucket}/{self.prefix}"
 
     def keys(self, exclude: str | None = None) -> list[str]:
-        """Every visible object key under the prefix, relative to it, in key order."""
+        """Every visible object key under the prefix, relative to it, in key order; none under
+        the `s3://` URL `exclude`."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         found = []
@@ -44,8 +45,10 @@ class S3Prefix:
                         found.append(rel)
         except (BotoCoreError, ClientError) as exc:
             raise_store_error(exc, "list", self.url)
-        if exclude is not None:
-            found = [k for k in found if not (self.prefix + k).startswith(exclude)]
+        if exclude is not None:  # an output prefix inside this one is not an input
+            bucket, skip = split_url(exclude)
+            if bucket == self.bucket:
+                found = [k for k in found if not (self.prefix + k).startswith(skip)]
         return found
 
     def catalog(self, exclude: str | None = None) -> tuple[int, Iterator[Item]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.s3server import S3Server
 from bgq import contract, defaults
 from bgq.contract import Options
 from bgq.redis_server import EmbeddedRedis
@@ -184,6 +185,22 @@ def test_manifests_through_a_running_cluster(stack: LocalStack, tmp_path: Path) 
     client = redis.Redis.from_url(stack.url)
     assert client.llen(contract.QUEUE) == 0
     assert os.path.samefile(tmp_path / "o1" / "sku-1.png", tmp_path / "o2" / "imgs" / "x.png")
+
+
+def test_a_filesystem_store_uploads_outputs_to_a_bucket(
+    stack: LocalStack, s3_server: S3Server, tmp_path: Path
+) -> None:
+    src = write(tmp_path / "src" / "shoe.jpg", variant("car-1.jpg", (30, 30, 290, 230))).parent
+    settings = stack.settings.model_copy(update={"s3_endpoint_url": s3_server.url})
+    bucket = s3_server.bucket()
+    report_file = tmp_path / "report.jsonl"
+    opts = Options()
+    assert run_ingest(settings, str(src), f"s3://{bucket}/out", "u2netp", opts, 2, report_file) == 0
+    (row,) = [json.loads(line) for line in report_file.read_text().splitlines()]
+    assert row["output"] == f"s3://{bucket}/out/shoe.png"
+    uploaded = s3_server.client().get_object(Bucket=bucket, Key="out/shoe.png")
+    assert uploaded["ContentType"] == "image/png"
+    assert uploaded["Body"].read() == open_store(settings).read_output(row["key"])
 
 
 class Stop(Exception):

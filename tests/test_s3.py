@@ -20,6 +20,7 @@ from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import RESULTS, open_store
 from producer import Producer
+from producer.remote import S3Prefix
 from tests.conftest import StackFactory, s3_settings
 from tests.helpers import BGQ, ApiServer, bgq, pixels, variant, wait_for
 
@@ -116,6 +117,22 @@ def test_ingest_from_a_bucket_into_a_bucket_and_resume(
     again = bgq(*args, "--report", str(Path(env["BGQ_HOME"]) / "r2.jsonl"), env=env, timeout=120)
     assert "0 done, 3 cached, 1 failed" in again.stdout, again.stdout + again.stderr
     assert keys(s3_server, dest) == made
+
+
+def test_a_bucket_catalog_mirrors_names_and_skips_its_own_outputs(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = s3_server.bucket()
+    for key in ("c/a.jpg", "c/a.webp", "c/x/b.jpg", "c/.git/y", "c/out/a.png", "other/z.jpg"):
+        s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"x")
+    settings = Settings(home=tmp_path, s3_endpoint_url=s3_server.url)
+    total, items = S3Prefix(settings, f"s3://{bucket}/c").catalog(f"s3://{bucket}/c/out")
+    assert total == 3
+    assert [(i.source, i.output) for i in items] == [
+        (f"s3://{bucket}/c/a.jpg", "a.jpg.png"),
+        (f"s3://{bucket}/c/a.webp", "a.webp.png"),
+        (f"s3://{bucket}/c/x/b.jpg", "x/b.png"),
+    ]
 
 
 def test_ingest_from_an_s3_store_into_a_folder(
