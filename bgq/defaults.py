@@ -39,6 +39,7 @@ STATS_FLUSH_INTERVAL = (
 USE_RESOLUTION = (
     30.0  # seconds: a hit re-stamps a result's mtime (its last use) when older than this
 )
+SEEN_RESULTS = 10_000  # results a process remembers as recently used (skips a store lookup)
 PRUNE_MIN_IDLE = 60.0  # seconds since last use within which prune never deletes a result
 PRUNE_INPUT_GRACE = (
     600.0  # seconds an unreferenced input blob is kept (a producer may be enqueueing)

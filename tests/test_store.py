@@ -160,6 +160,22 @@ def test_a_hit_stamps_the_last_use(store: Store, monkeypatch: pytest.MonkeyPatch
     assert not store.use_output("ef" * 32)
 
 
+def test_a_recent_hit_is_trusted_without_another_lookup(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "cd" * 32
+    store.put_output(key, b"png")
+    assert store.use_output(key)
+
+    def no_lookup(*args: object) -> None:
+        raise AssertionError("a result used seconds ago was looked up again")
+
+    monkeypatch.setattr(store, "stat", no_lookup)
+    assert store.use_output(key)
+    # Safe only because prune keeps whatever was used more recently than that.
+    assert defaults.USE_RESOLUTION < defaults.PRUNE_MIN_IDLE
+
+
 def test_delete_if_unused_keeps_what_was_used_since_the_scan(store: Store) -> None:
     key = "cd" * 32
     store.put_output(key, b"png")

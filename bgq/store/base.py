@@ -40,6 +40,9 @@ class Store(abc.ABC):
 
     url: str
 
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}  # result key -> its last use, as this process saw it
+
     # -- primitives each backend implements ------------------------------------------------
 
     @abc.abstractmethod
@@ -115,14 +118,25 @@ class Store(abc.ABC):
         """True if the result exists; then record this use (at most once per USE_RESOLUTION s).
 
         The last use is prune's LRU clock. A store that refuses the stamp (read-only) still
-        answers the hit.
+        answers the hit. A result this process saw used less than USE_RESOLUTION seconds ago is
+        trusted without asking the store again: prune never deletes one used in the last
+        PRUNE_MIN_IDLE seconds, which is longer.
         """
+        seen = self._seen.get(key)
+        if seen is not None and time.time() - seen < defaults.USE_RESOLUTION:
+            return True
         entry = self.stat(RESULTS, key)
         if entry is None:
+            self._seen.pop(key, None)
             return False
-        if time.time() - entry.mtime > defaults.USE_RESOLUTION:
+        used = entry.mtime
+        if time.time() - used > defaults.USE_RESOLUTION:
             with contextlib.suppress(StoreError):
                 self.touch(RESULTS, key)
+                used = time.time()
+        if len(self._seen) >= defaults.SEEN_RESULTS:
+            self._seen.clear()
+        self._seen[key] = used
         return True
 
     def put_input(self, input_sha256: str, data: bytes) -> None:

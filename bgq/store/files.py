@@ -62,6 +62,7 @@ class FileStore(Store):
     """The store under one root directory, laid out by `object_name`."""
 
     def __init__(self, root: Path, setting: str = "BGQ_HOME") -> None:
+        super().__init__()
         self.root = root
         self.url = str(root)
         self.setting = setting  # named in errors: the variable that chose this directory

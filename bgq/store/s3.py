@@ -98,6 +98,7 @@ class S3Store(Store):
     """The store in one bucket, under one key prefix, laid out by `object_name`."""
 
     def __init__(self, settings: Settings, bucket: str, prefix: str) -> None:
+        super().__init__()
         self.settings = settings
         self.bucket = bucket
         self.prefix = prefix
