@@ -30,6 +30,14 @@ RETRY_BACKOFF_BASE = 1  # seconds, first backoff before jitter
 WORKER_READY_TIMEOUT = 120  # seconds `bgq up` waits for its worker to answer a ping
 WORKER_STOP_TIMEOUT = 30  # seconds a stopping worker may finish its tasks before it is killed
 REDIS_READY_TIMEOUT = 10  # seconds to wait for an embedded redis-server to answer
+
+# Redis connections (bgq.connections).
+REDIS_CONNECT_TIMEOUT = 5.0  # seconds to open a connection to Redis or a Sentinel
+REDIS_SOCKET_TIMEOUT = 30.0  # seconds one Redis command may take
+SENTINEL_SOCKET_TIMEOUT = 1.0  # seconds a Sentinel may take to name the master (then the next)
+BROKER_RETRY_SECONDS = 120.0  # seconds producers retry Redis through an outage before failing
+BROKER_RETRY_BASE = 0.2  # seconds, ceiling of the first retry delay (then doubling, jittered)
+BROKER_RETRY_MAX = 5.0  # seconds, cap of one retry delay
 JOB_TIMEOUT = 300  # seconds `bgq submit` waits for a result by default
 
 # Cache statistics and lifecycle.

@@ -49,9 +49,9 @@ def _errors(func: F) -> F:
 
 
 def _sanitize(url: str) -> str:
-    from kombu.utils.url import maybe_sanitize_url
+    from bgq.connections import safe_url
 
-    return str(maybe_sanitize_url(url))
+    return safe_url(url)
 
 
 @app.command()

@@ -15,6 +15,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults
+from bgq.connections import redis_client
 from bgq.contract import Options, TaskArgs
 from bgq.errors import (
     BgqError,
@@ -263,9 +264,7 @@ class Producer:
             return
         try:
             if self._stats_client is None:
-                self._stats_client = redis.Redis.from_url(
-                    self.settings.broker_url(), socket_connect_timeout=1, socket_timeout=1
-                )
+                self._stats_client = redis_client(self.settings, timeout=1, connect_timeout=1)
             self._stats_client.hincrby(contract.STATS_KEY, "cache_hits", hits)
         except (redis.RedisError, BgqError):
             with self._lock:
