@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import os
+import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from kombu.exceptions import OperationalError
@@ -35,17 +39,27 @@ if TYPE_CHECKING:
     from celery import Celery
 
 Source = bytes | str | os.PathLike[str]
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
 
-# KEYS: guard, Celery's state of the task. Takes the guard; if won, forgets the old state.
+# KEYS: guard, Celery's state of the task; ARGV: TTL, this enqueue's token. Takes the guard;
+# if won, forgets the old state. A retried enqueue whose first try took it wins again.
 TAKE_GUARD = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
   redis.call('DEL', KEYS[2])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[2] then
   return 1
 end
 return 0
 """
+
+# Connection refused or reset, a timeout, a server still loading its AOF, a demoted master.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OperationalError)
 
 POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
 POLL_MAX = 0.25  # seconds between later checks
@@ -58,6 +72,15 @@ def _broker_errors(doing: str) -> Iterator[None]:
         yield
     except (redis.RedisError, OperationalError) as exc:
         raise BrokerError(f"cannot {doing}: {exc}") from exc
+
+
+def _outage(exc: BrokerError) -> bool:
+    """Whether a Redis failure looks like an outage or a failover (worth waiting out), not bad
+    credentials or a bad command."""
+    cause = exc.__cause__
+    if isinstance(cause, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return False
+    return isinstance(cause, OUTAGE_ERRORS)
 
 
 def read_source(source: Source) -> bytes:
@@ -131,6 +154,7 @@ class Producer:
         self._hits = 0  # cache hits not yet added to the counters in Redis
         self._last_flush = time.monotonic()
         self._stats_client: redis.Redis | None = None
+        self._down_since: float | None = None  # when the current broker outage began
 
     @property
     def app(self) -> Celery:
@@ -205,43 +229,82 @@ class Producer:
         """Publish the task unless an identical job is already queued or running.
 
         One round trip takes the guard, marks the input blob as needed by this job (prune keeps
-        it), and adds this miss and the batched cache hits to the cluster's counters.
+        it), and adds this miss and the batched cache hits to the cluster's counters. Through a
+        broker outage the step is retried: the guard's token lets a retry win its own guard.
         """
+        with self._lock:
+            hits, self._hits = self._hits, 0
+        token = uuid.uuid4().hex
+        if self.with_broker("enqueue", lambda: self._publish(args, token, miss, hits)):
+            client = self.app.backend.client
+            self.with_broker("enqueue", lambda: client.hincrby(contract.STATS_KEY, "enqueued", 1))
+
+    def _publish(self, args: TaskArgs, token: str, miss: bool, hits: int) -> bool:
+        """One try of _enqueue: take the guard and count; if won, send the task (True)."""
         app = self.app
         guard = contract.guard_key(args.key)
         refs = contract.input_refs_key(args.input_sha256)
-        with self._lock:
-            hits, self._hits = self._hits, 0
-        with _broker_errors("enqueue"):
-            client = app.backend.client
-            with client.pipeline(transaction=False) as pipe:
-                # Guard and forgetting an old run's state in one step, so no other submitter
-                # can be answered by an old failure once this run holds the guard.
-                pipe.eval(
-                    TAKE_GUARD,
-                    2,
-                    guard,
-                    app.backend.get_key_for_task(args.key),
-                    defaults.GUARD_TTL,
-                )
-                pipe.sadd(refs, args.key)
-                pipe.expire(refs, 2 * defaults.GUARD_TTL)
-                pipe.hincrby(contract.STATS_KEY, "cache_misses", int(miss))
-                pipe.hincrby(contract.STATS_KEY, "cache_hits", hits)
-                won = pipe.execute()[0]
-            if not won:
-                return
-            try:
-                app.send_task(
-                    contract.TASK_NAME,
-                    kwargs=args.to_kwargs(),
-                    task_id=args.key,
-                    queue=contract.QUEUE,
-                )
-            except BaseException:
+        client = app.backend.client
+        with client.pipeline(transaction=False) as pipe:
+            # Guard and forgetting an old run's state in one step, so no other submitter
+            # can be answered by an old failure once this run holds the guard.
+            state = app.backend.get_key_for_task(args.key)
+            pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_TTL, token)
+            pipe.sadd(refs, args.key)
+            pipe.expire(refs, 2 * defaults.GUARD_TTL)
+            pipe.hincrby(contract.STATS_KEY, "cache_misses", int(miss))
+            pipe.hincrby(contract.STATS_KEY, "cache_hits", hits)
+            won = pipe.execute()[0]
+        if not won:
+            return False
+        try:
+            app.send_task(
+                contract.TASK_NAME, kwargs=args.to_kwargs(), task_id=args.key, queue=contract.QUEUE
+            )
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):
                 client.delete(guard)
-                raise
-            client.hincrby(contract.STATS_KEY, "enqueued", 1)
+            raise
+        return True
+
+    def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
+        """Run a Redis operation; through an outage retry it (exponential backoff, full jitter)
+        until BGQ_BROKER_RETRY_SECONDS after the outage began, then raise its BrokerError."""
+        for attempt in itertools.count():
+            try:
+                with _broker_errors(doing):
+                    result = operation()
+            except BrokerError as exc:
+                left = self._outage_left(exc)
+                if left <= 0:
+                    raise
+                ceiling = min(defaults.BROKER_RETRY_MAX, defaults.BROKER_RETRY_BASE * 2**attempt)
+                time.sleep(min(left, random.uniform(0, ceiling)))
+                continue
+            if self._down_since is not None:
+                self._outage_over()
+            return result
+        raise AssertionError("unreachable")
+
+    def _outage_left(self, exc: BrokerError) -> float:
+        """Seconds of retrying left for this failure (0: give up); says once that it waits."""
+        if not _outage(exc):
+            return 0.0
+        budget = self.settings.broker_retry_seconds
+        now = time.monotonic()
+        with self._lock:
+            first = self._down_since is None
+            since = self._down_since = now if self._down_since is None else self._down_since
+        left = since + budget - now
+        if first and budget > 0:
+            log.warning("broker unreachable, retrying for up to %g s", budget)
+        return left
+
+    def _outage_over(self) -> None:
+        with self._lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            log.info("broker reachable again after %.1f s", time.monotonic() - since)
 
     def _count_hit(self) -> None:
         """Count a cache hit; the count reaches Redis in batches, not one call per hit."""
@@ -276,12 +339,14 @@ class Producer:
         The guard is held from enqueue until the final state is stored, so a pending job
         without a guard was lost; if it merely expired, the task finds the stored result.
         """
-        with _broker_errors("read job state"):
-            lost = not self.app.backend.client.exists(contract.guard_key(args.key))
+        guard = contract.guard_key(args.key)
+        lost = not self.with_broker("read job state", lambda: self.app.backend.client.exists(guard))
         if lost and not self.store.has_output(args.key):
             self._enqueue(args, miss=False)
 
     def task_meta(self, key: str) -> dict[str, Any]:
         """The task's state as Celery stored it (status, result or exception)."""
-        with _broker_errors("read job state"):
-            return dict(self.app.backend.get_task_meta(key, cache=False))
+        backend = self.app.backend
+        return self.with_broker(
+            "read job state", lambda: dict(backend.get_task_meta(key, cache=False))
+        )

@@ -7,18 +7,20 @@ u2netp model, and then every other part of bgq on the same settings: `bgq ingest
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import trustme
 
 from bgq.exporter import Exporter
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
-from tests.helpers import bgq, variant, wait_for
-from tests.redis_servers import Servers, free_port, servers
+from tests.helpers import BGQ, bgq, pixels, variant, wait_for
+from tests.redis_servers import Server, Servers, free_port, master_port, servers
 
 MASTER = "bgqmaster"
 PASSWORD = "n0t-in-any-log"
@@ -138,3 +140,66 @@ def test_acl_user_and_no_password_in_any_output(
     assert f"redis://bgq:**@127.0.0.1:{server.port}/0" in printed  # `bgq status`
     wrong = bgq("status", env={**env, **settings_env(settings), "BGQ_REDIS_URL": url + "x"})
     assert wrong.returncode == 1 and PASSWORD not in wrong.stdout + wrong.stderr
+
+
+def test_sentinel_failover_during_ingest(
+    group: Servers,
+    tmp_path: Path,
+    model_home: Path,
+    env: dict[str, str],
+    reference: Callable[..., bytes],
+) -> None:
+    master = group.start("master")
+    replica = group.start("replica", "--replicaof", "127.0.0.1", str(master.port))
+    sentinels = [group.sentinel(f"sentinel-{i}", MASTER, master.port) for i in (1, 2)]
+    wait_for(lambda: _replicating(replica.port), timeout=60, what="the replica to sync")
+    wait_for(lambda: _sentinels_ready(sentinels), timeout=60, what="the Sentinels to meet")
+    url = ";".join(f"sentinel://127.0.0.1:{s.port}" for s in sentinels) + "/0"
+    settings = stack_settings(tmp_path, model_home, redis_url=url, redis_sentinel_master=MASTER)
+    env = {**env, **settings_env(settings)}
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = catalog(src, 12)
+    with LocalStack(settings, log=tmp_path / "stack.log"):
+        ingest = subprocess.Popen(
+            [BGQ, "ingest", str(src), "--out", str(out), "--window", "4"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: len(list(out.glob("*.png"))) >= 2, what="the first results")
+            master.kill()
+            stdout, stderr = ingest.communicate(timeout=300)
+        finally:
+            ingest.kill()
+            ingest.wait()
+        assert ingest.returncode == 0, stdout + stderr
+        assert master_port(sentinels[0].port, MASTER) == replica.port
+        status = bgq("status", env=env, timeout=60)
+        assert status.returncode == 0 and "1 online" in status.stdout, status.stderr
+    assert stderr.count("broker unreachable, retrying for up to 120 s") == 1, stderr
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    for name in names:
+        data = (src / name.replace(".png", ".jpg")).read_bytes()
+        assert_same_pixels(out / name, reference(data))
+
+
+def assert_same_pixels(result: Path, expected: bytes) -> None:
+    mode, got = pixels(result)
+    want_mode, want = pixels(expected)
+    assert mode == want_mode and (got == want).all(), result
+
+
+def _replicating(port: int) -> bool:
+    with redis.Redis(port=port, socket_timeout=2) as client:
+        return client.info("replication").get("master_link_status") == "up"
+
+
+def _sentinels_ready(sentinels: list[Server]) -> bool:
+    """Each Sentinel knows the replica and the other Sentinel (so they can elect a leader)."""
+    for sentinel in sentinels:
+        with redis.Redis(port=sentinel.port, socket_timeout=2) as client:
+            if not client.sentinel_slaves(MASTER) or not client.sentinel_sentinels(MASTER):
+                return False
+    return True
