@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import itertools
-import logging
 import os
-import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,14 +33,13 @@ from bgq.errors import (
 from bgq.imageinfo import probe
 from bgq.settings import Settings, load_settings
 from bgq.store import Store
+from producer.outage import Outage
 
 if TYPE_CHECKING:
     from celery import Celery
 
 Source = bytes | str | os.PathLike[str]
 T = TypeVar("T")
-
-log = logging.getLogger(__name__)
 
 IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
 
@@ -58,29 +56,8 @@ end
 return 0
 """
 
-# Connection refused or reset, a timeout, a server still loading its AOF, a demoted master.
-OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, OperationalError)
-
 POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
 POLL_MAX = 0.25  # seconds between later checks
-
-
-@contextlib.contextmanager
-def _broker_errors(doing: str) -> Iterator[None]:
-    """Report Redis trouble as a (transient) BrokerError saying what was being done."""
-    try:
-        yield
-    except (redis.RedisError, OperationalError) as exc:
-        raise BrokerError(f"cannot {doing}: {exc}") from exc
-
-
-def _outage(exc: BrokerError) -> bool:
-    """Whether a Redis failure looks like an outage or a failover (worth waiting out), not bad
-    credentials or a bad command."""
-    cause = exc.__cause__
-    if isinstance(cause, redis.AuthenticationError | redis.exceptions.AuthorizationError):
-        return False
-    return isinstance(cause, OUTAGE_ERRORS)
 
 
 def read_source(source: Source) -> bytes:
@@ -144,7 +121,10 @@ class Job:
 
 
 class Producer:
-    """Submits images to bgq; settings come from the environment unless given."""
+    """Submits images to bgq; settings come from the environment unless given.
+
+    close() (or a `with` block) flushes its batched hit count; so does the process's exit.
+    """
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
@@ -154,7 +134,9 @@ class Producer:
         self._hits = 0  # cache hits not yet added to the counters in Redis
         self._last_flush = time.monotonic()
         self._stats_client: redis.Redis | None = None
-        self._down_since: float | None = None  # when the current broker outage began
+        self._outage = Outage(self.settings.broker_retry_seconds)
+        self._timer: threading.Timer | None = None  # flushes hits when no later hit does
+        self._closed = False
 
     @property
     def app(self) -> Celery:
@@ -268,51 +250,61 @@ class Producer:
         return True
 
     def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
-        """Run a Redis operation; through an outage retry it (exponential backoff, full jitter)
-        until BGQ_BROKER_RETRY_SECONDS after the outage began, then raise its BrokerError."""
-        for attempt in itertools.count():
-            try:
-                with _broker_errors(doing):
-                    result = operation()
-            except BrokerError as exc:
-                left = self._outage_left(exc)
-                if left <= 0:
-                    raise
-                ceiling = min(defaults.BROKER_RETRY_MAX, defaults.BROKER_RETRY_BASE * 2**attempt)
-                time.sleep(min(left, random.uniform(0, ceiling)))
-                continue
-            if self._down_since is not None:
-                self._outage_over()
-            return result
-        raise AssertionError("unreachable")
-
-    def _outage_left(self, exc: BrokerError) -> float:
-        """Seconds of retrying left for this failure (0: give up); says once that it waits."""
-        if not _outage(exc):
-            return 0.0
-        budget = self.settings.broker_retry_seconds
-        now = time.monotonic()
-        with self._lock:
-            first = self._down_since is None
-            since = self._down_since = now if self._down_since is None else self._down_since
-        left = since + budget - now
-        if first and budget > 0:
-            log.warning("broker unreachable, retrying for up to %g s", budget)
-        return left
-
-    def _outage_over(self) -> None:
-        with self._lock:
-            since, self._down_since = self._down_since, None
-        if since is not None:
-            log.info("broker reachable again after %.1f s", time.monotonic() - since)
+        """Run a Redis operation, riding out an outage for up to BGQ_BROKER_RETRY_SECONDS."""
+        return self._outage.call(doing, operation)
 
     def _count_hit(self) -> None:
-        """Count a cache hit; the count reaches Redis in batches, not one call per hit."""
+        """Count a cache hit; the count reaches Redis in batches, not one call per hit.
+
+        A batch is flushed by the next hit after the interval, else by a timer; and by close()
+        or the process's exit.
+        """
         with self._lock:
             self._hits += 1
             due = time.monotonic() - self._last_flush >= defaults.STATS_FLUSH_INTERVAL
+            timer = None if due or self._timer is not None else self._new_timer()
+        _unflushed.add(self)
+        if timer is not None:
+            timer.start()
         if due:
             self.flush_stats()
+
+    def _new_timer(self) -> threading.Timer:
+        """A daemon timer that flushes this producer's hits after the interval (lock held)."""
+        self._timer = threading.Timer(defaults.STATS_FLUSH_INTERVAL, self._timed_flush)
+        self._timer.daemon = True
+        return self._timer
+
+    def _timed_flush(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.flush_stats()
+        with self._lock:  # Redis unreachable: try again later
+            timer = self._new_timer() if self._hits and not self._closed else None
+        if timer is not None:
+            timer.start()
+
+    def close(self) -> None:
+        """Flush the batched hit count and release the connections; the producer is done."""
+        with self._lock:
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self.flush_stats()
+        _unflushed.discard(self)
+        if self._stats_client is not None:
+            self._stats_client.close()
+            self._stats_client = None
+        if self._app is not None:
+            self._app.close()
+            self._app = None
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def flush_stats(self) -> None:
         """Add the cache hits counted so far to the cluster's counters; best effort.
@@ -350,3 +342,13 @@ class Producer:
         return self.with_broker(
             "read job state", lambda: dict(backend.get_task_meta(key, cache=False))
         )
+
+
+_unflushed: weakref.WeakSet[Producer] = weakref.WeakSet()  # producers that counted hits
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A one-shot `bgq submit` (or any script) adds its last hits before the process ends."""
+    for producer in list(_unflushed):
+        producer.flush_stats()
