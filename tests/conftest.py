@@ -103,7 +103,7 @@ def make_stack(
     """
     stacks: list[LocalStack] = []
 
-    def make(**overrides: object) -> LocalStack:
+    def make(queues: list[str] | None = None, **overrides: object) -> LocalStack:
         for previous in stacks:
             previous.stop()
         home = tmp_path_factory.mktemp("bgq-home")
@@ -114,7 +114,8 @@ def make_stack(
             "concurrency": 2,
             **overrides,
         }
-        stack = LocalStack(Settings(**values), log=home / "worker.log")  # type: ignore[arg-type]
+        settings = Settings(**values)  # type: ignore[arg-type]
+        stack = LocalStack(settings, log=home / "worker.log", queues=queues)
         stacks.append(stack)
         return stack.start()
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
 import celeryconfig
+from bgq import contract
 from bgq.errors import BgqError
 from bgq.settings import load_settings
 from workers import session
+
+if TYPE_CHECKING:
+    from celery.worker import WorkController
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +25,21 @@ app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maint
 app.conf.update(celeryconfig.build(settings))
 
 
+serves_images = True  # decided in the main process before the pool forks (see _check_model)
+
+
 @worker_init.connect
-def _check_model(**_: object) -> None:
-    """In the main process, before forking: the default model's weights must be in place."""
+def _check_model(sender: WorkController, **_: object) -> None:
+    """In the main process, before forking: a worker that consumes the image queue needs the
+    default model's weights in place; one that serves only webhooks or maintenance loads none."""
+    global serves_images
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    serves_images = contract.QUEUE in queues
+    if not serves_images:
+        log.info(
+            "this worker consumes %s, not %s: no model is loaded", ",".join(queues), contract.QUEUE
+        )
+        return
     try:
         session.ensure_weights(settings)
     except BgqError as exc:
@@ -31,5 +49,7 @@ def _check_model(**_: object) -> None:
 
 @worker_process_init.connect
 def _load_session(**_: object) -> None:
-    """After fork, in each pool process: create its own onnxruntime session."""
-    session.init_process(settings)
+    """After fork, in each pool process: create its own onnxruntime session, if it serves images."""
+    session.init_process(settings, load=serves_images)
+    if not serves_images:
+        log.info("pool process %d: no model loaded", os.getpid())
