@@ -1,0 +1,133 @@
+"""A Redis outage mid-ingest: ridden out when short, a clear failure then a resume when long.
+
+A persistent redis-server (AOF, fsync every second, as deployments run it) that the tests kill
+with SIGKILL and start again on the same port and data; real prefork workers; the real model.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bgq.settings import Settings, settings_env
+from bgq.stack import LocalStack
+from tests.helpers import BGQ, bgq, pixels, variant, wait_for
+from tests.redis_servers import Server, Servers
+
+OUTAGE = 3.0  # seconds Redis stays down in the short outage
+
+
+@pytest.fixture(scope="module")
+def aof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    group = Servers(tmp_path_factory.mktemp("aof"))
+    try:
+        yield group.start("aof", "--appendonly", "yes", "--appendfsync", "everysec")
+    finally:
+        group.stop()
+
+
+@pytest.fixture(scope="module")
+def workers(
+    aof: Server, model_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    home = tmp_path_factory.mktemp("outage-home")
+    settings = Settings(
+        home=home,
+        models_dir=model_home,
+        concurrency=2,
+        redis_url=f"redis://127.0.0.1:{aof.port}/0",
+    )
+    with LocalStack(settings, log=home / "worker.log") as stack:
+        yield stack
+
+
+def catalog(folder: Path, count: int, top: int) -> dict[str, bytes]:
+    """`count` small new images as a folder to ingest; their bytes by output name."""
+    folder.mkdir(parents=True)
+    images = {}
+    for i in range(count):
+        data = variant("plants-1.jpg", (i * 9, top, i * 9 + 170, top + 150))
+        (folder / f"{i}.jpg").write_bytes(data)
+        images[f"{i}.png"] = data
+    return images
+
+
+def start_ingest(src: Path, out: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [BGQ, "ingest", str(src), "--out", str(out), "--window", "4"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def check_outputs(out: Path, images: dict[str, bytes], reference: Callable[..., bytes]) -> None:
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(images)
+    for name, data in images.items():
+        mode, got = pixels(out / name)
+        want_mode, want = pixels(reference(data))
+        assert mode == want_mode and (got == want).all(), name
+
+
+def test_a_short_outage_mid_ingest_is_ridden_out(
+    aof: Server,
+    workers: LocalStack,
+    env: dict[str, str],
+    tmp_path: Path,
+    reference: Callable[..., bytes],
+) -> None:
+    env = {**env, **settings_env(workers.settings)}
+    images = catalog(tmp_path / "in", 12, top=0)
+    out = tmp_path / "out"
+    ingest = start_ingest(tmp_path / "in", out, env)
+    try:
+        wait_for(lambda: len(list(out.glob("*.png"))) >= 2, what="the first results")
+        aof.kill()
+        time.sleep(OUTAGE)  # the outage itself
+        aof.start()
+    finally:
+        stdout, stderr = finish(ingest)
+    assert ingest.returncode == 0, stdout + stderr
+    assert stderr.count("broker unreachable, retrying for up to 120 s") == 1, stderr
+    assert "12 inputs" in stdout and "0 failed" in stdout, stdout
+    check_outputs(out, images, reference)
+
+
+def test_an_outage_past_the_budget_fails_then_a_rerun_resumes(
+    aof: Server,
+    workers: LocalStack,
+    env: dict[str, str],
+    tmp_path: Path,
+    reference: Callable[..., bytes],
+) -> None:
+    env = {**env, **settings_env(workers.settings), "BGQ_BROKER_RETRY_SECONDS": "3"}
+    images = catalog(tmp_path / "in", 12, top=100)
+    out = tmp_path / "out"
+    ingest = start_ingest(tmp_path / "in", out, env)
+    try:
+        wait_for(lambda: len(list(out.glob("*.png"))) >= 2, what="the first results")
+        aof.kill()
+        stdout, stderr = finish(ingest)  # Redis stays down until the ingest has given up
+    finally:
+        aof.start()
+    assert ingest.returncode == 1, stdout + stderr
+    assert "broker unreachable, retrying for up to 3 s" in stderr
+    assert re.search(r"^bgq: cannot (read job state|enqueue): .*refused", stderr, re.M), stderr
+    rerun = bgq("ingest", str(tmp_path / "in"), "--out", str(out), env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "broker unreachable" not in rerun.stderr
+    check_outputs(out, images, reference)
