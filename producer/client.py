@@ -126,7 +126,11 @@ class Producer:
     close() (or a `with` block) flushes its batched hit count; so does the process's exit.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, retry_seconds: float | None = None
+    ) -> None:
+        """`retry_seconds` overrides BGQ_BROKER_RETRY_SECONDS (0: a request handler that must
+        answer at once)."""
         self.settings = settings or load_settings()
         self.store = Store(self.settings.store_dir)
         self._app: Celery | None = None
@@ -134,7 +138,8 @@ class Producer:
         self._hits = 0  # cache hits not yet added to the counters in Redis
         self._last_flush = time.monotonic()
         self._stats_client: redis.Redis | None = None
-        self._outage = Outage(self.settings.broker_retry_seconds)
+        budget = self.settings.broker_retry_seconds if retry_seconds is None else retry_seconds
+        self._outage = Outage(budget)
         self._timer: threading.Timer | None = None  # flushes hits when no later hit does
         self._closed = False
 

@@ -44,12 +44,17 @@ def is_outage(exc: BrokerError) -> bool:
 
 
 class Outage:
-    """One producer's view of the broker's outages: when the current one began, said once."""
+    """One producer's view of the broker's outages: when the current one began, said once.
+
+    Only a broker that answered before can have an outage: one never reached (a wrong URL,
+    nothing started yet) fails at once, as it always did.
+    """
 
     def __init__(self, budget: float) -> None:
         self.budget = budget  # seconds of retrying from the outage's start
         self._lock = threading.Lock()
         self._since: float | None = None
+        self._reached = False  # whether an operation ever succeeded
 
     def call(self, doing: str, operation: Callable[[], T]) -> T:
         """Run a Redis operation; through an outage retry it (exponential backoff, full jitter)
@@ -65,6 +70,7 @@ class Outage:
                 ceiling = min(defaults.BROKER_RETRY_MAX, defaults.BROKER_RETRY_BASE * 2**attempt)
                 time.sleep(min(left, random.uniform(0, ceiling)))
                 continue
+            self._reached = True
             if self._since is not None:
                 self._over()
             return result
@@ -72,7 +78,7 @@ class Outage:
 
     def _left(self, exc: BrokerError) -> float:
         """Seconds of retrying left for this failure (0: give up); says once that it waits."""
-        if not is_outage(exc) or self.budget <= 0:
+        if not self._reached or not is_outage(exc) or self.budget <= 0:
             return 0.0
         now = time.monotonic()
         with self._lock:

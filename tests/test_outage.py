@@ -6,6 +6,7 @@ with SIGKILL and start again on the same port and data; real prefork workers; th
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
@@ -13,9 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from bgq.errors import BrokerError
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
+from producer.outage import Outage
 from tests.helpers import BGQ, bgq, pixels, variant, wait_for
 from tests.redis_servers import Server, Servers
 
@@ -131,3 +135,59 @@ def test_an_outage_past_the_budget_fails_then_a_rerun_resumes(
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "broker unreachable" not in rerun.stderr
     check_outputs(out, images, reference)
+
+
+# -- the retry policy itself (producer/outage.py), with operations that fail on purpose ------
+
+
+def flaky(failures: int, error: Exception) -> Callable[[], str]:
+    """An operation that raises `error` `failures` times, then answers "ok"."""
+    left = [failures]
+
+    def operation() -> str:
+        if left[0] > 0:
+            left[0] -= 1
+            raise error
+        return "ok"
+
+    return operation
+
+
+def test_retry_rides_out_an_outage_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    outage = Outage(budget=30)
+    assert outage.call("read", flaky(0, redis.ConnectionError("refused"))) == "ok"
+    with caplog.at_level(logging.INFO, logger="producer"):
+        assert outage.call("read", flaky(4, redis.ConnectionError("refused"))) == "ok"
+        assert outage.call("read", flaky(2, redis.TimeoutError("slow"))) == "ok"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["broker unreachable, retrying for up to 30 s"] * 2  # once per outage
+    assert sum("reachable again" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_retry_gives_up_past_the_budget_with_the_usual_error() -> None:
+    outage = Outage(budget=0.5)
+    outage.call("read", flaky(0, redis.ConnectionError("refused")))
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match=r"^cannot read job state: refused$"):
+        outage.call("read job state", flaky(10**6, redis.ConnectionError("refused")))
+    assert 0.5 <= time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    "error",
+    [redis.AuthenticationError("bad password"), redis.ResponseError("WRONGTYPE")],
+)
+def test_not_an_outage_fails_at_once(error: Exception) -> None:
+    outage = Outage(budget=30)
+    outage.call("read", flaky(0, error))
+    operation = flaky(1, error)
+    with pytest.raises(BrokerError):
+        outage.call("read", operation)
+    assert operation() == "ok"  # tried once only
+
+
+def test_a_broker_never_reached_fails_at_once() -> None:
+    started = time.monotonic()
+    with pytest.raises(BrokerError):
+        Outage(budget=30).call("enqueue", flaky(1, redis.ConnectionError("refused")))
+    assert time.monotonic() - started < 1
