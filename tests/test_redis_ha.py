@@ -57,6 +57,7 @@ def check_every_part(settings: Settings, env: dict[str, str], tmp_path: Path) ->
     Returns everything they printed or logged (for the secrets check).
     """
     env = {**env, **settings_env(settings)}
+    tmp_path.mkdir(exist_ok=True)
     names = catalog(tmp_path / "in", 4)
     flower = free_port()
     log = tmp_path / "stack.log"
@@ -156,9 +157,10 @@ def test_sentinel_failover_during_ingest(
     wait_for(lambda: _sentinels_ready(sentinels), timeout=60, what="the Sentinels to meet")
     url = ";".join(f"sentinel://127.0.0.1:{s.port}" for s in sentinels) + "/0"
     settings = stack_settings(tmp_path, model_home, redis_url=url, redis_sentinel_master=MASTER)
+    check_every_part(settings, env, tmp_path / "parts")
     env = {**env, **settings_env(settings)}
     src, out = tmp_path / "in", tmp_path / "out"
-    names = catalog(src, 12)
+    names = catalog(src, 12, size=150)
     with LocalStack(settings, log=tmp_path / "stack.log"):
         ingest = subprocess.Popen(
             [BGQ, "ingest", str(src), "--out", str(out), "--window", "4"],
