@@ -222,7 +222,13 @@ class Producer:
         with self._lock:
             hits, self._hits = self._hits, 0
         token = uuid.uuid4().hex
-        if self.with_broker("enqueue", lambda: self._publish(args, token, miss, hits)):
+        try:
+            sent = self.with_broker("enqueue", lambda: self._publish(args, token, miss, hits))
+        except BrokerError:
+            with self._lock:
+                self._hits += hits  # not counted yet: the next flush adds them
+            raise
+        if sent:
             client = self.app.backend.client
             self.with_broker("enqueue", lambda: client.hincrby(contract.STATS_KEY, "enqueued", 1))
 
@@ -281,13 +287,10 @@ class Producer:
         return self._timer
 
     def _timed_flush(self) -> None:
+        """The timer's flush; if Redis cannot be reached, the next hit, close() or exit retries."""
         with self._lock:
             self._timer = None
         self.flush_stats()
-        with self._lock:  # Redis unreachable: try again later
-            timer = self._new_timer() if self._hits and not self._closed else None
-        if timer is not None:
-            timer.start()
 
     def close(self) -> None:
         """Flush the batched hit count and release the connections; the producer is done."""
@@ -302,6 +305,7 @@ class Producer:
             self._stats_client.close()
             self._stats_client = None
         if self._app is not None:
+            self._app.backend.client.connection_pool.disconnect()
             self._app.close()
             self._app = None
 

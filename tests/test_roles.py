@@ -66,16 +66,16 @@ def onnxruntime_loaded(process: psutil.Process) -> bool:
 def test_webhook_and_maintenance_worker_loads_no_model(make_stack: StackFactory) -> None:
     queues = [contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE]
     stack = make_stack(queues=queues, webhook_secret=SECRET, webhook_allow_private=True)
-    app = Producer(stack.settings).app
     body = json.dumps({"id": "k", "status": "done"})
-    with hook() as receiver:
-        app.send_task(contract.WEBHOOK_TASK_NAME, args=[receiver.url, body])
+    with Producer(stack.settings) as producer, hook() as receiver:
+        producer.app.send_task(contract.WEBHOOK_TASK_NAME, args=[receiver.url, body])
         wait_for(lambda: receiver.received, timeout=60, what="the webhook")
+        prune = producer.app.send_task(contract.PRUNE_TASK_NAME).id
+        wait_for(lambda: producer.task_meta(prune)["status"] == "SUCCESS", what="the prune")
+        assert "removed" in producer.task_meta(prune)["result"]
     headers, data = receiver.received[0]
     assert data == body.encode()
     assert webhooks.verify(SECRET, data, headers[webhooks.SIGNATURE_HEADER])
-    pruned = app.send_task(contract.PRUNE_TASK_NAME).get(timeout=60)
-    assert "removed" in pruned
     pools = pool_processes(stack)
     assert len(pools) == 2
     assert not any(onnxruntime_loaded(p) for p in pools)
