@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models run test bench bench-api profile lint format clean
+.PHONY: setup models system-redis run test bench bench-api profile lint format clean
 
 setup: $(STAMP) models
 
@@ -41,7 +41,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: setup lint
+# The tests also start system redis-servers: TLS, ACL users, Sentinel (Debian 12 ships 7.0 with TLS).
+system-redis:
+	@redis_ok() { command -v redis-server >/dev/null && \
+		ldd "$$(command -v redis-server)" 2>/dev/null | grep -q libssl; }; \
+	if ! redis_ok; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update && apt-get install -y redis-server redis-sentinel || exit 1; \
+		fi; \
+		redis_ok || { echo "make test needs redis-server (>= 6, built with TLS) on PATH;" \
+			"on Debian/Ubuntu as root: apt-get install redis-server redis-sentinel"; exit 1; }; \
+	fi
+
+test: setup system-redis lint
 	$(BIN)/pytest
 
 format: $(STAMP)

@@ -6,18 +6,15 @@ from typing import Any
 
 from kombu import Queue
 
-from bgq import contract, defaults
+from bgq import connections, contract, defaults
 from bgq.settings import Settings
 
 
 def build(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for these settings (raises ConfigError when no broker is known)."""
-    url = settings.broker_url()
     return {
-        "broker_url": url,
-        "result_backend": url,
+        **connections.celery_connection(settings),
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": defaults.VISIBILITY_TIMEOUT},
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -183,11 +183,12 @@ def cluster_redis(settings: Settings) -> redis.Redis | None:
     """
     import redis
 
+    from bgq.connections import redis_client
+
     try:
-        url = settings.broker_url()
+        client = redis_client(settings)
     except NoBroker:
         return None
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
     try:
         client.ping()
     except redis.RedisError as exc:

@@ -30,6 +30,14 @@ RETRY_BACKOFF_BASE = 1  # seconds, first backoff before jitter
 WORKER_READY_TIMEOUT = 120  # seconds `bgq up` waits for its worker to answer a ping
 WORKER_STOP_TIMEOUT = 30  # seconds a stopping worker may finish its tasks before it is killed
 REDIS_READY_TIMEOUT = 10  # seconds to wait for an embedded redis-server to answer
+
+# Redis connections (bgq.connections).
+REDIS_CONNECT_TIMEOUT = 5.0  # seconds to open a connection to Redis or a Sentinel
+REDIS_SOCKET_TIMEOUT = 30.0  # seconds one Redis command may take
+SENTINEL_SOCKET_TIMEOUT = 1.0  # seconds a Sentinel may take to name the master (then the next)
+BROKER_RETRY_SECONDS = 120.0  # seconds producers retry Redis through an outage before failing
+BROKER_RETRY_BASE = 0.2  # seconds, ceiling of the first retry delay (then doubling, jittered)
+BROKER_RETRY_MAX = 5.0  # seconds, cap of one retry delay
 JOB_TIMEOUT = 300  # seconds `bgq submit` waits for a result by default
 
 # Cache statistics and lifecycle.
@@ -69,6 +77,7 @@ API_PORT = 8000
 MAX_UPLOAD_MB = 25.0  # MiB a request body may have
 API_WAIT = 30.0  # seconds POST /v1/remove waits for a result by default
 API_MAX_WAIT = 300.0  # seconds a request may ask to wait at most
+API_BROKER_RETRY_SECONDS = 5.0  # seconds an API request waits out a Redis outage, then 503
 API_RETRY_AFTER = 5  # seconds a 503 (Redis or the store unavailable) asks clients to wait
 
 # Webhooks.

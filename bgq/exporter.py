@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from bgq import cache, contract, defaults
+from bgq.connections import redis_client
 from bgq.errors import StoreError
 from bgq.store import open_store
 
@@ -168,9 +169,7 @@ class Exporter:
     def __init__(self, settings: Settings, host: str, port: int) -> None:
         from prometheus_client import start_http_server
 
-        self.client = redis.Redis.from_url(
-            settings.broker_url(), socket_connect_timeout=5, socket_timeout=10
-        )
+        self.client = redis_client(settings, timeout=10)
         self.scanner = StoreScanner(settings).start()
         self.registry = CollectorRegistry()
         self.registry.register(BgqCollector(self.client, self.scanner))

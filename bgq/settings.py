@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bgq import defaults
+from bgq.connections import safe_url
 from bgq.errors import ConfigError, NoBroker
 from bgq.units import parse_duration, parse_size
 
@@ -32,6 +33,11 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = None  # unset: the embedded redis-server of `bgq up`
+    redis_tls_ca: Path | None = None  # CA bundle checking a rediss:// server; unset: system CAs
+    redis_tls_cert: Path | None = None  # client certificate for rediss:// (mutual TLS)
+    redis_tls_key: Path | None = None  # its private key
+    redis_sentinel_master: str | None = None  # master name, needed with sentinel:// URLs
+    broker_retry_seconds: Annotated[float, Field(ge=0)] = defaults.BROKER_RETRY_SECONDS
     home: Path = Field(default_factory=default_home)
     models_dir: Path | None = None  # unset: $BGQ_HOME/models
     model: str = defaults.MODEL
@@ -81,8 +87,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("redis://", "rediss://")):
-            raise ValueError("must start with redis:// or rediss://")
+        if url is not None and not url.startswith(("redis://", "rediss://", "sentinel://")):
+            raise ValueError("must start with redis://, rediss:// or sentinel://")
         return url
 
     @field_validator("store_url")
@@ -100,6 +106,18 @@ class Settings(BaseSettings):
             raise ValueError("must be a path, file:///abs/path or s3://BUCKET[/PREFIX]")
         return url
 
+    @model_validator(mode="after")
+    def _redis_companions(self) -> Settings:
+        url = self.redis_url or ""
+        if url.startswith("sentinel://") and not self.redis_sentinel_master:
+            raise ValueError("BGQ_REDIS_SENTINEL_MASTER must name the master of a sentinel:// URL")
+        tls = self.redis_tls_ca or self.redis_tls_cert or self.redis_tls_key
+        if tls and not url.startswith("rediss://"):
+            raise ValueError("BGQ_REDIS_TLS_* settings need a rediss:// BGQ_REDIS_URL")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ValueError("BGQ_REDIS_TLS_CERT and BGQ_REDIS_TLS_KEY go together")
+        return self
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
@@ -109,7 +127,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown model; choose one of {', '.join(sorted(MODELS))}")
         return name
 
-    @field_validator("home", "models_dir")
+    @field_validator("home", "models_dir", "redis_tls_ca", "redis_tls_cert", "redis_tls_key")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         return None if path is None else path.expanduser().absolute()
@@ -179,8 +197,24 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
+            msg = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a rule across settings: its message names them
+                problems.append(msg)
+                continue
+            field = str(err["loc"][0])
             name = ENV_PREFIX + field.upper()
-            value = os.environ.get(name, err.get("input"))
-            problems.append(f"{name}={value!r}: {err['msg']}")
+            value = _shown(field, os.environ.get(name, err.get("input")))
+            problems.append(f"{name}={value!r}: {msg}")
         raise ConfigError("invalid setting " + "; ".join(problems)) from None
+
+
+SECRET_FIELDS = {"api_keys", "webhook_secret", "flower_basic_auth"}
+
+
+def _shown(field: str, value: object) -> object:
+    """A setting's value as an error message may show it: no password, key or secret."""
+    if field in SECRET_FIELDS and value is not None:
+        return "(hidden)"
+    if field == "redis_url" and isinstance(value, str):
+        return safe_url(value)
+    return value

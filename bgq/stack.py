@@ -67,8 +67,10 @@ class LocalStack:
         env: dict[str, str] | None = None,
         log: Path | None = None,
         flower_port: int | None = None,
+        queues: list[str] | None = None,
     ) -> None:
         self.settings = settings
+        self.queues = queues  # None: every bgq queue
         self.flower_port = flower_port
         self.flower: subprocess.Popen[bytes] | None = None
         self.workers = workers or settings.concurrency
@@ -117,9 +119,10 @@ class LocalStack:
                 out.close()
 
     def _start_worker(self) -> None:
-        self.worker = self._spawn(
-            worker_command(self.workers, self.hostname, "--without-mingle", "--without-gossip"), {}
-        )
+        extra = ["--without-mingle", "--without-gossip"]
+        if self.queues:
+            extra += ["--queues", ",".join(self.queues)]
+        self.worker = self._spawn(worker_command(self.workers, self.hostname, *extra), {})
         self._wait_ready()
 
     def _start_flower(self, port: int) -> None:

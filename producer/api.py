@@ -53,7 +53,9 @@ REQUEST_FIELDS = ("model", "wait", "callback_url")  # besides the rembg options
 def create_app(settings: Settings | None = None, producer: Producer | None = None) -> FastAPI:
     """The ASGI app; `bgq api` serves it with uvicorn (a given producer brings its own store)."""
     settings = settings or load_settings()
-    producer = producer or Producer(settings)
+    # A request rides out a failover of a few seconds; past that it answers 503 at once.
+    retry = min(settings.broker_retry_seconds, defaults.API_BROKER_RETRY_SECONDS)
+    producer = producer or Producer(settings, retry_seconds=retry)
     store = producer.store
     metrics = Metrics()
     keys = [k.encode() for k in settings.api_key_list]
@@ -73,7 +75,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
             yield
         finally:
             flusher.cancel()
-            await run_in_threadpool(producer.flush_stats)
+            await run_in_threadpool(producer.close)  # flushes the hits too
 
     app = FastAPI(
         lifespan=lifespan,

@@ -46,9 +46,9 @@ def handle_errors(func: F) -> F:
 
 
 def sanitize_url(url: str) -> str:
-    from kombu.utils.url import maybe_sanitize_url
+    from bgq.connections import safe_url
 
-    return str(maybe_sanitize_url(url))
+    return safe_url(url)
 
 
 def model_name(name: str | None, settings: Settings) -> str:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults
+from bgq.connections import redis_client
 from bgq.contract import Options, TaskArgs
 from bgq.errors import (
     BgqError,
@@ -29,18 +33,24 @@ from bgq.errors import (
 from bgq.imageinfo import probe
 from bgq.settings import Settings, load_settings
 from bgq.store import Store, open_store
+from producer.outage import Outage
 
 if TYPE_CHECKING:
     from celery import Celery
 
 Source = bytes | str | os.PathLike[str]
+T = TypeVar("T")
 
 IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
 
-# KEYS: guard, Celery's state of the task. Takes the guard; if won, forgets the old state.
+# KEYS: guard, Celery's state of the task; ARGV: TTL, this enqueue's token. Takes the guard;
+# if won, forgets the old state. A retried enqueue whose first try took it wins again.
 TAKE_GUARD = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
   redis.call('DEL', KEYS[2])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[2] then
   return 1
 end
 return 0
@@ -48,15 +58,6 @@ return 0
 
 POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
 POLL_MAX = 0.25  # seconds between later checks
-
-
-@contextlib.contextmanager
-def _broker_errors(doing: str) -> Iterator[None]:
-    """Report Redis trouble as a (transient) BrokerError saying what was being done."""
-    try:
-        yield
-    except (redis.RedisError, OperationalError) as exc:
-        raise BrokerError(f"cannot {doing}: {exc}") from exc
 
 
 def read_source(source: Source) -> bytes:
@@ -152,9 +153,16 @@ class Job:
 
 
 class Producer:
-    """Submits images to bgq; settings come from the environment unless given."""
+    """Submits images to bgq; settings come from the environment unless given.
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    close() (or a `with` block) flushes its batched hit count; so does the process's exit.
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, retry_seconds: float | None = None
+    ) -> None:
+        """`retry_seconds` overrides BGQ_BROKER_RETRY_SECONDS (0: a request handler that must
+        answer at once)."""
         self.settings = settings or load_settings()
         self.store = open_store(self.settings)
         self._app: Celery | None = None
@@ -162,6 +170,10 @@ class Producer:
         self._hits = 0  # cache hits not yet added to the counters in Redis
         self._last_flush = time.monotonic()
         self._stats_client: redis.Redis | None = None
+        budget = self.settings.broker_retry_seconds if retry_seconds is None else retry_seconds
+        self._outage = Outage(budget)
+        self._timer: threading.Timer | None = None  # flushes hits when no later hit does
+        self._closed = False
 
     @property
     def app(self) -> Celery:
@@ -235,51 +247,104 @@ class Producer:
         """Publish the task unless an identical job is already queued or running.
 
         One round trip takes the guard, marks the input blob as needed by this job (prune keeps
-        it), and adds this miss and the batched cache hits to the cluster's counters.
+        it), and adds this miss and the batched cache hits to the cluster's counters. Through a
+        broker outage the step is retried: the guard's token lets a retry win its own guard.
         """
+        with self._lock:
+            hits, self._hits = self._hits, 0
+        token = uuid.uuid4().hex
+        try:
+            sent = self.with_broker("enqueue", lambda: self._publish(args, token, miss, hits))
+        except BrokerError:
+            with self._lock:
+                self._hits += hits  # not counted yet: the next flush adds them
+            raise
+        if sent:
+            client = self.app.backend.client
+            self.with_broker("enqueue", lambda: client.hincrby(contract.STATS_KEY, "enqueued", 1))
+
+    def _publish(self, args: TaskArgs, token: str, miss: bool, hits: int) -> bool:
+        """One try of _enqueue: take the guard and count; if won, send the task (True)."""
         app = self.app
         guard = contract.guard_key(args.key)
         refs = contract.input_refs_key(args.input_sha256)
-        with self._lock:
-            hits, self._hits = self._hits, 0
-        with _broker_errors("enqueue"):
-            client = app.backend.client
-            with client.pipeline(transaction=False) as pipe:
-                # Guard and forgetting an old run's state in one step, so no other submitter
-                # can be answered by an old failure once this run holds the guard.
-                pipe.eval(
-                    TAKE_GUARD,
-                    2,
-                    guard,
-                    app.backend.get_key_for_task(args.key),
-                    defaults.GUARD_TTL,
-                )
-                pipe.sadd(refs, args.key)
-                pipe.expire(refs, 2 * defaults.GUARD_TTL)
-                pipe.hincrby(contract.STATS_KEY, "cache_misses", int(miss))
-                pipe.hincrby(contract.STATS_KEY, "cache_hits", hits)
-                won = pipe.execute()[0]
-            if not won:
-                return
-            try:
-                app.send_task(
-                    contract.TASK_NAME,
-                    kwargs=args.to_kwargs(),
-                    task_id=args.key,
-                    queue=contract.QUEUE,
-                )
-            except BaseException:
+        client = app.backend.client
+        with client.pipeline(transaction=False) as pipe:
+            # Guard and forgetting an old run's state in one step, so no other submitter
+            # can be answered by an old failure once this run holds the guard.
+            state = app.backend.get_key_for_task(args.key)
+            pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_TTL, token)
+            pipe.sadd(refs, args.key)
+            pipe.expire(refs, 2 * defaults.GUARD_TTL)
+            pipe.hincrby(contract.STATS_KEY, "cache_misses", int(miss))
+            pipe.hincrby(contract.STATS_KEY, "cache_hits", hits)
+            won = pipe.execute()[0]
+        if not won:
+            return False
+        try:
+            app.send_task(
+                contract.TASK_NAME, kwargs=args.to_kwargs(), task_id=args.key, queue=contract.QUEUE
+            )
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):
                 client.delete(guard)
-                raise
-            client.hincrby(contract.STATS_KEY, "enqueued", 1)
+            raise
+        return True
+
+    def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
+        """Run a Redis operation, riding out an outage for up to BGQ_BROKER_RETRY_SECONDS."""
+        return self._outage.call(doing, operation)
 
     def _count_hit(self) -> None:
-        """Count a cache hit; the count reaches Redis in batches, not one call per hit."""
+        """Count a cache hit; the count reaches Redis in batches, not one call per hit.
+
+        A batch is flushed by the next hit after the interval, else by a timer; and by close()
+        or the process's exit.
+        """
         with self._lock:
             self._hits += 1
             due = time.monotonic() - self._last_flush >= defaults.STATS_FLUSH_INTERVAL
+            timer = None if due or self._timer is not None else self._new_timer()
+        _unflushed.add(self)
+        if timer is not None:
+            timer.start()
         if due:
             self.flush_stats()
+
+    def _new_timer(self) -> threading.Timer:
+        """A daemon timer that flushes this producer's hits after the interval (lock held)."""
+        self._timer = threading.Timer(defaults.STATS_FLUSH_INTERVAL, self._timed_flush)
+        self._timer.daemon = True
+        return self._timer
+
+    def _timed_flush(self) -> None:
+        """The timer's flush; if Redis cannot be reached, the next hit, close() or exit retries."""
+        with self._lock:
+            self._timer = None
+        self.flush_stats()
+
+    def close(self) -> None:
+        """Flush the batched hit count and release the connections; the producer is done."""
+        with self._lock:
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self.flush_stats()
+        _unflushed.discard(self)
+        if self._stats_client is not None:
+            self._stats_client.close()
+            self._stats_client = None
+        if self._app is not None:
+            self._app.backend.client.connection_pool.disconnect()
+            self._app.close()
+            self._app = None
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def flush_stats(self) -> None:
         """Add the cache hits counted so far to the cluster's counters; best effort.
@@ -294,9 +359,7 @@ class Producer:
             return
         try:
             if self._stats_client is None:
-                self._stats_client = redis.Redis.from_url(
-                    self.settings.broker_url(), socket_connect_timeout=1, socket_timeout=1
-                )
+                self._stats_client = redis_client(self.settings, timeout=1, connect_timeout=1)
             self._stats_client.hincrby(contract.STATS_KEY, "cache_hits", hits)
         except (redis.RedisError, BgqError):
             with self._lock:
@@ -309,8 +372,8 @@ class Producer:
         The guard is held from enqueue until the final state is stored, so a pending job
         without a guard was lost; if it merely expired, the task finds the stored result.
         """
-        with _broker_errors("read job state"):
-            lost = not self.app.backend.client.exists(contract.guard_key(args.key))
+        guard = contract.guard_key(args.key)
+        lost = not self.with_broker("read job state", lambda: self.app.backend.client.exists(guard))
         if not lost:
             return False
         if self.store.has_output(args.key):
@@ -324,10 +387,21 @@ class Producer:
 
     def task_metas(self, keys: list[str]) -> list[dict[str, Any]]:
         """The states of many tasks in one round trip (PENDING for those with none stored)."""
+        if not keys:
+            return []
         backend = self.app.backend
-        with _broker_errors("read job state"):
-            raw = backend.client.mget([backend.get_key_for_task(k) for k in keys]) if keys else []
-            return [
-                dict(backend.decode_result(value)) if value else {"status": "PENDING"}
-                for value in raw
-            ]
+        names = [backend.get_key_for_task(k) for k in keys]
+        raw = self.with_broker("read job state", lambda: backend.client.mget(names))
+        return [
+            dict(backend.decode_result(value)) if value else {"status": "PENDING"} for value in raw
+        ]
+
+
+_unflushed: weakref.WeakSet[Producer] = weakref.WeakSet()  # producers that counted hits
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A one-shot `bgq submit` (or any script) adds its last hits before the process ends."""
+    for producer in list(_unflushed):
+        producer.flush_stats()

@@ -154,7 +154,7 @@ def make_stack(
     """
     stacks: list[LocalStack] = []
 
-    def make(**overrides: object) -> LocalStack:
+    def make(queues: list[str] | None = None, **overrides: object) -> LocalStack:
         for previous in stacks:
             previous.stop()
         if stacks:  # a new cluster: nothing of the previous one's jobs or records
@@ -167,7 +167,8 @@ def make_stack(
             "concurrency": 2,
             **overrides,
         }
-        stack = LocalStack(Settings(**values), log=home / "worker.log")  # type: ignore[arg-type]
+        settings = Settings(**values)  # type: ignore[arg-type]
+        stack = LocalStack(settings, log=home / "worker.log", queues=queues)
         stacks.append(stack)
         return stack.start()
 

@@ -271,7 +271,9 @@ def test_finished_jobs_release_their_inputs(producer: Producer, redis_client: re
 
 def test_prune_task_runs_on_the_workers(stack: LocalStack) -> None:
     app = Producer(stack.settings).app
-    result = app.send_task(contract.PRUNE_TASK_NAME).get(timeout=60)
+    sent = app.send_task(contract.PRUNE_TASK_NAME)
+    wait_for(sent.ready, timeout=60, what="the prune")  # no .get(): its subscription leaks
+    result = sent.result
     assert "removed" in result
     schedule = app.conf.beat_schedule if app.conf.beat_schedule else {}
     assert any(e["task"] == contract.PRUNE_TASK_NAME for e in schedule.values())

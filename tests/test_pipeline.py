@@ -21,7 +21,16 @@ from bgq.stack import LocalStack
 from bgq.store import open_store
 from producer import Producer
 from tests.conftest import both_stores
-from tests.helpers import GOLDEN, SAMPLES, pixels, sample_bytes, settle, stats, variant
+from tests.helpers import (
+    GOLDEN,
+    SAMPLES,
+    pixels,
+    sample_bytes,
+    settle,
+    stats,
+    variant,
+    wait_for,
+)
 
 PARITY_CASES = [
     ("anime-girl-1.jpg", {}),
@@ -150,7 +159,7 @@ def test_bad_input_fails_permanently_without_retry(
 ) -> None:
     before_accepted, before_failed = accepted(stack), stats(redis_client).get("failed", 0)
     result = send_by_name(stack, data)
-    result.get(timeout=60, propagate=False)
+    wait_for(result.ready, timeout=60, what="the failure")  # no .get(): its subscription leaks
     assert result.state == "FAILURE"
     assert type(result.result).__name__ == error
     assert words in str(result.result)
@@ -159,7 +168,8 @@ def test_bad_input_fails_permanently_without_retry(
     assert stats(redis_client).get("failed", 0) - before_failed == 1
     # ...and the worker goes on serving.
     good = send_by_name(stack, variant("car-1.jpg", (0, 0, 200 + len(data) % 97, 150)))
-    assert good.get(timeout=120)["computed"] is True
+    wait_for(good.ready, timeout=120, what="the good job")
+    assert good.result["computed"] is True
 
 
 @both_stores

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
 import celeryconfig
+from bgq import contract
 from bgq.errors import BgqError
 from bgq.settings import load_settings
 from bgq.store import Store, open_store
 from workers import session
+
+if TYPE_CHECKING:
+    from celery.worker import WorkController
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +27,7 @@ app.conf.update(celeryconfig.build(settings))
 
 
 _store: Store | None = None
+serves_images = True  # decided in the main process before the pool forks (see _check_worker)
 
 
 def app_store() -> Store:
@@ -32,17 +39,29 @@ def app_store() -> Store:
 
 
 @worker_init.connect
-def _check_model(**_: object) -> None:
-    """In the main process, before forking: the model's weights and the store must be usable."""
+def _check_worker(sender: WorkController, **_: object) -> None:
+    """In the main process, before forking: the store must be usable, and a worker that consumes
+    the image queue needs the default model's weights; one that serves only webhooks or
+    maintenance loads none."""
+    global serves_images
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    serves_images = contract.QUEUE in queues
     try:
-        session.ensure_weights(settings)
         open_store(settings).check()
+        if serves_images:
+            session.ensure_weights(settings)
     except BgqError as exc:
         log.critical("bgq worker cannot start: %s", exc)
         raise SystemExit(f"bgq worker cannot start: {exc}") from None
+    if not serves_images:
+        log.info(
+            "this worker consumes %s, not %s: no model is loaded", ",".join(queues), contract.QUEUE
+        )
 
 
 @worker_process_init.connect
 def _load_session(**_: object) -> None:
-    """After fork, in each pool process: create its own onnxruntime session."""
-    session.init_process(settings)
+    """After fork, in each pool process: create its own onnxruntime session, if it serves images."""
+    session.init_process(settings, load=serves_images)
+    if not serves_images:
+        log.info("pool process %d: no model loaded", os.getpid())

@@ -47,10 +47,15 @@ def get(name: str, settings: Settings) -> BaseSession:
     return _sessions[name]
 
 
-def init_process(settings: Settings) -> None:
-    """Load the default model in a fresh pool process; a failure is logged, tasks then report it."""
+def init_process(settings: Settings, load: bool = True) -> None:
+    """Load the default model in a fresh pool process; a failure is logged, tasks then report it.
+
+    With `load` False (a worker that serves no images) nothing is loaded until a task needs it.
+    """
     _sessions.clear()  # never reuse a session inherited through fork
     models.use_models_dir(settings.model_home)
+    if not load:
+        return
     try:
         get(settings.model, settings)
     except ConfigError as exc:

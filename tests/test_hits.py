@@ -1,0 +1,56 @@
+"""Cache-hit counts reach Redis: at a one-shot `bgq submit`'s exit, at close(), on a timer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from bgq.settings import settings_env
+from bgq.stack import LocalStack
+from producer import Producer
+from tests.helpers import bgq, stats, variant, wait_for
+
+
+def hits(client: redis.Redis) -> int:
+    return stats(client).get("cache_hits", 0)
+
+
+def test_one_shot_submit_counts_its_hit(
+    stack: LocalStack, redis_client: redis.Redis, env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, **settings_env(stack.settings)}
+    image = tmp_path / "a.jpg"
+    image.write_bytes(variant("car-1.jpg", (10, 10, 170, 150)))
+    first = bgq("submit", str(image), env=env)
+    assert first.returncode == 0 and "cached: no" in first.stdout, first.stderr
+    before = hits(redis_client)
+    second = bgq("submit", str(image), "--out", str(tmp_path / "b.png"), env=env)
+    assert second.returncode == 0 and "cached: yes" in second.stdout, second.stderr
+    assert hits(redis_client) == before + 1  # at once: flushed when the process exited
+
+
+def test_close_and_with_block_flush(stack: LocalStack, redis_client: redis.Redis) -> None:
+    data = variant("car-1.jpg", (30, 10, 190, 150))
+    with Producer(stack.settings) as producer:
+        producer.submit(data).wait(timeout=120)
+        before = hits(redis_client)
+        for _ in range(3):
+            assert producer.submit(data).cached
+    assert hits(redis_client) == before + 3
+
+
+def test_a_long_lived_producer_flushes_without_another_submit(
+    stack: LocalStack, redis_client: redis.Redis
+) -> None:
+    data = variant("car-1.jpg", (50, 10, 210, 150))
+    producer = Producer(stack.settings)
+    try:
+        producer.submit(data).wait(timeout=120)
+        before = hits(redis_client)
+        producer.flush_stats()  # a batch starts: hits within the interval are only counted here
+        assert producer.submit(data).cached
+        assert hits(redis_client) == before  # batched, not written per hit
+        wait_for(lambda: hits(redis_client) == before + 1, timeout=30, what="the timed flush")
+    finally:
+        producer.close()
