@@ -164,7 +164,9 @@ def worker(ctx: typer.Context) -> None:
 
     settings = load_settings()
     settings.broker_url()  # fail here, clearly, when there is no broker
-    ensure_model(settings)
+    queues = consumed_queues(ctx.args)
+    if queues is None or contract.QUEUE in queues:  # a webhook-only worker needs no weights
+        ensure_model(settings)
     check_store(settings)
     named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in ctx.args)
     cmd = worker_command(settings.concurrency, "bgq@%h", *ctx.args)
@@ -172,3 +174,15 @@ def worker(ctx: typer.Context) -> None:
         at = cmd.index("--hostname")
         del cmd[at : at + 2]
     os.execv(cmd[0], cmd)
+
+
+def consumed_queues(args: list[str]) -> set[str] | None:
+    """The queues a `celery worker` command line names (-Q/--queues), or None: all of bgq's."""
+    for i, arg in enumerate(args):
+        if arg in ("-Q", "--queues") and i + 1 < len(args):
+            return set(args[i + 1].split(","))
+        if arg.startswith("--queues="):
+            return set(arg.split("=", 1)[1].split(","))
+        if arg.startswith("-Q") and len(arg) > 2:
+            return set(arg[2:].split(","))
+    return None

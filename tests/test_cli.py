@@ -10,6 +10,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from producer.cli_services import consumed_queues
 from tests.helpers import BGQ, SAMPLES, bgq, processes_mentioning, variant, wait_for
 
 
@@ -110,3 +113,17 @@ def test_plain_celery_worker_with_redis_url(
 def test_bgq_worker_with_redis_url(env: dict[str, str], tmp_path: Path, redis_url: str) -> None:
     env = {**env, "BGQ_REDIS_URL": redis_url}
     _worker_serves(env, tmp_path, [BGQ, "worker", "--concurrency", "1"])
+
+
+@pytest.mark.parametrize(
+    ("args", "queues"),
+    [
+        ([], None),
+        (["-Q", "bgq.webhooks,bgq.maintenance"], {"bgq.webhooks", "bgq.maintenance"}),
+        (["--concurrency", "4", "--queues=bgq"], {"bgq"}),
+        (["-Qbgq.webhooks"], {"bgq.webhooks"}),
+    ],
+)
+def test_worker_reads_the_queues_it_will_consume(args: list[str], queues: set[str] | None) -> None:
+    """A worker that serves no image queue needs no model weights (`bgq worker -Q ...`)."""
+    assert consumed_queues(args) == queues
