@@ -104,18 +104,21 @@ class Job:
     def update(self, meta: dict[str, Any], check_lost: bool = True) -> Location | None:
         """Apply the task's state as Celery stored it (one poll, or one of a batch).
 
-        The store is only asked once the task reports success, or when a pending job lost its
-        guard (its result may be there already; else it is enqueued again).
+        The store is asked only once the task has ended (a result in the store wins over a failed
+        state), or when a pending job lost its guard (its result may be there already; else it
+        is enqueued again).
         """
         assert self.store is not None and self.producer is not None
         status = meta["status"]
-        if status == "FAILURE":
+        if status in ("FAILURE", "REVOKED") and self.store.has_output(self.key):
+            self.done = True  # the result is there: e.g. only storing the state failed (outage)
+        elif status == "FAILURE":
             exc = meta["result"]
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise JobFailed(self.key, reason, permanent=isinstance(exc, PermanentError))
-        if status == "REVOKED":
+        elif status == "REVOKED":
             raise JobFailed(self.key, "the job was revoked")
-        if status == "SUCCESS":
+        elif status == "SUCCESS":
             if not self.store.has_output(self.key):
                 raise JobFailed(self.key, f"result reported done but not in {self.store.url}")
             self.done = True
