@@ -14,6 +14,7 @@ from workers import session
 
 log = logging.getLogger(__name__)
 
+session.defer_rembg_extras()  # before anything imports rembg
 settings = load_settings()
 app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maintenance"])
 app.conf.update(celeryconfig.build(settings))
