@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,6 +62,7 @@ def encode_png(img: Image.Image, encoder: str, compress_level: int) -> bytes:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOR_TYPES = {"L": 0, "RGB": 2, "LA": 4, "RGBA": 6}  # 8-bit modes -> PNG colour type
 _PNG_FILTER_UP = 2  # each byte minus the byte above it: cutouts are mostly flat transparent runs
+_PNG_BAND_BYTES = 1 << 20  # bytes of raw rows filtered and compressed at a time
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -72,22 +74,35 @@ def fast_png(img: Image.Image) -> bytes:
     """A standard PNG, ~10x faster than Pillow's: numpy "Up" filter + ISA-L deflate level 1.
 
     The same pixels as any PNG encoder (lossless); files are about Pillow level 1's size.
+    Encoded in bands of rows, so it needs a few MiB beside the image, not copies of it.
     """
     from isal import isal_zlib
 
-    pixels = np.asarray(img)
-    height, width = pixels.shape[:2]
-    rows = pixels.reshape(height, -1)
-    filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
-    filtered[:, 0] = _PNG_FILTER_UP
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG wants
+    width, height = img.size
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPES[img.mode], 0, 0, 0)
-    return b"".join(
-        (
-            _PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), 1)),
-            _png_chunk(b"IEND", b""),
+    deflate = isal_zlib.compressobj(1)
+    parts = [_PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
+    idat = [deflate.compress(band) for band in _filtered_bands(img)]
+    idat.append(deflate.flush())
+    parts += [_png_chunk(b"IDAT", b"".join(idat)), _png_chunk(b"IEND", b"")]
+    return b"".join(parts)
+
+
+def _filtered_bands(img: Image.Image) -> Iterator[bytes]:
+    """The image's rows, "Up"-filtered with their filter byte, a band of about 1 MiB at a time."""
+    width, height = img.size
+    step = max(1, _PNG_BAND_BYTES // (width * len(img.getbands())))
+    above = None  # the row above the band; the first row is filtered against zeros
+    for top in range(0, height, step):
+        rows = np.asarray(img.crop((0, top, width, min(top + step, height)))).reshape(
+            min(step, height - top), -1
         )
-    )
+        filtered = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
+        filtered[:, 0] = _PNG_FILTER_UP
+        if above is None:
+            filtered[0, 1:] = rows[0]
+        else:
+            np.subtract(rows[0], above, out=filtered[0, 1:])
+        np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps, as PNG wants
+        above = rows[-1]
+        yield filtered.tobytes()

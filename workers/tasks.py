@@ -42,6 +42,7 @@ def process(args: TaskArgs) -> dict[str, Any]:
         lap("decode")
         model = session.get(args.model, settings)
         cutout = imaging.remove_background(img, model, args.options)
+        del img  # only the cutout stays in memory while it is encoded
         lap("inference")  # rembg.remove: resize, model, mask, cutout
         png = imaging.encode_png(cutout, settings.png_encoder, settings.png_compress_level)
         lap("encode")
