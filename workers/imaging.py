@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from bgq.contract import Options
 from bgq.errors import InvalidImage, UnsupportedImage
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 # Workers own their process: BGQ_MAX_MEGAPIXELS, checked on the header, replaces Pillow's limit.
 Image.MAX_IMAGE_PIXELS = None
+_EXIF_TURNS = range(2, 9)  # EXIF orientations that ImageOps.exif_transpose turns or flips
 
 
 def decode(data: bytes, max_megapixels: float, options: Options) -> Image.Image:
@@ -34,12 +35,36 @@ def decode(data: bytes, max_megapixels: float, options: Options) -> Image.Image:
     return img
 
 
+class _Lent(Image.Image):
+    """A decoded input lent to rembg: its first copy shares the pixels instead of duplicating.
+
+    rembg.remove() starts with ImageOps.exif_transpose, which copies an image that needs no
+    turning; the caller never touches the input again, so the copy may be the same pixels.
+    """
+
+    def copy(self) -> Image.Image:
+        """The same pixels under a new plain Image (the caller gave them up)."""
+        return self._new(self.im)
+
+
+def _lend(img: Image.Image) -> Image.Image:
+    """The image to pass to rembg: lent (no copy) unless EXIF turns it, then as it is."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in _EXIF_TURNS:
+        return img
+    lent = img._new(img.im)
+    lent.__class__ = _Lent
+    return lent
+
+
 def remove_background(img: Image.Image, session: BaseSession, options: Options) -> Image.Image:
-    """Exactly rembg.remove() on a decoded image; a failure inside rembg is permanent."""
+    """Exactly rembg.remove() on a decoded image; a failure inside rembg is permanent.
+
+    The caller must not use `img` afterwards: rembg may work on its very pixels.
+    """
     from rembg import remove
 
     try:
-        result = remove(img, session=session, **options.rembg_kwargs())
+        result = remove(_lend(img), session=session, **options.rembg_kwargs())
     except MemoryError:
         raise  # the task turns it into OutOfMemory
     except Exception as exc:
