@@ -16,6 +16,17 @@ PNG_COMPRESS_LEVEL = 6  # zlib level 0-9 of the "pillow" encoder; 6 is Pillow's 
 TASK_MAX_RETRIES = 5  # retries of a task that failed with a transient error
 MAX_DELIVERIES = 3  # times a job may kill its worker process (crash, OOM) before it fails for good
 
+# Memory model of a pool process (u2netp, BGQ_ORT_THREADS=1; measured, see docs/memory.md):
+# peak MiB = POOL_BASE_MIB + (MiB per megapixel of the options) x input megapixels, plus
+# MATTING_MIB with alpha matting. A worker refuses, before decoding, an input whose estimated
+# peak is over BGQ_MAX_MEMORY_PER_CHILD_MB.
+POOL_BASE_MIB = 360  # MiB: interpreter, libraries, session, onnxruntime's working memory
+CUTOUT_MIB_PER_MP = 21  # MiB per megapixel: a cutout, with or without bgcolor
+MASK_MIB_PER_MP = 12  # MiB per megapixel: only_mask
+POST_PROCESS_MIB_PER_MP = 28  # MiB per megapixel: post_process_mask
+MATTING_MIB = 160  # MiB: numba and pymatting, imported by a process's first alpha matting
+MATTING_MIB_PER_MP = 440  # MiB per megapixel: alpha matting
+
 # Queue and keys.
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to
 KEY_PREFIX = "bgq:"  # prefix of every Redis key bgq itself writes (Celery's own keys aside)

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import ExifTags, Image
 
+from bgq import defaults
 from bgq.contract import Options
-from bgq.errors import InvalidImage, UnsupportedImage
+from bgq.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from bgq.imageinfo import NO_ALPHA_MATTING_MODES, open_header
 
 if TYPE_CHECKING:
@@ -23,11 +24,40 @@ Image.MAX_IMAGE_PIXELS = None
 _EXIF_TURNS = range(2, 9)  # EXIF orientations that ImageOps.exif_transpose turns or flips
 
 
-def decode(data: bytes, max_megapixels: float, options: Options) -> Image.Image:
-    """Check the header, then decode every pixel; bad input raises a PermanentError."""
+def estimated_peak_mib(megapixels: float, options: Options) -> float:
+    """A pool process's peak resident MiB for one input, by the memory model in defaults."""
+    if options.post_process_mask:
+        per_mp = defaults.POST_PROCESS_MIB_PER_MP
+    elif options.only_mask:
+        per_mp = defaults.MASK_MIB_PER_MP
+    else:
+        per_mp = defaults.CUTOUT_MIB_PER_MP
+    peak = defaults.POOL_BASE_MIB + per_mp * megapixels
+    if options.alpha_matting and not options.only_mask:
+        peak += defaults.MATTING_MIB + defaults.MATTING_MIB_PER_MP * megapixels
+    return peak
+
+
+def check_memory(img: Image.Image, options: Options, max_memory_mb: float) -> None:
+    """Refuse, before decoding, an input that would take a pool process past its limit."""
+    peak = estimated_peak_mib(img.width * img.height / 1e6, options)
+    if peak > max_memory_mb:
+        what = " with alpha matting" if options.alpha_matting and not options.only_mask else ""
+        raise ImageTooLarge(
+            f"{img.width}x{img.height}{what} would need about {peak:.0f} MiB in a worker "
+            f"process, over the BGQ_MAX_MEMORY_PER_CHILD_MB limit of {max_memory_mb:g}"
+        )
+
+
+def decode(
+    data: bytes, max_megapixels: float, options: Options, max_memory_mb: float | None = None
+) -> Image.Image:
+    """Check the header and the memory it needs, then decode every pixel; or a PermanentError."""
     img = open_header(data, max_megapixels)
     if options.alpha_matting and not options.only_mask and img.mode in NO_ALPHA_MATTING_MODES:
         raise UnsupportedImage(f"alpha matting does not support image mode {img.mode}")
+    if max_memory_mb is not None:
+        check_memory(img, options, max_memory_mb)
     try:
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -38,7 +38,9 @@ def process(args: TaskArgs) -> dict[str, Any]:
 
         data = store.read_input(args.input_sha256)
         lap("read")
-        img = imaging.decode(data, settings.max_megapixels, args.options)
+        img = imaging.decode(
+            data, settings.max_megapixels, args.options, settings.max_memory_per_child_mb
+        )
         lap("decode")
         model = session.get(args.model, settings)
         cutout = imaging.remove_background(img, model, args.options)
