@@ -20,12 +20,12 @@ MAX_DELIVERIES = 3  # times a job may kill its worker process (crash, OOM) befor
 # peak MiB = POOL_BASE_MIB + (MiB per megapixel of the options) x input megapixels, plus
 # MATTING_MIB with alpha matting. A worker refuses, before decoding, an input whose estimated
 # peak is over BGQ_MAX_MEMORY_PER_CHILD_MB.
-POOL_BASE_MIB = 360  # MiB: interpreter, libraries, session, onnxruntime's working memory
-CUTOUT_MIB_PER_MP = 21  # MiB per megapixel: a cutout, with or without bgcolor
-MASK_MIB_PER_MP = 12  # MiB per megapixel: only_mask
-POST_PROCESS_MIB_PER_MP = 28  # MiB per megapixel: post_process_mask
-MATTING_MIB = 160  # MiB: numba and pymatting, imported by a process's first alpha matting
-MATTING_MIB_PER_MP = 440  # MiB per megapixel: alpha matting
+POOL_BASE_MIB = 350  # MiB: interpreter, libraries, session, onnxruntime's working memory
+CUTOUT_MIB_PER_MP = 17  # MiB per megapixel: a cutout, with or without bgcolor
+MASK_MIB_PER_MP = 8  # MiB per megapixel: only_mask
+POST_PROCESS_MIB_PER_MP = 24  # MiB per megapixel: post_process_mask
+MATTING_MIB = 150  # MiB: numba and pymatting, imported by a process's first alpha matting
+MATTING_MIB_PER_MP = 420  # MiB per megapixel: alpha matting
 
 # Queue and keys.
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to
