@@ -22,12 +22,13 @@ app.conf.update(celeryconfig.build(settings))
 
 @worker_init.connect
 def _check_model(**_: object) -> None:
-    """In the main process, before forking: the default model's weights must be in place."""
+    """Before forking: the model's weights must be in place; then preload what pools share."""
     try:
         session.ensure_weights(settings)
     except BgqError as exc:
         log.critical("bgq worker cannot start: %s", exc)
         raise SystemExit(f"bgq worker cannot start: {exc}") from None
+    session.preload()
 
 
 @worker_process_init.connect

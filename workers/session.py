@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import sys
@@ -94,6 +95,16 @@ def defer_rembg_extras() -> None:
                 stand_in = _DeferredModule(name)
                 stand_in.__path__ = []
                 sys.modules[name] = stand_in
+
+
+def preload() -> None:
+    """Before fork: import what every pool process runs and freeze it, to share it (~30 MiB)."""
+    import isal.isal_zlib  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import rembg  # noqa: F401
+
+    gc.collect()
+    gc.freeze()  # the collector never writes to these objects, so their pages stay shared
 
 
 def ensure_weights(settings: Settings) -> None:
