@@ -44,7 +44,7 @@ MIB = 2**20
 MB = 10**6
 GROWTH_CHECK = 50  # tasks after which the growth baseline is read
 GROWTH_LIMIT = 0.10  # RSS after N tasks over RSS after GROWTH_CHECK, at most
-GROWTH_OPTIONS: list[dict[str, Any]] = [  # cycled; every 50th task also uses alpha matting
+GROWTH_OPTIONS: list[dict[str, Any]] = [  # cycled; the first two and every 50th: alpha matting
     {},
     {"only_mask": True},
     {"bgcolor": (255, 255, 255, 255)},
@@ -191,7 +191,7 @@ def mixed_inputs(count: int) -> Iterator[tuple[bytes, dict[str, Any]]]:
     for i in range(count):
         width = 160 + 32 * (i % 16)
         options = GROWTH_OPTIONS[i % len(GROWTH_OPTIONS)]
-        if i % GROWTH_MATTING_EVERY == GROWTH_MATTING_EVERY - 1:
+        if i < 2 or i % GROWTH_MATTING_EVERY == GROWTH_MATTING_EVERY - 1:
             options = {**options, "alpha_matting": True}
         yield make_input((width, width * 3 // 4), i, 85), options
 
@@ -259,6 +259,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="inputs per size (timing)")
     parser.add_argument("--growth-tasks", type=int, default=1000, help="0: skip growth")
+    parser.add_argument("--growth-only", action="store_true", help="skip the per-size tables")
     parser.add_argument("--rembg-child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rembg_child is not None:
@@ -269,10 +270,11 @@ def main() -> None:
         work = Path(tmp)
         settings = load_settings(home=work / "home", models_dir=base.model_home)
         print(f"{settings.concurrency} pool processes x {settings.ort_threads} ORT thread(s)")
-        rows = bench_bgq(settings, args.repeats, work / "worker.log")
-        print_table("bgq (pool processes, through the queue)", rows)
-        rows = bench_rembg(work, settings, args.repeats)
-        print_table("rembg.remove() in a plain process (rembg's default session)", rows)
+        if not args.growth_only:
+            rows = bench_bgq(settings, args.repeats, work / "worker.log")
+            print_table("bgq (pool processes, through the queue)", rows)
+            rows = bench_rembg(work, settings, args.repeats)
+            print_table("rembg.remove() in a plain process (rembg's default session)", rows)
         if args.growth_tasks > GROWTH_CHECK:
             growth = bench_growth(settings, args.growth_tasks, work / "growth.log")
             print_growth(growth, args.growth_tasks)
