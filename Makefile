@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models system-redis run test bench bench-api profile lint format clean
+.PHONY: setup models system-redis run test bench bench-memory bench-api profile lint format clean
 
 setup: $(STAMP) models
 
@@ -24,6 +24,11 @@ run: setup
 # Figures, not tests: rembg p vs bgq ingest vs the model-bound limit (a few minutes on 2 cores).
 bench: setup $(VENV)/.bench
 	$(BIN)/python -m bench.ingest
+
+# Peak RSS/USS/PSS of a pool process per input size vs rembg.remove(), and growth over 1,000
+# small tasks (several minutes on 2 cores; figures, not tests).
+bench-memory: setup
+	$(BIN)/python -m bench.memory
 
 # Cache-hit latency of the HTTP API (p50/p99, requests/s).
 bench-api: setup

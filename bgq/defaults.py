@@ -6,6 +6,8 @@ from typing import Literal
 MODEL = "u2netp"
 ORT_THREADS = 1  # intra-op threads per worker process
 ORT_ARENA = True  # onnxruntime's CPU memory arena
+ORT_MEM_PATTERN = False  # onnxruntime's memory pattern; on: ~190 MiB more per process, no faster
+ORT_MEM_REUSE = False  # onnxruntime's planned buffer reuse; on: ~100 MiB more, no faster
 MAX_TASKS_PER_CHILD = 200  # tasks before a pool process is replaced
 MAX_MEMORY_PER_CHILD_MB = 2048  # MiB of resident memory before a pool process is replaced
 MAX_MEGAPIXELS = 50.0  # megapixels (width x height / 1e6) an input may have
@@ -13,6 +15,17 @@ PNG_ENCODER: Literal["fast", "pillow"] = "fast"  # fast: numpy + ISA-L (~8 ms/10
 PNG_COMPRESS_LEVEL = 6  # zlib level 0-9 of the "pillow" encoder; 6 is Pillow's and rembg's default
 TASK_MAX_RETRIES = 5  # retries of a task that failed with a transient error
 MAX_DELIVERIES = 3  # times a job may kill its worker process (crash, OOM) before it fails for good
+
+# Memory model of a pool process (u2netp, BGQ_ORT_THREADS=1; measured, see docs/memory.md):
+# peak MiB = POOL_BASE_MIB + (MiB per megapixel of the options) x input megapixels, plus
+# MATTING_MIB with alpha matting. A worker refuses, before decoding, an input whose estimated
+# peak is over BGQ_MAX_MEMORY_PER_CHILD_MB.
+POOL_BASE_MIB = 350  # MiB: interpreter, libraries, session, onnxruntime's working memory
+CUTOUT_MIB_PER_MP = 17  # MiB per megapixel: a cutout, with or without bgcolor
+MASK_MIB_PER_MP = 8  # MiB per megapixel: only_mask
+POST_PROCESS_MIB_PER_MP = 24  # MiB per megapixel: post_process_mask
+MATTING_MIB = 150  # MiB: numba and pymatting, imported by a process's first alpha matting
+MATTING_MIB_PER_MP = 420  # MiB per megapixel: alpha matting
 
 # Queue and keys.
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+session.defer_rembg_extras()  # before anything imports rembg
 settings = load_settings()
 app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maintenance"])
 app.conf.update(celeryconfig.build(settings))
@@ -57,6 +58,8 @@ def _check_worker(sender: WorkController, **_: object) -> None:
         log.info(
             "this worker consumes %s, not %s: no model is loaded", ",".join(queues), contract.QUEUE
         )
+    else:
+        session.preload()  # what every pool process imports, shared copy-on-write
 
 
 @worker_process_init.connect

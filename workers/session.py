@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
-from typing import TYPE_CHECKING
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
+from bgq import defaults
 from bgq.errors import ConfigError
 from bgq.settings import Settings
 from workers import models
@@ -17,16 +22,89 @@ log = logging.getLogger(__name__)
 
 _sessions: dict[str, BaseSession] = {}  # this process's sessions, by model name
 
+# What rembg imports when it loads but calls only for alpha matting or mask post-processing.
+DEFERRED_MODULES = (
+    "pymatting.alpha.estimate_alpha_cf",
+    "pymatting.foreground.estimate_foreground_ml",
+    "pymatting.util.util",
+    "scipy.ndimage",
+    "skimage.morphology",
+)
+DEFERRED_PARENTS = ("scipy", "skimage")  # their light parent packages, imported for real
+
 
 def session_options(settings: Settings) -> ort.SessionOptions:
-    """Thread count and memory arena as configured (BGQ_ORT_THREADS, BGQ_ORT_ARENA)."""
+    """Threads and arena as configured; memory planner options as measured (docs/memory.md)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = settings.ort_threads
     opts.inter_op_num_threads = 1
     opts.enable_cpu_mem_arena = settings.ort_arena
+    opts.enable_mem_pattern = defaults.ORT_MEM_PATTERN
+    opts.enable_mem_reuse = defaults.ORT_MEM_REUSE
     return opts
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands in for a module until one of its functions is first called."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _DeferredFunction(self.__name__, name)
+
+
+class _DeferredFunction:
+    """A function of a deferred module; the real module is imported on its first call."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+        self.real: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.real is None:
+            self.real = getattr(_import_real(self.module), self.name)
+        return self.real(*args, **kwargs)
+
+
+def _import_real(module: str) -> types.ModuleType:
+    """Drop the stand-ins of `module`'s top package, then import the real module."""
+    top = module.split(".")[0]
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        if isinstance(sys.modules[name], _DeferredModule):
+            del sys.modules[name]
+    return importlib.import_module(module)
+
+
+def defer_rembg_extras() -> None:
+    """Load rembg without what only alpha matting and post-processing call (~185 MiB).
+
+    numba (through pymatting), scipy.ndimage and skimage.morphology are then imported by the
+    first task that calls one of their functions. Call before rembg is first imported.
+    """
+    if "rembg" in sys.modules:
+        return
+    for parent in DEFERRED_PARENTS:
+        importlib.import_module(parent)  # light packages, loaded for real
+    for module in DEFERRED_MODULES:
+        parts = module.split(".")
+        for depth in range(1, len(parts) + 1):
+            name = ".".join(parts[:depth])
+            if name not in sys.modules:
+                stand_in = _DeferredModule(name)
+                stand_in.__path__ = []
+                sys.modules[name] = stand_in
+
+
+def preload() -> None:
+    """Before fork: import what every pool process runs and freeze it, to share it (~30 MiB)."""
+    import isal.isal_zlib  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import rembg  # noqa: F401
+
+    gc.collect()
+    gc.freeze()  # the collector never writes to these objects, so their pages stay shared
 
 
 def ensure_weights(settings: Settings) -> None:

@@ -36,10 +36,13 @@ def process(args: TaskArgs) -> dict[str, Any]:
 
         data = store.read_input(args.input_sha256)
         lap("read")
-        img = imaging.decode(data, settings.max_megapixels, args.options)
+        img = imaging.decode(
+            data, settings.max_megapixels, args.options, settings.max_memory_per_child_mb
+        )
         lap("decode")
         model = session.get(args.model, settings)
         cutout = imaging.remove_background(img, model, args.options)
+        del img  # only the cutout stays in memory while it is encoded
         lap("inference")  # rembg.remove: resize, model, mask, cutout
         png = imaging.encode_png(cutout, settings.png_encoder, settings.png_compress_level)
         lap("encode")
