@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -48,6 +49,9 @@ MODELS = frozenset(
 )
 
 Threshold = Annotated[int, Field(ge=0, le=255)]
+_BYTE = " *(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]) *"  # 0-255: no sign, no leading zero
+# bgcolor as text (the HTTP API's form): "r,g,b,a"; the same pattern is in the OpenAPI schema.
+BGCOLOR_PATTERN = f"^{_BYTE},{_BYTE},{_BYTE},{_BYTE}$"
 
 
 def check_model(name: str) -> str:
@@ -70,11 +74,20 @@ class Options(BaseModel):
     post_process_mask: bool = False
     bgcolor: tuple[Threshold, Threshold, Threshold, Threshold] | None = None
 
+    @field_validator("alpha_matting", "only_mask", "post_process_mask", mode="before")
+    @classmethod
+    def _parse_bool(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value
+
     @field_validator("bgcolor", mode="before")
     @classmethod
     def _parse_bgcolor(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(","))
+            if not re.fullmatch(BGCOLOR_PATTERN, value):
+                raise ValueError("must be r,g,b,a: four integers from 0 to 255")
+            return tuple(part.strip(" ") for part in value.split(","))
         return value
 
     @classmethod

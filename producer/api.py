@@ -17,18 +17,18 @@ from typing import Any
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
 import bgq
-from bgq import contract, defaults, jobs, webhooks
-from bgq.contract import Options
+from bgq import defaults, jobs, webhooks
 from bgq.errors import BgqError
 from bgq.settings import Settings, load_settings
+from producer import api_schema
 from producer.api_http import (
     RETRY_LATER,
     ApiError,
@@ -40,14 +40,13 @@ from producer.api_http import (
     error_response,
     too_large,
 )
-from producer.api_schema import IMAGE_BODY, JOB_EXAMPLE, option_parameters
+from producer.api_request import options_of, read_image, wait_seconds
 from producer.client import POLL_MAX, POLL_MIN, Job, Producer
 
 log = logging.getLogger("bgq.api")
 
-KEY_RE = re.compile(r"[0-9a-f]{64}")
+KEY_RE = re.compile(api_schema.KEY_PATTERN)  # what the schema says a job id is
 IMMUTABLE = "public, max-age=31536000, immutable"
-REQUEST_FIELDS = ("model", "wait", "callback_url")  # besides the rembg options
 
 
 def create_app(settings: Settings | None = None, producer: Producer | None = None) -> FastAPI:
@@ -86,6 +85,17 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     )
     app.state.producer = producer
     app.state.metrics = metrics
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, completed once by api_schema (auth as this app is set up)."""
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            app.openapi_schema = api_schema.complete(document, secured=bool(keys))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # -- errors: one JSON shape, never a stack trace -----------------------------------------
 
@@ -183,17 +193,9 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         record_hits: bool,
     ) -> Job:
         """Validate, hand the image to the Producer, and record the job for GET /v1/jobs."""
-        unknown = set(fields) - set(REQUEST_FIELDS) - set(Options.model_fields)
-        if unknown:
-            raise ApiError(
-                422, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}"
-            )
-        model = contract.check_model(fields.get("model") or settings.model)
-        options = Options.parse({k: v for k, v in fields.items() if k in Options.model_fields})
-        if callback:
-            await run_in_threadpool(
-                webhooks.check_callback_url, callback, settings.webhook_allow_private
-            )
+        model, options = options_of(fields, settings.model)
+        if callback is not None:
+            await run_in_threadpool(check_callback, callback)
             if not settings.webhook_secret:
                 raise ApiError(
                     422, "invalid_request", "callback_url needs BGQ_WEBHOOK_SECRET to be set"
@@ -203,6 +205,13 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         if record_hits or not job.cached:  # a job to look up later (a hit needs none)
             await run_in_threadpool(record, request, job, callback)
         return job
+
+    def check_callback(url: str) -> None:
+        """Refuse a malformed or non-public callback; a host that does not resolve may later."""
+        try:
+            webhooks.check_callback_url(url, settings.webhook_allow_private)
+        except webhooks.CallbackUnresolvable as exc:
+            log.info("accepted %s; its deliveries are retried", exc)
 
     def record(request: Request, job: Job, callback: str | None) -> None:
         assert job.args is not None
@@ -215,41 +224,6 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         client = producer.app.backend.client
         record = jobs.read_record(client, key)
         return jobs.describe(key, record, producer.task_meta(key), store)
-
-    async def read_image(request: Request) -> tuple[dict[str, str], bytes]:
-        """The options (query, then form fields) and the image bytes of a submission."""
-        fields = dict(request.query_params)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=32)
-            try:
-                upload = form.get("file")
-                for name, value in form.multi_items():
-                    if isinstance(value, str):
-                        fields[name] = value
-                if not isinstance(upload, UploadFile):
-                    raise ApiError(422, "invalid_request", "multipart body has no `file` part")
-                return fields, await upload.read()
-            finally:
-                await form.close()
-        if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
-            return fields, await request.body()
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"send the image as multipart `file` or a raw image/* body, not {ctype or 'nothing'}",
-        )
-
-    def wait_seconds(fields: dict[str, str]) -> float:
-        try:
-            wait = float(fields.get("wait", defaults.API_WAIT))
-        except ValueError:
-            raise ApiError(422, "invalid_request", "wait: must be a number of seconds") from None
-        if not 0 <= wait <= defaults.API_MAX_WAIT:
-            raise ApiError(
-                422, "invalid_request", f"wait: must be between 0 and {defaults.API_MAX_WAIT:g}"
-            )
-        return wait
 
     async def wait_for(request: Request, job: Job, seconds: float) -> bool:
         """True once the result is in the store, False after `seconds` (or a disconnect).
@@ -274,15 +248,11 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     @v1.post(
         "/remove",
         summary="Remove the background; the PNG if ready within `wait`, else 202 with the job",
+        operation_id="remove",
         response_class=FileResponse,
-        responses={
-            200: {"content": {"image/png": {}}},
-            202: {"content": {"application/json": {"example": JOB_EXAMPLE}}},
-        },
-        openapi_extra={"parameters": option_parameters(), "requestBody": IMAGE_BODY},
     )
     async def remove(request: Request) -> Response:
-        fields, data = await read_image(request)
+        fields, data = await read_image(request, settings.model)
         wait = wait_seconds(fields)
         if "callback_url" in fields:
             raise ApiError(422, "invalid_request", "callback_url belongs to POST /v1/jobs")
@@ -294,23 +264,11 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     @v1.post(
         "/jobs",
         summary="Submit an asynchronous job (optionally with a webhook)",
+        operation_id="create_job",
         status_code=202,
-        responses={202: {"content": {"application/json": {"example": JOB_EXAMPLE}}}},
-        openapi_extra={
-            "parameters": [
-                *option_parameters()[:1],
-                *option_parameters()[2:],
-                {
-                    "name": "callback_url",
-                    "in": "query",
-                    "schema": {"type": "string", "format": "uri"},
-                },
-            ],
-            "requestBody": IMAGE_BODY,
-        },
     )
     async def create_job(request: Request) -> JSONResponse:
-        fields, data = await read_image(request)
+        fields, data = await read_image(request, settings.model)
         if "wait" in fields:
             raise ApiError(422, "invalid_request", "wait belongs to POST /v1/remove")
         job = await submit(request, fields, data, fields.get("callback_url"), record_hits=True)
@@ -321,7 +279,12 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
             raise ApiError(404, "not_found", f"no job {key!r}")
         return key
 
-    @v1.get("/jobs/{job_id}", summary="A job's status", response_model=jobs.JobView)
+    @v1.get(
+        "/jobs/{job_id}",
+        summary="A job's status",
+        operation_id="get_job",
+        response_model=jobs.JobView,
+    )
     async def get_job(job_id: str, request: Request) -> jobs.JobView:
         key = known_key(job_id)
         job = await run_in_threadpool(describe, key)
@@ -339,11 +302,8 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     @v1.get(
         "/jobs/{job_id}/result",
         summary="A finished job's PNG (immutable; ETag is the job id)",
+        operation_id="get_result",
         response_class=FileResponse,
-        responses={
-            200: {"content": {"image/png": {}}},
-            307: {"description": "BGQ_RESULT_REDIRECT=presigned: a presigned URL in Location"},
-        },
     )
     async def get_result(job_id: str, request: Request) -> Response:
         key = known_key(job_id)
@@ -364,11 +324,15 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
 
     app.include_router(v1)
 
-    @app.get("/healthz", summary="The process is alive")
+    @app.get("/healthz", summary="The process is alive", operation_id="healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Redis is reachable and at least one worker is online")
+    @app.get(
+        "/readyz",
+        summary="Redis is reachable and at least one worker is online",
+        operation_id="readyz",
+    )
     async def readyz() -> JSONResponse:
         def check() -> tuple[bool, int, str | None]:
             try:
@@ -387,7 +351,9 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
             body, status_code=200 if ready else 503, headers=None if ready else RETRY_LATER
         )
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get(
+        "/metrics", summary="Prometheus metrics", operation_id="metrics", response_class=Response
+    )
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

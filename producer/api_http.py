@@ -21,6 +21,7 @@ from bgq.errors import (
     StoreError,
     UnsupportedImage,
 )
+from bgq.webhooks import CallbackNotAllowed
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -61,6 +62,8 @@ def api_error(exc: BgqError) -> ApiError:
         return ApiError(413, "image_too_large", str(exc))
     if isinstance(exc, UnsupportedImage):
         return ApiError(422, "unsupported_image", str(exc))
+    if isinstance(exc, CallbackNotAllowed):
+        return ApiError(422, "callback_not_allowed", str(exc))
     if isinstance(exc, InvalidRequest):
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, JobFailed):

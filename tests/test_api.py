@@ -274,6 +274,8 @@ def test_auth(serve: Callable[..., str]) -> None:
         assert http.get("/v1/jobs/" + "0" * 64).status_code == 401
         for open_route in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
             assert http.get(open_route).status_code == 200, open_route
+        remove = http.get("/openapi.json").json()["paths"]["/v1/remove"]["post"]
+        assert remove["security"] == [{"bearer": []}] and "401" in remove["responses"]
     with HttpClient(url, api_key="key-two") as client:
         assert client.remove(data)[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -391,6 +393,13 @@ def test_private_or_odd_callbacks_refused_by_default(strict: str, url: str, word
         )
     assert response.status_code == 422
     assert words in error_of(response)["message"]
+
+
+def test_unresolvable_callback_host_accepted(strict: str) -> None:
+    """DNS may not know the host yet: the job is accepted and its delivery retried."""
+    with HttpClient(strict) as client:
+        job = client.submit(sample_bytes("car-1.jpg"), callback_url="https://hooks.invalid/bgq")
+    assert job["id"]
 
 
 def test_callback_needs_a_secret(serve: Callable[..., str]) -> None:

@@ -136,6 +136,13 @@ def test_parse_of_none_and_empty_dict_are_the_defaults() -> None:
         ({"bgcolor": (1, 2, 3, 4, 5)}, "bgcolor"),
         ({"bgcolor": (1, 2, 3, -4)}, "bgcolor"),
         ({"alpha_matting": "perhaps"}, "alpha_matting"),
+        # Text has one spelling, the one the OpenAPI schema publishes.
+        ({"bgcolor": "01,2,3,4"}, "bgcolor"),
+        ({"bgcolor": "1,2,3,+4"}, "bgcolor"),
+        ({"bgcolor": "1,2,3,\t4"}, "bgcolor"),
+        ({"post_process_mask": "1"}, "post_process_mask"),
+        ({"only_mask": "yes"}, "only_mask"),
+        ({"alpha_matting": "True"}, "alpha_matting"),
     ],
 )
 def test_parse_rejects_a_bad_option_naming_it(values: dict[str, Any], field: str) -> None:

@@ -54,6 +54,10 @@ def test_public_addresses(address: str, public: bool) -> None:
         "http://127.0.0.1/x",
         "http://[::ffff:10.0.0.1]/x",
         "http://8.8.8.8:99999/x",
+        "http://8.8.8.8:/x",
+        "http://[1:2]/x",
+        "http://8.8.8.8/a b",
+        "http://8.8.8.8/%zz",
     ],
 )
 def test_refused_callbacks(url: str) -> None:
@@ -63,4 +67,5 @@ def test_refused_callbacks(url: str) -> None:
 
 def test_allowed_callbacks() -> None:
     assert check_callback_url("https://8.8.8.8/hook") == "https://8.8.8.8/hook"
+    assert check_callback_url("HTTP://[2001:4860:4860::8888]:8080/h?a=%20#f")
     assert check_callback_url("http://127.0.0.1:9/x", allow_private=True)

@@ -1,0 +1,94 @@
+"""The HTTP contract: schemathesis fuzzes the live API against its own /openapi.json."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import pytest
+import schemathesis
+from schemathesis.engine import Status, events, from_schema
+from schemathesis.engine.recorder import CheckNode
+
+from tests.conftest import StackFactory
+from tests.helpers import ApiServer
+
+# No schema can say "a decodable image within BGQ_MAX_MEGAPIXELS that rembg can process with
+# these options", nor "a host that resolves to public addresses", so a schema-valid request may
+# be refused for its image or its callback's address, and only for them: `refused_only_for`
+# (below) checks the error code of every such refusal.
+UNDESCRIBABLE = {
+    "image_too_large",
+    "unsupported_media_type",
+    "unsupported_image",
+    "job_failed",
+    "callback_not_allowed",
+}
+POSITIVE_STATUSES = ["2xx", "3xx", "401", "404", "409", "413", "415", "422"]
+
+# What `schemathesis run` does: every check, every phase (examples, coverage, fuzzing,
+# stateful), positive and negative data; bounded and derandomised so a run is short and
+# repeatable.
+CONFIG = {
+    "generation": {"max-examples": 12, "deterministic": True, "database": "none"},
+    "checks": {"positive_data_acceptance": {"expected-statuses": POSITIVE_STATUSES}},
+    "request-timeout": 60,
+    "workers": 4,
+}
+PHASES = ("EXAMPLES", "COVERAGE", "FUZZING", "STATEFUL_TESTING")
+
+
+@schemathesis.check
+def refused_only_for(
+    ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case
+) -> None:
+    """A schema-valid request is refused only for what no schema can describe."""
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive:
+        return
+    if response.status_code in (413, 415, 422):
+        code = response.json()["error"]["code"]
+        assert code in UNDESCRIBABLE, f"schema-valid request refused: {response.text}"
+
+
+@pytest.fixture(scope="module")
+def api(make_stack: StackFactory) -> Iterator[str]:
+    """The API on prefork workers that may sign webhooks; its base URL."""
+    stack = make_stack(webhook_secret="contract-test-secret")
+    settings = stack.settings.model_copy(update={"redis_url": stack.url, "max_upload_mb": 1})
+    server = ApiServer(settings).start()
+    yield server.url
+    server.stop()
+
+
+def run_schemathesis(url: str) -> tuple[list[str], Counter[str]]:
+    """Every failure of a run against `url`'s own schema, and the requests sent by phase."""
+    config = schemathesis.Config.from_dict(CONFIG)
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config)
+    problems: list[str] = []
+    requests: Counter[str] = Counter()
+    for event in from_schema(schema).execute():
+        if isinstance(event, events.NonFatalError):
+            problems.append(f"schemathesis could not test {event.label}: {event.info.message}")
+        if isinstance(event, events.FatalError):
+            problems.append(f"schemathesis failed: {event.exception!r}")
+        if isinstance(event, events.ScenarioFinished):
+            requests[event.phase.name] += len(event.recorder.interactions)
+            problems.extend(failures_of(event.recorder.checks.values()))
+    return problems, requests
+
+
+def failures_of(checks: Iterable[list[CheckNode]]) -> Iterator[str]:
+    """Each failed check: its name, what failed, and the request as a curl command."""
+    for node in (node for nodes in checks for node in nodes):
+        info = node.failure_info
+        if node.status != Status.SUCCESS and info is not None:
+            yield f"{node.name}: {info.failure.title}\n{info.failure.message}\n{info.code_sample}"
+
+
+def test_the_live_api_keeps_its_contract(api: str) -> None:
+    problems, requests = run_schemathesis(api)
+    assert not problems, "\n\n".join(problems)
+    # Every phase sent requests; stateful ones follow the links from POST /v1/jobs and
+    # POST /v1/remove to GET /v1/jobs/{job_id} and its /result.
+    assert all(requests[phase] > 0 for phase in PHASES), requests
