@@ -41,7 +41,8 @@ from producer.api_http import (
     too_large,
 )
 from producer.api_request import options_of, read_image, wait_seconds
-from producer.client import POLL_MAX, POLL_MIN, Job, Producer
+from producer.client import Producer
+from producer.job import POLL_MAX, POLL_MIN, Job
 
 log = logging.getLogger("bgq.api")
 

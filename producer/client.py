@@ -10,7 +10,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,14 +24,13 @@ from bgq.errors import (
     BrokerError,
     ImageTooLarge,
     InvalidImage,
-    JobFailed,
-    JobTimeout,
     PermanentError,
     UnsupportedImage,
 )
 from bgq.imageinfo import probe
 from bgq.settings import Settings, load_settings
-from bgq.store import Store, open_store
+from bgq.store import open_store
+from producer.job import Job
 from producer.outage import Outage
 
 if TYPE_CHECKING:
@@ -56,103 +54,12 @@ end
 return 0
 """
 
-POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
-POLL_MAX = 0.25  # seconds between later checks
-
 
 def read_source(source: Source) -> bytes:
     """The image bytes of a submit() argument: bytes as they are, else a file path."""
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source)
     return Path(source).read_bytes()
-
-
-Location = Path | str  # a result's local Path (filesystem store) or its s3:// URL
-
-
-@dataclass
-class Job:
-    """One submitted image: its cache key, whether it was a cache hit, and how to wait for it.
-
-    `wait()` returns where the result is (a local Path on a filesystem store, its s3:// URL on
-    S3); `read()` and `save(path)` work the same on both.
-    """
-
-    key: str
-    cached: bool
-    store: Store | None = field(default=None, repr=False)
-    producer: Producer | None = field(default=None, repr=False)
-    error: BgqError | None = None
-    source: str | None = None
-    args: TaskArgs | None = field(default=None, repr=False)
-    done: bool = False
-
-    @property
-    def location(self) -> Location:
-        assert self.store is not None
-        return self.store.location(self.key)
-
-    def poll(self) -> Location | None:
-        """Where the result is if it is ready, else None; raise JobFailed if the job failed."""
-        if self.error is not None:
-            raise self.error
-        if self.cached or self.done:
-            return self.location
-        assert self.producer is not None
-        return self.update(self.producer.task_meta(self.key))
-
-    def update(self, meta: dict[str, Any], check_lost: bool = True) -> Location | None:
-        """Apply the task's state as Celery stored it (one poll, or one of a batch).
-
-        The store is asked only once the task has ended (a result in the store wins over a failed
-        state), or when a pending job lost its guard (its result may be there already; else it
-        is enqueued again).
-        """
-        assert self.store is not None and self.producer is not None
-        status = meta["status"]
-        if status in ("FAILURE", "REVOKED") and self.store.has_output(self.key):
-            self.done = True  # the result is there: e.g. only storing the state failed (outage)
-        elif status == "FAILURE":
-            exc = meta["result"]
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            raise JobFailed(self.key, reason, permanent=isinstance(exc, PermanentError))
-        elif status == "REVOKED":
-            raise JobFailed(self.key, "the job was revoked")
-        elif status == "SUCCESS":
-            if not self.store.has_output(self.key):
-                raise JobFailed(self.key, f"result reported done but not in {self.store.url}")
-            self.done = True
-        elif status == "PENDING" and check_lost and self.args is not None:
-            self.done = self.producer.requeue_if_lost(self.args)
-        return self.location if self.done else None
-
-    def wait(self, timeout: float | None = None) -> Location:
-        """Block until the result is in the store and say where; raise on failure or timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = POLL_MIN
-        while True:
-            location = self.poll()
-            if location is not None:
-                return location
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(f"job {self.key} not finished after {timeout:g}s")
-            time.sleep(
-                delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            )
-            delay = min(POLL_MAX, delay * 2)
-
-    def read(self, timeout: float | None = None) -> bytes:
-        """Wait for the result and return its PNG bytes (any store)."""
-        self.wait(timeout)
-        assert self.store is not None
-        return self.store.read_output(self.key)
-
-    def save(self, dest: str | os.PathLike[str], timeout: float | None = None) -> Path:
-        """Wait for the result and write it to the local path `dest` atomically (any store)."""
-        self.wait(timeout)
-        assert self.store is not None
-        self.store.save(self.key, Path(dest))
-        return Path(dest)
 
 
 class Producer:

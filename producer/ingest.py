@@ -23,7 +23,8 @@ from bgq.errors import BgqError, JobFailed, NoBroker, StoreError
 from bgq.settings import Settings
 from bgq.store import Store
 from producer.catalog import InputError, Item, open_catalog, read_file
-from producer.client import Job, Producer
+from producer.client import Producer
+from producer.job import Job
 from producer.remote import S3Prefix, is_s3
 
 if TYPE_CHECKING:
