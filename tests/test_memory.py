@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -54,3 +57,35 @@ def test_worker_refuses_an_input_over_the_memory_limit_before_decoding(
     with pytest.raises(JobFailed, match="truncated") as decoded:
         producer.submit(data).wait(timeout=120)
     assert decoded.value.permanent
+
+
+def test_rembg_loads_without_its_matting_and_post_processing_libraries() -> None:
+    """In a fresh process as in a pool process: rembg's import pulls in none of numba,
+    pymatting, scipy.ndimage or skimage.morphology, and its kernel is skimage's own."""
+    code = (
+        "import sys\n"
+        "from workers import session\n"
+        "session.defer_rembg_extras()\n"
+        "import rembg.bg\n"
+        "real = [m for m in ('numba', 'pymatting.alpha.estimate_alpha_cf', 'scipy.ndimage',"
+        " 'skimage.morphology') if m in sys.modules"
+        " and type(sys.modules[m]).__name__ != '_DeferredModule']\n"
+        "print(real, rembg.bg.kernel.tolist(), rembg.bg.kernel.dtype)\n"
+    )
+    env = {**os.environ, "BGQ_REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    from skimage.morphology import disk
+
+    assert done.stdout.split("\n")[0] == f"[] {disk(1).tolist()} {disk(1).dtype}"
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 7])
+def test_the_disk_stand_in_is_skimages_disk(radius: int) -> None:
+    from skimage.morphology import disk
+
+    from workers.session import _Disk
+
+    ours = _Disk("skimage.morphology", "disk")(radius)
+    assert ours.dtype == disk(radius).dtype and (ours == disk(radius)).all()

@@ -52,6 +52,8 @@ class _DeferredModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        if (self.__name__, name) == ("skimage.morphology", "disk"):
+            return _Disk(self.__name__, name)
         return _DeferredFunction(self.__name__, name)
 
 
@@ -66,6 +68,21 @@ class _DeferredFunction:
         if self.real is None:
             self.real = getattr(_import_real(self.module), self.name)
         return self.real(*args, **kwargs)
+
+
+class _Disk(_DeferredFunction):
+    """skimage's `disk(radius)`, which rembg calls once at import (`kernel = disk(1)`): the
+    same array, computed as skimage does, so that importing rembg does not load skimage and
+    scipy (~45 MiB); any other call goes to skimage itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or len(args) != 1 or not isinstance(args[0], int):
+            return super().__call__(*args, **kwargs)
+        import numpy as np
+
+        grid = np.arange(-args[0], args[0] + 1)
+        x, y = np.meshgrid(grid, grid)
+        return (x**2 + y**2 <= args[0] ** 2).astype(np.uint8)
 
 
 def _import_real(module: str) -> types.ModuleType:
