@@ -8,12 +8,16 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench.s3server import S3Server
 from bgq import contract, defaults
 from bgq.errors import StoreError, TransientError
-from bgq.store import FILE_MODE, INPUTS, RESULTS, FileStore, Store, atomic_write
+from bgq.settings import Settings
+from bgq.store import FILE_MODE, INPUTS, RESULTS, FileStore, Store, atomic_write, open_store
+from tests.conftest import s3_settings
 
 DIGEST = contract.input_digest(b"input")
 
@@ -101,7 +105,11 @@ def test_put_input_then_read_input(store: Store) -> None:
 def test_put_input_writes_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     store.put_input(DIGEST, b"input")
 
-    def no_rewrite(*args: object) -> None:
+    write = store.write
+
+    def no_rewrite(*args: Any, **kwargs: Any) -> None:
+        if kwargs.get("if_none_match") == "*":  # a create-only PUT: the server refuses it
+            return write(*args, **kwargs)
         raise AssertionError("an existing input blob must not be rewritten")
 
     monkeypatch.setattr(store, "write", no_rewrite)
@@ -209,3 +217,17 @@ def test_a_failed_store_write_is_a_store_error(
         files.put_output(key, b"png")
     assert not files.has_output(key)
     assert os.listdir(files.local_path(key).parent) == []
+
+
+def test_s3_inputs_are_written_once_by_a_conditional_put(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new blob costs one request (PUT If-None-Match: *); an existing one is not rewritten."""
+    store = open_store(Settings(home=tmp_path, **s3_settings(s3_server)))  # type: ignore[arg-type]
+    calls: list[str] = []
+    client = store.client  # type: ignore[attr-defined]
+    client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    store.put_input(DIGEST, b"input")
+    assert calls == ["PutObject"]
+    store.put_input(DIGEST, b"other bytes, same digest: a race of identical content")
+    assert store.read_input(DIGEST) == b"input"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from bgq import defaults
-from bgq.contract import RESULTS, object_name
+from bgq.contract import INPUTS, RESULTS, object_name
 from bgq.errors import ConfigError, StoreError
 from bgq.store.base import Entry, Store, entry_name
 
@@ -105,6 +105,7 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{prefix}"
         self._client: Any = None
         self._pid = 0
+        self._conditional = True  # the server honours If-None-Match on PUT (until it says no)
 
     @property
     def client(self) -> Any:
@@ -167,14 +168,34 @@ class S3Store(Store):
         except BotoCoreError as exc:
             raise_store_error(exc, "read", where)
 
-    def write(self, kind: str, name: str, data: bytes) -> None:
+    def write(self, kind: str, name: str, data: bytes, if_none_match: str | None = None) -> None:
+        """One PUT; with `if_none_match`, a refused condition is raised as botocore's error."""
+        extra = {"IfNoneMatch": if_none_match} if if_none_match else {}
         self._call(
             "put_object",
             kind,
             name,
+            raw=bool(if_none_match),
             Body=data,
             ContentType=CONTENT_TYPES.get(kind, "application/octet-stream"),
+            **extra,
         )
+
+    def put_input(self, input_sha256: str, data: bytes) -> None:
+        """One conditional PUT (If-None-Match: *) writes a new blob once; an existing one is
+        stamped as on any store. A server that does not know the condition gets HEAD + PUT."""
+        from botocore.exceptions import ClientError
+
+        if self._conditional:
+            try:
+                self.write(INPUTS, input_sha256, data, if_none_match="*")
+                return
+            except ClientError as exc:
+                if error_code(exc) in ("NotImplemented", "501"):
+                    self._conditional = False
+                elif error_code(exc) not in ("PreconditionFailed", "412"):
+                    raise_store_error(exc, "put", self.url + object_name(INPUTS, input_sha256))
+        super().put_input(input_sha256, data)
 
     def touch(self, kind: str, name: str) -> None:
         self._call(
@@ -190,13 +211,18 @@ class S3Store(Store):
     def delete(self, kind: str, name: str) -> None:
         self._call("delete_object", kind, name)
 
-    def _call(self, method: str, kind: str, name: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, kind: str, name: str, raw: bool = False, **kwargs: Any) -> Any:
+        """One client call on an object; errors mapped (`raw`: a ClientError is left as is)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             call = getattr(self.client, method)
             return call(Bucket=self.bucket, Key=self.key(kind, name), **kwargs)
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            if raw:
+                raise
+            raise_store_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
+        except BotoCoreError as exc:
             raise_store_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
 
     def scan(self, kind: str) -> Iterator[Entry]:
