@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from bgq import cache, contract, defaults
 from bgq.connections import redis_client
-from bgq.errors import StoreError
+from bgq.errors import BgqError
 from bgq.store import open_store
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class StoreScanner:
         while not self._stop.is_set():
             try:
                 self.stats = cache.store_stats(self.store)
-            except (OSError, StoreError) as exc:
+            except (OSError, BgqError) as exc:  # refused credentials too: keep scanning
                 log.warning("cannot scan the store %s: %s", self.store.url, exc)
             self._stop.wait(self.interval)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -164,8 +165,12 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     def result_url(request: Request, key: str) -> str:
         return base_url(request) + jobs.result_path(key)
 
-    def png_response(key: str, cached: bool) -> Response:
-        """The result: a file sent as is from a filesystem store, else streamed from the store."""
+    async def png_response(key: str, cached: bool) -> Response:
+        """The result: a file sent as is from a filesystem store, else streamed from the store.
+
+        The stream's first piece is read before any header is sent, so a store that fails
+        answers an error status instead of a broken 200.
+        """
         headers = {
             "ETag": f'"{key}"',
             "Cache-Control": IMMUTABLE,
@@ -175,7 +180,11 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         path = store.local_path(key)
         if path is not None:
             return FileResponse(path, media_type="image/png", headers=headers)
-        return StreamingResponse(store.chunks(key), media_type="image/png", headers=headers)
+        chunks = store.chunks(key)
+        first = await run_in_threadpool(next, chunks, b"")
+        return StreamingResponse(
+            itertools.chain((first,), chunks), media_type="image/png", headers=headers
+        )
 
     def job_response(request: Request, key: str, status: str, cached: bool) -> JSONResponse:
         body = {
@@ -260,7 +269,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         job = await submit(request, fields, data, None, record_hits=False)
         if not (job.cached or await wait_for(request, job, wait)):
             return job_response(request, job.key, "queued", cached=False)
-        return png_response(job.key, job.cached)
+        return await png_response(job.key, job.cached)
 
     @v1.post(
         "/jobs",
@@ -315,7 +324,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
                 url = await run_in_threadpool(store.presigned_url, key, settings.presign_seconds)
                 if url is not None:
                     return RedirectResponse(url, status_code=307)
-            return png_response(key, cached=True)
+            return await png_response(key, cached=True)
         job = await run_in_threadpool(describe, key)
         if job is None:
             raise ApiError(404, "not_found", f"no job {key}")

@@ -47,7 +47,11 @@ class S3Prefix:
             raise_store_error(exc, "list", self.url)
         if exclude is not None:  # an output prefix inside this one is not an input
             bucket, skip = split_url(exclude)
-            if bucket == self.bucket:
+            if (
+                bucket == self.bucket
+                and len(skip) > len(self.prefix)
+                and skip.startswith(self.prefix)
+            ):
                 found = [k for k in found if not (self.prefix + k).startswith(skip)]
         return found
 
@@ -78,7 +82,9 @@ class S3Prefix:
         except ClientError as exc:
             if error_code(exc) in ("NoSuchKey", "404"):
                 raise InputError("not found (deleted since it was listed?)") from None
-            raise_store_error(exc, "read", source)
+            if error_code(exc) in ("NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise_store_error(exc, "read", source)  # the whole source: stop the run
+            raise InputError(f"cannot read: {error_code(exc)}: {exc}") from None  # this object
         except BotoCoreError as exc:
             raise_store_error(exc, "read", source)
 

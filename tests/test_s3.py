@@ -133,6 +133,8 @@ def test_a_bucket_catalog_mirrors_names_and_skips_its_own_outputs(
         (f"s3://{bucket}/c/a.webp", "a.webp.png"),
         (f"s3://{bucket}/c/x/b.jpg", "x/b.png"),
     ]
+    for outside in (f"s3://{bucket}", f"s3://{bucket}/c", f"s3://{bucket}/other"):
+        assert S3Prefix(settings, f"s3://{bucket}/c").catalog(outside)[0] == 4  # none excluded
 
 
 def test_ingest_from_an_s3_store_into_a_folder(

@@ -9,7 +9,6 @@ for the features that only one has (a local path to hard-link, a presigned URL).
 from __future__ import annotations
 
 import abc
-import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from bgq import defaults
 from bgq.contract import INPUTS, RESULTS, object_name
-from bgq.errors import StoreError
+from bgq.errors import ConfigError, StoreError
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,8 @@ class Store(abc.ABC):
         """True if the result exists; then record this use (at most once per USE_RESOLUTION s).
 
         The last use is prune's LRU clock. A store that refuses the stamp (read-only) still
-        answers the hit. A result this process saw used less than USE_RESOLUTION seconds ago is
+        answers the hit; a result that vanished while it was stamped is a miss. A result this
+        process saw used less than USE_RESOLUTION seconds ago is
         trusted without asking the store again: prune never deletes one used in the last
         PRUNE_MIN_IDLE seconds, which is longer.
         """
@@ -129,11 +129,14 @@ class Store(abc.ABC):
         if entry is None:
             self._seen.pop(key, None)
             return False
-        used = entry.mtime
+        used = min(entry.mtime, time.time())  # a store clock ahead of ours never extends trust
         if time.time() - used > defaults.USE_RESOLUTION:
-            with contextlib.suppress(StoreError):
+            try:
                 self.touch(RESULTS, key)
                 used = time.time()
+            except (StoreError, ConfigError):  # refused (read-only), or deleted meanwhile
+                if self.stat(RESULTS, key) is None:
+                    return False
         if len(self._seen) >= defaults.SEEN_RESULTS:
             self._seen.clear()
         self._seen[key] = used

@@ -29,13 +29,13 @@ DENIED = frozenset(
         "AccessDenied",
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
         "AuthorizationHeaderMalformed",
         "403",
     }
 )
 MISSING_BUCKET = frozenset({"NoSuchBucket"})
+# A create-only PUT refused because the object exists, or another such PUT is under way.
+EXISTS = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE"
 
 
@@ -193,7 +193,12 @@ class S3Store(Store):
             except ClientError as exc:
                 if error_code(exc) in ("NotImplemented", "501"):
                     self._conditional = False
-                elif error_code(exc) not in ("PreconditionFailed", "412"):
+                elif error_code(exc) not in (
+                    "PreconditionFailed",
+                    "412",
+                    "ConditionalRequestConflict",
+                    "409",
+                ):
                     raise_store_error(exc, "put", self.url + object_name(INPUTS, input_sha256))
         super().put_input(input_sha256, data)
 
