@@ -150,9 +150,9 @@ class Settings(BaseSettings):
         """(bucket, prefix) of an S3 store (prefix "" or ending in "/"); None for a directory."""
         if self.store_url is None or not self.store_url.startswith("s3://"):
             return None
-        bucket, _, prefix = self.store_url.removeprefix("s3://").partition("/")
-        prefix = prefix.strip("/")
-        return bucket, f"{prefix}/" if prefix else ""
+        from bgq.store.s3 import split_url  # no boto3 import: that happens on first request
+
+        return split_url(self.store_url)
 
     @property
     def run_dir(self) -> Path:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from bgq.store.s3 import error_code, make_client, raise_store_error, split_url
+from bgq.store.s3 import error_code, list_objects, make_client, raise_store_error, split_url
 from producer.catalog import InputError, Item, output_names
 
 if TYPE_CHECKING:
@@ -30,21 +30,12 @@ class S3Prefix:
     def keys(self, exclude: str | None = None) -> list[str]:
         """Every visible object key under the prefix, relative to it, in key order; none under
         the `s3://` URL `exclude`."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         found = []
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix
-        )
-        try:
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    rel = obj["Key"][len(self.prefix) :]
-                    hidden = any(part.startswith(".") for part in rel.split("/"))
-                    if rel and not rel.endswith("/") and not hidden:
-                        found.append(rel)
-        except (BotoCoreError, ClientError) as exc:
-            raise_store_error(exc, "list", self.url)
+        for obj in list_objects(self.client, self.bucket, self.prefix):
+            rel = obj["Key"][len(self.prefix) :]
+            hidden = any(part.startswith(".") for part in rel.split("/"))
+            if rel and not rel.endswith("/") and not hidden:
+                found.append(rel)
         if exclude is not None:  # an output prefix inside this one is not an input
             bucket, skip = split_url(exclude)
             if (

@@ -87,6 +87,18 @@ def raise_store_error(exc: Exception, doing: str, where: str) -> NoReturn:
     raise StoreError(f"cannot {doing} {where}: {exc}") from exc
 
 
+def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """Every object (Key, Size, LastModified) under a key prefix, page by page, in key order."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    try:
+        for page in pages:
+            yield from page.get("Contents", ())
+    except (BotoCoreError, ClientError) as exc:
+        raise_store_error(exc, "list", f"s3://{bucket}/{prefix}")
+
+
 def split_url(url: str) -> tuple[str, str]:
     """(bucket, key prefix) of `s3://BUCKET[/PREFIX]`; the prefix is "" or ends in "/"."""
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
@@ -231,20 +243,11 @@ class S3Store(Store):
             raise_store_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
 
     def scan(self, kind: str) -> Iterator[Entry]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{self.prefix}{kind}/"
-        )
-        try:
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    base = obj["Key"].rsplit("/", 1)[-1]
-                    if base and not base.startswith("."):
-                        name = entry_name(kind, base)
-                        yield Entry(kind, name, obj["Size"], _seconds(obj["LastModified"]))
-        except (BotoCoreError, ClientError) as exc:
-            raise_store_error(exc, "list", self.url + kind)
+        for obj in list_objects(self.client, self.bucket, f"{self.prefix}{kind}/"):
+            base = obj["Key"].rsplit("/", 1)[-1]
+            if base and not base.startswith("."):
+                name = entry_name(kind, base)
+                yield Entry(kind, name, obj["Size"], _seconds(obj["LastModified"]))
 
     def s3_object(self, key: str) -> tuple[str, str]:
         return self.bucket, self.key(RESULTS, key)
