@@ -1,10 +1,12 @@
 """The store's lifecycle: what it holds, and pruning it by age and size, least recently used first.
 
 A result's modification time is its last use: workers write it, and producers re-stamp it on a
-cache hit (`Store.use_output`), on a directory and on S3 alike. Prune never deletes a result
-used within PRUNE_MIN_IDLE seconds or one whose job is in flight (its guard is held in Redis),
-and removes an input blob once no job needs it any more (its reference set in Redis is gone)
-unless inputs are kept.
+cache hit (`Store.use_output`), on a directory and on S3 alike. Masks (one model's masks of an
+input, from which every output variant is derived) are stamped the same way when a worker
+derives from them, and pruned with the results, least recently used first. Prune never deletes
+a result or mask used within PRUNE_MIN_IDLE seconds, a result whose job is in flight (its guard
+is held in Redis), or a mask of an input that a job in flight needs (its reference set in Redis),
+and removes an input blob once no job needs it any more unless inputs are kept.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from bgq import contract, defaults
 from bgq.errors import BrokerError, NoBroker
-from bgq.store import INPUTS, RESULTS, Store
+from bgq.store import INPUTS, MASKS, RESULTS, Entry, Store
 
 if TYPE_CHECKING:
     import redis
@@ -35,14 +37,19 @@ class StoreStats:
     result_bytes: int = 0
     inputs: int = 0
     input_bytes: int = 0
+    masks: int = 0
+    mask_bytes: int = 0
 
 
 def store_stats(store: Store) -> StoreStats:
-    """Count the store's results and inputs, and their bytes (a full listing)."""
+    """Count the store's results, masks and inputs, and their bytes (a full listing)."""
     stats = StoreStats()
     for entry in store.scan(RESULTS):
         stats.results += 1
         stats.result_bytes += entry.size
+    for entry in store.scan(MASKS):
+        stats.masks += 1
+        stats.mask_bytes += entry.size
     for entry in store.scan(INPUTS):
         stats.inputs += 1
         stats.input_bytes += entry.size
@@ -51,6 +58,9 @@ def store_stats(store: Store) -> StoreStats:
 
 @dataclass
 class PruneReport:
+    """What a prune did; results and masks are counted together (masks_removed: of which masks)."""
+
+    masks_removed: int = 0
     removed: int = 0
     removed_bytes: int = 0
     kept: int = 0
@@ -73,6 +83,13 @@ def _exists(client: redis.Redis | None, keys: list[str]) -> list[bool]:
         return [bool(n) for n in pipe.execute()]
 
 
+def _in_flight_key(entry: Entry) -> str:
+    """The Redis key that exists while a job needs the entry: its guard, or its input's refs."""
+    if entry.kind == MASKS:
+        return contract.input_refs_key(contract.name_digest(entry.name))
+    return contract.guard_key(contract.name_digest(entry.name))
+
+
 def prune(
     store: Store,
     client: redis.Redis | None,
@@ -82,24 +99,20 @@ def prune(
     dry_run: bool = False,
     now: float | None = None,
 ) -> PruneReport:
-    """Delete results older than `max_age` seconds since their last use, then the least
-    recently used ones until the results fit in `max_size` bytes; then unneeded inputs.
+    """Delete results and masks unused for `max_age` seconds, then the least recently used
+    ones until they fit in `max_size` bytes; then unneeded inputs.
 
     `client` is the cluster's Redis (None when there is none: nothing can be in flight, but
     queued jobs of a stopped embedded Redis may need their inputs, so inputs are kept).
     """
     now = time.time() if now is None else now
     report = PruneReport()
-    entries = sorted(store.scan(RESULTS), key=lambda e: e.mtime)
+    entries = sorted([*store.scan(RESULTS), *store.scan(MASKS)], key=lambda e: e.mtime)
     remaining = sum(e.size for e in entries)
     done = False
     for start in range(0, len(entries), CHUNK):
         chunk = entries[start : start + CHUNK]
-        busy = (
-            [False] * len(chunk)
-            if done
-            else _exists(client, [contract.guard_key(e.name) for e in chunk])
-        )
+        busy = [False] * len(chunk) if done else _exists(client, [_in_flight_key(e) for e in chunk])
         for entry, in_flight in zip(chunk, busy, strict=True):
             expired = max_age is not None and now - entry.mtime > max_age
             oversize = max_size is not None and remaining > max_size
@@ -114,6 +127,7 @@ def prune(
                 report.skipped_in_flight += 1
             elif dry_run or store.delete_if_unused(entry, now):
                 report.removed += 1
+                report.masks_removed += entry.kind == MASKS
                 report.removed_bytes += entry.size
                 remaining -= entry.size
                 continue
@@ -121,8 +135,8 @@ def prune(
             report.kept_bytes += entry.size
     if max_size is not None and remaining > max_size:
         report.notes.append(
-            f"the results still take {remaining} bytes, over {max_size}: the rest were used "
-            f"within the last {defaults.PRUNE_MIN_IDLE:g} s or belong to jobs in flight"
+            f"the results and masks still take {remaining} bytes, over {max_size}: the rest "
+            f"were used within the last {defaults.PRUNE_MIN_IDLE:g} s or belong to jobs in flight"
         )
     _prune_inputs(store, client, keep_inputs, dry_run, now, report)
     report.temporaries_removed = store.remove_temporaries(defaults.PRUNE_TMP_AGE, now, dry_run)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
@@ -54,6 +54,41 @@ _BYTE = " *(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]) *"  # 0-255: no sign, no 
 BGCOLOR_PATTERN = f"^{_BYTE},{_BYTE},{_BYTE},{_BYTE}$"
 
 
+# Output formats: file extension and content type. WebP keeps alpha; JPEG is flattened.
+FORMATS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+Format = Literal["png", "webp", "jpeg"]
+Position = Literal["center", "top", "bottom"]
+# A length: "20px", "20" (pixels) or "5%", "2.5%" (of the subject's box, or of the canvas side).
+LENGTH_PATTERN = r"^(0|[1-9][0-9]{0,4})(px)?$|^(0|[1-9][0-9]?|100)(\.[0-9]{1,2})?%$"
+CANVAS_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"  # "WxH" in pixels
+
+
+def parse_length(text: str) -> tuple[float, bool]:
+    """(value, is_percent) of a length that matched LENGTH_PATTERN."""
+    if text.endswith("%"):
+        return float(text[:-1]), True
+    return float(text.removesuffix("px")), False
+
+
+def length_pixels(text: str, whole: int) -> int:
+    """A length in pixels: itself, or its percentage of `whole` (rounded)."""
+    value, percent = parse_length(text)
+    return round(whole * value / 100) if percent else int(value)
+
+
+def canonical_length(text: str) -> str:
+    """One spelling per length, for the cache key: "20px", "5%", "2.5%"."""
+    value, percent = parse_length(text)
+    return f"{value:g}%" if percent else f"{value:g}px"
+
+
+def parse_canvas(text: str) -> tuple[int, int]:
+    """(width, height) of a canvas that matched CANVAS_PATTERN."""
+    width, height = text.split("x")
+    return int(width), int(height)
+
+
 def check_model(name: str) -> str:
     """Return `name` if bgq can run that rembg model, else raise InvalidRequest."""
     if name not in MODELS:
@@ -62,7 +97,11 @@ def check_model(name: str) -> str:
 
 
 class Options(BaseModel):
-    """rembg.remove() options bgq supports; defaults are rembg's."""
+    """rembg.remove() options bgq supports (defaults are rembg's), and how the output is shaped.
+
+    Without crop or canvas and with png, the output is exactly rembg.remove()'s. The shaping
+    transforms are documented in docs/output.md.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,8 +112,15 @@ class Options(BaseModel):
     only_mask: bool = False
     post_process_mask: bool = False
     bgcolor: tuple[Threshold, Threshold, Threshold, Threshold] | None = None
+    format: Format = "png"
+    quality: Annotated[int, Field(ge=1, le=100)] | None = None  # webp and jpeg; png ignores it
+    crop: bool = False
+    crop_margin: str = "0"
+    canvas: str | None = None
+    padding: str = "0"
+    position: Position = "center"
 
-    @field_validator("alpha_matting", "only_mask", "post_process_mask", mode="before")
+    @field_validator("alpha_matting", "only_mask", "post_process_mask", "crop", mode="before")
     @classmethod
     def _parse_bool(cls, value: Any) -> Any:
         if isinstance(value, str) and value not in ("true", "false"):
@@ -90,6 +136,49 @@ class Options(BaseModel):
             return tuple(part.strip(" ") for part in value.split(","))
         return value
 
+    @field_validator("canvas")
+    @classmethod
+    def _check_canvas(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(CANVAS_PATTERN, value):
+            raise ValueError("must be WIDTHxHEIGHT in pixels, such as 1000x1000")
+        if max(parse_canvas(value)) > defaults.CANVAS_MAX_SIDE:
+            raise ValueError(f"each side must be at most {defaults.CANVAS_MAX_SIDE} px")
+        return value
+
+    @field_validator("crop_margin", "padding")
+    @classmethod
+    def _check_length(cls, value: str) -> str:
+        if not re.fullmatch(LENGTH_PATTERN, value):
+            raise ValueError("must be pixels (such as 20px) or a percentage up to 100 (5%)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Options:
+        if parse_length(self.crop_margin)[0] and not self.crop:
+            raise ValueError("crop_margin: applies only with crop=true")
+        if self.canvas is None:
+            if parse_length(self.padding)[0]:
+                raise ValueError("padding: applies only with a canvas")
+            if self.position != "center":
+                raise ValueError("position: applies only with a canvas")
+            return self
+        width, height = parse_canvas(self.canvas)
+        value, percent = parse_length(self.padding)
+        if (value >= 50) if percent else (2 * value >= min(width, height)):
+            raise ValueError("padding: must be under half the canvas side")
+        return self
+
+    @property
+    def shaped(self) -> bool:
+        """True when the output is cropped or put on a canvas (not rembg's frame)."""
+        return self.crop or self.canvas is not None
+
+    @property
+    def effective_quality(self) -> int:
+        return self.quality if self.quality is not None else defaults.QUALITY
+
     @classmethod
     def parse(cls, values: dict[str, Any] | None = None) -> Options:
         """Validate user-supplied options; a bad one raises InvalidRequest naming it."""
@@ -97,7 +186,10 @@ class Options(BaseModel):
             return cls(**(values or {}))
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
+                ": ".join(
+                    [".".join(str(p) for p in e["loc"])] * bool(e["loc"])
+                    + [e["msg"].removeprefix("Value error, ")]
+                )
                 for e in exc.errors()
             )
             raise InvalidRequest(f"invalid options: {problems}") from None
@@ -108,23 +200,46 @@ class Options(BaseModel):
         rembg ignores the alpha-matting thresholds unless alpha_matting is on, and ignores
         alpha_matting and bgcolor when only_mask is on; leaving those out lets equivalent
         requests share one cache entry.
+        Shaping options enter only when they are not the defaults, so a plain PNG keeps the
+        key it had before they existed.
         """
+        out: dict[str, Any]
         if self.only_mask:
-            return {"only_mask": True, "post_process_mask": self.post_process_mask}
-        out: dict[str, Any] = {
-            "alpha_matting": self.alpha_matting,
-            "post_process_mask": self.post_process_mask,
-            "bgcolor": list(self.bgcolor) if self.bgcolor else None,
-        }
-        if self.alpha_matting:
+            out = {"only_mask": True, "post_process_mask": self.post_process_mask}
+        else:
+            out = {
+                "alpha_matting": self.alpha_matting,
+                "post_process_mask": self.post_process_mask,
+                "bgcolor": list(self.bgcolor) if self.bgcolor else None,
+            }
+        if self.alpha_matting and not self.only_mask:
             out["alpha_matting_foreground_threshold"] = self.alpha_matting_foreground_threshold
             out["alpha_matting_background_threshold"] = self.alpha_matting_background_threshold
             out["alpha_matting_erode_size"] = self.alpha_matting_erode_size
+        if self.format != "png":
+            out["format"] = self.format
+            out["quality"] = self.effective_quality
+        if self.crop:
+            out["crop"] = True
+            out["crop_margin"] = canonical_length(self.crop_margin)
+        if self.canvas is not None:
+            out["canvas"] = self.canvas
+            out["padding"] = canonical_length(self.padding)
+            out["position"] = self.position
         return out
 
     def rembg_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for rembg.remove()."""
-        return self.model_dump()
+        """Keyword arguments for rembg.remove(); a shaped output gets its bgcolor afterwards."""
+        return self.model_dump(
+            include={
+                "alpha_matting",
+                "alpha_matting_foreground_threshold",
+                "alpha_matting_background_threshold",
+                "alpha_matting_erode_size",
+                "only_mask",
+                "post_process_mask",
+            }
+        ) | {"bgcolor": None if self.shaped else self.bgcolor}
 
 
 def canonical_json(value: Any) -> str:
@@ -145,20 +260,58 @@ def cache_key(input_sha256: str, model: str, options: Options) -> str:
 
 INPUTS = "inputs"  # store kinds: the first part of every object name
 RESULTS = "results"
+MASKS = "masks"
+
+
+def result_name(key: str, fmt: str = "png") -> str:
+    """A result's name in the store: its key and its format's extension (`<key>.png`)."""
+    return key + FORMATS[fmt]
+
+
+def result_names(key: str) -> list[str]:
+    """Every name a result of `key` can have (one per format), for lookups by key alone."""
+    return [key + ext for ext in FORMATS.values()]
+
+
+def media_type(name: str) -> str:
+    """The content type of a stored name: a result's or mask's format, else raw bytes."""
+    for fmt, ext in FORMATS.items():
+        if name.endswith(ext):
+            return CONTENT_TYPES[fmt]
+    return "application/octet-stream"
+
+
+def mask_name(input_sha256: str, model: str) -> str:
+    """The name of a model's masks of an input: computed once, shared by every output variant.
+
+    Readable on purpose: prune finds the input (and so whether a job in flight needs the masks)
+    from the name. PIPELINE_VERSION is part of it, as it is of every result key.
+    """
+    return f"{input_sha256}-{model}-v{PIPELINE_VERSION}.png"
+
+
+def name_digest(name: str) -> str:
+    """The leading SHA-256 of a stored name: a result's key, a mask's input digest."""
+    return name[:64]
 
 
 def object_name(kind: str, name: str) -> str:
     """Where an object lives in the store, relative to its root or prefix.
 
-    Inputs: `inputs/ab/cd/<sha256>`; results: `results/ab/cd/<key>.png`.
+    Inputs: `inputs/ab/cd/<sha256>`; results: `results/ab/cd/<key>.png` (or .webp, .jpg);
+    masks: `masks/ab/cd/<sha256>-<model>-v<pipeline>.png`.
     """
-    suffix = ".png" if kind == RESULTS else ""
-    return f"{kind}/{name[:2]}/{name[2:4]}/{name}{suffix}"
+    return f"{kind}/{name[:2]}/{name[2:4]}/{name}"
 
 
 def guard_key(key: str) -> str:
     """Redis key held while a job is queued or running, so identical submits enqueue once."""
     return f"{defaults.KEY_PREFIX}guard:{key}"
+
+
+def mask_lock_key(name: str) -> str:
+    """Redis key held by the pool process running the model for a mask (the others wait)."""
+    return f"{defaults.KEY_PREFIX}masklock:{name}"
 
 
 def attempts_key(key: str) -> str:
@@ -190,7 +343,7 @@ STAGES = ("read", "decode", "inference", "encode", "write")  # of one computed r
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # Counters in STATS_KEY: cache_hits and cache_misses (producers), enqueued (producers),
-# computed, skipped and failed (workers).
+# computed, skipped, failed and inferences (model runs) (workers).
 STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of counters (computed, skipped, failed)
 
 
@@ -204,6 +357,16 @@ class TaskArgs(BaseModel):
     model: str
     options: Options
     pipeline_version: str = PIPELINE_VERSION
+
+    @property
+    def output(self) -> str:
+        """The result's name in the store."""
+        return result_name(self.key, self.options.format)
+
+    @property
+    def masks(self) -> str:
+        """The name of the masks this job derives its output from."""
+        return mask_name(self.input_sha256, self.model)
 
     @classmethod
     def build(cls, input_sha256: str, model: str, options: Options) -> TaskArgs:

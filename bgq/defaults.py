@@ -12,6 +12,8 @@ MAX_TASKS_PER_CHILD = 200  # tasks before a pool process is replaced
 MAX_MEMORY_PER_CHILD_MB = 2048  # MiB of resident memory before a pool process is replaced
 MAX_MEGAPIXELS = 50.0  # megapixels (width x height / 1e6) an input may have
 PNG_ENCODER: Literal["fast", "pillow"] = "fast"  # fast: numpy + ISA-L (~8 ms/1080p), pillow: zlib
+QUALITY = 90  # 1-100, webp and jpeg quality when a request does not set one
+CANVAS_MAX_SIDE = 8000  # pixels, the largest canvas side a request may ask for
 PNG_COMPRESS_LEVEL = 6  # zlib level 0-9 of the "pillow" encoder; 6 is Pillow's and rembg's default
 TASK_MAX_RETRIES = 5  # retries of a task that failed with a transient error
 MAX_DELIVERIES = 3  # times a job may kill its worker process (crash, OOM) before it fails for good
@@ -33,6 +35,8 @@ KEY_PREFIX = "bgq:"  # prefix of every Redis key bgq itself writes (Celery's own
 GUARD_TTL = 3600  # seconds an enqueue guard lives; it is released when the job ends
 RESULT_TTL = 86400  # seconds Celery keeps a task's result/state in Redis
 TASK_TIME_LIMIT = 600  # seconds one task may run before its pool process is killed (fails it)
+MASK_WAIT = 300  # seconds a task waits for another process to store the masks it needs
+MASK_POLL = 0.1  # seconds between its looks at the store meanwhile
 VISIBILITY_TIMEOUT = 1800  # seconds before an unacknowledged task is redelivered (> 2 x limit)
 
 # Retries of transient errors: exponential backoff with full jitter.

@@ -133,6 +133,11 @@ class BgqCollector(Collector):
         for status in ("computed", "skipped", "failed"):
             results.add_metric([status], stats.get(status, 0.0))
         yield results
+        yield CounterMetricFamily(
+            "bgq_inferences",
+            "Model runs, all workers: one per (input, model); output variants reuse its masks.",
+            stats.get("inferences", 0.0),
+        )
 
         histogram = HistogramMetricFamily(
             "bgq_stage_seconds",
@@ -157,8 +162,10 @@ class BgqCollector(Collector):
         size = GaugeMetricFamily("bgq_store_bytes", "Bytes in the store.", labels=["kind"])
         entries.add_metric(["results"], stats.results)
         entries.add_metric(["inputs"], stats.inputs)
+        entries.add_metric(["masks"], stats.masks)
         size.add_metric(["results"], stats.result_bytes)
         size.add_metric(["inputs"], stats.input_bytes)
+        size.add_metric(["masks"], stats.mask_bytes)
         yield entries
         yield size
 

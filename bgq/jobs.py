@@ -114,7 +114,8 @@ def describe(
     """The job's view from its record, Celery's state and the store; None if it is unknown."""
     state = meta.get("status")
     done_at = iso(meta["date_done"]) if meta.get("date_done") else None
-    entry = store.stat(RESULTS, key)
+    args = record_args(record)
+    entry = store.stat(RESULTS, args.output) if args else store.find_output(key)
     if entry is not None:
         return view(key, "done", record, finished_at=done_at or iso(entry.mtime))
     if state == "FAILURE":

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
 import bgq
-from bgq import defaults, jobs, webhooks
+from bgq import contract, defaults, jobs, webhooks
 from bgq.errors import BgqError
 from bgq.settings import Settings, load_settings
 from producer import api_schema
@@ -165,26 +165,27 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     def result_url(request: Request, key: str) -> str:
         return base_url(request) + jobs.result_path(key)
 
-    async def png_response(key: str, cached: bool) -> Response:
+    async def image_response(output: str, cached: bool) -> Response:
         """The result: a file sent as is from a filesystem store, else streamed from the store.
 
         The stream's first piece is read before any header is sent, so a store that fails
         answers an error status instead of a broken 200.
         """
+        key = contract.name_digest(output)
         headers = {
             "ETag": f'"{key}"',
             "Cache-Control": IMMUTABLE,
             "X-Bgq-Job-Id": key,
             "X-Bgq-Cached": "true" if cached else "false",
         }
-        path = store.local_path(key)
+        kind = contract.media_type(output)
+        path = store.local_path(output)
         if path is not None:
-            return FileResponse(path, media_type="image/png", headers=headers)
-        chunks = store.chunks(key)
+            return FileResponse(path, media_type=kind, headers=headers)
+        chunks = store.chunks(output)
         first = await run_in_threadpool(next, chunks, b"")
-        return StreamingResponse(
-            itertools.chain((first,), chunks), media_type="image/png", headers=headers
-        )
+        body = itertools.chain((first,), chunks)
+        return StreamingResponse(body, media_type=kind, headers=headers)
 
     def job_response(request: Request, key: str, status: str, cached: bool) -> JSONResponse:
         body = {
@@ -269,7 +270,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         job = await submit(request, fields, data, None, record_hits=False)
         if not (job.cached or await wait_for(request, job, wait)):
             return job_response(request, job.key, "queued", cached=False)
-        return await png_response(job.key, job.cached)
+        return await image_response(job.output, job.cached)
 
     @v1.post(
         "/jobs",
@@ -317,14 +318,15 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     )
     async def get_result(job_id: str, request: Request) -> Response:
         key = known_key(job_id)
-        if await run_in_threadpool(store.use_output, key):
+        output = await run_in_threadpool(store.use_result, key)
+        if output is not None:
             if request.headers.get("if-none-match") == f'"{key}"':
                 return Response(status_code=304, headers={"ETag": f'"{key}"'})
             if settings.result_redirect == "presigned":
-                url = await run_in_threadpool(store.presigned_url, key, settings.presign_seconds)
+                url = await run_in_threadpool(store.presigned_url, output, settings.presign_seconds)
                 if url is not None:
                     return RedirectResponse(url, status_code=307)
-            return await png_response(key, cached=True)
+            return await image_response(output, cached=True)
         job = await run_in_threadpool(describe, key)
         if job is None:
             raise ApiError(404, "not_found", f"no job {key}")

@@ -25,6 +25,7 @@ def cache_stats() -> None:
     stats = cache.store_stats(store)
     typer.echo(f"store:    {store.url}")
     typer.echo(f"results:  {stats.results} ({format_size(stats.result_bytes)})")
+    typer.echo(f"masks:    {stats.masks} ({format_size(stats.mask_bytes)})")
     typer.echo(f"inputs:   {stats.inputs} ({format_size(stats.input_bytes)})")
     client = cache.cluster_redis(settings)
     if client is None:
@@ -40,6 +41,7 @@ def cache_stats() -> None:
         "results:  "
         + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("computed", "skipped", "failed"))
     )
+    typer.echo(f"model runs: {counts.get('inferences', 0)} (a mask serves every variant)")
 
 
 @cache_app.command("prune")
@@ -65,7 +67,7 @@ def cache_prune(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Only report what would go.")] = False,
 ) -> None:
-    """Delete least-recently-used results (never in-flight or used in the last minute)."""
+    """Delete least-recently-used results and masks (never in flight or used in the last minute)."""
     from bgq import cache
     from bgq.units import format_size, parse_duration, parse_size
 
@@ -85,7 +87,8 @@ def cache_prune(
         client.close()
     verb = "would remove" if dry_run else "removed"
     typer.echo(
-        f"{verb} {report.removed} result(s) ({format_size(report.removed_bytes)}), "
+        f"{verb} {report.removed} result(s) and mask(s) ({format_size(report.removed_bytes)}; "
+        f"{report.masks_removed} mask(s)), "
         f"{report.inputs_removed} input(s) ({format_size(report.inputs_removed_bytes)}), "
         f"{report.temporaries_removed} temporary file(s)"
     )

@@ -140,7 +140,7 @@ class Producer:
         A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job.
         """
         args = TaskArgs.build(contract.input_digest(data), model, options)
-        if self.store.use_output(args.key):
+        if self.store.use_output(args.output):
             self._count_hit()
             return Job(args.key, True, self.store, self, args=args)
         try:
@@ -286,7 +286,7 @@ class Producer:
         lost = not self.with_broker("read job state", lambda: self.app.backend.client.exists(guard))
         if not lost:
             return False
-        if self.store.has_output(args.key):
+        if self.store.has_output(args.output):
             return True
         self._enqueue(args, miss=False)
         return False

@@ -65,8 +65,8 @@ class Pending:
 class Destination(Protocol):
     """Where ingest puts outputs: a local folder or an S3 prefix."""
 
-    def place(self, store: Store, key: str, name: str) -> str:
-        """Put the result `key` under the relative `name`; return where it went."""
+    def place(self, store: Store, output: str, name: str) -> str:
+        """Put the stored result `output` under the relative `name`; return where it went."""
         ...
 
 
@@ -77,9 +77,9 @@ class Folder:
 
     root: Path
 
-    def place(self, store: Store, key: str, name: str) -> str:
+    def place(self, store: Store, output: str, name: str) -> str:
         dest = self.root / name
-        store.save(key, dest, link=True)
+        store.save(output, dest, link=True)
         return str(dest)
 
 
@@ -223,7 +223,7 @@ class Ingest:
     def _finish(self, item: Item, job: Job, status: str, started: float) -> None:
         assert item.output is not None
         try:
-            dest = self.out.place(self.producer.store, job.key, item.output)
+            dest = self.out.place(self.producer.store, job.output, item.output)
         except (OSError, StoreError) as exc:
             self._record(item, job.key, "failed", f"cannot place {item.output}: {exc}", started)
             return

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bgq.contract import TaskArgs
+from bgq.contract import TaskArgs, result_name
 from bgq.errors import BgqError, JobFailed, JobTimeout, PermanentError
 from bgq.store import Store
 
@@ -40,9 +40,14 @@ class Job:
     done: bool = False
 
     @property
+    def output(self) -> str:
+        """The result's name in the store (its key and its format's extension)."""
+        return self.args.output if self.args is not None else result_name(self.key)
+
+    @property
     def location(self) -> Location:
         assert self.store is not None
-        return self.store.location(self.key)
+        return self.store.location(self.output)
 
     def poll(self) -> Location | None:
         """Where the result is if it is ready, else None; raise JobFailed if the job failed."""
@@ -62,7 +67,7 @@ class Job:
         """
         assert self.store is not None and self.producer is not None
         status = meta["status"]
-        if status in ("FAILURE", "REVOKED") and self.store.has_output(self.key):
+        if status in ("FAILURE", "REVOKED") and self.store.has_output(self.output):
             self.done = True  # the result is there: e.g. only storing the state failed (outage)
         elif status == "FAILURE":
             exc = meta["result"]
@@ -92,14 +97,14 @@ class Job:
             delay = min(POLL_MAX, delay * 2)
 
     def read(self, timeout: float | None = None) -> bytes:
-        """Wait for the result and return its PNG bytes (any store)."""
+        """Wait for the result and return its bytes (any store)."""
         self.wait(timeout)
         assert self.store is not None
-        return self.store.read_output(self.key)
+        return self.store.read_output(self.output)
 
     def save(self, dest: str | os.PathLike[str], timeout: float | None = None) -> Path:
         """Wait for the result and write it to the local path `dest` atomically (any store)."""
         self.wait(timeout)
         assert self.store is not None
-        self.store.save(self.key, Path(dest))
+        self.store.save(self.output, Path(dest))
         return Path(dest)

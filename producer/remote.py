@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from bgq.contract import media_type
 from bgq.store.s3 import error_code, list_objects, make_client, raise_store_error, split_url
 from producer.catalog import InputError, Item, output_names
 
@@ -79,12 +80,12 @@ class S3Prefix:
         except BotoCoreError as exc:
             raise_store_error(exc, "read", source)
 
-    def place(self, store: Store, key: str, name: str) -> str:
+    def place(self, store: Store, output: str, name: str) -> str:
         """Put a result under the prefix: a server-side copy from an S3 store, else an upload."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         dest = self.prefix + name
-        source = store.s3_object(key)
+        source = store.s3_object(output)
         try:
             if source is not None:
                 self.client.copy_object(
@@ -96,8 +97,8 @@ class S3Prefix:
                 self.client.put_object(
                     Bucket=self.bucket,
                     Key=dest,
-                    Body=store.read_output(key),
-                    ContentType="image/png",
+                    Body=store.read_output(output),
+                    ContentType=media_type(output),
                 )
         except (BotoCoreError, ClientError) as exc:
             raise_store_error(exc, "write", f"s3://{self.bucket}/{dest}")

@@ -190,10 +190,20 @@ def test_input_name_is_sharded_by_digest() -> None:
     assert contract.object_name(contract.INPUTS, digest) == f"inputs/ab/cd/{digest}"
 
 
-def test_output_name_is_sharded_png_by_key() -> None:
+def test_output_name_is_sharded_by_key_with_the_format_extension() -> None:
     key = key_of({})
     expected = f"results/{key[:2]}/{key[2:4]}/{key}.png"
-    assert contract.object_name(contract.RESULTS, key) == expected
+    assert contract.object_name(contract.RESULTS, contract.result_name(key)) == expected
+    assert contract.result_name(key, "jpeg") == f"{key}.jpg"
+    assert contract.result_names(key) == [f"{key}.png", f"{key}.webp", f"{key}.jpg"]
+    assert contract.name_digest(f"{key}.webp") == key
+
+
+def test_mask_name_names_input_model_and_pipeline() -> None:
+    name = contract.mask_name(DIGEST, "u2netp")
+    assert name == f"{DIGEST}-u2netp-v{contract.PIPELINE_VERSION}.png"
+    assert contract.name_digest(name) == DIGEST
+    assert contract.object_name(contract.MASKS, name) == f"masks/{DIGEST[:2]}/{DIGEST[2:4]}/{name}"
 
 
 def test_guard_key_is_prefixed() -> None:

@@ -200,7 +200,7 @@ def test_a_filesystem_store_uploads_outputs_to_a_bucket(
     assert row["output"] == f"s3://{bucket}/out/shoe.png"
     uploaded = s3_server.client().get_object(Bucket=bucket, Key="out/shoe.png")
     assert uploaded["ContentType"] == "image/png"
-    assert uploaded["Body"].read() == open_store(settings).read_output(row["key"])
+    assert uploaded["Body"].read() == open_store(settings).read_output(row["key"] + ".png")
 
 
 class Stop(Exception):

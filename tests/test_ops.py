@@ -231,13 +231,13 @@ def test_a_cache_hit_counts_as_a_use(stack: LocalStack, monkeypatch: pytest.Monk
     data = variant("car-1.jpg", (0, 0, 250, 250))
     job = producer.submit(data)
     job.wait(timeout=120)
-    before = producer.store.stat(RESULTS, job.key)
+    before = producer.store.stat(RESULTS, job.output)
     assert before is not None
     time.sleep(1.1)
     monkeypatch.setattr(defaults, "USE_RESOLUTION", 0.0)
     assert producer.submit(data).cached  # a hit re-stamps the result's last use
     report = cache.prune(producer.store, None, max_age=7 * DAY, now=before.mtime + 7 * DAY + 0.6)
-    assert producer.store.has_output(job.key) and report.removed == 0
+    assert producer.store.has_output(job.output) and report.removed == 0
 
 
 def test_prune_removes_inputs_no_job_needs(store: Store, redis_client: redis.Redis) -> None:

@@ -6,18 +6,15 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import ExifTags, Image
 
 from bgq import defaults
 from bgq.contract import Options
-from bgq.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+from bgq.errors import BgqError, ImageTooLarge, InvalidImage, UnsupportedImage
 from bgq.imageinfo import NO_ALPHA_MATTING_MODES, open_header
-
-if TYPE_CHECKING:
-    from rembg.sessions.base import BaseSession
 
 # Workers own their process: BGQ_MAX_MEGAPIXELS, checked on the header, replaces Pillow's limit.
 Image.MAX_IMAGE_PIXELS = None
@@ -86,7 +83,13 @@ def _lend(img: Image.Image) -> Image.Image:
     return lent
 
 
-def remove_background(img: Image.Image, session: BaseSession, options: Options) -> Image.Image:
+class Predictor(Protocol):
+    """What rembg.remove() asks of a session: the masks of an image."""
+
+    def predict(self, img: Image.Image, *args: Any, **kwargs: Any) -> list[Image.Image]: ...
+
+
+def remove_background(img: Image.Image, session: Predictor, options: Options) -> Image.Image:
     """Exactly rembg.remove() on a decoded image; a failure inside rembg is permanent.
 
     The caller must not use `img` afterwards: rembg may work on its very pixels.
@@ -95,8 +98,8 @@ def remove_background(img: Image.Image, session: BaseSession, options: Options) 
 
     try:
         result = remove(_lend(img), session=session, **options.rembg_kwargs())
-    except MemoryError:
-        raise  # the task turns it into OutOfMemory
+    except (MemoryError, BgqError):
+        raise  # the task turns MemoryError into OutOfMemory; bgq's own errors say what they are
     except Exception as exc:
         raise UnsupportedImage(
             f"rembg failed on this {img.mode} image: {type(exc).__name__}: {exc}"

@@ -1,4 +1,8 @@
-"""The `bgq.remove_background` task: input blob in the store -> result PNG in the store."""
+"""The `bgq.remove_background` task: input blob in the store -> result image in the store.
+
+The model's masks of (input, model) are kept in the store too: a variant of an input already
+seen (another format, canvas or crop) is derived from them without running the model.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from celery import Task
 from bgq import contract, defaults, jobs
 from bgq.contract import TaskArgs
 from bgq.errors import BrokerError, OutOfMemory, TransientError, WorkerCrashed
-from workers import imaging, session
+from workers import imaging, masks, session, shaping
 from workers.app import app, app_store, settings
 from workers.retry import backoff
 
@@ -24,7 +28,8 @@ def process(args: TaskArgs) -> dict[str, Any]:
     """Compute one result unless the store already has it; return what was done and how long."""
     store = app_store()
     seconds: dict[str, float] = {}
-    computed = not store.has_output(args.key)
+    computed = not store.has_output(args.output)
+    inferred = False
     if computed:
         clock = time.perf_counter()
 
@@ -40,18 +45,24 @@ def process(args: TaskArgs) -> dict[str, Any]:
             data, settings.max_megapixels, args.options, settings.max_memory_per_child_mb
         )
         lap("decode")
-        model = session.get(args.model, settings)
-        cutout = imaging.remove_background(img, model, args.options)
+        source = masks.MaskSource(
+            store, args.masks, lambda: session.get(args.model, settings), app.backend.client
+        )
+        cutout = imaging.remove_background(img, source, args.options)
         del img  # only the cutout stays in memory while it is encoded
-        lap("inference")  # rembg.remove: resize, model, mask, cutout
-        png = imaging.encode_png(cutout, settings.png_encoder, settings.png_compress_level)
-        lap("encode")
-        store.put_output(args.key, png)
+        inferred = source.inferred
+        lap("inference")  # rembg.remove: masks (stored, or the model's), cutout
+        data = shaping.render(
+            cutout, args.options, settings.png_encoder, settings.png_compress_level
+        )
+        lap("encode")  # shaping and encoding
+        store.put_output(args.output, data)
         lap("write")
     return {
         "key": args.key,
-        "output": str(store.location(args.key)),
+        "output": str(store.location(args.output)),
         "computed": computed,
+        "inferred": inferred,
         "pid": os.getpid(),
         "seconds": seconds,
     }
@@ -126,6 +137,8 @@ class RemovalTask(Task):
                         pipe.srem(contract.input_refs_key(kwargs["input_sha256"]), task_id)
                 if outcome == "computed":
                     observe_stages(pipe, retval.get("seconds", {}))
+                    if retval.get("inferred"):
+                        pipe.hincrby(contract.STATS_KEY, "inferences", 1)
                 replies = pipe.execute()
             if callbacks_at >= 0:
                 urls = sorted(replies[callbacks_at])

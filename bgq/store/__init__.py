@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bgq.contract import MASKS
 from bgq.store.base import INPUTS, RESULTS, Entry, Store, object_name
 from bgq.store.files import FILE_MODE, FileStore, atomic_write
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FILE_MODE",
     "INPUTS",
+    "MASKS",
     "RESULTS",
     "Entry",
     "FileStore",

@@ -1,9 +1,11 @@
-"""The store interface: content-addressed input blobs and result PNGs, one backend per module.
+"""The store interface: content-addressed inputs, masks and results, one backend per module.
 
 Backends implement a few primitives on (kind, name) pairs; the store's rules (write inputs once,
-stamp a result's last use on a hit, delete only what was not used since it was scanned) live
-here, once, on top of them. Callers hold a `Store` and never ask which backend it is, except
-for the features that only one has (a local path to hard-link, a presigned URL).
+stamp a result's or a mask's last use when it is used, delete only what was not used since it
+was scanned) live here, once, on top of them. Results and masks are named with their
+extension (`contract.result_name`, `contract.mask_name`). Callers hold a `Store` and never
+ask which backend it is, except for the features that only one has (a local path to
+hard-link, a presigned URL).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bgq import defaults
-from bgq.contract import INPUTS, RESULTS, object_name
+from bgq.contract import INPUTS, RESULTS, object_name, result_names
 from bgq.errors import ConfigError, StoreError
 
 
@@ -23,15 +25,10 @@ from bgq.errors import ConfigError, StoreError
 class Entry:
     """One object of the store; `mtime` is its last write or recorded use (prune's LRU clock)."""
 
-    kind: str  # INPUTS or RESULTS
-    name: str  # input digest or result key
+    kind: str  # INPUTS, MASKS or RESULTS
+    name: str  # input digest, or a mask's or result's name
     size: int
     mtime: float
-
-
-def entry_name(kind: str, object_base: str) -> str:
-    """The digest or key of an object's base name (the inverse of object_name's last part)."""
-    return object_base.removesuffix(".png") if kind == RESULTS else object_base
 
 
 class Store(abc.ABC):
@@ -40,7 +37,7 @@ class Store(abc.ABC):
     url: str
 
     def __init__(self) -> None:
-        self._seen: dict[str, float] = {}  # result key -> its last use, as this process saw it
+        self._seen: dict[tuple[str, str], float] = {}  # (kind, name) -> last use we saw
 
     # -- primitives each backend implements ------------------------------------------------
 
@@ -72,11 +69,11 @@ class Store(abc.ABC):
     def scan(self, kind: str) -> Iterator[Entry]:
         """Every object of a kind."""
 
-    def chunks(self, key: str) -> Iterator[bytes]:
+    def chunks(self, name: str) -> Iterator[bytes]:
         """A result's bytes in pieces, for streaming it out."""
-        yield self.read(RESULTS, key)
+        yield self.read(RESULTS, name)
 
-    def save(self, key: str, dest: Path, link: bool = False) -> None:
+    def save(self, name: str, dest: Path, link: bool = False) -> None:
         """Put a result at the local path `dest` atomically (never a partial file).
 
         With `link`, a filesystem store may hard-link instead of copying (ingest's outputs).
@@ -84,19 +81,19 @@ class Store(abc.ABC):
         from bgq.store.files import atomic_write
 
         try:
-            atomic_write(dest, self.read(RESULTS, key))
+            atomic_write(dest, self.read(RESULTS, name))
         except OSError as exc:
             raise StoreError(f"cannot write {dest}: {exc}") from exc
 
-    def local_path(self, key: str) -> Path | None:
+    def local_path(self, name: str) -> Path | None:
         """The result as a local file, on a filesystem store; None on object storage."""
         return None
 
-    def s3_object(self, key: str) -> tuple[str, str] | None:
+    def s3_object(self, name: str) -> tuple[str, str] | None:
         """(bucket, object key) of a result on S3, for server-side copies; None elsewhere."""
         return None
 
-    def presigned_url(self, key: str, seconds: int) -> str | None:
+    def presigned_url(self, name: str, seconds: int) -> str | None:
         """A URL that serves the result for `seconds` without credentials; None if unsupported."""
         return None
 
@@ -106,40 +103,44 @@ class Store(abc.ABC):
 
     # -- the store's rules, shared by every backend ----------------------------------------
 
-    def location(self, key: str) -> Path | str:
+    def location(self, name: str) -> Path | str:
         """Where a result is: its local Path, or its URL on object storage."""
-        return self.local_path(key) or f"{self.url.rstrip('/')}/{object_name(RESULTS, key)}"
+        return self.local_path(name) or f"{self.url.rstrip('/')}/{object_name(RESULTS, name)}"
 
-    def has_output(self, key: str) -> bool:
-        return self.stat(RESULTS, key) is not None
+    def has_output(self, name: str) -> bool:
+        return self.stat(RESULTS, name) is not None
 
-    def use_output(self, key: str) -> bool:
-        """True if the result exists; then record this use (at most once per USE_RESOLUTION s).
+    def use_output(self, name: str) -> bool:
+        """True if the result exists; then record this use (see `use`)."""
+        return self.use(RESULTS, name)
+
+    def use(self, kind: str, name: str) -> bool:
+        """True if the object exists; then record this use (at most once per USE_RESOLUTION s).
 
         The last use is prune's LRU clock. A store that refuses the stamp (read-only) still
-        answers the hit; a result that vanished while it was stamped is a miss. A result this
-        process saw used less than USE_RESOLUTION seconds ago is
-        trusted without asking the store again: prune never deletes one used in the last
-        PRUNE_MIN_IDLE seconds, which is longer.
+        answers the hit; an object that vanished while it was stamped is a miss. One this
+        process saw used less than USE_RESOLUTION seconds ago is trusted without asking the
+        store again: prune never deletes one used in the last PRUNE_MIN_IDLE seconds, which is
+        longer.
         """
-        seen = self._seen.get(key)
+        seen = self._seen.get((kind, name))
         if seen is not None and time.time() - seen < defaults.USE_RESOLUTION:
             return True
-        entry = self.stat(RESULTS, key)
+        entry = self.stat(kind, name)
         if entry is None:
-            self._seen.pop(key, None)
+            self._seen.pop((kind, name), None)
             return False
         used = min(entry.mtime, time.time())  # a store clock ahead of ours never extends trust
         if time.time() - used > defaults.USE_RESOLUTION:
             try:
-                self.touch(RESULTS, key)
+                self.touch(kind, name)
                 used = time.time()
             except (StoreError, ConfigError):  # refused (read-only), or deleted meanwhile
-                if self.stat(RESULTS, key) is None:
+                if self.stat(kind, name) is None:
                     return False
         if len(self._seen) >= defaults.SEEN_RESULTS:
             self._seen.clear()
-        self._seen[key] = used
+        self._seen[(kind, name)] = used
         return True
 
     def put_input(self, input_sha256: str, data: bytes) -> None:
@@ -156,11 +157,23 @@ class Store(abc.ABC):
     def read_input(self, input_sha256: str) -> bytes:
         return self.read(INPUTS, input_sha256)
 
-    def put_output(self, key: str, png: bytes) -> None:
-        self.write(RESULTS, key, png)
+    def put_output(self, name: str, data: bytes) -> None:
+        self.write(RESULTS, name, data)
 
-    def read_output(self, key: str) -> bytes:
-        return self.read(RESULTS, key)
+    def read_output(self, name: str) -> bytes:
+        return self.read(RESULTS, name)
+
+    def use_result(self, key: str) -> str | None:
+        """The name of `key`'s result, in whichever format it was made, recording a use."""
+        return next((name for name in result_names(key) if self.use(RESULTS, name)), None)
+
+    def find_output(self, key: str) -> Entry | None:
+        """The result of `key` in whichever format it was made (for lookups by job id alone)."""
+        for name in result_names(key):
+            entry = self.stat(RESULTS, name)
+            if entry is not None:
+                return entry
+        return None
 
     def delete_if_unused(self, entry: Entry, now: float) -> bool:
         """Delete a scanned entry unless it was used since the scan or within PRUNE_MIN_IDLE."""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bgq.errors import ConfigError, StoreError
-from bgq.store.base import RESULTS, Entry, Store, entry_name, object_name
+from bgq.store.base import RESULTS, Entry, Store, object_name
 
 FILE_MODE = 0o644  # results are read by other processes and users (api, flower, ops)
 CHUNK = 1 << 20  # bytes per piece when a result is streamed
@@ -123,10 +123,10 @@ class FileStore(Store):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     st = Path(dirpath, base).stat()
-                    yield Entry(kind, entry_name(kind, base), st.st_size, st.st_mtime)
+                    yield Entry(kind, base, st.st_size, st.st_mtime)
 
-    def chunks(self, key: str) -> Iterator[bytes]:
-        path = self.path(RESULTS, key)
+    def chunks(self, name: str) -> Iterator[bytes]:
+        path = self.path(RESULTS, name)
         try:
             with path.open("rb") as fh:
                 while piece := fh.read(CHUNK):
@@ -134,19 +134,19 @@ class FileStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
 
-    def save(self, key: str, dest: Path, link: bool = False) -> None:
+    def save(self, name: str, dest: Path, link: bool = False) -> None:
         if not link:
-            super().save(key, dest)
+            super().save(name, dest)
             return
         try:
-            link_or_copy(self.path(RESULTS, key), dest)
+            link_or_copy(self.path(RESULTS, name), dest)
         except FileNotFoundError:
-            raise StoreError(f"{self.path(RESULTS, key)} not found in the store") from None
+            raise StoreError(f"{self.path(RESULTS, name)} not found in the store") from None
         except OSError as exc:
             raise StoreError(f"cannot write {dest}: {exc}") from exc
 
-    def local_path(self, key: str) -> Path:
-        return self.path(RESULTS, key)
+    def local_path(self, name: str) -> Path:
+        return self.path(RESULTS, name)
 
     def remove_temporaries(self, older_than: float, now: float, dry_run: bool) -> int:
         removed = 0

@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from bgq import defaults
-from bgq.contract import INPUTS, RESULTS, object_name
+from bgq.contract import INPUTS, RESULTS, media_type, object_name
 from bgq.errors import ConfigError, StoreError
-from bgq.store.base import Entry, Store, entry_name
+from bgq.store.base import Entry, Store
 
 if TYPE_CHECKING:
     from bgq.settings import Settings
 
 CHUNK = 1 << 20  # bytes per piece when a result is streamed
-CONTENT_TYPES = {RESULTS: "image/png"}  # inputs: application/octet-stream
 DENIED = frozenset(
     {
         "AccessDenied",
@@ -163,8 +162,8 @@ class S3Store(Store):
     def read(self, kind: str, name: str) -> bytes:
         return b"".join(self._body(kind, name))
 
-    def chunks(self, key: str) -> Iterator[bytes]:
-        return self._body(RESULTS, key)
+    def chunks(self, name: str) -> Iterator[bytes]:
+        return self._body(RESULTS, name)
 
     def _body(self, kind: str, name: str) -> Iterator[bytes]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -189,7 +188,7 @@ class S3Store(Store):
             name,
             raw=bool(if_none_match),
             Body=data,
-            ContentType=CONTENT_TYPES.get(kind, "application/octet-stream"),
+            ContentType=media_type(name),
             **extra,
         )
 
@@ -222,7 +221,7 @@ class S3Store(Store):
             CopySource={"Bucket": self.bucket, "Key": self.key(kind, name)},
             MetadataDirective="REPLACE",
             Metadata={"bgq-used": str(int(time.time()))},
-            ContentType=CONTENT_TYPES.get(kind, "application/octet-stream"),
+            ContentType=media_type(name),
         )
 
     def delete(self, kind: str, name: str) -> None:
@@ -246,17 +245,17 @@ class S3Store(Store):
         for obj in list_objects(self.client, self.bucket, f"{self.prefix}{kind}/"):
             base = obj["Key"].rsplit("/", 1)[-1]
             if base and not base.startswith("."):
-                name = entry_name(kind, base)
+                name = base
                 yield Entry(kind, name, obj["Size"], _seconds(obj["LastModified"]))
 
-    def s3_object(self, key: str) -> tuple[str, str]:
-        return self.bucket, self.key(RESULTS, key)
+    def s3_object(self, name: str) -> tuple[str, str]:
+        return self.bucket, self.key(RESULTS, name)
 
-    def presigned_url(self, key: str, seconds: int) -> str:
+    def presigned_url(self, name: str, seconds: int) -> str:
         return str(
             self.client.generate_presigned_url(
                 "get_object",
-                Params={"Bucket": self.bucket, "Key": self.key(RESULTS, key)},
+                Params={"Bucket": self.bucket, "Key": self.key(RESULTS, name)},
                 ExpiresIn=seconds,
             )
         )
