@@ -1,0 +1,129 @@
+"""One inference, many outputs: masks are computed once per (input, model) and kept in the store."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import redis
+from PIL import Image
+
+from bgq import cache, contract
+from bgq.contract import MASKS, RESULTS
+from bgq.exporter import Exporter
+from bgq.stack import LocalStack
+from bgq.store import Store
+from producer import Producer
+from tests.conftest import both_stores
+from tests.helpers import pixels, settle, stats, variant
+from workers import masks
+
+# Variants of one photo: each is its own job and cache entry, all from the same masks.
+VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"bgcolor": (255, 255, 255, 255)},
+    {"only_mask": True},
+    {"post_process_mask": True},
+    {"alpha_matting": True, "alpha_matting_erode_size": 5},
+    {"format": "webp"},
+    {"format": "jpeg", "quality": 80},
+    {"crop": True, "crop_margin": "5%"},
+    {"canvas": "400x400", "padding": "5%", "position": "bottom", "bgcolor": (255, 255, 255, 255)},
+]
+SHAPING = {"format", "quality", "crop", "crop_margin", "canvas", "padding", "position"}
+REMBG_ONLY = [v for v in VARIANTS if not set(v) & SHAPING]
+
+
+def inferences(client: redis.Redis) -> int:
+    return stats(client).get("inferences", 0)
+
+
+def finish(producer: Producer, client: redis.Redis, jobs: list[Any]) -> list[bytes]:
+    results = [job.read(timeout=180) for job in jobs]
+    for job in jobs:
+        settle(client, job.key)
+    return results
+
+
+@both_stores
+def test_variants_submitted_together_run_the_model_once(
+    stack: LocalStack, producer: Producer, redis_client: redis.Redis, reference: Any
+) -> None:
+    data = variant("car-1.jpg", (0, 0, 400, 300))
+    before = inferences(redis_client)
+    jobs = [producer.submit(data, **options) for options in VARIANTS]
+    assert len({job.key for job in jobs}) == len(VARIANTS)  # one cache entry per variant
+    results = finish(producer, redis_client, jobs)
+    assert inferences(redis_client) - before == 1
+    for options, result in zip(VARIANTS, results, strict=True):
+        if options in REMBG_ONLY:  # derived from stored masks, still rembg.remove() exactly
+            assert pixels(result)[1].tobytes() == pixels(reference(data, **options))[1].tobytes()
+    digest = contract.input_digest(data)
+    assert producer.store.stat(MASKS, contract.mask_name(digest, "u2netp")) is not None
+    exporter = Exporter(stack.settings, "127.0.0.1", 0)
+    try:
+        text = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics").text
+    finally:
+        exporter.stop()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("bgq_inferences_total ")]
+    assert float(line.split()[1]) == inferences(redis_client)
+
+
+@both_stores
+def test_a_later_variant_reuses_the_stored_masks_and_a_lost_one_is_remade(
+    producer: Producer, redis_client: redis.Redis, reference: Any
+) -> None:
+    data = variant("anime-girl-1.jpg", (0, 0, 600, 500))
+    name = contract.mask_name(contract.input_digest(data), "u2netp")
+    before = inferences(redis_client)
+    finish(producer, redis_client, [producer.submit(data)])
+    finish(producer, redis_client, [producer.submit(data, only_mask=True)])
+    assert inferences(redis_client) - before == 1
+
+    producer.store.write(MASKS, name, b"not a png")  # corrupt: the model runs again
+    (got,) = finish(producer, redis_client, [producer.submit(data, post_process_mask=True)])
+    assert inferences(redis_client) - before == 2
+    assert np.array_equal(pixels(got)[1], pixels(reference(data, post_process_mask=True))[1])
+
+    producer.store.delete(MASKS, name)  # pruned: made again
+    (got,) = finish(producer, redis_client, [producer.submit(data, bgcolor=(0, 0, 0, 255))])
+    assert inferences(redis_client) - before == 3
+    assert np.array_equal(pixels(got)[1], pixels(reference(data, bgcolor=(0, 0, 0, 255)))[1])
+    assert producer.store.stat(MASKS, name) is not None
+
+
+def test_masks_stack_and_unstack_losslessly() -> None:
+    rng = np.random.default_rng(7)
+    sheets = [Image.fromarray(rng.integers(0, 256, (30, 40), np.uint8), "L") for _ in range(3)]
+    for group in (sheets[:1], sheets):
+        data = masks.stack(group)
+        assert data is not None
+        back = masks.unstack(data, (40, 30))
+        assert back is not None and len(back) == len(group)
+        assert all(
+            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(group, back, strict=True)
+        )
+    assert masks.unstack(masks.stack(sheets) or b"", (40, 31)) is None  # not this image's
+    assert masks.unstack(b"junk", (40, 30)) is None
+    assert masks.stack([sheets[0].convert("RGB")]) is None  # would not come back the same
+
+
+def test_prune_treats_masks_like_results_and_keeps_those_in_flight(
+    store: Store, redis_client: redis.Redis
+) -> None:
+    old_mask = contract.mask_name("a" * 64, "u2netp")
+    busy_mask = contract.mask_name("b" * 64, "u2netp")
+    old_result = contract.result_name("c" * 64, "webp")
+    for kind, name in ((MASKS, old_mask), (MASKS, busy_mask), (RESULTS, old_result)):
+        store.write(kind, name, b"x" * 100)
+    redis_client.sadd(contract.input_refs_key("b" * 64), "some-job")  # a job in flight needs it
+    try:
+        report = cache.prune(store, redis_client, max_age=86400, now=time.time() + 2 * 86400)
+    finally:
+        redis_client.delete(contract.input_refs_key("b" * 64))
+    assert store.stat(MASKS, old_mask) is None and store.stat(RESULTS, old_result) is None
+    assert store.stat(MASKS, busy_mask) is not None
+    assert (report.removed, report.masks_removed, report.skipped_in_flight) == (2, 1, 1)
+    assert (cache.store_stats(store).masks, cache.store_stats(store).results) == (1, 0)
