@@ -21,9 +21,11 @@ models: $(STAMP)
 run: setup
 	$(BIN)/bgq ingest samples/catalog.csv --out out
 
-# Figures, not tests: rembg p vs bgq ingest vs the model-bound limit (a few minutes on 2 cores).
+# Figures, not tests: rembg p vs bgq ingest vs the model-bound limit, then a URL catalog
+# (a few minutes on 2 cores).
 bench: setup $(VENV)/.bench
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.urls
 
 # Peak RSS/USS/PSS of a pool process per input size vs rembg.remove(), and growth over 1,000
 # small tasks (several minutes on 2 cores; figures, not tests).
