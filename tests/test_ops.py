@@ -237,7 +237,8 @@ def test_a_cache_hit_counts_as_a_use(stack: LocalStack, monkeypatch: pytest.Monk
     monkeypatch.setattr(defaults, "USE_RESOLUTION", 0.0)
     assert producer.submit(data).cached  # a hit re-stamps the result's last use
     report = cache.prune(producer.store, None, max_age=7 * DAY, now=before.mtime + 7 * DAY + 0.6)
-    assert producer.store.has_output(job.output) and report.removed == 0
+    assert producer.store.has_output(job.output)
+    assert report.removed == report.masks_removed == 1  # the hit used the result, not its mask
 
 
 def test_prune_removes_inputs_no_job_needs(store: Store, redis_client: redis.Redis) -> None:
