@@ -90,7 +90,8 @@ async def read_submission(request: Request, settings: Settings) -> tuple[dict[st
     if url is None:
         assert data is not None
         return fields, data
-    check_image_url(url)
+    check_alone(fields, settings.model)  # a request refused anyway fetches nothing
+    options_of(fields, settings.model)
     image = await run_in_threadpool(
         fetch_image,
         url,
