@@ -160,22 +160,25 @@ async def read_json(request: Request, fields: dict[str, str]) -> dict[str, str]:
             raise ApiError(422, "invalid_request", f"unknown field(s): {name}")
         if not _is_json_type(value, kind):
             raise ApiError(422, "invalid_request", f"{name}: must be a JSON {kind}")
-        fields[name] = _as_text(value)
+        fields[name] = _as_text(value, kind)
     return fields
 
 
 def _is_json_type(value: object, kind: str) -> bool:
     if kind == "boolean":
         return isinstance(value, bool)
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "integer":  # JSON Schema counts 3.0 as an integer
+        is_whole = isinstance(value, float) and value.is_integer()
+        return (isinstance(value, int) and not isinstance(value, bool)) or is_whole
     if kind == "number":
         return isinstance(value, int | float) and not isinstance(value, bool)
     return isinstance(value, str)
 
 
-def _as_text(value: object) -> str:
+def _as_text(value: object, kind: str) -> str:
     """A JSON value as the same field's text in a query string or form."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if kind == "integer":
+        return str(int(value))  # type: ignore[call-overload]
     return str(value)

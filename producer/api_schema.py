@@ -16,9 +16,10 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 JOB = {"$ref": "#/components/schemas/Job"}
 KEY_PATTERN = "^[0-9a-f]{64}$"
 IMAGE_TYPES = ("image/*", "application/octet-stream")
-# What an image URL may look like: http(s), a DNS name or an IP literal, an optional port, no
-# credentials (the callback rule); where it points and what it serves is checked by fetching.
-IMAGE_URL_PATTERN = webhooks.CALLBACK_URL_PATTERN
+# What an image URL may look like: http(s), a host (a name, an IPv4 or a bracketed IPv6
+# literal, an optional port; no credentials), then printable ASCII. Whether it parses, where it
+# points and what it serves is the fetch's business (422 fetch_failed).
+IMAGE_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.:\[\]-]+([/?#][!-~]*)?$"
 
 
 def up_to(limit: int) -> str:
