@@ -200,9 +200,10 @@ def image_body(extra: list[dict[str, Any]]) -> dict[str, Any]:
     fields = {p["name"]: p["schema"] for p in [*option_parameters(), IMAGE_URL, *extra]}
     raw = {"schema": {"type": "string", "format": "binary"}}
     return {
-        "required": False,
+        "required": True,
         "description": "Exactly one image: a multipart `file`, the raw body, or `image_url` "
-        "(a form field, a JSON field, or the query parameter).",
+        "(a form field, a JSON field, or the query parameter, then with an empty JSON object "
+        "or no body at all).",
         "content": {
             "multipart/form-data": {
                 "schema": {
