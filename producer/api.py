@@ -15,33 +15,26 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
 import bgq
 from bgq import contract, defaults, jobs, webhooks
-from bgq.errors import BgqError
 from bgq.settings import Settings, load_settings
 from producer import api_schema
 from producer.api_http import (
     RETRY_LATER,
     ApiError,
     BodyLimit,
-    BodyTooLarge,
     Metrics,
     MetricsMiddleware,
-    api_error,
-    error_response,
-    too_large,
+    install_error_handlers,
 )
-from producer.api_request import options_of, read_image, wait_seconds
+from producer.api_request import options_of, read_submission, wait_seconds
 from producer.client import Producer
 from producer.job import POLL_MAX, POLL_MIN, Job
 
@@ -99,44 +92,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    # -- errors: one JSON shape, never a stack trace -----------------------------------------
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(BgqError)
-    async def _bgq_error(_: Request, exc: BgqError) -> JSONResponse:
-        err = api_error(exc)
-        return error_response(err.status, err.code, err.message, err.headers)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "payload_too_large", too_large(max_bytes))
-
-    @app.exception_handler(redis.RedisError)
-    async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("Redis error: %s", exc)
-        return error_response(
-            503, "unavailable", "Redis is unavailable; try again later", RETRY_LATER
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error", exc_info=exc)
-        return error_response(500, "internal", "internal server error")
-
+    install_error_handlers(app, max_bytes)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
@@ -258,12 +214,12 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
 
     @v1.post(
         "/remove",
-        summary="Remove the background; the PNG if ready within `wait`, else 202 with the job",
+        summary="Remove the background; the result if ready within `wait`, else 202 with the job",
         operation_id="remove",
         response_class=FileResponse,
     )
     async def remove(request: Request) -> Response:
-        fields, data = await read_image(request, settings.model)
+        fields, data = await read_submission(request, settings)
         wait = wait_seconds(fields)
         if "callback_url" in fields:
             raise ApiError(422, "invalid_request", "callback_url belongs to POST /v1/jobs")
@@ -279,7 +235,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         status_code=202,
     )
     async def create_job(request: Request) -> JSONResponse:
-        fields, data = await read_image(request, settings.model)
+        fields, data = await read_submission(request, settings)
         if "wait" in fields:
             raise ApiError(422, "invalid_request", "wait belongs to POST /v1/remove")
         job = await submit(request, fields, data, fields.get("callback_url"), record_hits=True)
@@ -312,7 +268,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
 
     @v1.get(
         "/jobs/{job_id}/result",
-        summary="A finished job's PNG (immutable; ETag is the job id)",
+        summary="A finished job's result (immutable; ETag is the job id)",
         operation_id="get_result",
         response_class=FileResponse,
     )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bgq import defaults
 from bgq.errors import (
@@ -21,7 +26,10 @@ from bgq.errors import (
     StoreError,
     UnsupportedImage,
 )
+from bgq.fetch import FetchFailed
 from bgq.webhooks import CallbackNotAllowed
+
+log = logging.getLogger("bgq.api")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,6 +72,8 @@ def api_error(exc: BgqError) -> ApiError:
         return ApiError(422, "unsupported_image", str(exc))
     if isinstance(exc, CallbackNotAllowed):
         return ApiError(422, "callback_not_allowed", str(exc))
+    if isinstance(exc, FetchFailed):
+        return ApiError(422, "fetch_failed", f"cannot fetch image_url ({exc.reason}): {exc}")
     if isinstance(exc, InvalidRequest):
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, JobFailed):
@@ -75,6 +85,46 @@ def api_error(exc: BgqError) -> ApiError:
 
 class BodyTooLarge(Exception):
     pass
+
+
+def install_error_handlers(app: FastAPI, max_bytes: int) -> None:
+    """One JSON error shape for every failure, never a stack trace."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(BgqError)
+    async def _bgq_error(_: Request, exc: BgqError) -> JSONResponse:
+        err = api_error(exc)
+        return error_response(err.status, err.code, err.message, err.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "payload_too_large", too_large(max_bytes))
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("Redis error: %s", exc)
+        return error_response(
+            503, "unavailable", "Redis is unavailable; try again later", RETRY_LATER
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return error_response(500, "internal", "internal server error")
 
 
 def too_large(max_bytes: int) -> str:

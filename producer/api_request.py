@@ -1,4 +1,5 @@
-"""A submission to `bgq api`: its fields (query string, then form fields) and image bytes.
+"""A submission to `bgq api`: its fields (query string, then form or JSON fields) and image
+bytes, uploaded or fetched from `image_url`.
 
 Every field is checked where it was sent, so a valid form field never hides a bad query one:
 a request the OpenAPI schema calls invalid is refused, whichever part carries the fault.
@@ -6,15 +7,25 @@ a request the OpenAPI schema calls invalid is refused, whichever part carries th
 
 from __future__ import annotations
 
+import json
+import re
+
 from fastapi import Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from bgq import contract, defaults, webhooks
 from bgq.contract import Options
+from bgq.fetch import fetch_image
+from bgq.settings import Settings
+from producer import api_schema
 from producer.api_http import ApiError
+from producer.api_schema import IMAGE_URL_PATTERN
 
-REQUEST_FIELDS = ("model", "wait", "callback_url")  # besides the rembg options
+REQUEST_FIELDS = ("model", "wait", "callback_url", "image_url")  # besides the rembg options
+ONE_IMAGE = "send exactly one of image (a multipart `file` or the body) and image_url"
 
 
 def options_of(fields: dict[str, str], default_model: str) -> tuple[str, Options]:
@@ -40,32 +51,82 @@ def wait_seconds(fields: dict[str, str]) -> float:
 
 
 def check_alone(fields: dict[str, str], default_model: str) -> None:
-    """Check one part's fields by themselves (the form may replace them later)."""
-    options_of(fields, default_model)
+    """Check each of one part's fields by itself (the body's fields may replace or complete
+    them: rules across fields, such as padding needing a canvas, apply to the merged fields)."""
+    unknown = set(fields) - set(REQUEST_FIELDS) - set(Options.model_fields)
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+    contract.check_model(fields.get("model", default_model))
+    values = {k: v for k, v in fields.items() if k in Options.model_fields}
+    try:
+        Options.model_validate(values)
+    except ValidationError as exc:
+        if any(e["loc"] for e in exc.errors()):  # a field's own fault, not a combination's
+            Options.parse(values)  # raises, naming the option
     if "wait" in fields:
         wait_seconds(fields)
     if "callback_url" in fields:
         webhooks.check_callback_syntax(fields["callback_url"])
+    if "image_url" in fields:
+        check_image_url(fields["image_url"])
 
 
-async def read_image(request: Request, default_model: str) -> tuple[dict[str, str], bytes]:
-    """The fields (query, then form fields) and the image bytes of a submission."""
+def check_image_url(url: str) -> None:
+    """An http(s) URL with a host and no credentials (the schema's pattern)."""
+    if not re.fullmatch(IMAGE_URL_PATTERN, url):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "image_url: must be an http:// or https:// URL with a host, without credentials",
+        )
+
+
+async def read_submission(request: Request, settings: Settings) -> tuple[dict[str, str], bytes]:
+    """The fields and the image of a submission: uploaded, or fetched from `image_url`."""
+    fields, data = await read_parts(request, settings.model)
+    url = fields.get("image_url")
+    if (data is None) == (url is None):
+        raise ApiError(422, "invalid_request", ONE_IMAGE)
+    if url is None:
+        assert data is not None
+        return fields, data
+    check_alone(fields, settings.model)  # a request refused anyway fetches nothing
+    options_of(fields, settings.model)
+    image = await run_in_threadpool(
+        fetch_image,
+        url,
+        allow_private=settings.fetch_allow_private,
+        timeout=settings.fetch_timeout,
+        max_bytes=int(settings.max_upload_mb * 2**20),
+    )
+    return fields, image
+
+
+async def read_parts(request: Request, default_model: str) -> tuple[dict[str, str], bytes | None]:
+    """The fields (query, then form or JSON fields) and the uploaded image bytes, if any."""
     fields = dict(request.query_params)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         check_alone(fields, default_model)
         return await read_form(request, fields)
-    if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+    if ctype == "application/json":
+        check_alone(fields, default_model)
+        return await read_json(request, fields), None
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
         return fields, await request.body()
+    if ctype == "":
+        return fields, await request.body() or None  # no type, no body: no image
     raise ApiError(
         415,
         "unsupported_media_type",
-        f"send the image as multipart `file` or a raw image/* body, not {ctype or 'nothing'}",
+        f"send the image as multipart `file`, a raw image/* body or an image_url, not {ctype}",
     )
 
 
-async def read_form(request: Request, fields: dict[str, str]) -> tuple[dict[str, str], bytes]:
-    """The multipart `file` part, and the form fields over the query's."""
+async def read_form(
+    request: Request, fields: dict[str, str]
+) -> tuple[dict[str, str], bytes | None]:
+    """The multipart `file` part, if any, and the form fields over the query's."""
     try:
         form = await request.form(max_files=1, max_fields=32)
     except HTTPException as exc:  # Starlette's 400 for a malformed body
@@ -75,8 +136,49 @@ async def read_form(request: Request, fields: dict[str, str]) -> tuple[dict[str,
         for name, value in form.multi_items():
             if isinstance(value, str):
                 fields[name] = value
-        if not isinstance(upload, UploadFile):
-            raise ApiError(422, "invalid_request", "multipart body has no `file` part")
-        return fields, await upload.read()
+            elif name != "file":
+                raise ApiError(422, "invalid_request", f"{name}: must be a field, not a file")
+        if "file" in fields:
+            raise ApiError(422, "invalid_request", "file: must be a file part")
+        return fields, await upload.read() if isinstance(upload, UploadFile) else None
     finally:
         await form.close()
+
+
+async def read_json(request: Request, fields: dict[str, str]) -> dict[str, str]:
+    """The fields of a JSON object body over the query's, each of its documented JSON type."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "invalid_request", f"malformed JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_request", "the JSON body must be an object")
+    types = api_schema.json_types()
+    for name, value in body.items():
+        kind = types.get(name)
+        if kind is None:
+            raise ApiError(422, "invalid_request", f"unknown field(s): {name}")
+        if not _is_json_type(value, kind):
+            raise ApiError(422, "invalid_request", f"{name}: must be a JSON {kind}")
+        fields[name] = _as_text(value, kind)
+    return fields
+
+
+def _is_json_type(value: object, kind: str) -> bool:
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":  # JSON Schema counts 3.0 as an integer
+        is_whole = isinstance(value, float) and value.is_integer()
+        return (isinstance(value, int) and not isinstance(value, bool)) or is_whole
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _as_text(value: object, kind: str) -> str:
+    """A JSON value as the same field's text in a query string or form."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if kind == "integer":
+        return str(int(value))  # type: ignore[call-overload]
+    return str(value)

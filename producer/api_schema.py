@@ -16,6 +16,26 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 JOB = {"$ref": "#/components/schemas/Job"}
 KEY_PATTERN = "^[0-9a-f]{64}$"
 IMAGE_TYPES = ("image/*", "application/octet-stream")
+# What an image URL may look like: http(s), a host (a name, an IPv4 or a bracketed IPv6
+# literal, an optional port; no credentials), then printable ASCII. Whether it parses, where it
+# points and what it serves is the fetch's business (422 fetch_failed).
+IMAGE_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.:\[\]-]+([/?#][!-~]*)?$"
+
+
+def up_to(limit: int) -> str:
+    """A regex of the decimal integers 1..limit (no sign, no leading zero)."""
+    digits = str(limit)
+    alternatives = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    for i, digit in enumerate(digits):  # same length: a smaller digit at position i
+        low = 1 if i == 0 else 0
+        if int(digit) > low:
+            rest = len(digits) - i - 1
+            alternatives.append(f"{digits[:i]}[{low}-{int(digit) - 1}][0-9]{{{rest}}}")
+    return "(" + "|".join([*alternatives, digits]) + ")"
+
+
+# The canvas as Options accepts it: CANVAS_PATTERN with each side at most CANVAS_MAX_SIDE.
+CANVAS_SCHEMA_PATTERN = f"^{up_to(defaults.CANVAS_MAX_SIDE)}x{up_to(defaults.CANVAS_MAX_SIDE)}$"
 
 
 def header(description: str, **schema: Any) -> dict[str, Any]:
@@ -47,8 +67,13 @@ ERRORS = {
     ),
     "415": error("`unsupported_media_type`: neither multipart nor an image body, or not an image"),
     "422": error(
-        "`invalid_request`: an unknown or invalid field, a callback_url while "
-        "BGQ_WEBHOOK_SECRET is unset; `callback_not_allowed`: the callback host resolves to "
+        "`invalid_request`: an unknown or invalid field, an invalid combination of options "
+        "(crop_margin without crop, padding or position without canvas, padding of half the "
+        "canvas or more), not exactly one of image and image_url, a callback_url while "
+        "BGQ_WEBHOOK_SECRET is unset; `fetch_failed`: image_url could not be fetched or is "
+        "not an image (the reason is in the message: DNS, a non-public address unless "
+        "BGQ_FETCH_ALLOW_PRIVATE, an HTTP status, a timeout, over BGQ_MAX_UPLOAD_MB, too many "
+        "redirects); `callback_not_allowed`: the callback host resolves to "
         "a non-public address (unless BGQ_WEBHOOK_ALLOW_PRIVATE); `unsupported_image`: rembg "
         "cannot process the image's mode; `job_failed`: the worker failed on the image "
         "(e.g. truncated)"
@@ -63,7 +88,12 @@ PNG_HEADERS = {
     "Cache-Control": header("immutable"),
     "X-Bgq-Job-Id": header("the job id (the cache key)", pattern=KEY_PATTERN),
 }
-PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+RESULT = {
+    "content": {
+        media_type: {"schema": {"type": "string", "format": "binary"}}
+        for media_type in contract.CONTENT_TYPES.values()
+    }
+}
 ACCEPTED = {
     "description": "The job (queued, or done for a cache hit); `Location` is its URL",
     "content": {"application/json": {"schema": JOB}},
@@ -76,7 +106,7 @@ ACCEPTED = {
 
 
 def option_parameters() -> list[dict[str, Any]]:
-    """OpenAPI query parameters: the model and every rembg option (one source: Options)."""
+    """OpenAPI query parameters: the model and every option (one source: Options)."""
     params: list[dict[str, Any]] = [
         {
             "name": "model",
@@ -95,14 +125,56 @@ def option_parameters() -> list[dict[str, Any]]:
                 "example": "255,255,255,255",
             }
             prop["description"] = "background colour r,g,b,a (each 0-255); default: transparent"
+        prop.update(SHAPING.get(name, {}))
         params.append({"name": name, "in": "query", "schema": prop})
     return params
+
+
+LENGTH = {"type": "string", "pattern": contract.LENGTH_PATTERN, "default": "0"}
+# The shaping options as the server checks them (one field at a time; rules across fields are
+# in the 422's description).
+SHAPING: dict[str, dict[str, Any]] = {
+    "format": {"description": "output format: png, webp (keeps alpha) or jpeg (flattened)"},
+    "quality": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 100,
+        "default": defaults.QUALITY,
+        "description": "webp and jpeg quality; png ignores it",
+    },
+    "crop": {"description": "crop to the subject's bounding box"},
+    "crop_margin": {
+        **LENGTH,
+        "description": "margin kept around the subject with crop=true: pixels (20, 20px) or a "
+        "percentage of the subject's box (5%)",
+    },
+    "canvas": {
+        "type": "string",
+        "pattern": CANVAS_SCHEMA_PATTERN,
+        "example": "1000x1000",
+        "description": f"put the subject on a WIDTHxHEIGHT canvas (each side 1 to "
+        f"{defaults.CANVAS_MAX_SIDE} px), scaled to fit inside the padding",
+    },
+    "padding": {
+        **LENGTH,
+        "description": "space between the subject and the canvas edge, with canvas: pixels "
+        "or a percentage of the canvas side; under half the canvas",
+    },
+    "position": {"description": "where the subject sits on the canvas, with canvas"},
+}
+IMAGE_URL = {
+    "name": "image_url",
+    "in": "query",
+    "description": "Fetch the image from this http(s) URL instead of uploading it (exactly one "
+    "of the two). Non-public hosts are refused unless BGQ_FETCH_ALLOW_PRIVATE.",
+    "schema": {"type": "string", "pattern": IMAGE_URL_PATTERN},
+}
 
 
 WAIT = {
     "name": "wait",
     "in": "query",
-    "description": "Seconds to wait for the PNG before answering 202 with the job.",
+    "description": "Seconds to wait for the result before answering 202 with the job.",
     "schema": {
         "type": "number",
         "default": defaults.API_WAIT,
@@ -123,24 +195,36 @@ CALLBACK_URL = {
 
 
 def image_body(extra: list[dict[str, Any]]) -> dict[str, Any]:
-    """The image as a multipart `file` (options as form fields too) or as the raw body."""
-    fields = {p["name"]: p["schema"] for p in option_parameters() + extra}
+    """The image as a multipart `file` (options as form fields too), as the raw body, or by
+    `image_url` in a JSON object of the same fields (or in the query, with no body)."""
+    fields = {p["name"]: p["schema"] for p in [*option_parameters(), IMAGE_URL, *extra]}
     raw = {"schema": {"type": "string", "format": "binary"}}
     return {
         "required": True,
+        "description": "Exactly one image: a multipart `file`, the raw body, or `image_url` "
+        "(a form field, a JSON field, or the query parameter, then with an empty JSON object "
+        "or no body at all).",
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "properties": {"file": {"type": "string", "format": "binary"}, **fields},
-                    "required": ["file"],
                     "additionalProperties": False,
                 },
                 "encoding": {"file": {"contentType": "image/*"}},
             },
+            "application/json": {
+                "schema": {"type": "object", "properties": fields, "additionalProperties": False}
+            },
             **{media_type: raw for media_type in IMAGE_TYPES},
         },
     }
+
+
+def json_types() -> dict[str, str]:
+    """The JSON type of every field a JSON body may carry (the route decides which apply)."""
+    params = [*option_parameters(), IMAGE_URL, WAIT, CALLBACK_URL]
+    return {p["name"]: p["schema"]["type"] for p in params}
 
 
 def job_id() -> dict[str, Any]:
@@ -155,15 +239,15 @@ def job_id() -> dict[str, Any]:
 
 def operations() -> dict[str, dict[str, Any]]:
     """Parameters, body and answers of each operation, by operationId."""
-    png = {"description": "The PNG", **PNG, "headers": PNG_HEADERS}
+    png = {"description": "The result (its format's type)", **RESULT, "headers": PNG_HEADERS}
     return {
         "remove": {
-            "parameters": [*option_parameters(), WAIT],
+            "parameters": [*option_parameters(), IMAGE_URL, WAIT],
             "requestBody": image_body([WAIT]),
             "responses": {"200": png, "202": ACCEPTED, **pick("413", "415", "422", "503")},
         },
         "create_job": {
-            "parameters": [*option_parameters(), CALLBACK_URL],
+            "parameters": [*option_parameters(), IMAGE_URL, CALLBACK_URL],
             "requestBody": image_body([CALLBACK_URL]),
             "responses": {"202": ACCEPTED, **pick("413", "415", "422", "503")},
         },

@@ -1,18 +1,21 @@
 """What `bgq ingest` reads: a folder walked recursively, or a CSV/JSONL manifest, as Items.
 
-Every Item says which file to read and where its PNG goes under the output folder. Output
-names never leave that folder: ids and paths with `..`, absolute paths or NUL are refused.
+Every Item says which file (or URL) to read and where its output goes under the output folder,
+named with the run's format's extension (`.png`, `.webp`, `.jpg`). Output names never leave
+that folder: ids and paths with `..`, absolute paths or NUL are refused.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
 
 from bgq.errors import ConfigError, PermanentError
 
@@ -21,12 +24,14 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
 @dataclass(frozen=True)
 class Item:
-    """One input: the file to read, its output path relative to DIR, and why it cannot run."""
+    """One input: the file (or URL) to read, its output path relative to DIR, and why it cannot
+    run."""
 
     source: str
     output: str | None
     id: str | None = None
     error: str | None = None
+    by_url: bool = False  # source is an http(s) URL to fetch
 
 
 class InputError(PermanentError):
@@ -44,15 +49,30 @@ def read_file(source: str) -> bytes:
         raise InputError(f"cannot read: {exc.strerror or exc}") from None
 
 
-def open_catalog(src: Path, exclude: Path | None = None) -> tuple[int, Iterator[Item]]:
+def is_url(text: str) -> bool:
+    """True for an http:// or https:// URL (an input to fetch)."""
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+def url_stem(url: str) -> str:
+    """The stem of a URL path's last name (`.../shoe.jpg?w=1` -> `shoe`), else `image`."""
+    stem = PurePosixPath(unquote(urlsplit(url).path)).stem
+    if not stem or stem.startswith(".") or "\x00" in stem or "\\" in stem:
+        return "image"
+    return stem
+
+
+def open_catalog(
+    src: Path, exclude: Path | None = None, ext: str = ".png"
+) -> tuple[int, Iterator[Item]]:
     """The number of inputs and a stream of them; a bad SRC raises ConfigError (usage error)."""
     if src.is_dir():
-        return _count_files(src, exclude), walk_folder(src, exclude)
+        return _count_files(src, exclude), walk_folder(src, exclude, ext)
     if not src.is_file():
         raise ConfigError(f"no such folder or manifest: {src}")
     if src.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ConfigError(f"{src}: a manifest must be a .csv or .jsonl file (or give a folder)")
-    items = read_manifest(src)
+    items = read_manifest(src, ext)
     return len(items), iter(items)
 
 
@@ -72,16 +92,16 @@ def _count_files(root: Path, exclude: Path | None) -> int:
     return sum(len(files) for _, files in _walk(root, exclude))
 
 
-def walk_folder(root: Path, exclude: Path | None = None) -> Iterator[Item]:
+def walk_folder(root: Path, exclude: Path | None = None, ext: str = ".png") -> Iterator[Item]:
     """Every visible file under `root` (images are told by content later, not by extension)."""
     for folder, files in _walk(root, exclude):
         rel = folder.relative_to(root)
-        for name, out in zip(files, output_names(files), strict=True):
+        for name, out in zip(files, output_names(files, ext), strict=True):
             yield Item(source=str(folder / name), output=(rel / out).as_posix())
 
 
-def output_names(names: list[str]) -> list[str]:
-    """Output names for the files of one folder: `a.jpg` -> `a.png`.
+def output_names(names: list[str], ext: str = ".png") -> list[str]:
+    """Output names for the files of one folder: `a.jpg` -> `a.png` (or `a.webp`, `a.jpg`).
 
     Files that share a stem (`a.jpg`, `a.webp`) all keep their full name instead
     (`a.jpg.png`, `a.webp.png`), so no output depends on which file came first; a name still
@@ -89,21 +109,24 @@ def output_names(names: list[str]) -> list[str]:
     """
     stems = Counter(PurePosixPath(n).stem for n in names)
     wanted = [
-        f"{PurePosixPath(n).stem}.png" if stems[PurePosixPath(n).stem] == 1 else f"{n}.png"
+        f"{PurePosixPath(n).stem}{ext}" if stems[PurePosixPath(n).stem] == 1 else f"{n}{ext}"
         for n in names
     ]
-    return dedupe(wanted)
+    return dedupe(wanted, ext)
 
 
-def dedupe(names: list[str]) -> list[str]:
-    """Make names unique in order: a repeat of `x.png` becomes `x~2.png`, then `x~3.png`."""
+def dedupe(names: list[str], ext: str = ".png") -> list[str]:
+    """Make names unique in order: a repeat of `x.png` becomes `x~2.png`, then `x~3.png`.
+
+    Every name ends with `ext`, the run's output extension.
+    """
     taken: set[str] = set()
     out = []
     for name in names:
         candidate, n = name, 1
         while candidate in taken:
             n += 1
-            candidate = f"{name[: -len('.png')]}~{n}.png"
+            candidate = f"{name[: -len(ext)]}~{n}{ext}"
         taken.add(candidate)
         out.append(candidate)
     return out
@@ -119,27 +142,37 @@ def safe_relative(text: str, what: str) -> PurePosixPath:
     return path
 
 
-def read_manifest(path: Path) -> list[Item]:
-    """Items of a .csv (header with `path`, optional `id`) or .jsonl manifest, in file order."""
+def read_manifest(path: Path, ext: str = ".png") -> list[Item]:
+    """Items of a .csv (header with `path` and/or `url`, optional `id`) or .jsonl manifest, in
+    file order; each row has exactly one of `path` and `url`."""
     rows = list(_csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path))
     base = path.parent.absolute()
-    items: list[Item] = []
-    for where, value, ident, problem in rows:
-        items.append(_manifest_item(base, where, value, ident, problem))
-    return _name_manifest_outputs(items)
+    items = [_manifest_item(base, row, ext) for row in rows]
+    return _name_manifest_outputs(items, ext)
 
 
-Row = tuple[str, str | None, str | None, str | None]  # where, path, id, problem
+@dataclass(frozen=True)
+class Row:
+    """One manifest row as read: where it is, its fields, or why it could not be read."""
+
+    where: str
+    path: str | None = None
+    url: str | None = None
+    id: str | None = None
+    problem: str | None = None
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ConfigError(f"{path}: the CSV header must have a `path` column (and maybe `id`)")
+        names = reader.fieldnames or []
+        if "path" not in names and "url" not in names:
+            raise ConfigError(
+                f"{path}: the CSV header must have a `path` or `url` column (and maybe `id`)"
+            )
         for row in reader:
             where = f"{path.name}:{reader.line_num}"
-            yield where, row.get("path") or None, row.get("id") or None, None
+            yield Row(where, row.get("path") or None, row.get("url") or None, row.get("id") or None)
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
@@ -150,27 +183,33 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             where = f"{path.name}:{number}"
             try:
                 row = json.loads(line)
-                value, ident = row.get("path"), row.get("id")
+                value, url, ident = row.get("path"), row.get("url"), row.get("id")
             except (json.JSONDecodeError, AttributeError):
-                yield where, None, None, "not a JSON object with a `path`"
+                yield Row(where, problem="not a JSON object with a `path` or `url`")
                 continue
-            if not isinstance(value, str) or not isinstance(ident, str | int | None):
-                yield where, None, None, "`path` must be a string and `id` a string or number"
-                continue
-            yield where, value, None if ident is None else str(ident), None
+            if not isinstance(value, str | None) or not isinstance(url, str | None):
+                yield Row(where, problem="`path` and `url` must be strings")
+            elif not isinstance(ident, str | int | None):
+                yield Row(where, problem="`id` must be a string or number")
+            else:
+                yield Row(where, value or None, url or None, None if ident is None else str(ident))
 
 
-def _manifest_item(
-    base: Path, where: str, value: str | None, ident: str | None, problem: str | None
-) -> Item:
-    if problem or not value:
-        return Item(source=where, output=None, id=ident, error=problem or "no `path`")
-    if "\x00" in value:
-        return Item(source=where, output=None, id=ident, error="path contains NUL")
-    source = base / value  # an absolute `value` stays as it is
+def _manifest_item(base: Path, row: Row, ext: str) -> Item:
+    ident = row.id
+    if row.problem or bool(row.path) == bool(row.url):
+        both = "has both" if row.path else "has neither"
+        problem = row.problem or f"a row needs exactly one of `path` and `url`; this one {both}"
+        return Item(source=row.where, output=None, id=ident, error=problem)
+    if row.url is not None:
+        return _url_item(row.url, ident, ext)
+    assert row.path is not None
+    if "\x00" in row.path:
+        return Item(source=row.where, output=None, id=ident, error="path contains NUL")
+    source = base / row.path  # an absolute path stays as it is
     try:
         if ident is not None:
-            return Item(str(source), str(safe_relative(ident, "id")) + ".png", ident)
+            return Item(str(source), str(safe_relative(ident, "id")) + ext, ident)
         rel = os.path.relpath(os.path.normpath(source), base)
         return Item(str(source), str(safe_relative(rel, "path")), None)
     except ValueError as exc:
@@ -178,20 +217,32 @@ def _manifest_item(
         return Item(source=str(source), output=None, id=ident, error=f"{exc}{hint}")
 
 
-def _name_manifest_outputs(items: list[Item]) -> list[Item]:
-    """Turn mirrored paths into PNG names (stem rule per folder), then make all names unique."""
+def _url_item(url: str, ident: str | None, ext: str) -> Item:
+    """A row to fetch: named by its id, else by its URL path's stem."""
+    if not is_url(url):
+        return Item(url, None, ident, "`url` must start with http:// or https://", by_url=True)
+    if ident is None:
+        return Item(url, url_stem(url) + ext, None, by_url=True)
+    try:
+        return Item(url, str(safe_relative(ident, "id")) + ext, ident, by_url=True)
+    except ValueError as exc:
+        return Item(url, None, ident, str(exc), by_url=True)
+
+
+def _name_manifest_outputs(items: list[Item], ext: str) -> list[Item]:
+    """Turn mirrored paths into output names (stem rule per folder), then make all names unique."""
     by_folder: dict[PurePosixPath, list[int]] = {}
     for index, item in enumerate(items):
-        if item.output and item.id is None:
+        if item.output and item.id is None and not item.by_url:
             by_folder.setdefault(PurePosixPath(item.output).parent, []).append(index)
     named = [item.output for item in items]
     for folder, indexes in by_folder.items():
         names = [PurePosixPath(items[i].output or "").name for i in indexes]
-        for i, name in zip(indexes, output_names(names), strict=True):
+        for i, name in zip(indexes, output_names(names, ext), strict=True):
             named[i] = str(folder / name)
     valid = [i for i, n in enumerate(named) if n and items[i].error is None]
-    unique = dedupe([named[i] or "" for i in valid])
+    unique = dedupe([named[i] or "" for i in valid], ext)
     out = list(items)
     for i, name in zip(valid, unique, strict=True):
-        out[i] = Item(items[i].source, name, items[i].id)
+        out[i] = dataclasses.replace(items[i], output=name)
     return out

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from bgq import defaults
-from bgq.settings import load_settings
+from bgq import contract, defaults
+from bgq.settings import Settings, load_settings
+from producer.catalog import is_url, url_stem
 from producer.cli_common import app, handle_errors, model_name, rembg_options
 
 # rembg's own option flags, shared by `submit` and `ingest`.
@@ -24,17 +25,36 @@ PostProcessOpt = Annotated[bool, typer.Option("--post-process-mask", "-ppm")]
 BgcolorOpt = Annotated[
     str | None, typer.Option("--bgcolor", "-bgc", help="Background colour R,G,B,A.")
 ]
+# How the output is shaped and encoded (checked by Options: a bad value is a usage error).
+FormatOpt = Annotated[str, typer.Option("--format", help="png, webp or jpeg.")]
+QualityOpt = Annotated[
+    int | None, typer.Option("--quality", help="1-100 (webp, jpeg) [default: 90].")
+]
+CropOpt = Annotated[bool, typer.Option("--crop", help="Crop to the subject.")]
+CropMarginOpt = Annotated[
+    str, typer.Option("--crop-margin", help="Margin around the cropped subject: 20px or 5%.")
+]
+CanvasOpt = Annotated[
+    str | None, typer.Option("--canvas", help="Place the subject on a WxH canvas (1000x1000).")
+]
+PaddingOpt = Annotated[
+    str, typer.Option("--padding", help="Space between subject and canvas edge: 20px or 5%.")
+]
+PositionOpt = Annotated[str, typer.Option("--position", help="center, top or bottom.")]
 
 
 @app.command()
 @handle_errors
 def submit(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    file: Annotated[str, typer.Argument(help="An image file, or an http(s):// URL to fetch.")],
     model: ModelOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Where to write the PNG [default: NAME.out.png next to FILE]."
+            "--out",
+            "-o",
+            help="Where to write the result [default: NAME.out.EXT next to FILE; for a URL, "
+            "its file name's stem in the current folder].",
         ),
     ] = None,
     alpha_matting: AlphaMattingOpt = False,
@@ -44,20 +64,48 @@ def submit(
     only_mask: OnlyMaskOpt = False,
     post_process_mask: PostProcessOpt = False,
     bgcolor: BgcolorOpt = None,
+    format: FormatOpt = "png",
+    quality: QualityOpt = None,
+    crop: CropOpt = False,
+    crop_margin: CropMarginOpt = "0",
+    canvas: CanvasOpt = None,
+    padding: PaddingOpt = "0",
+    position: PositionOpt = "center",
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the result.")
     ] = defaults.JOB_TIMEOUT,
 ) -> None:
-    """Submit one image, wait for it, and write the PNG."""
+    """Submit one image (a file or a URL), wait for it, and write the result."""
     from producer.client import Producer
 
     options = rembg_options(locals())
     producer = Producer()
-    job = producer.submit_data(file.read_bytes(), model_name(model, producer.settings), options)
+    data, default_out = read_input(file, options.format, producer.settings)
+    job = producer.submit_data(data, model_name(model, producer.settings), options)
     typer.echo(f"key:    {job.key}")
     typer.echo(f"cached: {'yes' if job.cached else 'no'}")
-    dest = job.save(out or file.with_name(f"{file.stem}.out.png"), timeout=timeout)
+    dest = job.save(out or default_out, timeout=timeout)
     typer.echo(f"output: {dest}")
+
+
+def read_input(source: str, fmt: str, settings: Settings) -> tuple[bytes, Path]:
+    """The bytes of a file or an http(s) URL, and the default output path for them."""
+    ext = contract.FORMATS[fmt]
+    if is_url(source):
+        from bgq.fetch import fetch_image
+
+        data = fetch_image(
+            source,
+            allow_private=settings.fetch_allow_private,
+            timeout=settings.fetch_timeout,
+            max_bytes=int(settings.max_upload_mb * 2**20),
+        )
+        return data, Path(f"{url_stem(source)}.out{ext}")
+    path = Path(source)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise typer.BadParameter(f"{source!r} {what}", param_hint="'FILE'")
+    return path.read_bytes(), path.with_name(f"{path.stem}.out{ext}")
 
 
 @app.command()
@@ -72,13 +120,17 @@ def ingest(
     out: Annotated[
         str,
         typer.Option(
-            "--out", "-o", help="Folder or s3://BUCKET/PREFIX for the PNGs (mirrors SRC)."
+            "--out", "-o", help="Folder or s3://BUCKET/PREFIX for the outputs (mirrors SRC)."
         ),
     ],
     model: ModelOpt = None,
     window: Annotated[
         int, typer.Option(min=1, help="Most jobs outstanding at once.")
     ] = defaults.INGEST_WINDOW,
+    fetch_concurrency: Annotated[
+        int,
+        typer.Option(min=1, help="Inputs read at once (URLs fetched, objects, files)."),
+    ] = defaults.FETCH_CONCURRENCY,
     report: Annotated[
         Path | None,
         typer.Option(help="JSONL report, one line per input [default: OUT/bgq-report.jsonl]."),
@@ -90,12 +142,22 @@ def ingest(
     only_mask: OnlyMaskOpt = False,
     post_process_mask: PostProcessOpt = False,
     bgcolor: BgcolorOpt = None,
+    format: FormatOpt = "png",
+    quality: QualityOpt = None,
+    crop: CropOpt = False,
+    crop_margin: CropMarginOpt = "0",
+    canvas: CanvasOpt = None,
+    padding: PaddingOpt = "0",
+    position: PositionOpt = "center",
 ) -> None:
     """Remove the backgrounds of a whole catalog; exit 1 if any input failed (see the report)."""
     from producer.ingest import run_ingest
 
     options = rembg_options(locals())
     settings = load_settings()
-    failed = run_ingest(settings, src, out, model_name(model, settings), options, window, report)
+    model = model_name(model, settings)
+    failed = run_ingest(
+        settings, src, out, model, options, window, report, fetch_concurrency=fetch_concurrency
+    )
     if failed:
         raise typer.Exit(1)

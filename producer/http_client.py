@@ -2,7 +2,11 @@
 
 with HttpClient("http://bgq:8000", api_key="...") as bgq:
     png = bgq.remove(Path("shoe.jpg").read_bytes(), bgcolor=(255, 255, 255, 255))
+    webp = bgq.remove(image_url="https://shop.example/shoe.jpg", format="webp", crop=True)
     job = bgq.submit(data, callback_url="https://shop.example/hooks/bgq")
+
+Options are the API's fields: model, the rembg options, format, quality, crop, crop_margin,
+canvas, padding, position.
 """
 
 from __future__ import annotations
@@ -83,26 +87,35 @@ class HttpClient:
         raise ApiError(response.status_code, code, message)
 
     def _post_image(
-        self, path: str, image: Image, fields: dict[str, Any], timeout: float | None = None
+        self,
+        path: str,
+        image: Image | None,
+        fields: dict[str, Any],
+        timeout: float | None = None,
     ) -> httpx.Response:
-        return self._call(
-            "POST",
-            path,
-            params=_query(fields),
-            content=_image_bytes(image),
-            headers={"Content-Type": "application/octet-stream"},
-            timeout=timeout if timeout is not None else self.http.timeout,
-        )
+        """POST the image as the raw body, or no body when `fields` has an image_url."""
+        if image is None:
+            body: dict[str, Any] = {}
+        else:
+            body = {
+                "content": _image_bytes(image),
+                "headers": {"Content-Type": "application/octet-stream"},
+            }
+        limit = timeout if timeout is not None else self.http.timeout
+        return self._call("POST", path, params=_query(fields), timeout=limit, **body)
 
     def remove(
         self,
-        image: Image,
+        image: Image | None = None,
         model: str | None = None,
         wait: float = defaults.API_WAIT,
         timeout: float = defaults.JOB_TIMEOUT,
         **options: Any,
     ) -> bytes:
-        """The result PNG: POST /v1/remove, then, if the job outlives `wait`, poll for it."""
+        """The result: POST /v1/remove, then, if the job outlives `wait`, poll for it.
+
+        Give the image's bytes or path, or `image_url=` for the API to fetch it.
+        """
         fields = {"model": model, "wait": wait, **options}
         response = self._post_image("/v1/remove", image, fields, timeout=wait + 30)
         if response.status_code == 200:
@@ -111,12 +124,13 @@ class HttpClient:
 
     def submit(
         self,
-        image: Image,
+        image: Image | None = None,
         model: str | None = None,
         callback_url: str | None = None,
         **options: Any,
     ) -> dict[str, Any]:
-        """POST /v1/jobs: the job JSON (`id`, `status`, `cached`, `result_url`)."""
+        """POST /v1/jobs: the job JSON (`id`, `status`, `cached`, `result_url`); an image or
+        `image_url=`."""
         fields = {"model": model, "callback_url": callback_url, **options}
         return dict(self._post_image("/v1/jobs", image, fields).json())
 
@@ -125,11 +139,11 @@ class HttpClient:
         return dict(self._call("GET", f"/v1/jobs/{job_id}").json())
 
     def result(self, job_id: str) -> bytes:
-        """GET /v1/jobs/{id}/result: the PNG (ApiError 409 while the job is not done)."""
+        """GET /v1/jobs/{id}/result: the result (ApiError 409 while the job is not done)."""
         return self._call("GET", f"/v1/jobs/{job_id}/result").content
 
     def wait(self, job_id: str, timeout: float = defaults.JOB_TIMEOUT, poll: float = 0.5) -> bytes:
-        """Poll a job until it is done and return its PNG; ApiError if it failed."""
+        """Poll a job until it is done and return its result; ApiError if it failed."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)

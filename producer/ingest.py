@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from bgq import defaults
-from bgq.contract import Options
+from bgq.contract import FORMATS, Options
 from bgq.errors import BgqError, JobFailed, NoBroker, StoreError
 from bgq.settings import Settings
 from bgq.store import Store
-from producer.catalog import InputError, Item, open_catalog, read_file
+from producer.catalog import Item, open_catalog, read_file
 from producer.client import Producer
 from producer.job import Job
+from producer.reader import Reader
 from producer.remote import S3Prefix, is_s3
 
 if TYPE_CHECKING:
@@ -98,12 +99,14 @@ class Ingest:
         stack_log: Path | None = None,
         warn: Callable[[str], None] | None = None,
         read: Callable[[str], bytes] = read_file,
+        fetch_concurrency: int = defaults.FETCH_CONCURRENCY,
     ) -> None:
         self.settings = settings
         self.warn = warn or (lambda message: print(message, file=sys.stderr))
         self.producer = Producer(settings)
         self.out = out
         self.read = read
+        self.fetch_concurrency = fetch_concurrency
         self.model = model
         self.options = options
         self.window = window
@@ -117,29 +120,42 @@ class Ingest:
         self.progress_at = time.monotonic()  # when an input last finished (stall detection)
 
     def run(self, items: Iterable[Item]) -> None:
-        """Process every item; stops an embedded stack it started, whatever happens."""
+        """Process every item; stops an embedded stack it started, whatever happens.
+
+        Inputs are read ahead on `fetch_concurrency` threads and submitted in order; the jobs
+        outstanding plus the inputs read ahead never exceed the window.
+        """
+        inputs = iter(items)
+        reader = Reader(self.settings, self.read, self.fetch_concurrency)
         try:
-            for item in items:
-                self._start(item)
+            while True:
+                while len(reader) + len(self.pending) < self.window:
+                    item = next(inputs, None)
+                    if item is None:
+                        break
+                    reader.add(item)
+                if len(reader):
+                    self._start(*reader.next())
+                elif self.pending:
+                    self._collect()
+                else:
+                    break
                 while len(self.pending) >= self.window:
                     self._collect()
-            while self.pending:
-                self._collect()
         finally:
+            reader.close()
             self.producer.flush_stats()
             if self.stack is not None:
                 self.stack.stop()
                 self.stack = None
 
-    def _start(self, item: Item) -> None:
+    def _start(self, item: Item, data: bytes | None, error: str | None) -> None:
         started = time.monotonic()
         if item.error is not None or item.output is None:
             self._record(item, None, "failed", item.error or "no output name", started)
             return
-        try:
-            data = self.read(item.source)
-        except InputError as exc:
-            self._record(item, None, "failed", str(exc), started)
+        if data is None:
+            self._record(item, None, "failed", error or "cannot read", started)
             return
         job = self._submit(data)
         if job.error is not None:
@@ -294,14 +310,16 @@ def _progress(total: int) -> tuple[Progress, Callable[[Counter[str]], None]]:
 
 
 def open_source(
-    settings: Settings, src: str, exclude: Path | str
+    settings: Settings, src: str, exclude: Path | str, ext: str = ".png"
 ) -> tuple[int, Iterator[Item], Callable[[str], bytes]]:
-    """The inputs of SRC (a folder, a manifest or an S3 prefix) and how to read each."""
+    """The inputs of SRC (a folder, a manifest or an S3 prefix) and how to read each; outputs
+    are named with `ext`."""
     if is_s3(src):
         bucket = S3Prefix(settings, src)
-        total, items = bucket.catalog(exclude if isinstance(exclude, str) else None)
+        total, items = bucket.catalog(exclude if isinstance(exclude, str) else None, ext)
         return total, items, bucket.read
-    total, items = open_catalog(Path(src), exclude=exclude if isinstance(exclude, Path) else None)
+    folder = exclude if isinstance(exclude, Path) else None
+    total, items = open_catalog(Path(src), exclude=folder, ext=ext)
     return total, items, read_file
 
 
@@ -313,16 +331,18 @@ def run_ingest(
     options: Options,
     window: int,
     report_path: Path | None,
+    fetch_concurrency: int = defaults.FETCH_CONCURRENCY,
 ) -> int:
     """The whole `bgq ingest` command: progress, report, summary; returns the failed count."""
     dest: Folder | S3Prefix
+    ext = FORMATS[options.format]
     if is_s3(out):
         dest = S3Prefix(settings, out)
-        total, items, read = open_source(settings, src, dest.url)
+        total, items, read = open_source(settings, src, dest.url, ext)
         report_path = report_path or Path(REPORT_NAME)
     else:
         dest = Folder(Path(out).absolute())
-        total, items, read = open_source(settings, src, dest.root)
+        total, items, read = open_source(settings, src, dest.root, ext)
         dest.root.mkdir(parents=True, exist_ok=True)
         report_path = report_path or dest.root / REPORT_NAME
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,6 +362,7 @@ def run_ingest(
                 message, markup=False, highlight=False, soft_wrap=True
             ),
             read,
+            fetch_concurrency,
         )
         try:
             run.run(items)

@@ -47,7 +47,7 @@ class S3Prefix:
                 found = [k for k in found if not (self.prefix + k).startswith(skip)]
         return found
 
-    def catalog(self, exclude: str | None = None) -> tuple[int, Iterator[Item]]:
+    def catalog(self, exclude: str | None = None, ext: str = ".png") -> tuple[int, Iterator[Item]]:
         """The inputs under the prefix as ingest Items, outputs mirrored like a folder's."""
         folders: dict[str, list[str]] = {}
         for rel in self.keys(exclude):
@@ -58,7 +58,7 @@ class S3Prefix:
             for folder in sorted(folders)
             for name, out in zip(
                 folders[folder],
-                [str(PurePosixPath(folder, n)) for n in output_names(folders[folder])],
+                [str(PurePosixPath(folder, n)) for n in output_names(folders[folder], ext)],
                 strict=True,
             )
         ]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -133,3 +134,69 @@ class ApiServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+class ImageServer:
+    """A real HTTP server on loopback serving the sample photos, for image_url and url rows.
+
+    `/photos/NAME` and `/alias/NAME` serve the sample NAME; `/page.html` is HTML; anything else
+    is 404. Each answer waits `delay` seconds, so concurrent fetches overlap; `max_in_flight`
+    is the most requests it was ever serving at once.
+    """
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.paths: list[str] = []
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with owner.lock:
+                    owner.paths.append(self.path)
+                    owner.in_flight += 1
+                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                try:
+                    time.sleep(owner.delay)
+                    self._answer()
+                finally:
+                    with owner.lock:
+                        owner.in_flight -= 1
+
+            def _answer(self) -> None:
+                folder, _, name = self.path.lstrip("/").partition("/")
+                if self.path == "/page.html":
+                    body, kind, status = b"<html><body>not a photo</body></html>", "text/html", 200
+                elif folder in ("photos", "alias") and (SAMPLES / name).is_file():
+                    body, kind, status = (SAMPLES / name).read_bytes(), "image/jpeg", 200
+                else:
+                    body, kind, status = b"not found", "text/plain", 404
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def photo(self, name: str, folder: str = "photos") -> str:
+        return f"{self.url}/{folder}/{name}"
+
+    def start(self) -> ImageServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

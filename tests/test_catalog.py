@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 from bgq.errors import ConfigError
-from producer.catalog import Item, dedupe, open_catalog, output_names, read_manifest, safe_relative
+from producer.catalog import (
+    Item,
+    dedupe,
+    open_catalog,
+    output_names,
+    read_manifest,
+    safe_relative,
+    url_stem,
+)
+
+# Every naming rule holds for each output format's extension.
+EXTS = pytest.mark.parametrize("ext", [".png", ".webp", ".jpg"])
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -21,19 +32,20 @@ def outputs(items: list[Item]) -> dict[str, str | None]:
     return {Path(i.source).name: i.output for i in items}
 
 
-def test_a_folder_is_walked_recursively_and_mirrored(tmp_path: Path) -> None:
+@EXTS
+def test_a_folder_is_walked_recursively_and_mirrored(tmp_path: Path, ext: str) -> None:
     src = tmp_path / "src"
     for rel in ["shoes/red/1.jpg", "shoes/blue/2.webp", "top.png", "noext", ".hidden.jpg"]:
         touch(src / rel)
     touch(src / ".git" / "x.jpg")
-    total, items = open_catalog(src)
+    total, items = open_catalog(src, ext=ext)
     found = {Path(i.source).relative_to(src).as_posix(): i.output for i in items}
     assert total == 4
     assert found == {
-        "shoes/blue/2.webp": "shoes/blue/2.png",
-        "shoes/red/1.jpg": "shoes/red/1.png",
-        "top.png": "top.png",
-        "noext": "noext.png",
+        "shoes/blue/2.webp": f"shoes/blue/2{ext}",
+        "shoes/red/1.jpg": f"shoes/red/1{ext}",
+        "top.png": f"top{ext}",
+        "noext": f"noext{ext}",
     }
 
 
@@ -44,20 +56,26 @@ def test_the_output_folder_inside_the_source_is_not_walked(tmp_path: Path) -> No
     assert total == 1 and [i.output for i in items] == ["a.png"]
 
 
-def test_inputs_sharing_a_stem_keep_their_full_names() -> None:
-    assert output_names(["a.jpg", "a.webp", "b.jpg"]) == ["a.jpg.png", "a.webp.png", "b.png"]
-    # "x.png" + "x.jpg" -> "x.png.png", which the file "x.png.png" also wants: numbered.
-    names = output_names(["x.jpg", "x.png", "x.png.png"])
-    assert names == ["x.jpg.png", "x.png.png", "x.png~2.png"]
+@EXTS
+def test_inputs_sharing_a_stem_keep_their_full_names(ext: str) -> None:
+    assert output_names(["a.jpg", "a.webp", "b.jpg"], ext) == [
+        f"a.jpg{ext}",
+        f"a.webp{ext}",
+        f"b{ext}",
+    ]
+    # "x<ext>" + "x.gif" -> "x<ext><ext>", which the file "x<ext><ext>" also wants: numbered.
+    names = output_names(["x.gif", f"x{ext}", f"x{ext}{ext}"], ext)
+    assert names == [f"x.gif{ext}", f"x{ext}{ext}", f"x{ext}~2{ext}"]
     assert len(set(names)) == 3
 
 
-def test_dedupe_numbers_repeats_in_order() -> None:
-    assert dedupe(["a.png", "a.png", "b/a.png", "a.png"]) == [
-        "a.png",
-        "a~2.png",
-        "b/a.png",
-        "a~3.png",
+@EXTS
+def test_dedupe_numbers_repeats_in_order(ext: str) -> None:
+    assert dedupe([f"a{ext}", f"a{ext}", f"b/a{ext}", f"a{ext}"], ext) == [
+        f"a{ext}",
+        f"a~2{ext}",
+        f"b/a{ext}",
+        f"a~3{ext}",
     ]
 
 
@@ -67,7 +85,8 @@ def test_paths_leaving_the_folder_are_refused(text: str) -> None:
         safe_relative(text, "id")
 
 
-def test_a_csv_manifest_with_ids_and_paths(tmp_path: Path) -> None:
+@EXTS
+def test_a_csv_manifest_with_ids_and_paths(tmp_path: Path, ext: str) -> None:
     touch(tmp_path / "imgs" / "1.jpg")
     manifest = tmp_path / "list.csv"
     manifest.write_text(
@@ -79,14 +98,14 @@ def test_a_csv_manifest_with_ids_and_paths(tmp_path: Path) -> None:
         "../../etc/passwd,imgs/4.jpg,14\n"
         "sku-1,imgs/5.jpg,15\n"
     )
-    items = read_manifest(manifest)
+    items = read_manifest(manifest, ext)
     assert [(i.id, i.output) for i in items] == [
-        ("sku-1", "sku-1.png"),
-        (None, "imgs/2.png"),
-        ("sku-3", "sku-3.png"),
+        ("sku-1", f"sku-1{ext}"),
+        (None, f"imgs/2{ext}"),
+        ("sku-3", f"sku-3{ext}"),
         (None, None),
         ("../../etc/passwd", None),
-        ("sku-1", "sku-1~2.png"),  # a repeated id gets a numbered name
+        ("sku-1", f"sku-1~2{ext}"),  # a repeated id gets a numbered name
     ]
     assert items[0].source == str(tmp_path / "imgs" / "1.jpg")  # relative to the manifest
     assert items[2].source == "/abs/3.jpg"
@@ -109,7 +128,8 @@ def test_a_jsonl_manifest_reports_bad_lines_as_failed_inputs(tmp_path: Path) -> 
     items = read_manifest(manifest)
     assert [i.output for i in items] == ["7.png", None, "b.jpg.png", "b.png.png", None, None]
     assert items[1].source == "list.jsonl:3" and items[1].error
-    assert "`path` must be a string" in (items[4].error or "")
+    assert "exactly one of `path` and `url`" in (items[4].error or "")
+    assert "not a JSON object" in (items[5].error or "")
 
 
 def test_bad_sources_are_usage_errors(tmp_path: Path) -> None:
@@ -119,5 +139,69 @@ def test_bad_sources_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\.csv or \.jsonl"):
         open_catalog(tmp_path / "list.txt")
     (tmp_path / "nopath.csv").write_text("id,file\n1,a.jpg\n")
-    with pytest.raises(ConfigError, match="`path` column"):
+    with pytest.raises(ConfigError, match="`path` or `url` column"):
         open_catalog(tmp_path / "nopath.csv")
+
+
+@EXTS
+def test_url_rows_next_to_path_rows(tmp_path: Path, ext: str) -> None:
+    touch(tmp_path / "shoe.jpg")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(
+        "id,path,url\n"
+        ",shoe.jpg,\n"
+        ",,https://cdn.example/img/shoe.jpg?w=800\n"  # same stem as the path row: numbered
+        "sku-9,,http://cdn.example/a/b.png\n"
+        ",,https://cdn.example/\n"  # no file name in the URL
+        ",shoe.jpg,https://cdn.example/x.jpg\n"  # both
+        "sku-0,,\n"  # neither
+        ",,ftp://cdn.example/x.jpg\n"
+        "../up,,https://cdn.example/x.jpg\n"
+    )
+    items = read_manifest(manifest, ext)
+    assert [(i.output, i.by_url) for i in items] == [
+        (f"shoe{ext}", False),
+        (f"shoe~2{ext}", True),
+        (f"sku-9{ext}", True),
+        (f"image{ext}", True),
+        (None, False),
+        (None, False),
+        (None, True),
+        (None, True),
+    ]
+    assert items[1].source == "https://cdn.example/img/shoe.jpg?w=800"
+    assert "exactly one of `path` and `url`" in (items[4].error or "")
+    assert "has both" in (items[4].error or "") and "has neither" in (items[5].error or "")
+    assert "http:// or https://" in (items[6].error or "")
+    assert "leave the output folder" in (items[7].error or "")
+
+
+def test_a_jsonl_manifest_with_urls(tmp_path: Path) -> None:
+    manifest = tmp_path / "list.jsonl"
+    rows = [
+        {"url": "https://cdn.example/p/red%20shoe.webp"},
+        {"url": 5},
+        {"id": 3, "url": "http://h/x"},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    items = read_manifest(manifest, ".webp")
+    assert [i.output for i in items] == ["red shoe.webp", None, "3.webp"]
+    assert "must be strings" in (items[1].error or "")
+
+
+@pytest.mark.parametrize(
+    ("url", "stem"),
+    [
+        ("https://h/a/shoe.jpg", "shoe"),
+        ("https://h/a/shoe.jpg?x=1#y", "shoe"),
+        ("https://h/a/shoe", "shoe"),
+        ("https://h/a%2Fb.png", "b"),
+        ("https://h/", "image"),
+        ("https://h", "image"),
+        ("https://h/..", "image"),
+        ("https://h/.hidden", "image"),
+        ("https://h/a%00b.jpg", "image"),
+    ],
+)
+def test_url_stems(url: str, stem: str) -> None:
+    assert url_stem(url) == stem
