@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bgq import defaults
 from bgq.contract import Options, length_pixels, parse_canvas
-from bgq.errors import UnsupportedImage
+from bgq.errors import ImageTooLarge, UnsupportedImage
 from tests.helpers import sample_bytes
+from workers.imaging import check_memory, estimated_peak_mib
 from workers.shaping import render
 
 PHOTOS = ["car-1.jpg", "anime-girl-1.jpg", "cloth-1.jpg"]
@@ -235,6 +237,25 @@ def test_resizing_premultiplies_alpha_no_dark_fringe(canvas: str) -> None:
     edge = out[..., 3] > 0
     assert (out[..., 3] < 255).any()  # there is a soft edge to look at
     assert out[..., :3][edge].min() >= 250
+
+
+def test_a_canvas_adds_its_own_memory() -> None:
+    plain = estimated_peak_mib(2.0, Options())
+    assert estimated_peak_mib(2.0, Options(canvas="100x100")) == plain  # under rembg's peak
+    small = estimated_peak_mib(2.0, Options(canvas="4000x4000"))
+    largest = f"{defaults.CANVAS_MAX_SIDE}x{defaults.CANVAS_MAX_SIDE}"
+    big = estimated_peak_mib(2.0, Options(canvas=largest))
+    webp = estimated_peak_mib(2.0, Options(canvas=largest, format="webp"))
+    assert plain <= small < big < webp
+    assert big - small == pytest.approx(defaults.SHAPING_MIB_PER_MP["png"] * 48)
+
+
+def test_a_canvas_too_big_for_the_memory_limit_is_refused_before_decoding() -> None:
+    small_input = Image.new("RGB", (100, 100))  # check_memory reads the size only
+    largest = f"{defaults.CANVAS_MAX_SIDE}x{defaults.CANVAS_MAX_SIDE}"
+    check_memory(small_input, Options(canvas=largest), defaults.MAX_MEMORY_PER_CHILD_MB)
+    with pytest.raises(ImageTooLarge, match=f"on a {largest} canvas"):
+        check_memory(small_input, Options(canvas=largest, format="webp"), 1024)
 
 
 def test_an_output_webp_cannot_hold_fails_for_good() -> None:
