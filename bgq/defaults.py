@@ -28,6 +28,13 @@ MASK_MIB_PER_MP = 8  # MiB per megapixel: only_mask
 POST_PROCESS_MIB_PER_MP = 24  # MiB per megapixel: post_process_mask
 MATTING_MIB = 150  # MiB: numba and pymatting, imported by a process's first alpha matting
 MATTING_MIB_PER_MP = 420  # MiB per megapixel: alpha matting
+# Shaped or non-PNG outputs (workers/shaping.py) peak after rembg, once the input is freed:
+# POOL_BASE_MIB + SHAPING_HELD_MIB_PER_MP x input MP (x 2 with crop: the cutout and its crop)
+# + SHAPING_MIB_PER_MP[format] x output MP (the canvas's, else the input's). Measured (VmHWM)
+# per canvas megapixel on 64 MP canvases: png 6.4, png or jpeg with bgcolor 11, webp 25 (libwebp's
+# own buffers); webp of a 48 MP input 30.
+SHAPING_HELD_MIB_PER_MP = 4  # MiB per input megapixel: the RGBA cutout kept while shaping
+SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32}  # MiB per output megapixel, by format
 
 # Queue and keys.
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from bgq import defaults
-from bgq.contract import Options
+from bgq.contract import Options, parse_canvas
 from bgq.errors import BgqError, ImageTooLarge, InvalidImage, UnsupportedImage
 from bgq.imageinfo import NO_ALPHA_MATTING_MODES, open_header
 
@@ -32,7 +32,19 @@ def estimated_peak_mib(megapixels: float, options: Options) -> float:
     peak = defaults.POOL_BASE_MIB + per_mp * megapixels
     if options.alpha_matting and not options.only_mask:
         peak += defaults.MATTING_MIB + defaults.MATTING_MIB_PER_MP * megapixels
+    if options.shaped or options.format != "png":
+        peak = max(peak, shaping_peak_mib(megapixels, options))
     return peak
+
+
+def shaping_peak_mib(megapixels: float, options: Options) -> float:
+    """The peak while shaping and encoding, after rembg (the input is freed by then)."""
+    held = defaults.SHAPING_HELD_MIB_PER_MP * megapixels * (2 if options.crop else 1)
+    output = megapixels
+    if options.canvas is not None:
+        width, height = parse_canvas(options.canvas)
+        output = width * height / 1e6
+    return defaults.POOL_BASE_MIB + held + defaults.SHAPING_MIB_PER_MP[options.format] * output
 
 
 def check_memory(img: Image.Image, options: Options, max_memory_mb: float) -> None:
@@ -40,6 +52,7 @@ def check_memory(img: Image.Image, options: Options, max_memory_mb: float) -> No
     peak = estimated_peak_mib(img.width * img.height / 1e6, options)
     if peak > max_memory_mb:
         what = " with alpha matting" if options.alpha_matting and not options.only_mask else ""
+        what += f" on a {options.canvas} canvas" if options.canvas else ""
         raise ImageTooLarge(
             f"{img.width}x{img.height}{what} would need about {peak:.0f} MiB in a worker "
             f"process, over the BGQ_MAX_MEMORY_PER_CHILD_MB limit of {max_memory_mb:g}"
