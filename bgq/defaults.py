@@ -111,7 +111,7 @@ WEBHOOK_BACKOFF_MAX = 600  # seconds, cap of one delivery backoff
 WEBHOOK_TIMEOUT = 10.0  # seconds one delivery may take
 WEBHOOK_SIGNATURE_HEADER = "X-Bgq-Signature"  # "sha256=<hex HMAC-SHA256 of the body>"
 
-# Images by URL (bgq.fetch).
-FETCH_TIMEOUT = 30.0  # seconds one image fetch may take (BGQ_FETCH_TIMEOUT)
-FETCH_CONCURRENCY = 8  # fetches `bgq ingest` runs at once (--fetch-concurrency)
-FETCH_MAX_REDIRECTS = 3  # redirects one fetch follows, each checked like the first URL
+# Fetching images by URL (bgq.fetch).
+FETCH_TIMEOUT = 30.0  # seconds one whole fetch may take: every redirect, connect and the body
+FETCH_MAX_REDIRECTS = 3  # redirects one fetch follows, each hop's address checked again
+FETCH_CONCURRENCY = 8  # fetches one `bgq ingest` runs at once (--fetch-concurrency)

@@ -1,60 +1,201 @@
-"""Images by URL: fetch with SSRF rules, a size limit and a timeout.
+"""Fetching by URL safely (image fetches, webhook deliveries): address rules, limits, timeouts.
 
-PLACEHOLDER with the interface of the fetch branch (FetchFailed, fetch_image, guarded_client);
-that branch's module replaces this one on merge.
+A `guarded_client` resolves each host once, checks every address and connects to a checked one,
+so DNS cannot move a request between check and connection; TLS and Host keep the name.
 """
 
 from __future__ import annotations
 
+import contextvars
+import io
 import ipaddress
 import socket
-from typing import Any
-from urllib.parse import urljoin, urlsplit
+import ssl
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
 
+import httpcore
 import httpx
+from PIL import Image
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
-from bgq.webhooks import is_public
 
-IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+Reason = Literal[
+    "dns",
+    "not_allowed",
+    "http_status",
+    "timeout",
+    "too_large",
+    "not_an_image",
+    "bad_url",
+    "network",
+    "redirects",
+]
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+TRANSPORT_OPTIONS = ("verify", "cert", "limits")  # options of the connection pool
+UNGUARDED_OPTIONS = ("transport", "mounts", "proxy", "trust_env")  # would bypass the backend
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's
+
+# When a fetch must end (time.monotonic()); every read and connect of this thread stops there.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 class FetchFailed(InvalidRequest):
-    """An image URL could not be fetched; `reason` is a short code, str() the one-line why."""
+    """An image URL could not be fetched; str(exc) says why in one line."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+    reason: Reason
+
+    def __init__(self, message: str, reason: Reason) -> None:
+        super().__init__(message, reason)  # both in args: pickling and Celery rebuild it
         self.reason = reason
 
+    def __str__(self) -> str:
+        return str(self.args[0])
 
-def _check_url(url: str, allow_private: bool) -> None:
+
+def is_public(address: Address) -> bool:
+    """A global unicast address, also for IPv4 embedded in IPv6 (mapped, 6to4, NAT64)."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if address in NAT64 or address in IPV4_COMPATIBLE:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not is_public(embedded):
+            return False
+    return True
+
+
+def resolve(host: str, port: int, allow_private: bool) -> list[str]:
+    """Every address `host` resolves to, each checked; FetchFailed "dns" or "not_allowed"."""
     try:
-        parts = urlsplit(url)
-        port = parts.port or 80
-    except ValueError as exc:
-        raise FetchFailed("bad_url", f"invalid URL {url!r}: {exc}") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise FetchFailed("bad_url", f"not an http(s) URL with a host: {url!r}")
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise FetchFailed("dns", f"{parts.hostname!r} does not resolve: {exc}") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not is_public(address):
-            raise FetchFailed(
-                "not_allowed",
-                f"{parts.hostname!r} is a non-public address ({address}); "
-                "set BGQ_FETCH_ALLOW_PRIVATE=true to allow it",
-            )
+        raise FetchFailed(f"{host}: does not resolve ({exc})", "dns") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        if not allow_private and not is_public(ipaddress.ip_address(address.split("%")[0])):
+            raise FetchFailed(f"{host}: {address} is not a public address", "not_allowed")
+    if not addresses:
+        raise FetchFailed(f"{host}: does not resolve (no address)", "dns")
+    return addresses
+
+
+def _remaining(timeout: float | None, expired: type[Exception]) -> float | None:
+    """`timeout`, cut to what is left of this thread's fetch; raise `expired` once none is."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise expired("the whole fetch's time is up")
+    return left if timeout is None else min(timeout, left)
+
+
+class DeadlineStream(httpcore.NetworkStream):
+    """A connection whose reads, writes and TLS handshake stop at the fetch's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self.stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.stream.read(max_bytes, _remaining(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.stream.write(buffer, _remaining(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        left = _remaining(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self.stream.start_tls(ssl_context, server_hostname, left))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.stream.get_extra_info(info)
+
+
+class GuardedBackend(httpcore.SyncBackend):
+    """Resolves a host once, refuses non-public addresses, and connects to a checked one."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self.allow_private = allow_private
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        error: Exception = httpcore.ConnectError(f"{host}: no address to connect to")
+        for address in resolve(host, port, self.allow_private):
+            left = _remaining(timeout, httpcore.ConnectTimeout)
+            try:  # a numeric address: connecting resolves nothing again
+                stream = super().connect_tcp(address, port, left, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+                continue
+            return DeadlineStream(stream)
+        raise error
+
+
+class GuardedClient(httpx.Client):
+    """An httpx.Client whose every connection goes through a GuardedBackend."""
+
+    allow_private: bool
 
 
 def guarded_client(allow_private: bool, timeout: float, **kwargs: Any) -> httpx.Client:
-    """A client for fetch_image (redirects are followed by fetch_image, each one checked)."""
-    return httpx.Client(timeout=timeout, follow_redirects=False, **kwargs)
+    """A reusable client (thread-safe, pooled) whose every connection obeys the address rule."""
+    if refused := [key for key in UNGUARDED_OPTIONS if key in kwargs]:
+        raise TypeError(f"guarded_client() cannot take {', '.join(refused)}")
+    pool_options = {key: kwargs.pop(key) for key in TRANSPORT_OPTIONS if key in kwargs}
+    transport = httpx.HTTPTransport(trust_env=False, **pool_options)
+    limits = pool_options.get("limits", DEFAULT_LIMITS)
+    # httpx has no option for a network backend: give its transport a pool that has ours. The
+    # CA bundle may still come from SSL_CERT_FILE/SSL_CERT_DIR; proxies never from the environment.
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(
+            verify=pool_options.get("verify", True), cert=pool_options.get("cert")
+        ),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=GuardedBackend(allow_private),
+    )
+    kwargs.setdefault("max_redirects", defaults.FETCH_MAX_REDIRECTS)
+    client = GuardedClient(transport=transport, trust_env=False, timeout=timeout, **kwargs)
+    client.allow_private = allow_private
+    return client
+
+
+def check_url(url: str | httpx.URL) -> httpx.URL:
+    """`url` parsed if it is http(s) with a host and no credentials; else FetchFailed "bad_url"."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise FetchFailed(f"not a valid URL: {exc}", "bad_url") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise FetchFailed("only http:// and https:// URLs with a host can be fetched", "bad_url")
+    if not 0 < (parsed.port or 80) < 65536:
+        raise FetchFailed(f"{parsed.host}: port {parsed.port} is out of range", "bad_url")
+    if parsed.userinfo:
+        raise FetchFailed(f"{parsed.host}: credentials in the URL are not allowed", "bad_url")
+    return parsed
 
 
 def fetch_image(
@@ -65,38 +206,88 @@ def fetch_image(
     max_bytes: int,
     client: httpx.Client | None = None,
 ) -> bytes:
-    """The bytes at `url`, if it is a public http(s) image within `max_bytes`; else FetchFailed."""
-    own = client is None
+    """The image at `url`, every hop checked, within `timeout` seconds in all; else FetchFailed."""
+    target = check_url(url)
+    if client is not None and getattr(client, "allow_private", None) is not allow_private:
+        raise ValueError(f"client must be a guarded_client(allow_private={allow_private})")
+    deadline = time.monotonic() + timeout
     http = client or guarded_client(allow_private, timeout)
+    token = _deadline.set(deadline)
     try:
-        for _ in range(defaults.FETCH_MAX_REDIRECTS + 1):
-            _check_url(url, allow_private)
-            with http.stream("GET", url, timeout=timeout) as response:
-                if response.is_redirect and "location" in response.headers:
-                    url = urljoin(url, response.headers["location"])
-                    continue
-                if response.status_code != 200:
-                    raise FetchFailed("http_status", f"{url} answered HTTP {response.status_code}")
-                return _read(response, url, max_bytes)
-        raise FetchFailed("redirects", f"more than {defaults.FETCH_MAX_REDIRECTS} redirects")
-    except httpx.TimeoutException:
-        raise FetchFailed("timeout", f"{url} did not answer within {timeout:g}s") from None
-    except (httpx.InvalidURL, ValueError) as exc:
-        raise FetchFailed("bad_url", f"invalid URL {url!r}: {exc}") from None
-    except httpx.HTTPError as exc:
-        raise FetchFailed("network", f"cannot fetch {url}: {exc}") from None
+        with _failures(target.host, timeout):
+            data = _follow(http, target, deadline, max_bytes)
     finally:
-        if own:
+        _deadline.reset(token)
+        if client is None:
             http.close()
+    if not looks_like_image(data):
+        raise FetchFailed(f"{target.host}: not an image ({len(data)} bytes)", "not_an_image")
+    return data
 
 
-def _read(response: httpx.Response, url: str, max_bytes: int) -> bytes:
-    body = bytearray()
+@contextmanager
+def _failures(host: str, timeout: float) -> Iterator[None]:
+    """httpx's errors as FetchFailed naming `host` (never the URL: it may hold secrets)."""
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise FetchFailed(f"{host}: took longer than {timeout:g} s", "timeout") from None
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        raise FetchFailed(f"{host}: bad URL ({exc})", "bad_url") from None
+    except httpx.HTTPError as exc:
+        raise FetchFailed(f"{host}: {type(exc).__name__}: {exc}", "network") from None
+
+
+def _follow(http: httpx.Client, url: httpx.URL, deadline: float, max_bytes: int) -> bytes:
+    """GET `url`, following at most FETCH_MAX_REDIRECTS redirects, and read the body."""
+    request = http.build_request("GET", url, headers={"Accept-Encoding": "identity"})
+    for _ in range(defaults.FETCH_MAX_REDIRECTS + 1):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise httpx.TimeoutException("no time left for the next hop")
+        request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), left)
+        response = http.send(request, stream=True, follow_redirects=False)
+        try:
+            if response.next_request is None:
+                return _body(response, deadline, max_bytes)
+            request = response.next_request
+            check_url(request.url)
+        finally:
+            response.close()
+    raise FetchFailed(
+        f"{url.host}: more than {defaults.FETCH_MAX_REDIRECTS} redirects", "redirects"
+    )
+
+
+def _body(response: httpx.Response, deadline: float, max_bytes: int) -> bytes:
+    """A 2xx response's body, at most `max_bytes` of it, read by `deadline`; else FetchFailed."""
+    host = response.request.url.host
+    if not response.is_success:
+        why = f"HTTP status {response.status_code} {response.reason_phrase}".rstrip()
+        raise FetchFailed(f"{host}: {why}", "http_status")
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise FetchFailed(f"{host}: {length} bytes, over the limit of {max_bytes}", "too_large")
+    chunks: list[bytes] = []
+    size = 0
     for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
-            raise FetchFailed("too_large", f"{url} is over {max_bytes} bytes")
-    if not bytes(body).startswith(IMAGE_MAGIC):
-        kind = response.headers.get("content-type", "unknown type")
-        raise FetchFailed("not_an_image", f"{url} is not an image ({kind})")
-    return bytes(body)
+        size += len(chunk)
+        if size > max_bytes:
+            raise FetchFailed(f"{host}: over the limit of {max_bytes} bytes", "too_large")
+        if time.monotonic() > deadline:  # a server that drips bytes (a stalled one: the stream)
+            raise httpx.TimeoutException("the body came too slowly")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether Pillow recognises the header of `data` as an image (no pixel is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)):
+                return True
+    except Image.DecompressionBombError:
+        return True  # an image; how many pixels are allowed is the producer's to say
+    except (OSError, SyntaxError, ValueError):
+        return False

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies
     webhook_allow_private: bool = False  # allow callbacks to loopback/private/link-local hosts
     fetch_allow_private: bool = False  # allow image URLs on loopback/private/link-local hosts
-    fetch_timeout: Annotated[float, Field(gt=0)] = defaults.FETCH_TIMEOUT  # seconds per fetch
+    fetch_timeout: Annotated[float, Field(gt=0)] = defaults.FETCH_TIMEOUT  # seconds, whole fetch
     flower_basic_auth: str | None = None  # user:password for Flower
     cache_max_age: float | None = None  # seconds since last use after which prune drops a result
     cache_max_size: int | None = None  # bytes of results prune keeps at most

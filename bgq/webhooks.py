@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
+from bgq.fetch import is_public
 
 SIGNATURE_HEADER = defaults.WEBHOOK_SIGNATURE_HEADER
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 _PORT = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 _H16 = "[0-9A-Fa-f]{1,4}"
@@ -36,7 +36,6 @@ _REST = rf"(/({_PCHAR})*)*(\?([/?]|{_PCHAR})*)?(#([/?]|{_PCHAR})*)?"  # path, qu
 # What a callback URL may look like (the OpenAPI schema's pattern too): http(s), a DNS name or
 # an IP literal, an optional port, no credentials. Where the host points is checked separately.
 CALLBACK_URL_PATTERN = f"^[Hh][Tt][Tt][Pp][Ss]?://{_HOST}(:{_PORT})?{_REST}$"
-IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
 class CallbackUnresolvable(InvalidRequest):
@@ -45,19 +44,6 @@ class CallbackUnresolvable(InvalidRequest):
 
 class CallbackNotAllowed(InvalidRequest):
     """The callback host resolves to a non-public address (BGQ_WEBHOOK_ALLOW_PRIVATE=false)."""
-
-
-def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """A global unicast address, also for IPv4 embedded in IPv6 (mapped, 6to4, NAT64)."""
-    if not address.is_global or address.is_multicast:
-        return False
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour
-        if address in NAT64 or address in IPV4_COMPATIBLE:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None and not is_public(embedded):
-            return False
-    return True
 
 
 EVENT_HEADER = "X-Bgq-Event"  # job.done or job.failed

@@ -7,7 +7,8 @@ import ipaddress
 import pytest
 
 from bgq.errors import InvalidRequest
-from bgq.webhooks import check_callback_url, is_public, sign, verify
+from bgq.fetch import is_public
+from bgq.webhooks import check_callback_url, sign, verify
 
 
 def test_signature_round_trip() -> None:

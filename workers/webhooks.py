@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -10,7 +11,7 @@ import httpx
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from bgq import contract, defaults, webhooks
+from bgq import contract, defaults, fetch, webhooks
 from bgq.errors import PermanentError, TransientError
 from workers.app import app, settings
 from workers.retry import backoff
@@ -20,6 +21,12 @@ log = logging.getLogger(__name__)
 
 class WebhookFailed(TransientError):
     """The receiver did not accept the delivery (network error or a non-2xx answer)."""
+
+
+@functools.cache
+def client() -> httpx.Client:
+    """This pool process's client: it connects only to addresses the callback rule allows."""
+    return fetch.guarded_client(settings.webhook_allow_private, defaults.WEBHOOK_TIMEOUT)
 
 
 @app.task(
@@ -45,11 +52,14 @@ def deliver_webhook(self: Task, url: str, body: str) -> dict[str, Any]:
     status = 0
     try:
         webhooks.check_callback_url(url, settings.webhook_allow_private)  # DNS may have moved
-        with httpx.stream(
-            "POST", url, content=data, headers=headers, timeout=defaults.WEBHOOK_TIMEOUT
-        ) as response:  # the answer's body is never read
-            status = response.status_code
+        # The client checks the addresses again as it connects, and connects to a checked one.
+        with client().stream("POST", url, content=data, headers=headers) as response:
+            status = response.status_code  # the answer's body is never read
         problem = None if 200 <= status < 300 else f"HTTP {status}"
+    except fetch.FetchFailed as exc:
+        if exc.reason == "not_allowed":
+            raise  # permanent, as CallbackNotAllowed above
+        problem = str(exc)
     except webhooks.CallbackUnresolvable as exc:
         problem = str(exc)
     except (httpx.HTTPError, SoftTimeLimitExceeded) as exc:
