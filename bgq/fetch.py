@@ -230,6 +230,10 @@ def _failures(host: str, timeout: float) -> Iterator[None]:
     """httpx's errors as FetchFailed naming `host` (never the URL: it may hold secrets)."""
     try:
         yield
+    except FetchFailed as exc:
+        if exc.reason != "not_allowed":
+            raise
+        raise FetchFailed(f"{exc}; BGQ_FETCH_ALLOW_PRIVATE=true allows it", exc.reason) from None
     except httpx.TimeoutException:
         raise FetchFailed(f"{host}: took longer than {timeout:g} s", "timeout") from None
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pytest
 import schemathesis
@@ -76,6 +79,20 @@ def api(make_stack: StackFactory) -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture
+def one_parse_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPython 3.11's ast.parse is not thread-safe (python/cpython#106905: a recursion counter
+    shared by threads, "AST constructor recursion depth mismatch"), and hypothesis parses
+    source in each of schemathesis's worker threads; they take turns."""
+    lock, parse = threading.Lock(), ast.parse
+
+    def locked(*args: Any, **kwargs: Any) -> ast.AST:
+        with lock:
+            return parse(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", locked)
+
+
 def run_schemathesis(url: str) -> tuple[list[str], Counter[str]]:
     """Every failure of a run against `url`'s own schema, and the requests sent by phase."""
     config = schemathesis.Config.from_dict(CONFIG)
@@ -101,6 +118,7 @@ def failures_of(checks: Iterable[list[CheckNode]]) -> Iterator[str]:
             yield f"{node.name}: {info.failure.title}\n{info.failure.message}\n{info.code_sample}"
 
 
+@pytest.mark.usefixtures("one_parse_at_a_time")
 def test_the_live_api_keeps_its_contract(api: str) -> None:
     problems, requests = run_schemathesis(api)
     assert not problems, "\n\n".join(problems)
