@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from bgq import contract, defaults, webhooks
+from bgq import contract, defaults, options, webhooks
 from bgq.contract import Options
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -121,7 +121,7 @@ def option_parameters() -> list[dict[str, Any]]:
         if name == "bgcolor":
             prop = {
                 "type": "string",
-                "pattern": contract.BGCOLOR_PATTERN,
+                "pattern": options.BGCOLOR_PATTERN,
                 "example": "255,255,255,255",
             }
             prop["description"] = "background colour r,g,b,a (each 0-255); default: transparent"
@@ -130,7 +130,7 @@ def option_parameters() -> list[dict[str, Any]]:
     return params
 
 
-LENGTH = {"type": "string", "pattern": contract.LENGTH_PATTERN, "default": "0"}
+LENGTH = {"type": "string", "pattern": options.LENGTH_PATTERN, "default": "0"}
 # The shaping options as the server checks them (one field at a time; rules across fields are
 # in the 422's description).
 SHAPING: dict[str, dict[str, Any]] = {
