@@ -73,7 +73,7 @@ def api_error(exc: BgqError) -> ApiError:
     if isinstance(exc, CallbackNotAllowed):
         return ApiError(422, "callback_not_allowed", str(exc))
     if isinstance(exc, FetchFailed):
-        return ApiError(422, "fetch_failed", f"cannot fetch image_url: {exc}")
+        return ApiError(422, "fetch_failed", f"cannot fetch image_url ({exc.reason}): {exc}")
     if isinstance(exc, InvalidRequest):
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, JobFailed):
