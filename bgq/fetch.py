@@ -7,10 +7,12 @@ so DNS cannot move a request between check and connection; TLS and Host keep the
 from __future__ import annotations
 
 import contextvars
+import http.cookiejar
 import io
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -37,11 +39,13 @@ Reason = Literal[
 ]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))  # RFC 8215
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 TRANSPORT_OPTIONS = ("verify", "cert", "limits")  # options of the connection pool
 UNGUARDED_OPTIONS = ("transport", "mounts", "proxy", "trust_env")  # would bypass the backend
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's
+
+NO_COOKIES = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 # When a fetch must end (time.monotonic()); every read and connect of this thread stops there.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
@@ -65,18 +69,24 @@ def is_public(address: Address) -> bool:
     if not address.is_global or address.is_multicast:
         return False
     if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:  # fec0::/10: deprecated, but still routed inside some sites
+            return False
         embedded = address.ipv4_mapped or address.sixtofour
-        if address in NAT64 or address in IPV4_COMPATIBLE:
+        if any(address in net for net in NAT64) or address in IPV4_COMPATIBLE:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None and not is_public(embedded):
             return False
     return True
 
 
-def resolve(host: str, port: int, allow_private: bool) -> list[str]:
-    """Every address `host` resolves to, each checked; FetchFailed "dns" or "not_allowed"."""
+def resolve(host: str, port: int, allow_private: bool, timeout: float | None = None) -> list[str]:
+    """Every address `host` resolves to, each checked; FetchFailed "dns" or "not_allowed".
+
+    The lookup runs in a thread of its own so that `timeout` bounds it (getaddrinfo has no
+    timeout); one that takes longer is "timeout" and finishes in the background.
+    """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _getaddrinfo(host, port, timeout)
     except (OSError, UnicodeError) as exc:
         raise FetchFailed(f"{host}: does not resolve ({exc})", "dns") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
@@ -86,6 +96,27 @@ def resolve(host: str, port: int, allow_private: bool) -> list[str]:
     if not addresses:
         raise FetchFailed(f"{host}: does not resolve (no address)", "dns")
     return addresses
+
+
+def _getaddrinfo(host: str, port: int, timeout: float | None) -> list[Any]:
+    """socket.getaddrinfo, given up on after `timeout` seconds (FetchFailed "timeout")."""
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the caller
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="bgq-dns", daemon=True).start()
+    if not done.wait(timeout):
+        raise FetchFailed(f"{host}: DNS took longer than {timeout:g} s", "timeout")
+    if isinstance(answer[0], BaseException):
+        raise answer[0]
+    return list(answer[0])
 
 
 def _remaining(timeout: float | None, expired: type[Exception]) -> float | None:
@@ -142,7 +173,8 @@ class GuardedBackend(httpcore.SyncBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
         error: Exception = httpcore.ConnectError(f"{host}: no address to connect to")
-        for address in resolve(host, port, self.allow_private):
+        dns_timeout = _remaining(timeout, httpcore.ConnectTimeout)
+        for address in resolve(host, port, self.allow_private, dns_timeout):
             left = _remaining(timeout, httpcore.ConnectTimeout)
             try:  # a numeric address: connecting resolves nothing again
                 stream = super().connect_tcp(address, port, left, local_address, socket_options)
@@ -178,6 +210,7 @@ def guarded_client(allow_private: bool, timeout: float, **kwargs: Any) -> httpx.
         network_backend=GuardedBackend(allow_private),
     )
     kwargs.setdefault("max_redirects", defaults.FETCH_MAX_REDIRECTS)
+    kwargs.setdefault("cookies", NO_COOKIES)  # one receiver's must not ride along to another
     client = GuardedClient(transport=transport, trust_env=False, timeout=timeout, **kwargs)
     client.allow_private = allow_private
     return client

@@ -113,6 +113,17 @@ class Handler(BaseHTTPRequestHandler):
             if self.server.stop.wait(0.05):
                 return
 
+    def route_cookie(self, arg: str) -> None:
+        """Sets a cookie, and serves the photo only to a request that carries none."""
+        if "Cookie" in self.headers:
+            self.reply(400, b"a cookie came back", "text/plain")
+            return
+        self.send_response(200)
+        self.send_header("Set-Cookie", "session=abc; Path=/")
+        self.send_header("Content-Length", str(len(PHOTO)))
+        self.end_headers()
+        self.wfile.write(PHOTO)
+
     def route_stall(self, arg: str) -> None:  # a few bytes for 0.8 s, then nothing
         self.send_response(200)
         self.send_header("Content-Length", str(len(PHOTO)))
@@ -158,8 +169,16 @@ def only_127_0_0_1_public(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetch, "is_public", lambda a: a == ipaddress.ip_address("127.0.0.1"))
 
 
-def get(url: str, allow_private: bool = True, timeout: float = 5, max_bytes: int = 8 * MB) -> bytes:
-    return fetch_image(url, allow_private=allow_private, timeout=timeout, max_bytes=max_bytes)
+def get(
+    url: str,
+    allow_private: bool = True,
+    timeout: float = 5,
+    max_bytes: int = 8 * MB,
+    client: Any = None,
+) -> bytes:
+    return fetch_image(
+        url, allow_private=allow_private, timeout=timeout, max_bytes=max_bytes, client=client
+    )
 
 
 def refused(url: str, reason: str, **kwargs: Any) -> FetchFailed:
@@ -231,6 +250,8 @@ def test_loopback_in_any_form_is_refused(server: Server, host: str) -> None:
         "http://10.0.0.1/x.jpg",
         "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 of 169.254.169.254
         "http://[2002:a9fe:a9fe::]/",  # 6to4 of 169.254.169.254
+        "http://[64:ff9b:1::a00:1]/",  # local-use NAT64 (RFC 8215) of 10.0.0.1
+        "http://[fec0::1]/",  # site-local
         "http://224.0.0.1/",
         "http://240.0.0.1/",
     ],
@@ -336,3 +357,22 @@ def test_a_redirect_may_not_leave_http(server: Server) -> None:
 def test_guarded_client_refuses_options_that_bypass_it() -> None:
     with pytest.raises(TypeError, match="proxy"):
         guarded_client(False, 5, proxy="http://127.0.0.1:3128")
+
+
+def test_a_slow_dns_lookup_counts_against_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    start = time.monotonic()
+    failure = refused("http://photos.example/x.jpg", "timeout", timeout=0.5)
+    assert time.monotonic() - start < 1.5 and "DNS" in str(failure)
+
+
+def test_cookies_never_ride_along(server: Server) -> None:
+    with guarded_client(True, 5) as client:
+        for _ in range(2):  # the second request would carry the first one's cookie
+            assert get(f"{server.base}/cookie", client=client) == PHOTO
