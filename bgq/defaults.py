@@ -42,8 +42,9 @@ KEY_PREFIX = "bgq:"  # prefix of every Redis key bgq itself writes (Celery's own
 GUARD_TTL = 3600  # seconds an enqueue guard lives; it is released when the job ends
 RESULT_TTL = 86400  # seconds Celery keeps a task's result/state in Redis
 TASK_TIME_LIMIT = 600  # seconds one task may run before its pool process is killed (fails it)
-MASK_WAIT = 300  # seconds a task waits for another process to store the masks it needs
-MASK_POLL = 0.1  # seconds between its looks at the store meanwhile
+MASK_LOCK_TTL = 120  # seconds a model run may hold its mask's lock (then others go ahead too)
+MASK_WAIT = 120  # seconds a task waits for another process's model run of the mask it needs
+MASK_POLL = 0.1  # seconds between its tries of the lock meanwhile
 VISIBILITY_TIMEOUT = 1800  # seconds before an unacknowledged task is redelivered (> 2 x limit)
 
 # Retries of transient errors: exponential backoff with full jitter.

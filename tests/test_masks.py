@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import redis
 from PIL import Image
 
-from bgq import cache, contract
+from bgq import cache, contract, defaults
 from bgq.contract import MASKS, RESULTS
 from bgq.exporter import Exporter
 from bgq.stack import LocalStack
-from bgq.store import Store
+from bgq.store import FileStore, Store
 from producer import Producer
 from tests.conftest import both_stores
 from tests.helpers import pixels, settle, stats, variant
@@ -127,3 +130,57 @@ def test_prune_treats_masks_like_results_and_keeps_those_in_flight(
     assert store.stat(MASKS, busy_mask) is not None
     assert (report.removed, report.masks_removed, report.skipped_in_flight) == (2, 1, 1)
     assert (cache.store_stats(store).masks, cache.store_stats(store).results) == (1, 0)
+
+
+class CountingSession:
+    """A stand-in model: one mask per image, counting its runs."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def predict(self, img: Image.Image, *args: Any, **kwargs: Any) -> list[Image.Image]:
+        self.runs += 1
+        time.sleep(0.3)
+        return [Image.new("L", img.size, 200)]
+
+
+def source(store: Store, client: redis.Redis, model: CountingSession, owner: str) -> Any:
+    return masks.MaskSource(store, "m" * 64 + "-u2netp-v1.png", lambda: model, client, owner)
+
+
+def test_concurrent_variants_wait_for_one_model_run(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    store, model = FileStore(tmp_path), CountingSession()
+    img = Image.new("RGB", (40, 30))
+    got: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda o=owner: got.append(source(store, redis_client, model, o).predict(img))
+        )
+        for owner in ("job-a", "job-b", "job-c")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert model.runs == 1 and len(got) == 3
+    assert not redis_client.keys(contract.mask_lock_key("*"))  # released
+
+
+def test_a_dead_delivery_s_lock_is_taken_over_by_its_redelivery(
+    tmp_path: Path, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(defaults, "MASK_WAIT", 5.0)
+    store, model = FileStore(tmp_path), CountingSession()
+    key = contract.mask_lock_key("m" * 64 + "-u2netp-v1.png")
+    redis_client.set(key, "job-a", ex=60)  # job-a's process died holding it
+    start = time.monotonic()
+    source(store, redis_client, model, "job-a").predict(Image.new("RGB", (4, 3)))
+    assert time.monotonic() - start < 2 and model.runs == 1
+    assert not redis_client.exists(key)
+    redis_client.set(key, "job-x", ex=1)  # another job's lock: waited for, until it expires
+    store.delete(MASKS, "m" * 64 + "-u2netp-v1.png")
+    start = time.monotonic()
+    source(store, redis_client, model, "job-b").predict(Image.new("RGB", (4, 3)))
+    assert time.monotonic() - start > 0.8 and model.runs == 2

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
 from PIL import Image
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from bgq import contract, defaults
 from bgq.contract import MASKS
@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 class MaskSource:
     """A rembg session stand-in: the stored masks of (input, model), else the model's, once.
 
-    While one pool process (on any machine) runs the model for a mask, the others that need
-    the same mask wait for it in the store instead of running the model too.
+    The lookup and the model run happen under a Redis lock on the mask, so that while one pool
+    process (on any machine) runs the model, the others that need the same mask wait, then find
+    it stored. The lock's token is the job's key: a redelivery of a job whose process died while
+    holding it takes it over at once instead of waiting for it to expire.
     """
 
     def __init__(
@@ -46,8 +48,9 @@ class MaskSource:
         name: str,
         load_session: Callable[[], BaseSession],
         client: redis.Redis | None,
+        owner: str,
     ) -> None:
-        self.store, self.name, self.client = store, name, client
+        self.store, self.name, self.client, self.owner = store, name, client, owner
         self.load_session = load_session
         self.masks: list[Image.Image] | None = None
         self.inferred = False  # True when the model ran here
@@ -55,11 +58,8 @@ class MaskSource:
     def predict(self, img: Image.Image, *args: Any, **kwargs: Any) -> list[Image.Image]:
         """rembg's call, on the image as rembg turned it (EXIF orientation applied)."""
         if self.masks is None:
-            self.masks = self._stored(img.size)
-        if self.masks is None:
-            with self._claim() as first:
-                if not first:
-                    self.masks = self._stored(img.size)
+            with self._locked():
+                self.masks = self._stored(img.size)
                 if self.masks is None:
                     self.masks = list(self.load_session().predict(img, *args, **kwargs))
                     self.inferred = True
@@ -87,28 +87,30 @@ class MaskSource:
             log.warning("cannot store masks %s: %s", self.name, exc)
 
     @contextlib.contextmanager
-    def _claim(self) -> Iterator[bool]:
-        """Hold the mask's lock while computing; yield False if another process made the mask
-        meanwhile. Without Redis, or after MASK_WAIT seconds, go ahead (nothing is lost)."""
-        key, token = contract.mask_lock_key(self.name), f"{os.getpid()}-{time.time()}"
-        held = self._lock(key, token)
+    def _locked(self) -> Iterator[None]:
+        """Hold the mask's lock (MASK_LOCK_TTL s at most). Without Redis, or after MASK_WAIT
+        seconds of waiting, go ahead unlocked: the worst case is one more model run."""
+        lock = self._acquire()
         try:
-            yield held is not False
+            yield
         finally:
-            with contextlib.suppress(redis.RedisError):
-                if held and self.client is not None and self.client.get(key) == token.encode():
-                    self.client.delete(key)
+            if lock is not None:
+                with contextlib.suppress(redis.RedisError, LockError):
+                    lock.release()
 
-    def _lock(self, key: str, token: str) -> bool | None:
-        """True once the lock is ours, False when the masks appear, None to go ahead unlocked."""
-        deadline = time.monotonic() + defaults.MASK_WAIT
+    def _acquire(self) -> Lock | None:
+        if self.client is None:
+            return None
+        key = contract.mask_lock_key(self.name)
+        lock = self.client.lock(key, timeout=defaults.MASK_LOCK_TTL, sleep=defaults.MASK_POLL)
         try:
-            while self.client is not None and time.monotonic() < deadline:
-                if self.client.set(key, token, nx=True, ex=defaults.TASK_TIME_LIMIT):
-                    return True
-                time.sleep(defaults.MASK_POLL)
-                if self.store.stat(MASKS, self.name) is not None:
-                    return False
+            if self.client.get(key) == self.owner.encode():  # our own job's dead delivery
+                self.client.delete(key)
+            if lock.acquire(blocking_timeout=defaults.MASK_WAIT, token=self.owner):
+                return lock
+            log.warning(
+                "masks %s still locked after %gs: running the model", self.name, defaults.MASK_WAIT
+            )
         except redis.RedisError as exc:
             log.warning("cannot lock masks %s, running the model: %s", self.name, exc)
         return None

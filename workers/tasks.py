@@ -46,7 +46,11 @@ def process(args: TaskArgs) -> dict[str, Any]:
         )
         lap("decode")
         source = masks.MaskSource(
-            store, args.masks, lambda: session.get(args.model, settings), app.backend.client
+            store,
+            args.masks,
+            lambda: session.get(args.model, settings),
+            app.backend.client,
+            owner=args.key,
         )
         cutout = imaging.remove_background(img, source, args.options)
         del img  # only the cutout stays in memory while it is encoded
