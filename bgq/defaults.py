@@ -116,3 +116,4 @@ WEBHOOK_SIGNATURE_HEADER = "X-Bgq-Signature"  # "sha256=<hex HMAC-SHA256 of the 
 FETCH_TIMEOUT = 30.0  # seconds one whole fetch may take: every redirect, connect and the body
 FETCH_MAX_REDIRECTS = 3  # redirects one fetch follows, each hop's address checked again
 FETCH_CONCURRENCY = 8  # fetches one `bgq ingest` runs at once (--fetch-concurrency)
+API_FETCH_CONCURRENCY = 16  # image_url fetches one `bgq api` process runs at once (the rest wait)

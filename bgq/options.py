@@ -26,7 +26,8 @@ CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 Format = Literal["png", "webp", "jpeg"]
 Position = Literal["center", "top", "bottom"]
 # A length: "20px", "20" (pixels) or "5%", "2.5%" (of the subject's box, or of the canvas side).
-LENGTH_PATTERN = r"^(0|[1-9][0-9]{0,4})(px)?$|^(0|[1-9][0-9]?|100)(\.[0-9]{1,2})?%$"
+LENGTH_PATTERN = r"^(0|[1-9][0-9]{0,4})(px)?$|^(0|[1-9][0-9]?)(\.[0-9]{1,2})?%$|^100(\.0{1,2})?%$"
+JPEG_BACKGROUND = (255, 255, 255, 255)  # what a JPEG is flattened on when no bgcolor is set
 CANVAS_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"  # "WxH" in pixels
 
 
@@ -44,9 +45,9 @@ def length_pixels(text: str, whole: int) -> int:
 
 
 def canonical_length(text: str) -> str:
-    """One spelling per length, for the cache key: "20px", "5%", "2.5%"."""
+    """One spelling per length, for the cache key: "20px", "5%", "2.5%"; any zero is "0px"."""
     value, percent = parse_length(text)
-    return f"{value:g}%" if percent else f"{value:g}px"
+    return f"{value:g}%" if percent and value else f"{value:g}px"
 
 
 def parse_canvas(text: str) -> tuple[int, int]:
@@ -163,13 +164,15 @@ class Options(BaseModel):
         key it had before they existed.
         """
         out: dict[str, Any]
+        # A JPEG without bgcolor is flattened on white: the same pixels as a white bgcolor.
+        bgcolor = self.bgcolor or (JPEG_BACKGROUND if self.format == "jpeg" else None)
         if self.only_mask:
             out = {"only_mask": True, "post_process_mask": self.post_process_mask}
         else:
             out = {
                 "alpha_matting": self.alpha_matting,
                 "post_process_mask": self.post_process_mask,
-                "bgcolor": list(self.bgcolor) if self.bgcolor else None,
+                "bgcolor": list(bgcolor) if bgcolor else None,
             }
         if self.alpha_matting and not self.only_mask:
             out["alpha_matting_foreground_threshold"] = self.alpha_matting_foreground_threshold

@@ -7,12 +7,13 @@ a request the OpenAPI schema calls invalid is refused, whichever part carries th
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
+import anyio
 from fastapi import Request
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -92,14 +93,23 @@ async def read_submission(request: Request, settings: Settings) -> tuple[dict[st
         return fields, data
     check_alone(fields, settings.model)  # a request refused anyway fetches nothing
     options_of(fields, settings.model)
-    image = await run_in_threadpool(
+    fetch = functools.partial(
         fetch_image,
         url,
         allow_private=settings.fetch_allow_private,
         timeout=settings.fetch_timeout,
         max_bytes=int(settings.max_upload_mb * 2**20),
     )
-    return fields, image
+    # Threads of their own: slow image servers never take the threads every request needs.
+    return fields, await anyio.to_thread.run_sync(fetch, limiter=_fetch_limiter(request))
+
+
+def _fetch_limiter(request: Request) -> anyio.CapacityLimiter:
+    """The app's limit on image fetches at once, made in its event loop on first use."""
+    state = request.app.state
+    if getattr(state, "fetch_limiter", None) is None:
+        state.fetch_limiter = anyio.CapacityLimiter(defaults.API_FETCH_CONCURRENCY)
+    return state.fetch_limiter
 
 
 async def read_parts(request: Request, default_model: str) -> tuple[dict[str, str], bytes | None]:
@@ -151,6 +161,8 @@ async def read_json(request: Request, fields: dict[str, str]) -> dict[str, str]:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(422, "invalid_request", f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(422, "invalid_request", "malformed JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object")
     types = api_schema.json_types()

@@ -314,3 +314,41 @@ def test_importing_the_contract_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ({"crop": True}, {"crop": True, "crop_margin": "0%"}),
+        ({"crop": True, "crop_margin": "20"}, {"crop": True, "crop_margin": "20px"}),
+        ({"crop": True, "crop_margin": "5%"}, {"crop": True, "crop_margin": "5.00%"}),
+        ({"canvas": "10x10"}, {"canvas": "10x10", "padding": "0%", "position": "center"}),
+        ({"format": "jpeg"}, {"format": "jpeg", "bgcolor": (255, 255, 255, 255)}),
+        ({"format": "jpeg"}, {"format": "jpeg", "quality": 90}),
+        ({}, {"format": "png", "quality": 50}),  # png ignores quality
+    ],
+)
+def test_equivalent_output_options_share_a_key(one: dict[str, Any], other: dict[str, Any]) -> None:
+    assert key_of(one) == key_of(other)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"format": "webp"},
+        {"format": "jpeg", "quality": 80},
+        {"crop": True},
+        {"crop": True, "crop_margin": "5%"},
+        {"canvas": "10x10"},
+        {"canvas": "10x10", "position": "bottom"},
+        {"format": "webp", "bgcolor": (255, 255, 255, 255)},
+    ],
+)
+def test_each_output_variant_has_its_own_key(options: dict[str, Any]) -> None:
+    assert key_of(options) != key_of({})
+
+
+def test_a_percentage_is_at_most_100() -> None:
+    with pytest.raises(InvalidRequest, match="crop_margin"):
+        Options.parse({"crop": True, "crop_margin": "100.5%"})
+    assert Options.parse({"crop": True, "crop_margin": "100.0%"}).crop

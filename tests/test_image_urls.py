@@ -145,6 +145,10 @@ def test_json_bodies_are_checked_like_forms(http: httpx.Client, body: Any, words
     assert error["code"] == "invalid_request" and words in error["message"], error
     malformed = http.post("/v1/remove", content=b"{", headers={"Content-Type": "application/json"})
     assert error_of(malformed)["code"] == "invalid_request"
+    deep = http.post(
+        "/v1/remove", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
+    )
+    assert deep.status_code == 422 and "nested too deeply" in error_of(deep)["message"]
 
 
 def cli_env(stack: LocalStack) -> dict[str, str]:

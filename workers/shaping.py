@@ -12,11 +12,11 @@ from PIL import Image
 
 from bgq.contract import Options
 from bgq.errors import UnsupportedImage
-from bgq.options import length_pixels, parse_canvas
+from bgq.options import JPEG_BACKGROUND, length_pixels, parse_canvas
 from workers.imaging import encode_png
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
-WHITE = (255, 255, 255, 255)  # what JPEG, which has no alpha, flattens onto
+WHITE = JPEG_BACKGROUND  # what JPEG, which has no alpha, flattens onto
 # WebP: lossy colour at the requested quality, the alpha plane compressed losslessly (100):
 # a cutout's value is its edge, and lossy alpha blurs it into halos for a few bytes saved.
 WEBP_ALPHA_QUALITY = 100
