@@ -117,7 +117,9 @@ class HttpClient:
         Give the image's bytes or path, or `image_url=` for the API to fetch it.
         """
         fields = {"model": model, "wait": wait, **options}
-        response = self._post_image("/v1/remove", image, fields, timeout=wait + 30)
+        # The API may first spend up to its BGQ_FETCH_TIMEOUT fetching an image_url.
+        fetching = defaults.FETCH_TIMEOUT if "image_url" in options else 0.0
+        response = self._post_image("/v1/remove", image, fields, timeout=wait + fetching + 30)
         if response.status_code == 200:
             return response.content
         return self.wait(response.json()["id"], timeout=timeout)
