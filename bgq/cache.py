@@ -58,9 +58,10 @@ def store_stats(store: Store) -> StoreStats:
 
 @dataclass
 class PruneReport:
-    """What a prune did; results and masks are counted together (masks_removed: of which masks)."""
+    """What a prune did; results and masks are counted together (masks_*: of which masks)."""
 
     masks_removed: int = 0
+    masks_kept: int = 0
     removed: int = 0
     removed_bytes: int = 0
     kept: int = 0
@@ -119,6 +120,7 @@ def prune(
             if done or not (expired or oversize):
                 done = True  # sorted by last use: every later entry is newer, and it all fits
                 report.kept += 1
+                report.masks_kept += entry.kind == MASKS
                 report.kept_bytes += entry.size
                 continue
             if now - entry.mtime < defaults.PRUNE_MIN_IDLE:
@@ -132,6 +134,7 @@ def prune(
                 remaining -= entry.size
                 continue
             report.kept += 1
+            report.masks_kept += entry.kind == MASKS
             report.kept_bytes += entry.size
     if max_size is not None and remaining > max_size:
         report.notes.append(

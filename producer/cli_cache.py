@@ -87,13 +87,14 @@ def cache_prune(
         client.close()
     verb = "would remove" if dry_run else "removed"
     typer.echo(
-        f"{verb} {report.removed} result(s) and mask(s) ({format_size(report.removed_bytes)}; "
-        f"{report.masks_removed} mask(s)), "
+        f"{verb} {report.removed - report.masks_removed} result(s) and "
+        f"{report.masks_removed} mask(s) ({format_size(report.removed_bytes)}), "
         f"{report.inputs_removed} input(s) ({format_size(report.inputs_removed_bytes)}), "
         f"{report.temporaries_removed} temporary file(s)"
     )
     typer.echo(
-        f"kept {report.kept} result(s) ({format_size(report.kept_bytes)}): "
+        f"kept {report.kept - report.masks_kept} result(s) and {report.masks_kept} mask(s) "
+        f"({format_size(report.kept_bytes)}): "
         f"{report.skipped_recent} used in the last minute, {report.skipped_in_flight} in flight"
     )
     for note in report.notes:
