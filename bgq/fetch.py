@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpcore
 import httpx
@@ -25,6 +25,9 @@ from PIL import Image
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from bgq.settings import Settings
 
 Reason = Literal[
     "dns",
@@ -229,6 +232,18 @@ def check_url(url: str | httpx.URL) -> httpx.URL:
     if parsed.userinfo:
         raise FetchFailed(f"{parsed.host}: credentials in the URL are not allowed", "bad_url")
     return parsed
+
+
+def fetch_setting_image(settings: Settings, url: str, client: httpx.Client | None = None) -> bytes:
+    """An image URL fetched under the settings: BGQ_FETCH_ALLOW_PRIVATE, BGQ_FETCH_TIMEOUT and
+    BGQ_MAX_UPLOAD_MB (the API, `bgq submit` and ingest all fetch through here)."""
+    return fetch_image(
+        url,
+        allow_private=settings.fetch_allow_private,
+        timeout=settings.fetch_timeout,
+        max_bytes=settings.max_upload_bytes,
+        client=client,
+    )
 
 
 def fetch_image(

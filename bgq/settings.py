@@ -135,6 +135,11 @@ class Settings(BaseSettings):
         return None if path is None else path.expanduser().absolute()
 
     @property
+    def max_upload_bytes(self) -> int:
+        """BGQ_MAX_UPLOAD_MB in bytes: the largest upload or fetched image."""
+        return int(self.max_upload_mb * 2**20)
+
+    @property
     def api_key_list(self) -> list[str]:
         """The bearer keys of BGQ_API_KEYS (empty: no auth)."""
         return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]

@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     store = producer.store
     metrics = Metrics()
     keys = [k.encode() for k in settings.api_key_list]
-    max_bytes = int(settings.max_upload_mb * 2**20)
+    max_bytes = settings.max_upload_bytes
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

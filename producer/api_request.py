@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from bgq import contract, defaults, webhooks
 from bgq.contract import Options
-from bgq.fetch import fetch_image
+from bgq.fetch import fetch_setting_image
 from bgq.settings import Settings
 from producer import api_schema
 from producer.api_http import ApiError
@@ -93,13 +93,7 @@ async def read_submission(request: Request, settings: Settings) -> tuple[dict[st
         return fields, data
     check_alone(fields, settings.model)  # a request refused anyway fetches nothing
     options_of(fields, settings.model)
-    fetch = functools.partial(
-        fetch_image,
-        url,
-        allow_private=settings.fetch_allow_private,
-        timeout=settings.fetch_timeout,
-        max_bytes=int(settings.max_upload_mb * 2**20),
-    )
+    fetch = functools.partial(fetch_setting_image, settings, url)
     # Threads of their own: slow image servers never take the threads every request needs.
     return fields, await anyio.to_thread.run_sync(fetch, limiter=_fetch_limiter(request))
 

@@ -92,15 +92,9 @@ def read_input(source: str, fmt: str, settings: Settings) -> tuple[bytes, Path]:
     """The bytes of a file or an http(s) URL, and the default output path for them."""
     ext = contract.FORMATS[fmt]
     if is_url(source):
-        from bgq.fetch import fetch_image
+        from bgq.fetch import fetch_setting_image
 
-        data = fetch_image(
-            source,
-            allow_private=settings.fetch_allow_private,
-            timeout=settings.fetch_timeout,
-            max_bytes=int(settings.max_upload_mb * 2**20),
-        )
-        return data, Path(f"{url_stem(source)}.out{ext}")
+        return fetch_setting_image(settings, source), Path(f"{url_stem(source)}.out{ext}")
     path = Path(source)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"

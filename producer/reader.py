@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from bgq import defaults
-from bgq.fetch import FetchFailed, fetch_image, guarded_client
+from bgq.fetch import FetchFailed, fetch_setting_image, guarded_client
 from producer.catalog import InputError, Item
 
 if TYPE_CHECKING:
@@ -62,13 +62,7 @@ class Reader:
             return b""  # never submitted: the caller reports the item's own error
         if not item.by_url:
             return self.read(item.source)
-        return fetch_image(
-            item.source,
-            allow_private=self.settings.fetch_allow_private,
-            timeout=self.settings.fetch_timeout,
-            max_bytes=int(self.settings.max_upload_mb * 2**20),
-            client=self._shared_client(),
-        )
+        return fetch_setting_image(self.settings, item.source, self._shared_client())
 
     def _shared_client(self) -> httpx.Client:
         with self._lock:
