@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
+from bgq import defaults
 from bgq.contract import Options
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
+from producer.api import create_app
 from producer.http_client import HttpClient
 from producer.ingest import run_ingest
 from tests.conftest import StackFactory
@@ -234,3 +239,39 @@ def test_a_manifest_of_urls_and_paths(
     made = sorted(p.name for p in out.glob("*.png"))
     assert made == ["anime-girl-1.png", "cloth-1.png", "local.png", "plants-1.png", "sku-7.png"]
     assert photos.max_in_flight > 1  # the URLs were fetched concurrently
+
+
+def one_default_thread(app: Any) -> Any:
+    """The app with AnyIO's default threadpool cut to 1 thread (the API's other calls share it)."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def test_slow_image_servers_take_only_the_fetch_threads(
+    url_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetches run on their own limiter: with every fetch thread waiting on a slow server, a
+    request that needs the default threadpool (its only thread, here) is answered at once."""
+    monkeypatch.setattr(defaults, "API_FETCH_CONCURRENCY", 2)
+    settings = url_stack.settings.model_copy(update={"redis_url": url_stack.url})
+    slow = ImageServer(delay=1.5).start()
+    api = ApiServer(settings, one_default_thread(create_app(settings))).start()
+    try:
+        with httpx.Client(base_url=api.url, timeout=60) as client, ThreadPoolExecutor(3) as pool:
+            fetches = [
+                pool.submit(client.post, "/v1/jobs", json={"image_url": slow.photo(name)})
+                for name in ("car-1.jpg", "anime-girl-1.jpg", "cloth-1.jpg")
+            ]
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert client.get(f"/v1/jobs/{'0' * 64}").status_code == 404  # a threadpool call
+            assert time.monotonic() - started < 0.8  # while the fetches still wait
+            assert all(f.result().status_code == 202 for f in fetches)
+        assert slow.max_in_flight == 2  # API_FETCH_CONCURRENCY at once, the third waited
+    finally:
+        api.stop()
+        slow.stop()
