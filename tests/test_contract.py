@@ -352,3 +352,29 @@ def test_a_percentage_is_at_most_100() -> None:
     with pytest.raises(InvalidRequest, match="crop_margin"):
         Options.parse({"crop": True, "crop_margin": "100.5%"})
     assert Options.parse({"crop": True, "crop_margin": "100.0%"}).crop
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({}, "4a23e8e384f4cb017bd47a15da883b53f451874c93e0da0171d705983ce3736a"),
+        (
+            {"bgcolor": (255, 255, 255, 255)},
+            "aa51a9598165cbcce714e0bb80a50dc69fc2e1ff9f82fa4d8c114cc59aec9143",
+        ),
+        (
+            {"only_mask": True, "post_process_mask": True},
+            "b52ee3edc45b0be733fc85f92890cb19c41414e4628a8a9c6e8086b09ef4b614",
+        ),
+        (
+            {"alpha_matting": True, "alpha_matting_erode_size": 5},
+            "386a6c6353a1dd2a2f0d88bf4660c88420a81a3c0df4361062fe03ac9bc41fe6",
+        ),
+    ],
+)
+def test_keys_from_before_the_output_options_are_unchanged(
+    options: dict[str, Any], key: str
+) -> None:
+    """Computed by the contract as it was before format, crop and canvas existed: stores keep
+    serving their results after an upgrade."""
+    assert key_of(options) == key
