@@ -89,16 +89,29 @@ def resolve(host: str, port: int, allow_private: bool, timeout: float | None = N
     timeout); one that takes longer is "timeout" and finishes in the background.
     """
     try:
-        infos = _getaddrinfo(host, port, timeout)
+        addresses = lookup(host, port, timeout)
     except (OSError, UnicodeError) as exc:
         raise FetchFailed(f"{host}: does not resolve ({exc})", "dns") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    for address in addresses:
-        if not allow_private and not is_public(ipaddress.ip_address(address.split("%")[0])):
-            raise FetchFailed(f"{host}: {address} is not a public address", "not_allowed")
+    refused = None if allow_private else first_non_public(addresses)
+    if refused is not None:
+        raise FetchFailed(f"{host}: {refused} is not a public address", "not_allowed")
     if not addresses:
         raise FetchFailed(f"{host}: does not resolve (no address)", "dns")
     return addresses
+
+
+def lookup(host: str, port: int, timeout: float | None = None) -> list[str]:
+    """The addresses `host` resolves to, each once (OSError if it does not resolve)."""
+    return list(dict.fromkeys(str(info[4][0]) for info in _getaddrinfo(host, port, timeout)))
+
+
+def first_non_public(addresses: Iterable[str]) -> Address | None:
+    """The first of `addresses` that `is_public` refuses (a scope suffix ignored), if any."""
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%")[0])
+        if not is_public(address):
+            return address
+    return None
 
 
 def _getaddrinfo(host: str, port: int, timeout: float | None) -> list[Any]:

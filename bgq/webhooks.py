@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import re
-import socket
 from urllib.parse import urlsplit
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
-from bgq.fetch import is_public
+from bgq.fetch import first_non_public, lookup
 
 SIGNATURE_HEADER = defaults.WEBHOOK_SIGNATURE_HEADER
 
@@ -85,16 +83,14 @@ def check_callback_url(url: str, allow_private: bool = False) -> str:
     if allow_private:
         return url
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        refused = first_non_public(lookup(parts.hostname, port))
     except (OSError, UnicodeError) as exc:
         raise CallbackUnresolvable(
             f"callback_url host {parts.hostname!r} does not resolve: {exc}"
         ) from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not is_public(address):
-            raise CallbackNotAllowed(
-                f"callback_url host {parts.hostname!r} is a non-public address ({address}); "
-                "set BGQ_WEBHOOK_ALLOW_PRIVATE=true to allow it"
-            )
+    if refused is not None:
+        raise CallbackNotAllowed(
+            f"callback_url host {parts.hostname!r} is a non-public address ({refused}); "
+            "set BGQ_WEBHOOK_ALLOW_PRIVATE=true to allow it"
+        )
     return url
