@@ -7,9 +7,9 @@ import io
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -19,6 +19,7 @@ import redis
 import uvicorn
 from PIL import Image
 
+from bench.photoserver import PhotoServer
 from bgq import contract
 from bgq.settings import Settings
 from bgq.stack import LocalStack
@@ -136,67 +137,30 @@ class ApiServer:
         self.sock.close()
 
 
-class ImageServer:
-    """A real HTTP server on loopback serving the sample photos, for image_url and url rows.
+class ImageServer(PhotoServer):
+    """The sample photos on a real HTTP server on loopback, for image_url and url rows.
 
     `/photos/NAME` and `/alias/NAME` serve the sample NAME; `/page.html` is HTML; anything else
-    is 404. Each answer waits `delay` seconds, so concurrent fetches overlap; `max_in_flight`
+    is 404. Each answer waits `delay` seconds, so concurrent fetches overlap; `most_in_flight`
     is the most requests it was ever serving at once.
     """
 
     def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.paths: list[str] = []
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with owner.lock:
-                    owner.paths.append(self.path)
-                    owner.in_flight += 1
-                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
-                try:
-                    time.sleep(owner.delay)
-                    self._answer()
-                finally:
-                    with owner.lock:
-                        owner.in_flight -= 1
-
-            def _answer(self) -> None:
-                folder, _, name = self.path.lstrip("/").partition("/")
-                if self.path == "/page.html":
-                    body, kind, status = b"<html><body>not a photo</body></html>", "text/html", 200
-                elif folder in ("photos", "alias") and (SAMPLES / name).is_file():
-                    body, kind, status = (SAMPLES / name).read_bytes(), "image/jpeg", 200
-                else:
-                    body, kind, status = b"not found", "text/plain", 404
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
+        self.folder = tempfile.TemporaryDirectory(prefix="bgq-photos-")
+        root = Path(self.folder.name)
+        for sub in ("photos", "alias"):
+            (root / sub).mkdir()
+            for photo in SAMPLES.glob("*.jpg"):
+                (root / sub / photo.name).symlink_to(photo)
+        (root / "page.html").write_bytes(b"<html><body>not a photo</body></html>")
+        super().__init__(root, delay)
 
     def photo(self, name: str, folder: str = "photos") -> str:
         return f"{self.url}/{folder}/{name}"
 
     def start(self) -> ImageServer:
-        self.thread.start()
-        return self
+        return self  # serving since it was made
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        super().stop()
+        self.folder.cleanup()

@@ -211,7 +211,7 @@ def test_a_manifest_of_urls_and_paths(
         f",local.jpg,{photos.photo('car-1.jpg')}",
     ]
     manifest.write_text("\n".join(rows) + "\n")
-    photos.max_in_flight = 0
+    photos.most_in_flight = 0
     out, report = tmp_path / "out", tmp_path / "report.jsonl"
     settings = url_stack.settings.model_copy(update={"redis_url": url_stack.url})
     failed = run_ingest(
@@ -238,7 +238,7 @@ def test_a_manifest_of_urls_and_paths(
     assert "exactly one of `path` and `url`" in str(by_source["list.csv:9"]["error"])
     made = sorted(p.name for p in out.glob("*.png"))
     assert made == ["anime-girl-1.png", "cloth-1.png", "local.png", "plants-1.png", "sku-7.png"]
-    assert photos.max_in_flight > 1  # the URLs were fetched concurrently
+    assert photos.most_in_flight > 1  # the URLs were fetched concurrently
 
 
 def one_default_thread(app: Any) -> Any:
@@ -271,7 +271,7 @@ def test_slow_image_servers_take_only_the_fetch_threads(
             assert client.get(f"/v1/jobs/{'0' * 64}").status_code == 404  # a threadpool call
             assert time.monotonic() - started < 0.8  # while the fetches still wait
             assert all(f.result().status_code == 202 for f in fetches)
-        assert slow.max_in_flight == 2  # API_FETCH_CONCURRENCY at once, the third waited
+        assert slow.most_in_flight == 2  # API_FETCH_CONCURRENCY at once, the third waited
     finally:
         api.stop()
         slow.stop()
