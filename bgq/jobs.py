@@ -114,8 +114,8 @@ def describe(
     """The job's view from its record, Celery's state and the store; None if it is unknown."""
     state = meta.get("status")
     done_at = iso(meta["date_done"]) if meta.get("date_done") else None
-    args = record_args(record)
-    entry = store.stat(RESULTS, args.output) if args else store.find_output(key)
+    fmt = _recorded_format(record)
+    entry = store.stat(RESULTS, contract.result_name(key, fmt)) if fmt else store.find_output(key)
     if entry is not None:
         return view(key, "done", record, finished_at=done_at or iso(entry.mtime))
     if state == "FAILURE":
@@ -129,6 +129,16 @@ def describe(
     if record:
         return view(key, "queued", record)
     return None
+
+
+def _recorded_format(record: dict[str, str]) -> str | None:
+    """The output format the job was submitted with, if its record says (read leniently: a
+    record written by another bgq version still names its format)."""
+    try:
+        fmt = json.loads(record["args"])["options"].get("format", "png")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return fmt if fmt in contract.FORMATS else None
 
 
 def take_callbacks(client: redis.Redis, key: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 import time
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.s3server import S3Server
-from bgq import contract, defaults
+from bgq import contract, defaults, jobs
 from bgq.errors import StoreError, TransientError
 from bgq.settings import Settings
 from bgq.store import FILE_MODE, INPUTS, RESULTS, FileStore, Store, atomic_write, open_store
@@ -231,3 +232,13 @@ def test_s3_inputs_are_written_once_by_a_conditional_put(
     assert calls == ["PutObject"]
     store.put_input(DIGEST, b"other bytes, same digest: a race of identical content")
     assert store.read_input(DIGEST) == b"input"
+
+
+def test_a_job_record_from_another_bgq_version_still_finds_its_result(store: Store) -> None:
+    """describe() needs only the recorded format, not task arguments this version accepts."""
+    key = "e" * 64
+    store.write(RESULTS, contract.result_name(key, "webp"), b"webp")
+    record = {"args": json.dumps({"pipeline_version": "0", "options": {"format": "webp"}})}
+    view = jobs.describe(key, record, {}, store)
+    assert view is not None and view.status == "done"
+    assert jobs.describe(key, {}, {}, store).status == "done"  # no record: any format is found
