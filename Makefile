@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models system-redis run test bench bench-memory bench-api profile lint format clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api profile lint format clean
 
 setup: $(STAMP) models
 
@@ -60,8 +60,22 @@ system-redis:
 			"on Debian/Ubuntu as root: apt-get install redis-server redis-sentinel"; exit 1; }; \
 	fi
 
-test: setup system-redis lint
+# The web page's tests drive Debian's chromium through Playwright (which downloads no browser).
+browser:
+	@if ! command -v chromium >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update && apt-get install -y chromium || exit 1; \
+		fi; \
+		command -v chromium >/dev/null || { echo "make test needs Debian's chromium for the" \
+			"web page tests; as root: apt-get update && apt-get install -y chromium"; exit 1; }; \
+	fi
+
+test: setup system-redis browser lint
 	$(BIN)/pytest
+
+# The README's pictures of the web page, taken by its browser test.
+screenshots: setup browser
+	BGQ_TEST_SCREENSHOTS=docs/img $(BIN)/pytest tests/test_page.py -k narrow_window
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -1,7 +1,8 @@
 """The HTTP API (`bgq api`): FastAPI on the same Producer as Python callers.
 
 Hashing, the cache short-circuit, the enqueue guard and the store are the Producer's; this
-module only speaks HTTP: request parsing and limits, auth, job views, webhooks, metrics.
+module only speaks HTTP: request parsing and limits, auth, job views, webhooks, metrics;
+producer.page adds the web page at `/`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from producer.api_http import (
 from producer.api_request import options_of, read_submission, wait_seconds
 from producer.client import Producer
 from producer.job import POLL_MAX, POLL_MIN, Job
+from producer.page import install_page
 
 log = logging.getLogger("bgq.api")
 
@@ -291,6 +293,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         raise ApiError(409, "not_ready", f"the job is {job.status}; try again later")
 
     app.include_router(v1)
+    install_page(app, settings, store)
 
     @app.get("/healthz", summary="The process is alive", operation_id="healthz")
     async def healthz() -> dict[str, str]:

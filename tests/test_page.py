@@ -1,0 +1,409 @@
+"""The web page of `bgq api`, driven in real Chromium (Debian's package, through Playwright),
+against a real API, real Redis and real prefork workers with the u2netp model.
+
+`make test` installs chromium; without it these tests fail, naming the package.
+`BGQ_TEST_SCREENSHOTS=DIR` also saves the README's screenshots there (`make screenshots`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tomllib
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, BrowserContext, Playwright, expect, sync_playwright
+
+from bgq import contract
+from bgq.contract import Options
+from bgq.stack import LocalStack
+from producer import page as web
+from tests.conftest import StackFactory
+from tests.helpers import (
+    ApiServer,
+    ImageServer,
+    LocalStackControl,
+    pixels,
+    sample_bytes,
+    variant,
+)
+
+KEY = "page-test-key"
+DONE = 120_000  # ms: a job through the queue, on 2 busy cores
+CHROMIUM_FLAGS = [  # root in a container, no GPU, a closed network
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+WIDER_THAN_SCREEN = """() => [...document.querySelectorAll("body *")]
+    .filter((e) => e.getBoundingClientRect().right > innerWidth)
+    .map((e) => `${e.tagName}#${e.id}.${e.className}`)"""
+
+
+def chromium_path() -> str:
+    path = os.environ.get("BGQ_TEST_CHROMIUM") or shutil.which("chromium")
+    if not path:
+        pytest.fail(
+            "the web page tests need Debian's chromium on PATH (or BGQ_TEST_CHROMIUM): "
+            "as root, apt-get update && apt-get install -y chromium (make test does this)"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+    yield browser
+    browser.close()
+
+
+@pytest.fixture(scope="module")
+def page_stack(make_stack: StackFactory) -> LocalStack:
+    return make_stack(fetch_allow_private=True)
+
+
+@pytest.fixture(scope="module")
+def serve(page_stack: LocalStack) -> Iterator[Callable[..., str]]:
+    """An API on the module's stack with some settings changed; its base URL."""
+    servers: list[ApiServer] = []
+
+    def start(**overrides: Any) -> str:
+        update = {"redis_url": page_stack.url, **overrides}
+        servers.append(ApiServer(page_stack.settings.model_copy(update=update)).start())
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def base(serve: Callable[..., str]) -> str:
+    return serve()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    yield context
+    context.close()
+
+
+class Watched:
+    """A page and every request it made, and any script error."""
+
+    def __init__(self, context: BrowserContext, url: str) -> None:
+        self.page = context.new_page()
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.errors: list[str] = []
+        self.page.on("request", lambda r: self.requests.append((r.method, r.url, r.headers)))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(url)
+
+    def job(self, name: str) -> Any:
+        return self.page.locator(".job", has=self.page.locator(".name", has_text=name))
+
+    def final(self, count: int) -> None:
+        jobs = self.page.locator(".job[data-state=done], .job[data-state=failed]")
+        expect(jobs).to_have_count(count, timeout=DONE)
+
+
+def photo(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+def key_of(data: bytes, **options: Any) -> str:
+    return contract.cache_key(contract.input_digest(data), "u2netp", Options(**options))
+
+
+def same_pixels(got: bytes | Path, want: bytes) -> bool:
+    (mode, array), (want_mode, wanted) = pixels(got), pixels(want)
+    return mode == want_mode and array.shape == wanted.shape and bool((array == wanted).all())
+
+
+def natural_width(img: Any) -> int:
+    return int(img.evaluate("img => img.naturalWidth"))
+
+
+# -- served from the package -----------------------------------------------------------------
+
+
+def test_page_is_served_from_the_package_with_nothing_from_elsewhere(base: str) -> None:
+    page = httpx.get(base + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy
+    links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert links and all(link.startswith(("/", "data:")) for link in links), links
+    for link in links:
+        if link.startswith("/static/"):
+            assert httpx.get(base + link).status_code == 200, link
+    config = re.search(r'<script id="bgq-config"[^>]*>(.*?)</script>', page.text, re.S)
+    assert config and '"model":"u2netp"' in config.group(1) and '"auth":false' in config.group(1)
+    assert "/" not in httpx.get(base + "/openapi.json").json()["paths"]  # not in the contract
+
+
+def test_vendored_library_is_the_pinned_release_with_its_licence() -> None:
+    for name, digest in web.VENDORED.items():
+        assert hashlib.sha256((web.STATIC / name).read_bytes()).hexdigest() == digest, name
+    assert "MIT License" in (web.STATIC / "vendor/fflate.LICENSE").read_text()
+
+
+def test_wheel_carries_every_page_file() -> None:
+    """The Docker image installs bgq from a wheel: package-data must list the page's files."""
+    root = Path(__file__).parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["producer"]
+    covered = {p for glob in globs for p in (root / "producer").glob(glob) if p.is_file()}
+    files = {p for p in web.STATIC.rglob("*") if p.is_file()}
+    assert files and files <= covered, sorted(map(str, files - covered))
+
+
+# -- in the browser --------------------------------------------------------------------------
+
+
+def test_upload_preview_download(
+    context: BrowserContext,
+    base: str,
+    tmp_path: Path,
+    reference: Callable[..., bytes],
+    page_stack: LocalStack,
+) -> None:
+    car = variant("car-1.jpg", (0, 0, 600, 400))
+    cloth = variant("cloth-1.jpg", (0, 0, 400, 600))
+    truncated = variant("plants-1.jpg", (0, 0, 900, 900))[:20000]  # only the worker finds out
+    files = [
+        photo(tmp_path, "car.jpg", car),
+        photo(tmp_path, "cloth.jpg", cloth),
+        photo(tmp_path, "notes.jpg", b"shopping list, not a photo"),
+        photo(tmp_path, "broken.jpg", truncated),
+    ]
+    control = LocalStackControl(page_stack)
+    control.pause()  # every job waits in the queue until the page has shown it so
+    try:
+        watched = Watched(context, base)
+        page = watched.page
+        page.set_input_files("#files", [str(f) for f in files])
+        expect(watched.job("car.jpg")).to_have_attribute("data-state", "queued")
+        expect(watched.job("car.jpg").locator(".state")).to_have_text("queued")
+    finally:
+        control.resume()
+    watched.final(4)
+
+    # A failed input's reason, in words: refused at submission, or by the worker.
+    notes = watched.job("notes.jpg")
+    expect(notes).to_have_attribute("data-state", "failed")
+    expect(notes.locator(".error")).to_contain_text("Unsupported file: not an image")
+    broken = watched.job("broken.jpg")
+    expect(broken).to_have_attribute("data-state", "failed")
+    expect(broken.locator(".error")).to_contain_text("truncated")
+
+    # Previews: the original beside the result, the result on a checkerboard.
+    for name in ("car.jpg", "cloth.jpg"):
+        job = watched.job(name)
+        expect(job).to_have_attribute("data-state", "done")
+        assert natural_width(job.locator(".original img")) > 0
+        assert natural_width(job.locator(".result img")) > 0
+        checker = job.locator(".checker").evaluate("e => getComputedStyle(e).backgroundImage")
+        assert "linear-gradient" in checker
+        expect(job.locator(".cache")).to_be_hidden()
+
+    # One download, pixel for pixel rembg's; its link is the API's result URL.
+    link = watched.job("car.jpg").locator("a.download")
+    expect(link).to_have_attribute("href", f"/v1/jobs/{key_of(car)}/result")
+    with page.expect_download() as info:
+        link.click()
+    assert info.value.suggested_filename == "car.png"
+    assert same_pixels(Path(info.value.path()), reference(car))
+
+    # Download all: a zip of the finished results.
+    with page.expect_download() as info:
+        page.click("#download-all")
+    assert info.value.suggested_filename == "bgq-results.zip"
+    with zipfile.ZipFile(info.value.path()) as archive:
+        assert sorted(archive.namelist()) == ["car.png", "cloth.png"]
+        assert same_pixels(archive.read("cloth.png"), reference(cloth))
+    expect(page.locator("#summary")).to_have_text("2 of 4 done · 2 failed")
+
+    # The same image again is a cache hit.
+    page.set_input_files("#files", [str(files[0])])
+    watched.final(5)
+    again = page.locator(".job").last
+    expect(again.locator(".cache")).to_be_visible()
+    expect(again).to_have_attribute("data-job", key_of(car))
+    assert not watched.errors
+    assert all(url.startswith((base, "blob:", "data:")) for _, url, _ in watched.requests)
+
+
+def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., str]) -> None:
+    """Output options from the form, an image by URL, a bad option refused before sending."""
+    base = serve(fetch_allow_private=True)  # the image server is on loopback
+    with ImageServer() as photos:
+        watched = Watched(context, base)
+        page = watched.page
+        page.select_option("#format", "jpeg")
+        page.fill("#canvas", "0x10")
+        page.click(".urls summary")
+        page.fill("#urls", f"{photos.url}/photos/anime-girl-1.jpg")
+        page.click("#add-urls")
+        expect(page.locator("#options-error")).to_contain_text("canvas: width x height")
+        expect(page.locator(".job")).to_have_count(0)
+
+        page.fill("#canvas", "300x200")
+        page.fill("#padding", "10%")
+        page.select_option("#position", "bottom")
+        page.fill("#urls", f"{photos.url}/photos/anime-girl-1.jpg\n{photos.url}/page.html")
+        page.click("#add-urls")
+        watched.final(2)
+    anime = watched.job("anime-girl-1.jpg")
+    expect(anime).to_have_attribute("data-state", "done")
+    expected = key_of(
+        sample_bytes("anime-girl-1.jpg"),
+        format="jpeg",
+        canvas="300x200",
+        padding="10%",
+        position="bottom",
+    )
+    expect(anime).to_have_attribute("data-job", expected)
+    with page.expect_download() as info:
+        anime.locator("a.download").click()
+    assert info.value.suggested_filename == "anime-girl-1.jpg"
+    with Image.open(info.value.path()) as img:
+        assert (img.format, img.size) == ("JPEG", (300, 200))
+    html = watched.job("page.html")
+    expect(html.locator(".error")).to_contain_text("Refused: cannot fetch image_url (not_an_image)")
+
+
+def test_api_key(context: BrowserContext, serve: Callable[..., str], tmp_path: Path) -> None:
+    """The page asks for the key, sends it as a bearer token, and never puts it in a URL."""
+    base = serve(api_keys=KEY)
+    watched = Watched(context, base)
+    page = watched.page
+    expect(page.locator("#key-form")).to_be_visible()
+    expect(page.locator("#key-state")).to_have_text("this bgq needs an API key")
+
+    image = photo(tmp_path, "keyed.jpg", variant("car-1.jpg", (100, 50, 500, 350)))
+    page.set_input_files("#files", [str(image)])
+    job = watched.job("keyed.jpg")
+    expect(job).to_have_attribute("data-state", "needs-key")
+    expect(job.locator(".error")).to_contain_text("API key needed")
+
+    with page.expect_response(lambda r: r.url.endswith("/v1/jobs")) as refused:
+        page.fill("#key", "wrong-key")
+        page.click("#key-form button")  # the image waiting for a key is sent again
+    assert refused.value.status == 401
+    assert refused.value.request.headers["authorization"] == "Bearer wrong-key"
+    expect(job).to_have_attribute("data-state", "needs-key")
+    expect(job.locator(".error")).to_contain_text("API key needed or not accepted")
+
+    page.fill("#key", KEY)
+    page.press("#key", "Enter")
+    expect(job).to_have_attribute("data-state", "done", timeout=DONE)
+    expect(page.locator("#key-state")).to_have_text("key set")
+    api_calls = [(m, u, h) for m, u, h in watched.requests if "/v1/" in u]
+    assert api_calls and api_calls[-1][2].get("authorization") == f"Bearer {KEY}"
+    assert all(KEY not in url for _, url, _ in watched.requests)
+    assert KEY not in page.url
+    page.reload()  # the key lasts as long as the tab (sessionStorage), never in a URL
+    expect(page.locator("#key-state")).to_have_text("key set")
+
+
+def test_errors_in_words(context: BrowserContext, tmp_path: Path, page_stack: LocalStack) -> None:
+    """413, 415, 422 and 503 from a real API whose Redis is gone."""
+    settings = page_stack.settings.model_copy(
+        update={
+            "redis_url": "redis://127.0.0.1:9/0",
+            "max_upload_mb": 1,
+            "broker_retry_seconds": 1,
+            "fetch_allow_private": False,
+        }
+    )
+    api = ApiServer(settings).start()
+    try:
+        watched = Watched(context, api.url)
+        page = watched.page
+        big = Image.effect_noise((1200, 1200), 64).convert("RGB")
+        buffer = io.BytesIO()
+        big.save(buffer, "PNG")
+        files = {
+            "big.png": buffer.getvalue(),  # over 1 MiB
+            "notes.jpg": b"not a photo",
+            "small.jpg": variant("car-1.jpg", (0, 0, 200, 200)),
+        }
+        page.set_input_files("#files", [str(photo(tmp_path, n, d)) for n, d in files.items()])
+        page.click(".urls summary")
+        page.fill("#urls", "http://127.0.0.1:1/photo.jpg")
+        page.click("#add-urls")
+        watched.final(4)
+        words = {
+            "big.png": "Too large: ",
+            "notes.jpg": "Unsupported file: ",
+            "photo.jpg": "Refused: cannot fetch image_url (not_allowed)",
+            "small.jpg": "bgq is unavailable right now, try again in a moment: ",
+        }
+        for name, text in words.items():
+            expect(watched.job(name).locator(".error")).to_contain_text(text)
+        expect(watched.job("small.jpg").locator(".retry")).to_be_visible()
+    finally:
+        api.stop()
+
+
+def test_narrow_window(context: BrowserContext, base: str, tmp_path: Path) -> None:
+    """On a phone-sized window: one column, nothing wider than the screen, pairs side by side."""
+    images = {
+        "sneaker-shot.jpg": variant("car-1.jpg", (0, 0, 640, 427)),
+        "model-look.jpg": variant("cloth-1.jpg", (0, 0, 480, 720)),
+        "figure.jpg": variant("anime-girl-1.jpg", (0, 0, 500, 500)),
+    }
+    watched = Watched(context, base)
+    page = watched.page
+    page.set_input_files("#files", [str(photo(tmp_path, n, d)) for n, d in images.items()])
+    watched.final(3)
+    page.set_input_files("#files", [str(photo(tmp_path, "again.jpg", images["figure.jpg"]))])
+    page.set_input_files("#files", [str(photo(tmp_path, "label.jpg", b"GIF89a, but cut"))])
+    watched.final(5)
+    shots = os.environ.get("BGQ_TEST_SCREENSHOTS")
+    if shots:
+        page.screenshot(path=str(Path(shots) / "page-desktop.png"), full_page=True)
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    wider = page.evaluate(WIDER_THAN_SCREEN)
+    assert width <= 390, f"the page is {width}px wide on a 390px screen: {wider}"
+    first = page.locator(".job").first
+    original = first.locator(".original img").bounding_box()
+    result = first.locator(".result img").bounding_box()
+    assert original and result and original["y"] == result["y"] and original["x"] < result["x"]
+    assert result["x"] + result["width"] <= 390
+    second = page.locator(".job").nth(1).bounding_box()
+    box = first.bounding_box()
+    assert box and second and second["y"] > box["y"] + box["height"] - 1  # one column
+    for control in ("label[for=files]", "#model", "#canvas", "#download-all"):
+        bounds = page.locator(control).bounding_box()
+        assert bounds and bounds["x"] >= 0 and bounds["x"] + bounds["width"] <= 390, control
+    if shots:
+        page.screenshot(path=str(Path(shots) / "page-phone.png"), full_page=False)
