@@ -27,7 +27,7 @@ from bgq import contract
 from bgq.contract import Options
 from bgq.stack import LocalStack
 from producer import page as web
-from tests.conftest import StackFactory
+from tests.conftest import StackFactory, both_stores
 from tests.helpers import (
     ApiServer,
     ImageServer,
@@ -79,8 +79,8 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def page_stack(make_stack: StackFactory) -> LocalStack:
-    return make_stack(fetch_allow_private=True)
+def page_stack(make_stack: StackFactory, store_settings: dict[str, object]) -> LocalStack:
+    return make_stack(fetch_allow_private=True, **store_settings)
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +186,18 @@ def test_wheel_carries_every_page_file() -> None:
 # -- in the browser --------------------------------------------------------------------------
 
 
+@both_stores
 def test_upload_preview_download(
     context: BrowserContext,
-    base: str,
+    serve: Callable[..., str],
     tmp_path: Path,
     reference: Callable[..., bytes],
     page_stack: LocalStack,
+    store_settings: dict[str, object],
 ) -> None:
+    """On S3, results are presigned redirects: the browser reads them from the bucket."""
+    bucket = store_settings.get("s3_endpoint_url")
+    base = serve(result_redirect="presigned") if bucket else serve()
     car = variant("car-1.jpg", (0, 0, 600, 400))
     cloth = variant("cloth-1.jpg", (0, 0, 400, 600))
     truncated = variant("plants-1.jpg", (0, 0, 900, 900))[:20000]  # only the worker finds out
@@ -256,7 +261,10 @@ def test_upload_preview_download(
     expect(again.locator(".cache")).to_be_visible()
     expect(again).to_have_attribute("data-job", key_of(car))
     assert not watched.errors
-    assert all(url.startswith((base, "blob:", "data:")) for _, url, _ in watched.requests)
+    origins = (base, "blob:", "data:", *([str(bucket)] if bucket else []))
+    assert all(url.startswith(origins) for _, url, _ in watched.requests)
+    if bucket:  # the previews and downloads came from the bucket
+        assert any(url.startswith(str(bucket)) for _, url, _ in watched.requests)
 
 
 def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., str]) -> None:
