@@ -10,7 +10,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -135,6 +137,24 @@ class ApiServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+@contextlib.contextmanager
+def api_servers(stack: LocalStack) -> Iterator[Callable[..., str]]:
+    """Start APIs on `stack`, each with some settings changed (returns its base URL); all
+    stop when the block ends."""
+    servers: list[ApiServer] = []
+
+    def start(**overrides: Any) -> str:
+        settings = stack.settings.model_copy(update={"redis_url": stack.url, **overrides})
+        servers.append(ApiServer(settings).start())
+        return servers[-1].url
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
 
 
 class ImageServer(PhotoServer):

@@ -32,6 +32,7 @@ from tests.helpers import (
     ApiServer,
     LocalStackControl,
     answers,
+    api_servers,
     pixels,
     sample_bytes,
     settle,
@@ -53,16 +54,8 @@ def api_stack(make_stack: StackFactory, store_settings: dict[str, object]) -> Lo
 @pytest.fixture(scope="module")
 def serve(api_stack: LocalStack) -> Iterator[Callable[..., str]]:
     """Start an API on the module's stack with some settings changed; return its base URL."""
-    servers: list[ApiServer] = []
-
-    def start(**overrides: Any) -> str:
-        settings = api_stack.settings.model_copy(update={"redis_url": api_stack.url, **overrides})
-        servers.append(ApiServer(settings).start())
-        return servers[-1].url
-
-    yield start
-    for server in servers:
-        server.stop()
+    with api_servers(api_stack) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from tests.helpers import (
     ApiServer,
     ImageServer,
     LocalStackControl,
+    api_servers,
     pixels,
     sample_bytes,
     variant,
@@ -86,16 +87,8 @@ def page_stack(make_stack: StackFactory, store_settings: dict[str, object]) -> L
 @pytest.fixture(scope="module")
 def serve(page_stack: LocalStack) -> Iterator[Callable[..., str]]:
     """An API on the module's stack with some settings changed; its base URL."""
-    servers: list[ApiServer] = []
-
-    def start(**overrides: Any) -> str:
-        update = {"redis_url": page_stack.url, **overrides}
-        servers.append(ApiServer(page_stack.settings.model_copy(update=update)).start())
-        return servers[-1].url
-
-    yield start
-    for server in servers:
-        server.stop()
+    with api_servers(page_stack) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
