@@ -9,6 +9,7 @@ is pinned by its SHA-256 in VENDORED below and kept next to its licence.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,36 +17,61 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 
 import bgq
 from bgq import contract, defaults, options
 from bgq.settings import Settings
 from bgq.store import Store
 
-STATIC = Path(__file__).parent / "static"
+HERE = Path(__file__).parent
+STATIC = HERE / "static"  # served as is under /static/
+TEMPLATE = HERE / "page.html"  # served at / with the config filled in
 # The vendored files, with the SHA-256 of the release they came from (tests check them).
 VENDORED = {
     "vendor/fflate.min.js": "462ef8041fc970e3615a20a9dd2b2e3047a073b2da729ef4f02b634bba8b7b83",
 }
 CONFIG_SLOT = "__BGQ_CONFIG__"
+log = logging.getLogger("bgq.api")
+HEADERS = {
+    "Cache-Control": "no-cache",  # revalidated (ETag), so an upgrade is seen at once
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class PageFiles(StaticFiles):
+    """The page's own files, revalidated on every use rather than cached blindly."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(HEADERS)
+        return response
 
 
 def install_page(app: FastAPI, settings: Settings, store: Store) -> None:
     """Serve the page at `/` and its files under `/static/`, both outside the OpenAPI schema."""
-    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    html = TEMPLATE.read_text(encoding="utf-8")
     html = html.replace(CONFIG_SLOT, script_json(page_config(settings)))
-    headers = {
-        "Content-Security-Policy": content_policy(settings, store),
-        "Cache-Control": "no-cache",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-    }
+    policies: list[str] = []  # worked out on first use: signing a URL may need credentials
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(html, headers=headers)
+        if policies:
+            policy = policies[0]
+        else:
+            try:
+                origin = await run_in_threadpool(result_origin, settings, store)
+            except Exception as exc:  # e.g. no credentials found yet: try again next time
+                log.warning("the web page cannot follow result redirects yet: %s", exc)
+                policy = content_policy(None)
+            else:
+                policy = content_policy(origin)
+                policies.append(policy)
+        return HTMLResponse(html, headers={**HEADERS, "Content-Security-Policy": policy})
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", PageFiles(directory=STATIC), name="static")
 
 
 def page_config(settings: Settings) -> dict[str, Any]:
@@ -67,18 +93,11 @@ def script_json(value: object) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def content_policy(settings: Settings, store: Store) -> str:
+def content_policy(result_origin: str | None) -> str:
     """Only this origin's scripts, styles and API; images also from blobs (results) and
-    http(s) (the originals of pasted URLs, loaded by the browser as any link would be).
-
-    With presigned result redirects the browser reads results from the bucket, so its
-    origin may be fetched too (the bucket's CORS rules must allow this page's origin).
-    """
-    connect = "'self'"
-    if settings.result_redirect == "presigned":
-        origin = store_origin(store)
-        if origin:
-            connect += " " + origin
+    http(s) (the originals of pasted URLs, loaded by the browser as any link would be), and
+    `result_origin`, where result redirects lead, may be fetched too."""
+    connect = "'self'" + (f" {result_origin}" if result_origin else "")
     return "; ".join(
         [
             "default-src 'none'",
@@ -93,8 +112,11 @@ def content_policy(settings: Settings, store: Store) -> str:
     )
 
 
-def store_origin(store: Store) -> str | None:
-    """The scheme://host[:port] the store's presigned URLs point at, if it makes them."""
+def result_origin(settings: Settings, store: Store) -> str | None:
+    """The scheme://host[:port] of presigned result URLs (the bucket's CORS rules must allow
+    the page's origin); None when results are streamed by the API."""
+    if settings.result_redirect != "presigned":
+        return None
     url = store.presigned_url(contract.result_name("0" * 64, "png"), 60)
     if not url:
         return None

@@ -7,6 +7,7 @@ against a real API, real Redis and real prefork workers with the u2netp model.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -21,7 +22,14 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, BrowserContext, Playwright, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
 
 from bgq import contract
 from bgq.contract import Options
@@ -40,6 +48,7 @@ from tests.helpers import (
 
 KEY = "page-test-key"
 DONE = 120_000  # ms: a job through the queue, on 2 busy cores
+WAIT = 30_000  # ms: what the page shows next, with no model run in between
 CHROMIUM_FLAGS = [  # root in a container, no GPU, a closed network
     "--no-sandbox",
     "--disable-gpu",
@@ -109,10 +118,19 @@ class Watched:
     def __init__(self, context: BrowserContext, url: str) -> None:
         self.page = context.new_page()
         self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # script errors and refusals by the page's CSP
         self.page.on("request", lambda r: self.requests.append((r.method, r.url, r.headers)))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", self.console)
         self.page.goto(url)
+
+    def console(self, message: Any) -> None:
+        if "Content Security Policy" in message.text:
+            self.errors.append(message.text)
+
+    def calls(self, method: str, path: str) -> list[str]:
+        """The URLs of the page's requests with `method` whose path matches `path` (a regex)."""
+        return [u for m, u, _ in self.requests if m == method and re.search(path, u)]
 
     def job(self, name: str) -> Any:
         return self.page.locator(".job", has=self.page.locator(".name", has_text=name))
@@ -138,7 +156,30 @@ def same_pixels(got: bytes | Path, want: bytes) -> bool:
 
 
 def natural_width(img: Any) -> int:
+    img.scroll_into_view_if_needed()  # the page's images load lazily
+    expect(img).to_have_js_property("complete", True, timeout=WAIT)
     return int(img.evaluate("img => img.naturalWidth"))
+
+
+def drop(page: Page, name: str, data: bytes) -> None:
+    """Drop a file on the page, as a drag from the desktop would."""
+    transfer = page.evaluate_handle(
+        """([name, data]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+            return transfer;
+        }""",
+        [name, base64.b64encode(data).decode()],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def result_of(watched: Watched, name: str) -> bytes:
+    """The file the Download link of image `name` saves."""
+    with watched.page.expect_download() as info:
+        watched.job(name).locator("a.download").click()
+    return Path(info.value.path()).read_bytes()
 
 
 # -- served from the package -----------------------------------------------------------------
@@ -153,7 +194,11 @@ def test_page_is_served_from_the_package_with_nothing_from_elsewhere(base: str) 
     assert links and all(link.startswith(("/", "data:")) for link in links), links
     for link in links:
         if link.startswith("/static/"):
-            assert httpx.get(base + link).status_code == 200, link
+            served = httpx.get(base + link)
+            assert served.status_code == 200 and served.headers["cache-control"] == "no-cache"
+    licence = httpx.get(base + "/static/vendor/fflate.LICENSE.txt")
+    assert licence.headers["content-type"].startswith("text/plain")
+    assert httpx.get(base + "/static/page.html").status_code == 404  # the template is not served
     config = re.search(r'<script id="bgq-config"[^>]*>(.*?)</script>', page.text, re.S)
     assert config and '"model":"u2netp"' in config.group(1) and '"auth":false' in config.group(1)
     assert "/" not in httpx.get(base + "/openapi.json").json()["paths"]  # not in the contract
@@ -162,7 +207,7 @@ def test_page_is_served_from_the_package_with_nothing_from_elsewhere(base: str) 
 def test_vendored_library_is_the_pinned_release_with_its_licence() -> None:
     for name, digest in web.VENDORED.items():
         assert hashlib.sha256((web.STATIC / name).read_bytes()).hexdigest() == digest, name
-    assert "MIT License" in (web.STATIC / "vendor/fflate.LICENSE").read_text()
+    assert "MIT License" in (web.STATIC / "vendor/fflate.LICENSE.txt").read_text()
 
 
 def test_wheel_carries_every_page_file() -> None:
@@ -206,7 +251,7 @@ def test_upload_preview_download(
         watched = Watched(context, base)
         page = watched.page
         page.set_input_files("#files", [str(f) for f in files])
-        expect(watched.job("car.jpg")).to_have_attribute("data-state", "queued")
+        expect(watched.job("car.jpg")).to_have_attribute("data-state", "queued", timeout=WAIT)
         expect(watched.job("car.jpg").locator(".state")).to_have_text("queued")
     finally:
         control.resume()
@@ -253,6 +298,14 @@ def test_upload_preview_download(
     again = page.locator(".job").last
     expect(again.locator(".cache")).to_be_visible()
     expect(again).to_have_attribute("data-job", key_of(car))
+    expect(page.locator("#summary")).to_have_text("3 of 5 done · 2 failed · 1 from the cache")
+    # Each finished image's result was downloaded once, for its preview, and no more.
+    assert len(watched.calls("GET", r"/v1/jobs/[0-9a-f]{64}/result$")) == 3
+    assert len(watched.calls("POST", r"/v1/jobs$")) == 5
+
+    page.click("#clear")
+    expect(page.locator(".job")).to_have_count(0)
+    expect(page.locator("#summary")).to_have_text("No images yet.")
     assert not watched.errors
     origins = (base, "blob:", "data:", *([str(bucket)] if bucket else []))
     assert all(url.startswith(origins) for _, url, _ in watched.requests)
@@ -282,6 +335,10 @@ def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., s
         watched.final(2)
     anime = watched.job("anime-girl-1.jpg")
     expect(anime).to_have_attribute("data-state", "done")
+    drop(page, "dropped.jpg", variant("car-1.jpg", (50, 50, 450, 350)))  # same options
+    watched.final(3)
+    with Image.open(io.BytesIO(result_of(watched, "dropped.jpg"))) as img:
+        assert (img.format, img.size) == ("JPEG", (300, 200))
     expected = key_of(
         sample_bytes("anime-girl-1.jpg"),
         format="jpeg",
@@ -299,7 +356,53 @@ def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., s
     expect(html.locator(".error")).to_contain_text("Refused: cannot fetch image_url (not_an_image)")
 
 
-def test_api_key(context: BrowserContext, serve: Callable[..., str], tmp_path: Path) -> None:
+def test_many_images_at_once(context: BrowserContext, base: str, tmp_path: Path) -> None:
+    """24 images chosen together: all done, each result downloaded once, the page's requests
+    bounded (3 uploads, 4 status polls, 3 result downloads at a time)."""
+    names = [f"shot-{n:02}.jpg" for n in range(24)]
+    paths = [
+        photo(tmp_path, name, variant("cloth-1.jpg", (n * 7, n * 5, n * 7 + 160, n * 5 + 240)))
+        for n, name in enumerate(names)
+    ]
+    watched = Watched(context, base)
+    page = watched.page
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+
+    def kind(request: Any) -> str:
+        url = request.url
+        if request.method == "POST":
+            return "upload"
+        return "result" if url.endswith("/result") else "status" if "/v1/jobs/" in url else ""
+
+    def started(request: Any) -> None:
+        if name := kind(request):
+            in_flight[name] = in_flight.get(name, 0) + 1
+            most[name] = max(most.get(name, 0), in_flight[name])
+
+    def ended(request: Any) -> None:
+        if name := kind(request):
+            in_flight[name] -= 1
+
+    page.on("request", started)
+    page.on("requestfinished", ended)
+    page.on("requestfailed", ended)
+    page.set_input_files("#files", [str(p) for p in paths])
+    watched.final(24)
+    expect(page.locator(".job[data-state=done]")).to_have_count(24)
+    results = watched.calls("GET", r"/result$")
+    assert len(results) == len(set(results)) == 24
+    assert most["upload"] <= 3 and most.get("status", 0) <= 4 and most["result"] <= 3, most
+    with page.expect_download() as info:
+        page.click("#download-all")
+    with zipfile.ZipFile(info.value.path()) as archive:
+        assert sorted(archive.namelist()) == [name.replace(".jpg", ".png") for name in names]
+    assert not watched.errors
+
+
+def test_api_key(
+    context: BrowserContext, serve: Callable[..., str], tmp_path: Path, page_stack: LocalStack
+) -> None:
     """The page asks for the key, sends it as a bearer token, and never puts it in a URL."""
     base = serve(api_keys=KEY)
     watched = Watched(context, base)
@@ -312,6 +415,7 @@ def test_api_key(context: BrowserContext, serve: Callable[..., str], tmp_path: P
     job = watched.job("keyed.jpg")
     expect(job).to_have_attribute("data-state", "needs-key")
     expect(job.locator(".error")).to_contain_text("API key needed")
+    assert not watched.calls("POST", "/v1/jobs")  # held until there is a key
 
     with page.expect_response(lambda r: r.url.endswith("/v1/jobs")) as refused:
         page.fill("#key", "wrong-key")
@@ -320,6 +424,7 @@ def test_api_key(context: BrowserContext, serve: Callable[..., str], tmp_path: P
     assert refused.value.request.headers["authorization"] == "Bearer wrong-key"
     expect(job).to_have_attribute("data-state", "needs-key")
     expect(job.locator(".error")).to_contain_text("API key needed or not accepted")
+    expect(page.locator("#key-state")).to_have_text("key not accepted")
 
     page.fill("#key", KEY)
     page.press("#key", "Enter")
@@ -329,16 +434,37 @@ def test_api_key(context: BrowserContext, serve: Callable[..., str], tmp_path: P
     assert api_calls and api_calls[-1][2].get("authorization") == f"Bearer {KEY}"
     assert all(KEY not in url for _, url, _ in watched.requests)
     assert KEY not in page.url
+
+    # A key that stops working while a job is queued: the job waits, then goes on.
+    control = LocalStackControl(page_stack)
+    control.pause()
+    try:
+        second = photo(tmp_path, "queued.jpg", variant("car-1.jpg", (60, 40, 460, 340)))
+        page.set_input_files("#files", [str(second)])
+        queued = watched.job("queued.jpg")
+        expect(queued).to_have_attribute("data-state", "queued", timeout=WAIT)
+        page.fill("#key", "revoked-key")
+        page.press("#key", "Enter")
+        expect(queued).to_have_attribute("data-state", "needs-key", timeout=WAIT)
+        page.fill("#key", KEY)
+        page.press("#key", "Enter")
+        expect(queued).to_have_attribute("data-state", "queued", timeout=WAIT)
+    finally:
+        control.resume()
+    expect(queued).to_have_attribute("data-state", "done", timeout=DONE)
+    assert all(KEY not in url for _, url, _ in watched.requests)
     page.reload()  # the key lasts as long as the tab (sessionStorage), never in a URL
     expect(page.locator("#key-state")).to_have_text("key set")
 
 
 def test_errors_in_words(context: BrowserContext, tmp_path: Path, page_stack: LocalStack) -> None:
-    """413, 415, 422 and 503 from a real API whose Redis is gone."""
+    """413, 415, 422 and 503 from a real API whose Redis is gone; a file over the upload limit
+    is refused by the page itself, before it is sent."""
     settings = page_stack.settings.model_copy(
         update={
             "redis_url": "redis://127.0.0.1:9/0",
             "max_upload_mb": 1,
+            "max_megapixels": 2,
             "broker_retry_seconds": 1,
             "fetch_allow_private": False,
         }
@@ -350,8 +476,11 @@ def test_errors_in_words(context: BrowserContext, tmp_path: Path, page_stack: Lo
         big = Image.effect_noise((1200, 1200), 64).convert("RGB")
         buffer = io.BytesIO()
         big.save(buffer, "PNG")
+        wide = io.BytesIO()
+        Image.new("RGB", (3000, 1000), "white").save(wide, "PNG")
         files = {
             "big.png": buffer.getvalue(),  # over 1 MiB
+            "wide.png": wide.getvalue(),  # a small file of 3 MP, over the API's 2
             "notes.jpg": b"not a photo",
             "small.jpg": variant("car-1.jpg", (0, 0, 200, 200)),
         }
@@ -359,16 +488,22 @@ def test_errors_in_words(context: BrowserContext, tmp_path: Path, page_stack: Lo
         page.click(".urls summary")
         page.fill("#urls", "http://127.0.0.1:1/photo.jpg")
         page.click("#add-urls")
-        watched.final(4)
+        watched.final(5)
         words = {
-            "big.png": "Too large: ",
+            "big.png": f"Too large: {len(files['big.png']) / 2**20:.1f} MiB, over this service's "
+            "limit of 1.0 MiB",
+            "wide.png": "Too large: ",
             "notes.jpg": "Unsupported file: ",
             "photo.jpg": "Refused: cannot fetch image_url (not_allowed)",
             "small.jpg": "bgq is unavailable right now, try again in a moment: ",
         }
         for name, text in words.items():
             expect(watched.job(name).locator(".error")).to_contain_text(text)
-        expect(watched.job("small.jpg").locator(".retry")).to_be_visible()
+        assert len(watched.calls("POST", "/v1/jobs$")) == 4  # not big.png
+        with page.expect_response(lambda r: r.url.endswith("/v1/jobs")) as again:
+            watched.job("small.jpg").locator(".retry").click()
+        assert again.value.status == 503
+        expect(watched.job("small.jpg")).to_have_attribute("data-state", "failed", timeout=WAIT)
     finally:
         api.stop()
 

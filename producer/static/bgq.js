@@ -8,7 +8,8 @@
   const $ = (selector, root = document) => root.querySelector(selector);
 
   const UPLOADS_AT_ONCE = 3; // requests submitting images
-  const POLLS_AT_ONCE = 4; // status requests per round
+  const POLLS_AT_ONCE = 4; // status requests at a time, in a round
+  const RESULTS_AT_ONCE = 3; // result downloads
   const POLL_MIN_MS = 700;
   const POLL_MAX_MS = 5000; // a round of polls with no change waits longer, up to this
   const KEY_STORAGE = "bgq-api-key";
@@ -27,22 +28,45 @@
     sending: "uploading",
     queued: "queued",
     running: "running",
+    loading: "loading result",
     done: "done",
     failed: "failed",
     "needs-key": "needs a key",
   };
+  const PENDING = new Set(["waiting", "sending", "queued", "running", "loading"]);
 
   const items = []; // every image on the page, oldest first
   let nextItem = 1;
   let key = sessionStorage.getItem(KEY_STORAGE) || "";
+  let keyNeeded = config.auth; // the service wants a key (it said so, or answered a 401)
+  let keyRefused = false; // the API answered 401 to the current key
+  const keyMissing = () => (keyNeeded && !key) || keyRefused;
   let uploading = 0;
   let pollTimer = null;
   let pollDelay = POLL_MIN_MS;
+  let polling = false; // a round is running
+  let pollAgain = false; // something changed during the round: the next one comes soon
+  const results = []; // items whose result is to be downloaded
+  let downloading = 0;
 
   // -- talking to the API ---------------------------------------------------------------------
 
-  function headers() {
-    return key ? { Authorization: `Bearer ${key}` } : {};
+  class Gone extends Error {} // the item was cleared away while its request ran
+
+  /** fetch() with the key; throws Error("Cannot reach bgq: ...") on a network failure. */
+  async function call(item, path, init = {}) {
+    const sentKey = key;
+    const auth = sentKey ? { Authorization: `Bearer ${sentKey}` } : {};
+    let response;
+    try {
+      response = await fetch(path, { ...init, headers: auth, signal: item.abort.signal });
+    } catch (error) {
+      if (item.removed) throw new Gone();
+      throw new Error(`Cannot reach bgq: ${error.message}`);
+    }
+    if (item.removed) throw new Gone();
+    response.sentKey = sentKey;
+    return response;
   }
 
   /** The API's JSON error, in words: "Too large: request body over ...". */
@@ -56,14 +80,6 @@
     }
     const words = STATUS_WORDS[response.status] || `HTTP ${response.status}`;
     return message ? `${words}: ${message}` : words;
-  }
-
-  async function call(path, init = {}) {
-    try {
-      return await fetch(path, { ...init, headers: { ...headers(), ...(init.headers || {}) } });
-    } catch (error) {
-      throw new Error(`Cannot reach bgq: ${error.message}`);
-    }
   }
 
   // -- options ---------------------------------------------------------------------------------
@@ -112,7 +128,7 @@
     };
     const format = field("format").value;
     if (format !== "png") fields.push(["format", format]);
-    if (text("quality") !== "" && !check("quality", "^(100|[1-9][0-9]?)$", "a whole number from 1 to 100")) return null;
+    if (!check("quality", "^(100|[1-9][0-9]?)$", "a whole number from 1 to 100")) return null;
     if (field("crop").checked) fields.push(["crop", "true"]);
     const length = config.patterns.length;
     if (!check("crop_margin", length, "a length such as 20px or 5%")) return null;
@@ -136,24 +152,37 @@
 
   function addImages(sources) {
     const fields = currentFields();
-    if (fields === null || sources.length === 0) return;
+    if (fields === null || sources.length === 0) return false;
     for (const source of sources) {
       const item = { id: nextItem++, source, fields, state: "waiting", job: null, cached: false };
       item.name = typeof source === "string" ? urlName(source) : source.name || "pasted image";
       item.el = render(item);
       items.push(item);
-      update(item);
+      reset(item);
+      if (typeof source !== "string" && source.size > config.max_upload_bytes) {
+        const mib = (bytes) => (bytes / 2 ** 20).toFixed(1);
+        fail(item, `Too large: ${mib(source.size)} MiB, over this service's limit of ${mib(config.max_upload_bytes)} MiB`);
+      } else {
+        hold(item);
+      }
     }
     pump();
+    return true;
   }
 
+  /** The last part of a URL's path, for its card and its download's name. */
   function urlName(url) {
     try {
       const parsed = new URL(url);
       const last = parsed.pathname.split("/").filter(Boolean).pop();
-      return last ? decodeURIComponent(last) : parsed.hostname;
+      if (!last) return parsed.hostname;
+      try {
+        return decodeURIComponent(last);
+      } catch (_) {
+        return last;
+      }
     } catch (_) {
-      return url;
+      return "image";
     }
   }
 
@@ -163,14 +192,14 @@
     $(".name", el).textContent = item.name;
     $(".name", el).title = typeof item.source === "string" ? item.source : item.name;
     const original = $(".original img", el);
+    original.addEventListener("error", () => original.removeAttribute("src"), { once: true });
     if (typeof item.source === "string") {
-      original.src = item.source; // the browser's own request, as a link would make
       original.referrerPolicy = "no-referrer";
+      original.src = item.source; // the browser's own request, as a link would make
     } else {
       item.originalUrl = URL.createObjectURL(item.source);
       original.src = item.originalUrl;
     }
-    original.addEventListener("error", () => original.removeAttribute("src"), { once: true });
     $(".download", el).addEventListener("click", (event) => download(event, item));
     $(".retry", el).addEventListener("click", () => retry(item));
     $("#jobs").append(el);
@@ -178,6 +207,7 @@
   }
 
   function update(item) {
+    if (item.removed) return;
     const el = item.el;
     el.dataset.state = item.state;
     if (item.job) el.dataset.job = item.job;
@@ -185,7 +215,7 @@
     $(".cache", el).hidden = !item.cached;
     $(".error", el).textContent = item.error || "";
     const link = $(".download", el);
-    link.hidden = item.state !== "done" || !item.blob;
+    link.hidden = item.state !== "done";
     if (item.job) {
       link.href = `/v1/jobs/${item.job}/result`;
       link.download = resultName(item);
@@ -194,10 +224,14 @@
     summarise();
   }
 
+  /** A safe file name for a result: the input's name, its extension the result's format. */
   function resultName(item) {
-    const stem = item.name.replace(/\.[A-Za-z0-9]{1,5}$/, "") || "image";
+    const stem = item.name
+      .replace(/[\u0000-\u001f\u007f/\\:*?"<>|]+/g, "_")
+      .replace(/^[.\s]+/, "")
+      .replace(/\.[A-Za-z0-9]{1,5}$/, "");
     const type = item.blob ? item.blob.type : "";
-    return stem + (EXTENSIONS[type] || ".png");
+    return (stem.slice(0, 120) || "image") + (EXTENSIONS[type] || ".png");
   }
 
   function summarise() {
@@ -209,8 +243,8 @@
     if (failed) parts.push(`${failed} failed`);
     if (hits) parts.push(`${hits} from the cache`);
     $("#summary").textContent = items.length ? parts.join(" · ") : "No images yet.";
-    $("#download-all").disabled = !items.some((item) => item.state === "done" && item.blob);
-    $("#clear").disabled = items.length === 0 || uploading > 0;
+    $("#download-all").disabled = done === 0;
+    $("#clear").disabled = items.length === 0;
   }
 
   function fail(item, message) {
@@ -219,7 +253,27 @@
     update(item);
   }
 
+  /** A fresh start for an item: no job, no result, and a way to cancel its requests. */
+  function reset(item) {
+    if (item.resultUrl) URL.revokeObjectURL(item.resultUrl);
+    Object.assign(item, { job: null, cached: false, error: "", blob: null, resultUrl: null });
+    item.abort = new AbortController();
+    $(".result img", item.el).removeAttribute("src");
+  }
+
   // -- submitting ------------------------------------------------------------------------------
+
+  /** Wait for a key while the service needs one we do not have (or refused ours). */
+  function hold(item) {
+    if (keyMissing()) {
+      item.state = "needs-key";
+      item.error = keyRefused ? "API key not accepted: enter another above" : "API key needed: enter it above";
+    } else {
+      item.state = "waiting";
+      item.error = "";
+    }
+    update(item);
+  }
 
   /** Start uploads while fewer than UPLOADS_AT_ONCE run. */
   function pump() {
@@ -229,12 +283,15 @@
       uploading++;
       item.state = "sending";
       update(item);
-      submit(item).finally(() => {
-        uploading--;
-        pump();
-        summarise();
-      });
+      submit(item)
+        .catch((error) => error instanceof Gone || fail(item, error.message))
+        .finally(() => {
+          uploading--;
+          pump();
+          watchUnload();
+        });
     }
+    watchUnload();
   }
 
   async function submit(item) {
@@ -242,33 +299,36 @@
     for (const [name, value] of item.fields) body.append(name, value);
     if (typeof item.source === "string") body.append("image_url", item.source);
     else body.append("file", item.source, item.name);
-    let response;
-    try {
-      response = await call("/v1/jobs", { method: "POST", body });
-    } catch (error) {
-      return fail(item, error.message);
-    }
-    if (response.status === 401) return needKey(item, await describe(response));
+    const response = await call(item, "/v1/jobs", { method: "POST", body });
+    if (response.status === 401) return refused(item, response, () => hold(item));
     if (response.status !== 202) return fail(item, await describe(response));
     const job = await response.json();
     item.job = job.id;
     item.cached = job.cached;
-    item.state = job.status === "done" ? "running" : "queued";
-    update(item);
-    if (job.status === "done") await fetchResult(item);
-    else schedulePoll(POLL_MIN_MS);
+    if (job.status === "done") {
+      want(item);
+    } else {
+      item.state = "queued";
+      update(item);
+      schedulePoll(POLL_MIN_MS);
+    }
   }
 
   function retry(item) {
-    Object.assign(item, { state: "waiting", job: null, cached: false, error: "", blob: null });
-    $(".result img", item.el).removeAttribute("src");
-    update(item);
+    reset(item);
+    hold(item);
     pump();
   }
 
   // -- watching jobs ---------------------------------------------------------------------------
 
+  const watching = (item) => item.job && (item.state === "queued" || item.state === "running");
+
   function schedulePoll(delay) {
+    if (polling) {
+      pollAgain = true; // after the round that is running
+      return;
+    }
     if (pollTimer !== null) {
       if (delay >= pollDelay) return;
       clearTimeout(pollTimer);
@@ -280,64 +340,85 @@
   /** One round: the status of every job not yet final, POLLS_AT_ONCE requests at a time. */
   async function pollRound() {
     pollTimer = null;
-    const pending = items.filter((item) => item.job && ["queued", "running"].includes(item.state));
+    polling = true;
+    pollAgain = false;
     let changed = false;
-    for (let i = 0; i < pending.length; i += POLLS_AT_ONCE) {
-      const results = await Promise.all(pending.slice(i, i + POLLS_AT_ONCE).map(poll));
-      changed = changed || results.some(Boolean);
+    try {
+      const pending = items.filter(watching);
+      for (let i = 0; i < pending.length; i += POLLS_AT_ONCE) {
+        const answers = await Promise.all(pending.slice(i, i + POLLS_AT_ONCE).map(poll));
+        changed = changed || answers.some(Boolean);
+      }
+    } finally {
+      polling = false;
+      if (items.some(watching)) {
+        const calm = Math.min(POLL_MAX_MS, pollDelay * 1.5);
+        schedulePoll(changed || pollAgain ? POLL_MIN_MS : calm);
+      }
     }
-    const still = items.some((item) => item.job && ["queued", "running"].includes(item.state));
-    if (still) schedulePoll(changed ? POLL_MIN_MS : Math.min(POLL_MAX_MS, pollDelay * 1.5));
   }
 
-  /** Ask for one job's status; true when it changed. */
+  /** Ask for one job's status; true when it changed. Never throws. */
   async function poll(item) {
-    if (item.state !== "queued" && item.state !== "running") return false; // changed meanwhile
+    if (!watching(item)) return false; // changed meanwhile
     const before = item.state;
-    let response;
     try {
-      response = await call(`/v1/jobs/${item.job}`);
+      const response = await call(item, `/v1/jobs/${item.job}`);
+      if (response.status === 401) {
+        refused(item, response, () => {});
+      } else if (response.status === 503) {
+        banner(await describe(response));
+      } else if (!response.ok) {
+        fail(item, await describe(response));
+      } else {
+        const view = await response.json();
+        banner("");
+        if (view.status === "failed") fail(item, view.error || "the job failed");
+        else if (view.status === "done") want(item);
+        else {
+          item.state = view.status;
+          update(item);
+        }
+      }
     } catch (error) {
-      banner(error.message);
-      return false;
-    }
-    if (response.status === 401) {
-      needKey(item, await describe(response));
-      return true;
-    }
-    if (response.status === 503) {
-      banner(await describe(response));
-      return false;
-    }
-    if (!response.ok) {
-      fail(item, await describe(response));
-      return true;
-    }
-    banner("");
-    const view = await response.json();
-    if (view.status === "failed") {
-      fail(item, view.error || "the job failed");
-    } else if (view.status === "done") {
-      item.state = "running";
-      await fetchResult(item);
-    } else {
-      item.state = view.status;
-      update(item);
+      if (!(error instanceof Gone)) banner(error.message);
     }
     return item.state !== before;
   }
 
-  async function fetchResult(item) {
-    let response;
-    try {
-      response = await call(`/v1/jobs/${item.job}/result`);
-    } catch (error) {
-      return fail(item, `${error.message} (reading the result)`);
+  // -- results ---------------------------------------------------------------------------------
+
+  /** Queue the download of a done job's result (once). */
+  function want(item) {
+    item.state = "loading";
+    update(item);
+    results.push(item);
+    fetchResults();
+  }
+
+  function fetchResults() {
+    while (downloading < RESULTS_AT_ONCE && results.length) {
+      const item = results.shift();
+      if (item.removed || item.state !== "loading") continue;
+      downloading++;
+      fetchResult(item)
+        .catch((error) => error instanceof Gone || fail(item, `${error.message} (reading the result)`))
+        .finally(() => {
+          downloading--;
+          fetchResults();
+          watchUnload();
+        });
     }
-    if (response.status === 401) return needKey(item, await describe(response));
+  }
+
+  async function fetchResult(item) {
+    const response = await call(item, `/v1/jobs/${item.job}/result`);
+    if (response.status === 401) return refused(item, response, () => want(item));
     if (!response.ok) return fail(item, await describe(response));
-    item.blob = await response.blob();
-    item.resultUrl = URL.createObjectURL(item.blob);
+    const blob = await response.blob();
+    if (item.removed) throw new Gone();
+    item.blob = blob;
+    item.resultUrl = URL.createObjectURL(blob);
     $(".result img", item.el).src = item.resultUrl;
     item.state = "done";
     item.error = "";
@@ -364,64 +445,99 @@
     setTimeout(() => URL.revokeObjectURL(link.href), 60000);
   }
 
+  /** A zip of every finished result, built a file at a time (stored: the images are
+   *  compressed already). */
   async function downloadAll() {
-    const files = {};
-    for (const item of items) {
-      if (item.state !== "done" || !item.blob) continue;
-      let name = resultName(item);
-      for (let n = 2; name in files; n++) name = resultName(item).replace(/(\.\w+)$/, `-${n}$1`);
-      files[name] = new Uint8Array(await item.blob.arrayBuffer());
+    const button = $("#download-all");
+    button.disabled = true;
+    try {
+      const chunks = [];
+      const zip = new fflate.Zip((error, chunk) => {
+        if (error) throw error;
+        chunks.push(chunk);
+      });
+      const taken = new Set();
+      for (const item of items.filter((candidate) => candidate.state === "done")) {
+        let name = resultName(item);
+        for (let n = 2; taken.has(name.toLowerCase()); n++) {
+          name = resultName(item).replace(/(\.\w+)$/, `-${n}$1`);
+        }
+        taken.add(name.toLowerCase());
+        const entry = new fflate.ZipPassThrough(name);
+        zip.add(entry);
+        entry.push(new Uint8Array(await item.blob.arrayBuffer()), true);
+      }
+      zip.end();
+      save(new Blob(chunks, { type: "application/zip" }), "bgq-results.zip");
+    } finally {
+      summarise();
     }
-    // Stored, not deflated: PNG, WebP and JPEG are compressed already.
-    const zipped = fflate.zipSync(files, { level: 0 });
-    save(new Blob([zipped], { type: "application/zip" }), "bgq-results.zip");
   }
 
   function clearAll() {
     for (const item of items) {
+      item.removed = true;
+      item.abort.abort();
       if (item.originalUrl) URL.revokeObjectURL(item.originalUrl);
       if (item.resultUrl) URL.revokeObjectURL(item.resultUrl);
       item.el.remove();
     }
     items.length = 0;
+    results.length = 0;
     banner("");
     summarise();
+    watchUnload();
   }
 
   // -- the key ---------------------------------------------------------------------------------
 
-  function needKey(item, message) {
+  /** A 401. Sent with an older key than the one entered since: `again` at once. Else the
+   *  key is missing or refused: the item waits for a key, and so do new uploads. */
+  async function refused(item, response, again) {
+    if (response.sentKey !== key) return again();
+    const message = await describe(response);
+    keyNeeded = true;
+    if (key) keyRefused = true;
     item.state = "needs-key";
     item.error = message;
     update(item);
-    showKeyForm(true);
+    showKeyForm();
   }
 
-  function showKeyForm(needed) {
+  function showKeyForm() {
     const keyForm = $("#key-form");
+    const needed = keyMissing();
+    const wasNeeded = keyForm.classList.contains("needed");
     keyForm.hidden = false;
-    keyForm.classList.toggle("needed", needed && !key);
-    $("#key-state").textContent = key ? "key set" : needed ? "this bgq needs an API key" : "";
-    if (needed) $("#key").focus();
+    keyForm.classList.toggle("needed", needed);
+    $("#key-state").textContent = keyRefused
+      ? "key not accepted"
+      : key
+        ? "key set"
+        : needed
+          ? "this bgq needs an API key"
+          : "";
+    if (needed && !wasNeeded) $("#key").focus();
   }
 
   function useKey(event) {
     event.preventDefault(); // the form is never sent anywhere: the key stays out of URLs
-    key = $("#key").value.trim();
+    const given = $("#key").value.trim();
+    if (!given) return;
+    key = given;
+    keyRefused = false;
     $("#key").value = "";
-    if (key) sessionStorage.setItem(KEY_STORAGE, key);
-    else sessionStorage.removeItem(KEY_STORAGE);
-    showKeyForm(false);
+    sessionStorage.setItem(KEY_STORAGE, key);
+    showKeyForm();
     for (const item of items) {
       if (item.state !== "needs-key") continue;
-      item.error = "";
-      if (item.job && !item.blob) {
+      if (item.job) {
         item.state = "queued"; // submitted: go on watching it
+        item.error = "";
         update(item);
         schedulePoll(POLL_MIN_MS);
       } else {
-        item.state = "waiting";
-        update(item);
+        hold(item);
       }
     }
     pump();
@@ -435,24 +551,30 @@
     el.hidden = !message;
   }
 
+  /** Ask before leaving while images are still on their way (their results would be lost). */
+  function watchUnload() {
+    const busy = items.some((item) => PENDING.has(item.state));
+    window.onbeforeunload = busy ? (event) => event.preventDefault() : null;
+  }
+
   function setUpInputs() {
     const drop = $("#drop");
     $("#files").addEventListener("change", (event) => {
       addImages([...event.target.files]);
       event.target.value = "";
     });
-    drop.addEventListener("dragover", (event) => {
+    // A file dropped anywhere is taken, never opened by the browser in place of the page.
+    document.addEventListener("dragover", (event) => {
       event.preventDefault();
       drop.classList.add("over");
     });
-    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-    drop.addEventListener("drop", (event) => {
+    document.addEventListener("dragleave", (event) => {
+      if (event.relatedTarget === null) drop.classList.remove("over");
+    });
+    document.addEventListener("drop", (event) => {
       event.preventDefault();
       drop.classList.remove("over");
       addImages([...event.dataTransfer.files]);
-    });
-    drop.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" || event.key === " ") $("#files").click();
     });
     document.addEventListener("paste", (event) => {
       if (event.target.closest("input, textarea")) return;
@@ -461,9 +583,7 @@
     });
     $("#add-urls").addEventListener("click", () => {
       const urls = $("#urls").value.split(/\s+/).filter(Boolean);
-      if (currentFields() === null) return;
-      addImages(urls);
-      $("#urls").value = "";
+      if (addImages(urls)) $("#urls").value = "";
     });
     $("#download-all").addEventListener("click", downloadAll);
     $("#clear").addEventListener("click", clearAll);
@@ -473,6 +593,6 @@
   $("#version").textContent = config.version;
   setUpOptions();
   setUpInputs();
-  if (config.auth) showKeyForm(!key);
+  if (config.auth || key) showKeyForm();
   summarise();
 })();
