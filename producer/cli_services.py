@@ -85,7 +85,7 @@ def api(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = defaults.API_HOST,
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.API_PORT,
 ) -> None:
-    """Serve the HTTP API (FastAPI on uvicorn); docs at /docs, schema at /openapi.json."""
+    """Serve the HTTP API (FastAPI on uvicorn) and the web page at /; schema at /openapi.json."""
     import uvicorn
 
     from producer.api import create_app

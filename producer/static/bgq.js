@@ -12,6 +12,9 @@
   const RESULTS_AT_ONCE = 3; // result downloads
   const POLL_MIN_MS = 700;
   const POLL_MAX_MS = 5000; // a round of polls with no change waits longer, up to this
+  const STATUS_TIMEOUT_MS = 20000; // a status request that takes longer is tried again
+  const RESULT_TIMEOUT_MS = 120000;
+  const BACKOFF_MAX_MS = 30000; // uploads wait this long at most after the API was unavailable
   const KEY_STORAGE = "bgq-api-key";
   const EXTENSIONS = { "image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg" };
   const STATUS_WORDS = {
@@ -48,26 +51,35 @@
   let pollAgain = false; // something changed during the round: the next one comes soon
   const results = []; // items whose result is to be downloaded
   let downloading = 0;
+  let backoff = 0; // ms uploads wait after the API was unavailable (0: it answered)
+  let uploadsPaused = null; // the timer that ends such a wait
+  let zipping = false;
 
   // -- talking to the API ---------------------------------------------------------------------
 
   class Gone extends Error {} // the item was cleared away while its request ran
+  class Unreachable extends Error {} // no answer (network, timeout): worth trying again
 
-  /** fetch() with the key; throws Error("Cannot reach bgq: ...") on a network failure. */
-  async function call(item, path, init = {}) {
+  /** fetch() with the key and an optional time limit; throws Unreachable when no answer came. */
+  async function call(item, path, init = {}, timeout = 0) {
     const sentKey = key;
     const auth = sentKey ? { Authorization: `Bearer ${sentKey}` } : {};
+    const signals = [item.abort.signal, ...(timeout ? [AbortSignal.timeout(timeout)] : [])];
     let response;
     try {
-      response = await fetch(path, { ...init, headers: auth, signal: item.abort.signal });
+      response = await fetch(path, { ...init, headers: auth, signal: AbortSignal.any(signals) });
     } catch (error) {
       if (item.removed) throw new Gone();
-      throw new Error(`Cannot reach bgq: ${error.message}`);
+      throw new Unreachable(`Cannot reach bgq: ${error.message}`);
     }
     if (item.removed) throw new Gone();
     response.sentKey = sentKey;
     return response;
   }
+
+  /** An answer that may well be different soon: the API or a proxy in front of it is
+   *  unavailable (restarting, overloaded, its Redis down). */
+  const temporary = (response) => [500, 502, 503, 504].includes(response.status);
 
   /** The API's JSON error, in words: "Too large: request body over ...". */
   async function describe(response) {
@@ -159,12 +171,7 @@
       item.el = render(item);
       items.push(item);
       reset(item);
-      if (typeof source !== "string" && source.size > config.max_upload_bytes) {
-        const mib = (bytes) => (bytes / 2 ** 20).toFixed(1);
-        fail(item, `Too large: ${mib(source.size)} MiB, over this service's limit of ${mib(config.max_upload_bytes)} MiB`);
-      } else {
-        hold(item);
-      }
+      hold(item);
     }
     pump();
     return true;
@@ -222,6 +229,7 @@
     }
     $(".retry", el).hidden = item.state !== "failed";
     summarise();
+    watchUnload();
   }
 
   /** A safe file name for a result: the input's name, its extension the result's format. */
@@ -243,7 +251,8 @@
     if (failed) parts.push(`${failed} failed`);
     if (hits) parts.push(`${hits} from the cache`);
     $("#summary").textContent = items.length ? parts.join(" · ") : "No images yet.";
-    $("#download-all").disabled = done === 0;
+    $("#download-all").disabled = done === 0 || zipping;
+    $("#retry-failed").disabled = failed === 0;
     $("#clear").disabled = items.length === 0;
   }
 
@@ -263,9 +272,15 @@
 
   // -- submitting ------------------------------------------------------------------------------
 
-  /** Wait for a key while the service needs one we do not have (or refused ours). */
+  /** Ready an item to be sent: refused at once when too large; waiting for a key while the
+   *  service needs one we do not have (or refused ours); else waiting for its turn. */
   function hold(item) {
-    if (keyMissing()) {
+    const size = typeof item.source === "string" ? 0 : item.source.size;
+    if (size > config.max_upload_bytes) {
+      const mib = (bytes) => (bytes / 2 ** 20).toFixed(1);
+      const limit = mib(config.max_upload_bytes);
+      fail(item, `Too large: ${mib(size)} MiB, over this service's limit of ${limit} MiB`);
+    } else if (keyMissing()) {
       item.state = "needs-key";
       item.error = keyRefused ? "API key not accepted: enter another above" : "API key needed: enter it above";
     } else {
@@ -275,23 +290,41 @@
     update(item);
   }
 
-  /** Start uploads while fewer than UPLOADS_AT_ONCE run. */
+  /** Start uploads while fewer than UPLOADS_AT_ONCE run (none while a key is missing, or
+   *  while waiting after the API was unavailable). */
   function pump() {
-    while (uploading < UPLOADS_AT_ONCE) {
+    while (uploading < UPLOADS_AT_ONCE && !keyMissing() && uploadsPaused === null) {
       const item = items.find((candidate) => candidate.state === "waiting");
       if (!item) break;
       uploading++;
       item.state = "sending";
       update(item);
       submit(item)
-        .catch((error) => error instanceof Gone || fail(item, error.message))
+        .catch((error) => {
+          if (error instanceof Unreachable) unavailable(item, error.message, null);
+          else if (!(error instanceof Gone)) fail(item, error.message);
+        })
         .finally(() => {
           uploading--;
           pump();
-          watchUnload();
         });
     }
-    watchUnload();
+  }
+
+  /** The API did not answer or was unavailable: the item goes back in line, and uploads
+   *  wait (Retry-After, else doubling from 2 s up to 30 s) before trying again. */
+  function unavailable(item, message, retryAfter) {
+    item.state = "waiting";
+    backoff = Math.min(BACKOFF_MAX_MS, retryAfter ? retryAfter * 1000 : Math.max(2000, backoff * 2));
+    item.error = `${message} (trying again in ${Math.round(backoff / 1000)} s)`;
+    update(item);
+    banner(message);
+    if (uploadsPaused === null) {
+      uploadsPaused = setTimeout(() => {
+        uploadsPaused = null;
+        pump();
+      }, backoff);
+    }
   }
 
   async function submit(item) {
@@ -301,7 +334,13 @@
     else body.append("file", item.source, item.name);
     const response = await call(item, "/v1/jobs", { method: "POST", body });
     if (response.status === 401) return refused(item, response, () => hold(item));
+    if (temporary(response)) {
+      const retryAfter = Number(response.headers.get("Retry-After")) || null;
+      return unavailable(item, await describe(response), retryAfter);
+    }
     if (response.status !== 202) return fail(item, await describe(response));
+    backoff = 0;
+    banner("");
     const job = await response.json();
     item.job = job.id;
     item.cached = job.cached;
@@ -318,6 +357,10 @@
     reset(item);
     hold(item);
     pump();
+  }
+
+  function retryFailed() {
+    for (const item of items) if (item.state === "failed") retry(item);
   }
 
   // -- watching jobs ---------------------------------------------------------------------------
@@ -344,11 +387,14 @@
     pollAgain = false;
     let changed = false;
     try {
+      // POLLS_AT_ONCE lanes: a slow answer holds up its own lane, not the others.
       const pending = items.filter(watching);
-      for (let i = 0; i < pending.length; i += POLLS_AT_ONCE) {
-        const answers = await Promise.all(pending.slice(i, i + POLLS_AT_ONCE).map(poll));
-        changed = changed || answers.some(Boolean);
-      }
+      const lane = async () => {
+        for (let item = pending.shift(); item; item = pending.shift()) {
+          if (await poll(item)) changed = true;
+        }
+      };
+      await Promise.all(Array.from({ length: POLLS_AT_ONCE }, lane));
     } finally {
       polling = false;
       if (items.some(watching)) {
@@ -363,11 +409,11 @@
     if (!watching(item)) return false; // changed meanwhile
     const before = item.state;
     try {
-      const response = await call(item, `/v1/jobs/${item.job}`);
+      const response = await call(item, `/v1/jobs/${item.job}`, {}, STATUS_TIMEOUT_MS);
       if (response.status === 401) {
-        refused(item, response, () => {});
-      } else if (response.status === 503) {
-        banner(await describe(response));
+        await refused(item, response, () => {});
+      } else if (temporary(response)) {
+        banner(await describe(response)); // asked again next round
       } else if (!response.ok) {
         fail(item, await describe(response));
       } else {
@@ -402,18 +448,21 @@
       if (item.removed || item.state !== "loading") continue;
       downloading++;
       fetchResult(item)
-        .catch((error) => error instanceof Gone || fail(item, `${error.message} (reading the result)`))
+        .catch((error) => {
+          if (error instanceof Unreachable) watchAgain(item, error.message);
+          else if (!(error instanceof Gone)) fail(item, `${error.message} (reading the result)`);
+        })
         .finally(() => {
           downloading--;
           fetchResults();
-          watchUnload();
         });
     }
   }
 
   async function fetchResult(item) {
-    const response = await call(item, `/v1/jobs/${item.job}/result`);
+    const response = await call(item, `/v1/jobs/${item.job}/result`, {}, RESULT_TIMEOUT_MS);
     if (response.status === 401) return refused(item, response, () => want(item));
+    if (temporary(response)) return watchAgain(item, await describe(response));
     if (!response.ok) return fail(item, await describe(response));
     const blob = await response.blob();
     if (item.removed) throw new Gone();
@@ -423,6 +472,14 @@
     item.state = "done";
     item.error = "";
     update(item);
+  }
+
+  /** The result could not be read just now: watch the job again, and read it when done. */
+  function watchAgain(item, message) {
+    banner(message);
+    item.state = "queued";
+    update(item);
+    schedulePoll(POLL_MAX_MS);
   }
 
   // -- downloads -------------------------------------------------------------------------------
@@ -448,8 +505,8 @@
   /** A zip of every finished result, built a file at a time (stored: the images are
    *  compressed already). */
   async function downloadAll() {
-    const button = $("#download-all");
-    button.disabled = true;
+    zipping = true;
+    summarise();
     try {
       const chunks = [];
       const zip = new fflate.Zip((error, chunk) => {
@@ -469,7 +526,10 @@
       }
       zip.end();
       save(new Blob(chunks, { type: "application/zip" }), "bgq-results.zip");
+    } catch (error) {
+      banner(`Cannot make the zip: ${error.message}`);
     } finally {
+      zipping = false;
       summarise();
     }
   }
@@ -494,13 +554,14 @@
   /** A 401. Sent with an older key than the one entered since: `again` at once. Else the
    *  key is missing or refused: the item waits for a key, and so do new uploads. */
   async function refused(item, response, again) {
-    if (response.sentKey !== key) return again();
     const message = await describe(response);
+    if (response.sentKey !== key) return again(); // compared after the wait for the body
     keyNeeded = true;
     if (key) keyRefused = true;
     item.state = "needs-key";
     item.error = message;
     update(item);
+    for (const other of items) if (other.state === "waiting") hold(other);
     showKeyForm();
   }
 
@@ -554,7 +615,12 @@
   /** Ask before leaving while images are still on their way (their results would be lost). */
   function watchUnload() {
     const busy = items.some((item) => PENDING.has(item.state));
-    window.onbeforeunload = busy ? (event) => event.preventDefault() : null;
+    window.onbeforeunload = busy
+      ? (event) => {
+          event.preventDefault();
+          event.returnValue = true;
+        }
+      : null;
   }
 
   function setUpInputs() {
@@ -564,7 +630,9 @@
       event.target.value = "";
     });
     // A file dropped anywhere is taken, never opened by the browser in place of the page.
+    const intoText = (event) => event.target.closest("input, textarea") !== null;
     document.addEventListener("dragover", (event) => {
+      if (intoText(event)) return; // text and links dropped into a field go in as usual
       event.preventDefault();
       drop.classList.add("over");
     });
@@ -572,9 +640,15 @@
       if (event.relatedTarget === null) drop.classList.remove("over");
     });
     document.addEventListener("drop", (event) => {
-      event.preventDefault();
       drop.classList.remove("over");
-      addImages([...event.dataTransfer.files]);
+      if (intoText(event)) return;
+      event.preventDefault();
+      const files = [...event.dataTransfer.files];
+      // An image dragged from another page comes as its URL.
+      const links = (event.dataTransfer.getData("text/uri-list") || "")
+        .split(/\r?\n/)
+        .filter((line) => /^https?:\/\//.test(line));
+      addImages(files.length ? files : links);
     });
     document.addEventListener("paste", (event) => {
       if (event.target.closest("input, textarea")) return;
@@ -586,6 +660,7 @@
       if (addImages(urls)) $("#urls").value = "";
     });
     $("#download-all").addEventListener("click", downloadAll);
+    $("#retry-failed").addEventListener("click", retryFailed);
     $("#clear").addEventListener("click", clearAll);
     $("#key-form").addEventListener("submit", useKey);
   }
