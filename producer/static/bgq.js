@@ -2,672 +2,521 @@
 // POST /v1/jobs, then GET /v1/jobs/{id} until it is done or failed, then GET .../result.
 // The API key (if the server wants one) is kept in this tab's sessionStorage and sent only
 // as an Authorization header, never in a URL.
-"use strict";
-(() => {
-  const config = JSON.parse(document.getElementById("bgq-config").textContent);
-  const $ = (selector, root = document) => root.querySelector(selector);
+import { currentFields, setUpOptions } from "./options.js";
+import { Gone, Unreachable, call, describe, temporary } from "./api.js";
+import { resultName, save, zipResults } from "./files.js";
 
-  const UPLOADS_AT_ONCE = 3; // requests submitting images
-  const POLLS_AT_ONCE = 4; // status requests at a time, in a round
-  const RESULTS_AT_ONCE = 3; // result downloads
-  const POLL_MIN_MS = 700;
-  const POLL_MAX_MS = 5000; // a round of polls with no change waits longer, up to this
-  const STATUS_TIMEOUT_MS = 20000; // a status request that takes longer is tried again
-  const RESULT_TIMEOUT_MS = 120000;
-  const BACKOFF_MAX_MS = 30000; // uploads wait this long at most after the API was unavailable
-  const KEY_STORAGE = "bgq-api-key";
-  const EXTENSIONS = { "image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg" };
-  const STATUS_WORDS = {
-    401: "API key needed or not accepted",
-    404: "Not found",
-    409: "Not available",
-    413: "Too large",
-    415: "Unsupported file",
-    422: "Refused",
-    503: "bgq is unavailable right now, try again in a moment",
-  };
-  const STATE_WORDS = {
-    waiting: "waiting",
-    sending: "uploading",
-    queued: "queued",
-    running: "running",
-    loading: "loading result",
-    done: "done",
-    failed: "failed",
-    "needs-key": "needs a key",
-  };
-  const PENDING = new Set(["waiting", "sending", "queued", "running", "loading"]);
+const config = JSON.parse(document.getElementById("bgq-config").textContent);
+const $ = (selector, root = document) => root.querySelector(selector);
 
-  const items = []; // every image on the page, oldest first
-  let nextItem = 1;
-  let key = sessionStorage.getItem(KEY_STORAGE) || "";
-  let keyNeeded = config.auth; // the service wants a key (it said so, or answered a 401)
-  let keyRefused = false; // the API answered 401 to the current key
-  const keyMissing = () => (keyNeeded && !key) || keyRefused;
-  let uploading = 0;
-  let pollTimer = null;
-  let pollDelay = POLL_MIN_MS;
-  let polling = false; // a round is running
-  let pollAgain = false; // something changed during the round: the next one comes soon
-  const results = []; // items whose result is to be downloaded
-  let downloading = 0;
-  let backoff = 0; // ms uploads wait after the API was unavailable (0: it answered)
-  let uploadsPaused = null; // the timer that ends such a wait
-  let zipping = false;
+const UPLOADS_AT_ONCE = 3; // requests submitting images
+const POLLS_AT_ONCE = 4; // status requests at a time, in a round
+const RESULTS_AT_ONCE = 3; // result downloads
+const POLL_MIN_MS = 700;
+const POLL_MAX_MS = 5000; // a round of polls with no change waits longer, up to this
+const STATUS_TIMEOUT_MS = 20000; // a status request that takes longer is tried again
+const RESULT_TIMEOUT_MS = 120000;
+const BACKOFF_MAX_MS = 30000; // uploads wait this long at most after the API was unavailable
+const KEY_STORAGE = "bgq-api-key";
+const STATE_WORDS = {
+  waiting: "waiting",
+  sending: "uploading",
+  queued: "queued",
+  running: "running",
+  loading: "loading result",
+  done: "done",
+  failed: "failed",
+  "needs-key": "needs a key",
+};
+const PENDING = new Set(["waiting", "sending", "queued", "running", "loading"]);
 
-  // -- talking to the API ---------------------------------------------------------------------
+const items = []; // every image on the page, oldest first
+let nextItem = 1;
+let key = sessionStorage.getItem(KEY_STORAGE) || "";
+let keyNeeded = config.auth; // the service wants a key (it said so, or answered a 401)
+let keyRefused = false; // the API answered 401 to the current key
+const keyMissing = () => (keyNeeded && !key) || keyRefused;
+let uploading = 0;
+let pollTimer = null;
+let pollDelay = POLL_MIN_MS;
+let polling = false; // a round is running
+let pollAgain = false; // something changed during the round: the next one comes soon
+const results = []; // items whose result is to be downloaded
+let downloading = 0;
+let backoff = 0; // ms uploads wait after the API was unavailable (0: it answered)
+let uploadsPaused = null; // the timer that ends such a wait
+let zipping = false;
 
-  class Gone extends Error {} // the item was cleared away while its request ran
-  class Unreachable extends Error {} // no answer (network, timeout): worth trying again
+// -- images on the page ----------------------------------------------------------------------
 
-  /** fetch() with the key and an optional time limit; throws Unreachable when no answer came. */
-  async function call(item, path, init = {}, timeout = 0) {
-    const sentKey = key;
-    const auth = sentKey ? { Authorization: `Bearer ${sentKey}` } : {};
-    const signals = [item.abort.signal, ...(timeout ? [AbortSignal.timeout(timeout)] : [])];
-    let response;
-    try {
-      response = await fetch(path, { ...init, headers: auth, signal: AbortSignal.any(signals) });
-    } catch (error) {
-      if (item.removed) throw new Gone();
-      throw new Unreachable(`Cannot reach bgq: ${error.message}`);
-    }
-    if (item.removed) throw new Gone();
-    response.sentKey = sentKey;
-    return response;
-  }
-
-  /** An answer that may well be different soon: the API or a proxy in front of it is
-   *  unavailable (restarting, overloaded, its Redis down). */
-  const temporary = (response) => [500, 502, 503, 504].includes(response.status);
-
-  /** The API's JSON error, in words: "Too large: request body over ...". */
-  async function describe(response) {
-    let message = "";
-    try {
-      const body = await response.json();
-      message = (body.error && body.error.message) || "";
-    } catch (_) {
-      message = response.statusText;
-    }
-    const words = STATUS_WORDS[response.status] || `HTTP ${response.status}`;
-    return message ? `${words}: ${message}` : words;
-  }
-
-  // -- options ---------------------------------------------------------------------------------
-
-  const form = $("#options");
-  const field = (id) => $(`#${id}`, form);
-
-  function setUpOptions() {
-    for (const name of config.models) {
-      field("model").append(new Option(name, name, false, name === config.model));
-    }
-    field("quality").placeholder = String(config.quality);
-    form.addEventListener("input", syncOptions);
-    form.addEventListener("change", syncOptions);
-    syncOptions();
-  }
-
-  /** Enable only what applies: quality to webp/jpeg, margin to crop, padding to a canvas. */
-  function syncOptions() {
-    field("quality").disabled = field("format").value === "png";
-    field("crop_margin").disabled = !field("crop").checked;
-    const canvas = field("canvas").value.trim() !== "";
-    field("padding").disabled = !canvas;
-    field("position").disabled = !canvas;
-    field("bgcolor").disabled = !field("use-bgcolor").checked;
-    $("#options-error").textContent = "";
-    for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
-  }
-
-  /** The form fields of the current options (only those that differ from the defaults), or
-   *  null with the fault shown when a value cannot be right. */
-  function currentFields() {
-    const fields = [["model", field("model").value]];
-    const text = (id) => (field(id).disabled ? "" : field(id).value.trim());
-    const check = (id, pattern, words) => {
-      const value = text(id);
-      if (value === "") return true;
-      if (new RegExp(pattern).test(value)) {
-        fields.push([id, value]);
-        return true;
-      }
-      field(id).setAttribute("aria-invalid", "true");
-      $("#options-error").textContent = `${id.replace("_", " ")}: ${words}`;
-      field(id).focus();
-      return false;
-    };
-    const format = field("format").value;
-    if (format !== "png") fields.push(["format", format]);
-    if (!check("quality", "^(100|[1-9][0-9]?)$", "a whole number from 1 to 100")) return null;
-    if (field("crop").checked) fields.push(["crop", "true"]);
-    const length = config.patterns.length;
-    if (!check("crop_margin", length, "a length such as 20px or 5%")) return null;
-    if (!check("canvas", config.patterns.canvas, "width x height in pixels, such as 1000x1000")) return null;
-    if (!check("padding", length, "a length such as 40px or 5%")) return null;
-    if (!field("position").disabled && field("position").value !== "center") {
-      fields.push(["position", field("position").value]);
-    }
-    if (field("use-bgcolor").checked) {
-      const hex = field("bgcolor").value; // #rrggbb
-      const rgb = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
-      fields.push(["bgcolor", `${rgb.join(",")},255`]);
-    }
-    for (const flag of ["alpha_matting", "post_process_mask", "only_mask"]) {
-      if (field(flag).checked) fields.push([flag, "true"]);
-    }
-    return fields;
-  }
-
-  // -- images on the page ----------------------------------------------------------------------
-
-  function addImages(sources) {
-    const fields = currentFields();
-    if (fields === null || sources.length === 0) return false;
-    for (const source of sources) {
-      const item = { id: nextItem++, source, fields, state: "waiting", job: null, cached: false };
-      item.name = typeof source === "string" ? urlName(source) : source.name || "pasted image";
-      item.el = render(item);
-      items.push(item);
-      reset(item);
-      hold(item);
-    }
-    pump();
-    return true;
-  }
-
-  /** The last part of a URL's path, for its card and its download's name. */
-  function urlName(url) {
-    try {
-      const parsed = new URL(url);
-      const last = parsed.pathname.split("/").filter(Boolean).pop();
-      if (!last) return parsed.hostname;
-      try {
-        return decodeURIComponent(last);
-      } catch (_) {
-        return last;
-      }
-    } catch (_) {
-      return "image";
-    }
-  }
-
-  function render(item) {
-    const el = $("#job-template").content.firstElementChild.cloneNode(true);
-    el.dataset.item = String(item.id);
-    $(".name", el).textContent = item.name;
-    $(".name", el).title = typeof item.source === "string" ? item.source : item.name;
-    const original = $(".original img", el);
-    original.addEventListener("error", () => original.removeAttribute("src"), { once: true });
-    if (typeof item.source === "string") {
-      original.referrerPolicy = "no-referrer";
-      original.src = item.source; // the browser's own request, as a link would make
-    } else {
-      item.originalUrl = URL.createObjectURL(item.source);
-      original.src = item.originalUrl;
-    }
-    $(".download", el).addEventListener("click", (event) => download(event, item));
-    $(".retry", el).addEventListener("click", () => retry(item));
-    $("#jobs").append(el);
-    return el;
-  }
-
-  function update(item) {
-    if (item.removed) return;
-    const el = item.el;
-    el.dataset.state = item.state;
-    if (item.job) el.dataset.job = item.job;
-    $(".state", el).textContent = STATE_WORDS[item.state];
-    $(".cache", el).hidden = !item.cached;
-    $(".error", el).textContent = item.error || "";
-    const link = $(".download", el);
-    link.hidden = item.state !== "done";
-    if (item.job) {
-      link.href = `/v1/jobs/${item.job}/result`;
-      link.download = resultName(item);
-    }
-    $(".retry", el).hidden = item.state !== "failed";
-    summarise();
-    watchUnload();
-  }
-
-  /** A safe file name for a result: the input's name, its extension the result's format. */
-  function resultName(item) {
-    const stem = item.name
-      .replace(/[\u0000-\u001f\u007f/\\:*?"<>|]+/g, "_")
-      .replace(/^[.\s]+/, "")
-      .replace(/\.[A-Za-z0-9]{1,5}$/, "");
-    const type = item.blob ? item.blob.type : "";
-    return (stem.slice(0, 120) || "image") + (EXTENSIONS[type] || ".png");
-  }
-
-  function summarise() {
-    const count = (state) => items.filter((item) => item.state === state).length;
-    const done = count("done");
-    const failed = count("failed");
-    const hits = items.filter((item) => item.cached).length;
-    const parts = [`${done} of ${items.length} done`];
-    if (failed) parts.push(`${failed} failed`);
-    if (hits) parts.push(`${hits} from the cache`);
-    $("#summary").textContent = items.length ? parts.join(" · ") : "No images yet.";
-    $("#download-all").disabled = done === 0 || zipping;
-    $("#retry-failed").disabled = failed === 0;
-    $("#clear").disabled = items.length === 0;
-  }
-
-  function fail(item, message) {
-    item.state = "failed";
-    item.error = message;
-    update(item);
-  }
-
-  /** A fresh start for an item: no job, no result, and a way to cancel its requests. */
-  function reset(item) {
-    if (item.resultUrl) URL.revokeObjectURL(item.resultUrl);
-    Object.assign(item, { job: null, cached: false, error: "", blob: null, resultUrl: null });
-    item.abort = new AbortController();
-    $(".result img", item.el).removeAttribute("src");
-  }
-
-  // -- submitting ------------------------------------------------------------------------------
-
-  /** Ready an item to be sent: refused at once when too large; waiting for a key while the
-   *  service needs one we do not have (or refused ours); else waiting for its turn. */
-  function hold(item) {
-    const size = typeof item.source === "string" ? 0 : item.source.size;
-    if (size > config.max_upload_bytes) {
-      const mib = (bytes) => (bytes / 2 ** 20).toFixed(1);
-      const limit = mib(config.max_upload_bytes);
-      fail(item, `Too large: ${mib(size)} MiB, over this service's limit of ${limit} MiB`);
-    } else if (keyMissing()) {
-      item.state = "needs-key";
-      item.error = keyRefused ? "API key not accepted: enter another above" : "API key needed: enter it above";
-    } else {
-      item.state = "waiting";
-      item.error = "";
-    }
-    update(item);
-  }
-
-  /** Start uploads while fewer than UPLOADS_AT_ONCE run (none while a key is missing, or
-   *  while waiting after the API was unavailable). */
-  function pump() {
-    while (uploading < UPLOADS_AT_ONCE && !keyMissing() && uploadsPaused === null) {
-      const item = items.find((candidate) => candidate.state === "waiting");
-      if (!item) break;
-      uploading++;
-      item.state = "sending";
-      update(item);
-      submit(item)
-        .catch((error) => {
-          if (error instanceof Unreachable) unavailable(item, error.message, null);
-          else if (!(error instanceof Gone)) fail(item, error.message);
-        })
-        .finally(() => {
-          uploading--;
-          pump();
-        });
-    }
-  }
-
-  /** The API did not answer or was unavailable: the item goes back in line, and uploads
-   *  wait (Retry-After, else doubling from 2 s up to 30 s) before trying again. */
-  function unavailable(item, message, retryAfter) {
-    item.state = "waiting";
-    backoff = Math.min(BACKOFF_MAX_MS, retryAfter ? retryAfter * 1000 : Math.max(2000, backoff * 2));
-    item.error = `${message} (trying again in ${Math.round(backoff / 1000)} s)`;
-    update(item);
-    banner(message);
-    if (uploadsPaused === null) {
-      uploadsPaused = setTimeout(() => {
-        uploadsPaused = null;
-        pump();
-      }, backoff);
-    }
-  }
-
-  async function submit(item) {
-    const body = new FormData();
-    for (const [name, value] of item.fields) body.append(name, value);
-    if (typeof item.source === "string") body.append("image_url", item.source);
-    else body.append("file", item.source, item.name);
-    const response = await call(item, "/v1/jobs", { method: "POST", body });
-    if (response.status === 401) return refused(item, response, () => hold(item));
-    if (temporary(response)) {
-      const retryAfter = Number(response.headers.get("Retry-After")) || null;
-      return unavailable(item, await describe(response), retryAfter);
-    }
-    if (response.status !== 202) return fail(item, await describe(response));
-    backoff = 0;
-    banner("");
-    const job = await response.json();
-    item.job = job.id;
-    item.cached = job.cached;
-    if (job.status === "done") {
-      want(item);
-    } else {
-      item.state = "queued";
-      update(item);
-      schedulePoll(POLL_MIN_MS);
-    }
-  }
-
-  function retry(item) {
+function addImages(sources) {
+  const fields = currentFields(config);
+  if (fields === null || sources.length === 0) return false;
+  for (const source of sources) {
+    const item = { id: nextItem++, source, fields, state: "waiting", job: null, cached: false };
+    item.name = typeof source === "string" ? urlName(source) : source.name || "pasted image";
+    item.el = render(item);
+    items.push(item);
     reset(item);
     hold(item);
-    pump();
   }
+  pump();
+  return true;
+}
 
-  function retryFailed() {
-    for (const item of items) if (item.state === "failed") retry(item);
-  }
-
-  // -- watching jobs ---------------------------------------------------------------------------
-
-  const watching = (item) => item.job && (item.state === "queued" || item.state === "running");
-
-  function schedulePoll(delay) {
-    if (polling) {
-      pollAgain = true; // after the round that is running
-      return;
-    }
-    if (pollTimer !== null) {
-      if (delay >= pollDelay) return;
-      clearTimeout(pollTimer);
-    }
-    pollDelay = delay;
-    pollTimer = setTimeout(pollRound, delay);
-  }
-
-  /** One round: the status of every job not yet final, POLLS_AT_ONCE requests at a time. */
-  async function pollRound() {
-    pollTimer = null;
-    polling = true;
-    pollAgain = false;
-    let changed = false;
+/** The last part of a URL's path, for its card and its download's name. */
+function urlName(url) {
+  try {
+    const parsed = new URL(url);
+    const last = parsed.pathname.split("/").filter(Boolean).pop();
+    if (!last) return parsed.hostname;
     try {
-      // POLLS_AT_ONCE lanes: a slow answer holds up its own lane, not the others.
-      const pending = items.filter(watching);
-      const lane = async () => {
-        for (let item = pending.shift(); item; item = pending.shift()) {
-          if (await poll(item)) changed = true;
-        }
-      };
-      await Promise.all(Array.from({ length: POLLS_AT_ONCE }, lane));
-    } finally {
-      polling = false;
-      if (items.some(watching)) {
-        const calm = Math.min(POLL_MAX_MS, pollDelay * 1.5);
-        schedulePoll(changed || pollAgain ? POLL_MIN_MS : calm);
-      }
+      return decodeURIComponent(last);
+    } catch (_) {
+      return last;
     }
+  } catch (_) {
+    return "image";
   }
+}
 
-  /** Ask for one job's status; true when it changed. Never throws. */
-  async function poll(item) {
-    if (!watching(item)) return false; // changed meanwhile
-    const before = item.state;
-    try {
-      const response = await call(item, `/v1/jobs/${item.job}`, {}, STATUS_TIMEOUT_MS);
-      if (response.status === 401) {
-        await refused(item, response, () => {});
-      } else if (temporary(response)) {
-        banner(await describe(response)); // asked again next round
-      } else if (!response.ok) {
-        fail(item, await describe(response));
-      } else {
-        const view = await response.json();
-        banner("");
-        if (view.status === "failed") fail(item, view.error || "the job failed");
-        else if (view.status === "done") want(item);
-        else {
-          item.state = view.status;
-          update(item);
-        }
-      }
-    } catch (error) {
-      if (!(error instanceof Gone)) banner(error.message);
-    }
-    return item.state !== before;
+function render(item) {
+  const el = $("#job-template").content.firstElementChild.cloneNode(true);
+  el.dataset.item = String(item.id);
+  $(".name", el).textContent = item.name;
+  $(".name", el).title = typeof item.source === "string" ? item.source : item.name;
+  const original = $(".original img", el);
+  original.addEventListener("error", () => original.removeAttribute("src"), { once: true });
+  if (typeof item.source === "string") {
+    original.referrerPolicy = "no-referrer";
+    original.src = item.source; // the browser's own request, as a link would make
+  } else {
+    item.originalUrl = URL.createObjectURL(item.source);
+    original.src = item.originalUrl;
   }
+  $(".download", el).addEventListener("click", (event) => download(event, item));
+  $(".retry", el).addEventListener("click", () => retry(item));
+  $("#jobs").append(el);
+  return el;
+}
 
-  // -- results ---------------------------------------------------------------------------------
-
-  /** Queue the download of a done job's result (once). */
-  function want(item) {
-    item.state = "loading";
-    update(item);
-    results.push(item);
-    fetchResults();
+function update(item) {
+  if (item.removed) return;
+  const el = item.el;
+  el.dataset.state = item.state;
+  if (item.job) el.dataset.job = item.job;
+  $(".state", el).textContent = STATE_WORDS[item.state];
+  $(".cache", el).hidden = !item.cached;
+  $(".error", el).textContent = item.error || "";
+  const link = $(".download", el);
+  link.hidden = item.state !== "done";
+  if (item.job) {
+    link.href = `/v1/jobs/${item.job}/result`;
+    link.download = resultName(item);
   }
+  $(".retry", el).hidden = item.state !== "failed";
+  summarise();
+  watchUnload();
+}
 
-  function fetchResults() {
-    while (downloading < RESULTS_AT_ONCE && results.length) {
-      const item = results.shift();
-      if (item.removed || item.state !== "loading") continue;
-      downloading++;
-      fetchResult(item)
-        .catch((error) => {
-          if (error instanceof Unreachable) watchAgain(item, error.message);
-          else if (!(error instanceof Gone)) fail(item, `${error.message} (reading the result)`);
-        })
-        .finally(() => {
-          downloading--;
-          fetchResults();
-        });
-    }
-  }
+function summarise() {
+  const count = (state) => items.filter((item) => item.state === state).length;
+  const done = count("done");
+  const failed = count("failed");
+  const hits = items.filter((item) => item.cached).length;
+  const parts = [`${done} of ${items.length} done`];
+  if (failed) parts.push(`${failed} failed`);
+  if (hits) parts.push(`${hits} from the cache`);
+  $("#summary").textContent = items.length ? parts.join(" · ") : "No images yet.";
+  $("#download-all").disabled = done === 0 || zipping;
+  $("#retry-failed").disabled = failed === 0;
+  $("#clear").disabled = items.length === 0;
+}
 
-  async function fetchResult(item) {
-    const response = await call(item, `/v1/jobs/${item.job}/result`, {}, RESULT_TIMEOUT_MS);
-    if (response.status === 401) return refused(item, response, () => want(item));
-    if (temporary(response)) return watchAgain(item, await describe(response));
-    if (!response.ok) return fail(item, await describe(response));
-    const blob = await response.blob();
-    if (item.removed) throw new Gone();
-    item.blob = blob;
-    item.resultUrl = URL.createObjectURL(blob);
-    $(".result img", item.el).src = item.resultUrl;
-    item.state = "done";
+function fail(item, message) {
+  item.state = "failed";
+  item.error = message;
+  update(item);
+}
+
+/** A fresh start for an item: no job, no result, and a way to cancel its requests. */
+function reset(item) {
+  if (item.resultUrl) URL.revokeObjectURL(item.resultUrl);
+  Object.assign(item, { job: null, cached: false, error: "", blob: null, resultUrl: null });
+  item.abort = new AbortController();
+  $(".result img", item.el).removeAttribute("src");
+}
+
+// -- submitting ------------------------------------------------------------------------------
+
+/** Ready an item to be sent: refused at once when too large; waiting for a key while the
+ *  service needs one we do not have (or refused ours); else waiting for its turn. */
+function hold(item) {
+  const size = typeof item.source === "string" ? 0 : item.source.size;
+  if (size > config.max_upload_bytes) {
+    const mib = (bytes) => (bytes / 2 ** 20).toFixed(1);
+    const limit = mib(config.max_upload_bytes);
+    fail(item, `Too large: ${mib(size)} MiB, over this service's limit of ${limit} MiB`);
+  } else if (keyMissing()) {
+    item.state = "needs-key";
+    item.error = keyRefused ? "API key not accepted: enter another above" : "API key needed: enter it above";
+  } else {
+    item.state = "waiting";
     item.error = "";
-    update(item);
   }
+  update(item);
+}
 
-  /** The result could not be read just now: watch the job again, and read it when done. */
-  function watchAgain(item, message) {
-    banner(message);
+/** Start uploads while fewer than UPLOADS_AT_ONCE run (none while a key is missing, or
+ *  while waiting after the API was unavailable). */
+function pump() {
+  while (uploading < UPLOADS_AT_ONCE && !keyMissing() && uploadsPaused === null) {
+    const item = items.find((candidate) => candidate.state === "waiting");
+    if (!item) break;
+    uploading++;
+    item.state = "sending";
+    update(item);
+    submit(item)
+      .catch((error) => {
+        if (error instanceof Unreachable) unavailable(item, error.message, null);
+        else if (!(error instanceof Gone)) fail(item, error.message);
+      })
+      .finally(() => {
+        uploading--;
+        pump();
+      });
+  }
+}
+
+/** The API did not answer or was unavailable: the item goes back in line, and uploads
+ *  wait (Retry-After, else doubling from 2 s up to 30 s) before trying again. */
+function unavailable(item, message, retryAfter) {
+  item.state = "waiting";
+  backoff = Math.min(BACKOFF_MAX_MS, retryAfter ? retryAfter * 1000 : Math.max(2000, backoff * 2));
+  item.error = `${message} (trying again in ${Math.round(backoff / 1000)} s)`;
+  update(item);
+  banner(message);
+  if (uploadsPaused === null) {
+    uploadsPaused = setTimeout(() => {
+      uploadsPaused = null;
+      pump();
+    }, backoff);
+  }
+}
+
+async function submit(item) {
+  const body = new FormData();
+  for (const [name, value] of item.fields) body.append(name, value);
+  if (typeof item.source === "string") body.append("image_url", item.source);
+  else body.append("file", item.source, item.name);
+  const response = await call(item, key, "/v1/jobs", { method: "POST", body });
+  if (response.status === 401) return refused(item, response, () => hold(item));
+  if (temporary(response)) {
+    const retryAfter = Number(response.headers.get("Retry-After")) || null;
+    return unavailable(item, await describe(response), retryAfter);
+  }
+  if (response.status !== 202) return fail(item, await describe(response));
+  backoff = 0;
+  banner("");
+  const job = await response.json();
+  item.job = job.id;
+  item.cached = job.cached;
+  if (job.status === "done") {
+    want(item);
+  } else {
     item.state = "queued";
     update(item);
-    schedulePoll(POLL_MAX_MS);
+    schedulePoll(POLL_MIN_MS);
   }
+}
 
-  // -- downloads -------------------------------------------------------------------------------
+function retry(item) {
+  reset(item);
+  hold(item);
+  pump();
+}
 
-  /** The link names the API's result URL; the click saves the copy already fetched (with
-   *  the key, which a plain link could not send). */
-  function download(event, item) {
-    if (!item.blob) return;
-    event.preventDefault();
-    save(item.blob, resultName(item));
+function retryFailed() {
+  for (const item of items) if (item.state === "failed") retry(item);
+}
+
+// -- watching jobs ---------------------------------------------------------------------------
+
+const watching = (item) => item.job && (item.state === "queued" || item.state === "running");
+
+function schedulePoll(delay) {
+  if (polling) {
+    pollAgain = true; // after the round that is running
+    return;
   }
-
-  function save(blob, name) {
-    const link = document.createElement("a");
-    link.href = URL.createObjectURL(blob);
-    link.download = name;
-    document.body.append(link);
-    link.click();
-    link.remove();
-    setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+  if (pollTimer !== null) {
+    if (delay >= pollDelay) return;
+    clearTimeout(pollTimer);
   }
+  pollDelay = delay;
+  pollTimer = setTimeout(pollRound, delay);
+}
 
-  /** A zip of every finished result, built a file at a time (stored: the images are
-   *  compressed already). */
-  async function downloadAll() {
-    zipping = true;
-    summarise();
-    try {
-      const chunks = [];
-      const zip = new fflate.Zip((error, chunk) => {
-        if (error) throw error;
-        chunks.push(chunk);
-      });
-      const taken = new Set();
-      for (const item of items.filter((candidate) => candidate.state === "done")) {
-        let name = resultName(item);
-        for (let n = 2; taken.has(name.toLowerCase()); n++) {
-          name = resultName(item).replace(/(\.\w+)$/, `-${n}$1`);
-        }
-        taken.add(name.toLowerCase());
-        const entry = new fflate.ZipPassThrough(name);
-        zip.add(entry);
-        entry.push(new Uint8Array(await item.blob.arrayBuffer()), true);
+/** One round: the status of every job not yet final, POLLS_AT_ONCE requests at a time. */
+async function pollRound() {
+  pollTimer = null;
+  polling = true;
+  pollAgain = false;
+  let changed = false;
+  try {
+    // POLLS_AT_ONCE lanes: a slow answer holds up its own lane, not the others.
+    const pending = items.filter(watching);
+    const lane = async () => {
+      for (let item = pending.shift(); item; item = pending.shift()) {
+        if (await poll(item)) changed = true;
       }
-      zip.end();
-      save(new Blob(chunks, { type: "application/zip" }), "bgq-results.zip");
-    } catch (error) {
-      banner(`Cannot make the zip: ${error.message}`);
-    } finally {
-      zipping = false;
-      summarise();
+    };
+    await Promise.all(Array.from({ length: POLLS_AT_ONCE }, lane));
+  } finally {
+    polling = false;
+    if (items.some(watching)) {
+      const calm = Math.min(POLL_MAX_MS, pollDelay * 1.5);
+      schedulePoll(changed || pollAgain ? POLL_MIN_MS : calm);
     }
   }
+}
 
-  function clearAll() {
-    for (const item of items) {
-      item.removed = true;
-      item.abort.abort();
-      if (item.originalUrl) URL.revokeObjectURL(item.originalUrl);
-      if (item.resultUrl) URL.revokeObjectURL(item.resultUrl);
-      item.el.remove();
-    }
-    items.length = 0;
-    results.length = 0;
-    banner("");
-    summarise();
-    watchUnload();
-  }
-
-  // -- the key ---------------------------------------------------------------------------------
-
-  /** A 401. Sent with an older key than the one entered since: `again` at once. Else the
-   *  key is missing or refused: the item waits for a key, and so do new uploads. */
-  async function refused(item, response, again) {
-    const message = await describe(response);
-    if (response.sentKey !== key) return again(); // compared after the wait for the body
-    keyNeeded = true;
-    if (key) keyRefused = true;
-    item.state = "needs-key";
-    item.error = message;
-    update(item);
-    for (const other of items) if (other.state === "waiting") hold(other);
-    showKeyForm();
-  }
-
-  function showKeyForm() {
-    const keyForm = $("#key-form");
-    const needed = keyMissing();
-    const wasNeeded = keyForm.classList.contains("needed");
-    keyForm.hidden = false;
-    keyForm.classList.toggle("needed", needed);
-    $("#key-state").textContent = keyRefused
-      ? "key not accepted"
-      : key
-        ? "key set"
-        : needed
-          ? "this bgq needs an API key"
-          : "";
-    if (needed && !wasNeeded) $("#key").focus();
-  }
-
-  function useKey(event) {
-    event.preventDefault(); // the form is never sent anywhere: the key stays out of URLs
-    const given = $("#key").value.trim();
-    if (!given) return;
-    key = given;
-    keyRefused = false;
-    $("#key").value = "";
-    sessionStorage.setItem(KEY_STORAGE, key);
-    showKeyForm();
-    for (const item of items) {
-      if (item.state !== "needs-key") continue;
-      if (item.job) {
-        item.state = "queued"; // submitted: go on watching it
-        item.error = "";
+/** Ask for one job's status; true when it changed. Never throws. */
+async function poll(item) {
+  if (!watching(item)) return false; // changed meanwhile
+  const before = item.state;
+  try {
+    const response = await call(item, key, `/v1/jobs/${item.job}`, {}, STATUS_TIMEOUT_MS);
+    if (response.status === 401) {
+      await refused(item, response, () => {});
+    } else if (temporary(response)) {
+      banner(await describe(response)); // asked again next round
+    } else if (!response.ok) {
+      fail(item, await describe(response));
+    } else {
+      const view = await response.json();
+      banner("");
+      if (view.status === "failed") fail(item, view.error || "the job failed");
+      else if (view.status === "done") want(item);
+      else {
+        item.state = view.status;
         update(item);
-        schedulePoll(POLL_MIN_MS);
-      } else {
-        hold(item);
       }
     }
-    pump();
+  } catch (error) {
+    if (!(error instanceof Gone)) banner(error.message);
   }
+  return item.state !== before;
+}
 
-  // -- wiring ----------------------------------------------------------------------------------
+// -- results ---------------------------------------------------------------------------------
 
-  function banner(message) {
-    const el = $("#banner");
-    el.textContent = message;
-    el.hidden = !message;
+/** Queue the download of a done job's result (once). */
+function want(item) {
+  item.state = "loading";
+  update(item);
+  results.push(item);
+  fetchResults();
+}
+
+function fetchResults() {
+  while (downloading < RESULTS_AT_ONCE && results.length) {
+    const item = results.shift();
+    if (item.removed || item.state !== "loading") continue;
+    downloading++;
+    fetchResult(item)
+      .catch((error) => {
+        if (error instanceof Unreachable) watchAgain(item, error.message);
+        else if (!(error instanceof Gone)) fail(item, `${error.message} (reading the result)`);
+      })
+      .finally(() => {
+        downloading--;
+        fetchResults();
+      });
   }
+}
 
-  /** Ask before leaving while images are still on their way (their results would be lost). */
-  function watchUnload() {
-    const busy = items.some((item) => PENDING.has(item.state));
-    window.onbeforeunload = busy
-      ? (event) => {
-          event.preventDefault();
-          event.returnValue = true;
-        }
-      : null;
-  }
+async function fetchResult(item) {
+  const response = await call(item, key, `/v1/jobs/${item.job}/result`, {}, RESULT_TIMEOUT_MS);
+  if (response.status === 401) return refused(item, response, () => want(item));
+  if (temporary(response)) return watchAgain(item, await describe(response));
+  if (!response.ok) return fail(item, await describe(response));
+  const blob = await response.blob();
+  if (item.removed) throw new Gone();
+  item.blob = blob;
+  item.resultUrl = URL.createObjectURL(blob);
+  $(".result img", item.el).src = item.resultUrl;
+  item.state = "done";
+  item.error = "";
+  update(item);
+}
 
-  function setUpInputs() {
-    const drop = $("#drop");
-    $("#files").addEventListener("change", (event) => {
-      addImages([...event.target.files]);
-      event.target.value = "";
-    });
-    // A file dropped anywhere is taken, never opened by the browser in place of the page.
-    const intoText = (event) => event.target.closest("input, textarea") !== null;
-    document.addEventListener("dragover", (event) => {
-      if (intoText(event)) return; // text and links dropped into a field go in as usual
-      event.preventDefault();
-      drop.classList.add("over");
-    });
-    document.addEventListener("dragleave", (event) => {
-      if (event.relatedTarget === null) drop.classList.remove("over");
-    });
-    document.addEventListener("drop", (event) => {
-      drop.classList.remove("over");
-      if (intoText(event)) return;
-      event.preventDefault();
-      const files = [...event.dataTransfer.files];
-      // An image dragged from another page comes as its URL.
-      const links = (event.dataTransfer.getData("text/uri-list") || "")
-        .split(/\r?\n/)
-        .filter((line) => /^https?:\/\//.test(line));
-      addImages(files.length ? files : links);
-    });
-    document.addEventListener("paste", (event) => {
-      if (event.target.closest("input, textarea")) return;
-      const files = [...(event.clipboardData ? event.clipboardData.files : [])];
-      if (files.length) addImages(files);
-    });
-    $("#add-urls").addEventListener("click", () => {
-      const urls = $("#urls").value.split(/\s+/).filter(Boolean);
-      if (addImages(urls)) $("#urls").value = "";
-    });
-    $("#download-all").addEventListener("click", downloadAll);
-    $("#retry-failed").addEventListener("click", retryFailed);
-    $("#clear").addEventListener("click", clearAll);
-    $("#key-form").addEventListener("submit", useKey);
-  }
+/** The result could not be read just now: watch the job again, and read it when done. */
+function watchAgain(item, message) {
+  banner(message);
+  item.state = "queued";
+  update(item);
+  schedulePoll(POLL_MAX_MS);
+}
 
-  $("#version").textContent = config.version;
-  setUpOptions();
-  setUpInputs();
-  if (config.auth || key) showKeyForm();
+// -- downloads -------------------------------------------------------------------------------
+
+/** The link names the API's result URL; the click saves the copy already fetched (with
+ *  the key, which a plain link could not send). */
+function download(event, item) {
+  if (!item.blob) return;
+  event.preventDefault();
+  save(item.blob, resultName(item));
+}
+
+/** "Download all": a zip of every finished result. */
+async function downloadAll() {
+  zipping = true;
   summarise();
-})();
+  try {
+    const done = items.filter((item) => item.state === "done");
+    save(await zipResults(done), "bgq-results.zip");
+  } catch (error) {
+    banner(`Cannot make the zip: ${error.message}`);
+  } finally {
+    zipping = false;
+    summarise();
+  }
+}
+
+function clearAll() {
+  for (const item of items) {
+    item.removed = true;
+    item.abort.abort();
+    if (item.originalUrl) URL.revokeObjectURL(item.originalUrl);
+    if (item.resultUrl) URL.revokeObjectURL(item.resultUrl);
+    item.el.remove();
+  }
+  items.length = 0;
+  results.length = 0;
+  banner("");
+  summarise();
+  watchUnload();
+}
+
+// -- the key ---------------------------------------------------------------------------------
+
+/** A 401. Sent with an older key than the one entered since: `again` at once. Else the
+ *  key is missing or refused: the item waits for a key, and so do new uploads. */
+async function refused(item, response, again) {
+  const message = await describe(response);
+  if (response.sentKey !== key) return again(); // compared after the wait for the body
+  keyNeeded = true;
+  if (key) keyRefused = true;
+  item.state = "needs-key";
+  item.error = message;
+  update(item);
+  for (const other of items) if (other.state === "waiting") hold(other);
+  showKeyForm();
+}
+
+function showKeyForm() {
+  const keyForm = $("#key-form");
+  const needed = keyMissing();
+  const wasNeeded = keyForm.classList.contains("needed");
+  keyForm.hidden = false;
+  keyForm.classList.toggle("needed", needed);
+  $("#key-state").textContent = keyRefused
+    ? "key not accepted"
+    : key
+      ? "key set"
+      : needed
+        ? "this bgq needs an API key"
+        : "";
+  if (needed && !wasNeeded) $("#key").focus();
+}
+
+function useKey(event) {
+  event.preventDefault(); // the form is never sent anywhere: the key stays out of URLs
+  const given = $("#key").value.trim();
+  if (!given) return;
+  key = given;
+  keyRefused = false;
+  $("#key").value = "";
+  sessionStorage.setItem(KEY_STORAGE, key);
+  showKeyForm();
+  for (const item of items) {
+    if (item.state !== "needs-key") continue;
+    if (item.job) {
+      item.state = "queued"; // submitted: go on watching it
+      item.error = "";
+      update(item);
+      schedulePoll(POLL_MIN_MS);
+    } else {
+      hold(item);
+    }
+  }
+  pump();
+}
+
+// -- wiring ----------------------------------------------------------------------------------
+
+function banner(message) {
+  const el = $("#banner");
+  el.textContent = message;
+  el.hidden = !message;
+}
+
+/** Ask before leaving while images are still on their way (their results would be lost). */
+function watchUnload() {
+  const busy = items.some((item) => PENDING.has(item.state));
+  window.onbeforeunload = busy
+    ? (event) => {
+        event.preventDefault();
+        event.returnValue = true;
+      }
+    : null;
+}
+
+function setUpInputs() {
+  const drop = $("#drop");
+  $("#files").addEventListener("change", (event) => {
+    addImages([...event.target.files]);
+    event.target.value = "";
+  });
+  // A file dropped anywhere is taken, never opened by the browser in place of the page.
+  const intoText = (event) => event.target.closest("input, textarea") !== null;
+  document.addEventListener("dragover", (event) => {
+    if (intoText(event)) return; // text and links dropped into a field go in as usual
+    event.preventDefault();
+    drop.classList.add("over");
+  });
+  document.addEventListener("dragleave", (event) => {
+    if (event.relatedTarget === null) drop.classList.remove("over");
+  });
+  document.addEventListener("drop", (event) => {
+    drop.classList.remove("over");
+    if (intoText(event)) return;
+    event.preventDefault();
+    const files = [...event.dataTransfer.files];
+    // An image dragged from another page comes as its URL.
+    const links = (event.dataTransfer.getData("text/uri-list") || "")
+      .split(/\r?\n/)
+      .filter((line) => /^https?:\/\//.test(line));
+    addImages(files.length ? files : links);
+  });
+  document.addEventListener("paste", (event) => {
+    if (event.target.closest("input, textarea")) return;
+    const files = [...(event.clipboardData ? event.clipboardData.files : [])];
+    if (files.length) addImages(files);
+  });
+  $("#add-urls").addEventListener("click", () => {
+    const urls = $("#urls").value.split(/\s+/).filter(Boolean);
+    if (addImages(urls)) $("#urls").value = "";
+  });
+  $("#download-all").addEventListener("click", downloadAll);
+  $("#retry-failed").addEventListener("click", retryFailed);
+  $("#clear").addEventListener("click", clearAll);
+  $("#key-form").addEventListener("submit", useKey);
+}
+
+$("#version").textContent = config.version;
+setUpOptions(config);
+setUpInputs();
+if (config.auth || key) showKeyForm();
+summarise();
