@@ -93,11 +93,11 @@ def script_json(value: object) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def content_policy(result_origin: str | None) -> str:
+def content_policy(redirects_to: str | None) -> str:
     """Only this origin's scripts, styles and API; images also from blobs (results) and
     http(s) (the originals of pasted URLs, loaded by the browser as any link would be), and
-    `result_origin`, where result redirects lead, may be fetched too."""
-    connect = "'self'" + (f" {result_origin}" if result_origin else "")
+    `redirects_to`, the origin result redirects lead to, may be fetched too."""
+    connect = "'self'" + (f" {redirects_to}" if redirects_to else "")
     return "; ".join(
         [
             "default-src 'none'",
