@@ -76,6 +76,14 @@ def pixels(png: bytes | Path) -> tuple[str, np.ndarray]:
         return img.mode, np.asarray(img)
 
 
+def assert_same_pixels(result: bytes | Path, expected: bytes) -> None:
+    """`result` decodes to exactly `expected`'s pixels: same mode, same size, same values."""
+    mode, got = pixels(result)
+    want_mode, want = pixels(expected)
+    same = mode == want_mode and got.shape == want.shape and bool((got == want).all())
+    assert same, result if isinstance(result, Path) else f"{len(result)} bytes"
+
+
 def stats(client: redis.Redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in client.hgetall(contract.STATS_KEY).items()}
 

@@ -50,7 +50,7 @@ from tests.helpers import (
     ImageServer,
     LocalStackControl,
     api_servers,
-    pixels,
+    assert_same_pixels,
     sample_bytes,
     variant,
 )
@@ -97,11 +97,6 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 
 def key_of(data: bytes, **options: Any) -> str:
     return contract.cache_key(contract.input_digest(data), "u2netp", Options(**options))
-
-
-def same_pixels(got: bytes | Path, want: bytes) -> bool:
-    (mode, array), (want_mode, wanted) = pixels(got), pixels(want)
-    return mode == want_mode and array.shape == wanted.shape and bool((array == wanted).all())
 
 
 # -- served from the package -----------------------------------------------------------------
@@ -203,7 +198,7 @@ def test_upload_preview_download(
     with page.expect_download() as info:
         link.click()
     assert info.value.suggested_filename == "car.png"
-    assert same_pixels(Path(info.value.path()), reference(car))
+    assert_same_pixels(Path(info.value.path()), reference(car))
 
     # Download all: a zip of the finished results.
     with page.expect_download() as info:
@@ -211,7 +206,7 @@ def test_upload_preview_download(
     assert info.value.suggested_filename == "bgq-results.zip"
     with zipfile.ZipFile(info.value.path()) as archive:
         assert sorted(archive.namelist()) == ["car.png", "cloth.png"]
-        assert same_pixels(archive.read("cloth.png"), reference(cloth))
+        assert_same_pixels(archive.read("cloth.png"), reference(cloth))
     expect(page.locator("#summary")).to_have_text("2 of 4 done · 2 failed")
 
     # The same image again is a cache hit.

@@ -19,7 +19,7 @@ import trustme
 from bgq.exporter import Exporter
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
-from tests.helpers import BGQ, bgq, pixels, variant, wait_for
+from tests.helpers import BGQ, assert_same_pixels, bgq, variant, wait_for
 from tests.redis_servers import Server, Servers, free_port, master_port, servers
 
 MASTER = "bgqmaster"
@@ -185,12 +185,6 @@ def test_sentinel_failover_during_ingest(
     for name in names:
         data = (src / name.replace(".png", ".jpg")).read_bytes()
         assert_same_pixels(out / name, reference(data))
-
-
-def assert_same_pixels(result: Path, expected: bytes) -> None:
-    mode, got = pixels(result)
-    want_mode, want = pixels(expected)
-    assert mode == want_mode and (got == want).all(), result
 
 
 def _replicating(port: int) -> bool:
