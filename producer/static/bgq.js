@@ -31,7 +31,6 @@ const STATE_WORDS = {
 const PENDING = new Set(["waiting", "sending", "queued", "running", "loading"]);
 
 const items = []; // every image on the page, oldest first
-let nextItem = 1;
 let key = sessionStorage.getItem(KEY_STORAGE) || "";
 let keyNeeded = config.auth; // the service wants a key (it said so, or answered a 401)
 let keyRefused = false; // the API answered 401 to the current key
@@ -53,7 +52,7 @@ function addImages(sources) {
   const fields = currentFields(config);
   if (fields === null || sources.length === 0) return false;
   for (const source of sources) {
-    const item = { id: nextItem++, source, fields, state: "waiting", job: null, cached: false };
+    const item = { source, fields };
     item.name = typeof source === "string" ? urlName(source) : source.name || "pasted image";
     item.el = render(item);
     items.push(item);
@@ -82,7 +81,6 @@ function urlName(url) {
 
 function render(item) {
   const el = $("#job-template").content.firstElementChild.cloneNode(true);
-  el.dataset.item = String(item.id);
   $(".name", el).textContent = item.name;
   $(".name", el).title = typeof item.source === "string" ? item.source : item.name;
   const original = $(".original img", el);
@@ -479,8 +477,8 @@ function setUpInputs() {
     addImages([...event.target.files]);
     event.target.value = "";
   });
-  // A file dropped anywhere is taken, never opened by the browser in place of the page.
   const intoText = (event) => event.target.closest("input, textarea") !== null;
+  // A file dropped anywhere is taken, never opened by the browser in place of the page.
   document.addEventListener("dragover", (event) => {
     if (intoText(event)) return; // text and links dropped into a field go in as usual
     event.preventDefault();
@@ -501,7 +499,7 @@ function setUpInputs() {
     addImages(files.length ? files : links);
   });
   document.addEventListener("paste", (event) => {
-    if (event.target.closest("input, textarea")) return;
+    if (intoText(event)) return;
     const files = [...(event.clipboardData ? event.clipboardData.files : [])];
     if (files.length) addImages(files);
   });
