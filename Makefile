@@ -1,29 +1,44 @@
 # bgq: `make run` (set up + ingest the samples), `make test` (set up + all checks), `make bench`.
+# Every install comes from uv.lock (docs/development.md); `make lock` refreshes it.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv itself comes from the package index, pinned by version and hash (uv-requirements.txt), into
+# its own small venv: uv sync manages .venv exactly, so uv must not live there.
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+# One environment with every extra (test, bench): `uv sync` removes what it was not asked for.
+SYNC := $(UV) sync --locked --quiet --all-extras --python $(PYTHON)
 
-.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api profile lint format clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api profile lint format lock clean
 
 setup: $(STAMP) models
 
-$(STAMP): pyproject.toml
+$(UV): uv-requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -qq --require-hashes -r uv-requirements.txt
+
+$(STAMP): pyproject.toml uv.lock $(UV)
+	$(SYNC)
 	touch $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/bgq models fetch u2netp
+
+# The newest releases that pyproject.toml allows, into uv.lock; then `make test` and commit both.
+lock: $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+	$(SYNC)
+	touch $(STAMP)
 
 run: setup
 	$(BIN)/bgq ingest samples/catalog.csv --out out
 
 # Figures, not tests: rembg p vs bgq ingest vs the model-bound limit, then a URL catalog
 # (a few minutes on 2 cores).
-bench: setup $(VENV)/.bench
+bench: setup
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.urls
 
@@ -38,10 +53,6 @@ bench-api: setup
 
 profile: setup
 	$(BIN)/python -m bench.profile
-
-$(VENV)/.bench: pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -82,4 +93,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(TOOLS) out .pytest_cache .mypy_cache .ruff_cache *.egg-info

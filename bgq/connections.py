@@ -101,23 +101,33 @@ def redis_client(
     import redis
 
     url = settings.broker_url()
-    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": connect_timeout}
     if is_sentinel(url):
-        return _sentinel_master(url, settings.redis_sentinel_master or "", timeouts)
-    return redis.Redis.from_url(url, **timeouts, **(tls_options(settings) or {}))
+        master = settings.redis_sentinel_master or ""
+        return _sentinel_master(url, master, timeout, connect_timeout)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=connect_timeout,
+        **(tls_options(settings) or {}),
+    )
 
 
-def _sentinel_master(url: str, master: str, timeouts: dict[str, float]) -> redis.Redis:
+def _sentinel_master(url: str, master: str, timeout: float, connect_timeout: float) -> redis.Redis:
     """A client that asks the Sentinels for the master on each (re)connect."""
     from redis.sentinel import Sentinel
 
     parts = [urlsplit(part) for part in url.split(SENTINEL_SEPARATOR)]
     first = parts[0]  # Celery's rule: credentials and database come from the first part
-    db = int(first.path.strip("/") or 0)
-    credentials = {
-        "username": unquote(first.username) if first.username else None,
-        "password": unquote(first.password) if first.password else None,
-    }
     sentinels = [(p.hostname or "localhost", p.port or SENTINEL_PORT) for p in parts]
-    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs(), db=db, **timeouts)
-    return manager.master_for(master, **credentials)
+    manager = Sentinel(
+        sentinels,
+        sentinel_kwargs=sentinel_kwargs(),
+        db=int(first.path.strip("/") or 0),
+        socket_timeout=timeout,
+        socket_connect_timeout=connect_timeout,
+    )
+    return manager.master_for(
+        master,
+        username=unquote(first.username) if first.username else None,
+        password=unquote(first.password) if first.password else None,
+    )
