@@ -14,6 +14,7 @@ import re
 import anyio
 from fastapi import Request
 from pydantic import ValidationError
+from python_multipart.exceptions import ParseError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -135,6 +136,8 @@ async def read_form(
         form = await request.form(max_files=1, max_fields=32)
     except HTTPException as exc:  # Starlette's 400 for a malformed body
         raise ApiError(422, "invalid_request", f"malformed multipart body: {exc.detail}") from None
+    except ParseError as exc:  # the parser's own, which Starlette lets through (a bad header)
+        raise ApiError(422, "invalid_request", f"malformed multipart body: {exc}") from None
     try:
         upload = form.get("file")
         for name, value in form.multi_items():

@@ -203,6 +203,13 @@ def big_image() -> bytes:
     return buf.getvalue()
 
 
+# python-multipart raises its own parse error for this, which Starlette does not turn into a 400.
+BAD_MULTIPART_HEADER = {
+    "content": b'--x\r\nContent-Disposition: form-data; name="a"\r\nX-Bad\r: 1\r\n\r\nv\r\n--x--\r\n',
+    "headers": {"Content-Type": "multipart/form-data; boundary=x"},
+}
+
+
 @pytest.mark.parametrize(
     ("request_args", "status", "code"),
     [
@@ -219,6 +226,7 @@ def big_image() -> bytes:
         ({"params": {"wait": "soon"}}, 422, "invalid_request"),
         ({"headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
         ({"files": {"other": ("a.jpg", b"x")}}, 422, "invalid_request"),
+        (BAD_MULTIPART_HEADER, 422, "invalid_request"),
     ],
     ids=[
         "body-over-limit",
@@ -234,6 +242,7 @@ def big_image() -> bytes:
         "bad-wait",
         "wrong-content-type",
         "multipart-without-file",
+        "multipart-header-with-a-bare-cr",
     ],
 )
 def test_errors(http: httpx.Client, request_args: dict[str, Any], status: int, code: str) -> None:

@@ -11,7 +11,9 @@ import hashlib
 import io
 import os
 import re
-import tomllib
+import shutil
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,15 +129,32 @@ def test_vendored_library_is_the_pinned_release_with_its_licence() -> None:
     assert "MIT License" in (web.STATIC / "vendor/fflate.LICENSE.txt").read_text()
 
 
-def test_wheel_carries_every_page_file() -> None:
-    """The Docker image installs bgq from a wheel: package-data must list the page's files."""
+def test_wheel_carries_every_page_file_and_module(tmp_path: Path) -> None:
+    """The Docker image installs bgq from a wheel: it must hold every module and page file."""
     root = Path(__file__).parent.parent
-    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"
-    ]["producer"]
-    covered = {p for glob in globs for p in (root / "producer").glob(glob) if p.is_file()}
-    files = {p for p in web.STATIC.rglob("*") if p.is_file()}
-    assert files and files <= covered, sorted(map(str, files - covered))
+    packages = ("bgq", "producer", "workers", "bench")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in packages:
+        shutil.copytree(root / name, tmp_path / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md", "celeryconfig.py"):
+        shutil.copy(root / name, tmp_path / name)
+    build = "from setuptools import build_meta as b; print(b.build_wheel('dist'))"
+    built = subprocess.run(
+        [sys.executable, "-c", build], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert built.returncode == 0, built.stderr
+    wheel = tmp_path / "dist" / built.stdout.split()[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    expected = {
+        path.relative_to(tmp_path).as_posix()
+        for name in packages
+        for path in (tmp_path / name).rglob("*")
+        if path.is_file()
+    }
+    assert any(name.startswith("producer/static/vendor/") for name in expected)
+    assert expected <= names, sorted(expected - names)
+    assert "celeryconfig.py" in names
 
 
 # -- in the browser --------------------------------------------------------------------------
