@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NUMBA_CACHE := $(VENV)/.numba-cache
 # uv itself comes from the package index, pinned by version and hash (uv-requirements.txt), into
 # its own small venv: uv sync manages .venv exactly, so uv must not live there.
 TOOLS := .tools
@@ -24,7 +25,12 @@ $(STAMP): pyproject.toml uv.lock $(UV)
 	$(SYNC)
 	touch $(STAMP)
 
-models: $(STAMP)
+# pymatting's numba functions compiled once per venv, on both cores (workers/numba_cache.py).
+$(NUMBA_CACHE): $(STAMP)
+	$(BIN)/python -m workers.numba_cache
+	touch $@
+
+models: $(NUMBA_CACHE)
 	$(BIN)/bgq models fetch u2netp
 
 # The newest releases that pyproject.toml allows, into uv.lock; then `make test` and commit both.

@@ -205,7 +205,8 @@ def big_image() -> bytes:
 
 # python-multipart raises its own parse error for this, which Starlette does not turn into a 400.
 BAD_MULTIPART_HEADER = {
-    "content": b'--x\r\nContent-Disposition: form-data; name="a"\r\nX-Bad\r: 1\r\n\r\nv\r\n--x--\r\n',
+    "content": b'--x\r\nContent-Disposition: form-data; name="a"\r\nX-Bad\r: 1\r\n\r\nv\r\n'
+    b"--x--\r\n",
     "headers": {"Content-Type": "multipart/form-data; boundary=x"},
 }
 
