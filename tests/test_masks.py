@@ -21,8 +21,11 @@ from bgq.stack import LocalStack
 from bgq.store import FileStore, Store
 from producer import Producer
 from tests.conftest import both_stores
-from tests.helpers import pixels, settle, stats, variant
+from tests.helpers import Gate, pixels, settle, stats, variant
 from workers import masks, shaping
+
+# The file-store stack of `both_stores`, for a test that needs files (it shares that stack).
+file_store = pytest.mark.parametrize("store_kind", ["file"], indirect=True, scope="module")
 
 # Variants of one photo: each is its own job and cache entry, all from the same masks.
 VARIANTS: list[dict[str, Any]] = [
@@ -197,3 +200,36 @@ def test_a_dead_delivery_s_lock_is_taken_over_by_its_redelivery(
     start = time.monotonic()
     source(store, redis_client, model, "job-b").predict(Image.new("RGB", (4, 3)))
     assert time.monotonic() - start > 0.8 and model.runs == 2
+
+
+@file_store
+def test_a_redelivery_takes_over_the_lock_of_its_killed_predecessor(
+    stack: LocalStack, producer: Producer, redis_client: redis.Redis, reference: Any
+) -> None:
+    """A pool process SIGKILLed while it holds a mask's lock (as the OOM killer would): the
+    redelivered job takes the lock at once, not after MASK_WAIT, and runs the model once."""
+    data = variant("cloth-1.jpg", (0, 0, 420, 380))
+    name = contract.mask_name(contract.input_digest(data), "u2netp")
+    lock = contract.mask_lock_key(name)
+    assert isinstance(producer.store, FileStore) and stack.worker is not None
+    gate = Gate(producer.store.path(MASKS, name))  # its lookup of stored masks, under the lock
+    before = inferences(redis_client)
+    try:
+        job = producer.submit(data)
+        gate.wait_for_reader()  # the pool process is in the lookup, holding the lock
+        assert redis_client.get(lock) == job.key.encode()
+        holder = gate.reader(stack.worker.pid)
+        gate.path.unlink()  # the redelivery finds no stored masks; the holder stays blocked
+        holder.kill()
+        holder.wait(timeout=30)
+        assert redis_client.get(lock) == job.key.encode()  # it died holding the lock
+        gate.close()
+        # Waiting for the dead lock would take MASK_WAIT (its TTL is as long).
+        got = job.read(timeout=defaults.MASK_WAIT / 2)
+    finally:
+        gate.remove()
+    settle(redis_client, job.key)
+    assert inferences(redis_client) - before == 1
+    assert not redis_client.exists(lock)
+    assert stack.log is not None and f"masks {name} still locked" not in stack.log.read_text()
+    assert np.array_equal(pixels(got)[1], pixels(reference(data))[1])
