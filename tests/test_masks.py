@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,13 +17,13 @@ import redis
 from PIL import Image
 
 from bgq import cache, contract, defaults
-from bgq.contract import MASKS, RESULTS, Options
+from bgq.contract import INPUTS, MASKS, RESULTS, Options
 from bgq.exporter import Exporter
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store
 from producer import Producer
 from tests.conftest import both_stores
-from tests.helpers import Gate, pixels, settle, stats, variant
+from tests.helpers import Gate, bgq, pixels, settle, stats, variant
 from workers import masks, shaping
 
 # The file-store stack of `both_stores`, for a test that needs files (it shares that stack).
@@ -233,3 +235,50 @@ def test_a_redelivery_takes_over_the_lock_of_its_killed_predecessor(
     assert not redis_client.exists(lock)
     assert stack.log is not None and f"masks {name} still locked" not in stack.log.read_text()
     assert np.array_equal(pixels(got)[1], pixels(reference(data))[1])
+
+
+@file_store
+def test_a_prune_while_a_job_runs_keeps_its_input_and_masks(
+    stack: LocalStack,
+    producer: Producer,
+    redis_client: redis.Redis,
+    reference: Any,
+    env: dict[str, str],
+) -> None:
+    """`bgq cache prune` while a worker runs a job, held as it reads its input: the input and
+    the masks the job needs stay, though unused for days, and the job completes from them."""
+    data = variant("anime-girl-1.jpg", (40, 0, 540, 460))
+    first = producer.submit(data)  # makes the masks
+    first.wait(timeout=120)
+    settle(redis_client, first.key)
+    store = producer.store
+    assert isinstance(store, FileStore) and first.args is not None
+    digest = first.args.input_sha256
+    mask = store.path(MASKS, contract.mask_name(digest, "u2netp"))
+    unused = store.path(RESULTS, first.output)  # no job needs it: prune must take it
+    days_ago = time.time() - 3 * 86400
+    for path in (mask, unused):
+        os.utime(path, (days_ago, days_ago))
+    store.path(INPUTS, digest).unlink()
+    gate = Gate(store.path(INPUTS, digest))
+    before = inferences(redis_client)
+    white = {"bgcolor": (255, 255, 255, 255)}
+    try:
+        job = producer.submit(data, **white)  # the blob is there: the producer keeps the pipe
+        gate.wait_for_reader()
+        assert producer.task_meta(job.key)["status"] == "STARTED"
+        assert redis_client.sismember(contract.input_refs_key(digest), job.key)
+        os.utime(gate.path, (days_ago, days_ago))
+        home = {"BGQ_REDIS_URL": stack.url, "BGQ_HOME": str(stack.settings.home)}
+        pruned = bgq("cache", "prune", "--max-age", "1d", env={**env, **home})
+        assert pruned.returncode == 0, pruned.stderr
+        assert re.search(r"removed 1 result\(s\) and 0 mask\(s\) .*, 0 input\(s\)", pruned.stdout)
+        assert "0 used in the last minute, 1 in flight" in pruned.stdout
+        assert not unused.exists() and mask.exists() and gate.path.exists()
+        gate.let_through(data)
+        got = job.read(timeout=120)
+    finally:
+        gate.remove()
+    settle(redis_client, job.key)
+    assert inferences(redis_client) == before  # derived from the masks prune kept
+    assert np.array_equal(pixels(got)[1], pixels(reference(data, **white))[1])
