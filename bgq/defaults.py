@@ -109,7 +109,7 @@ API_RETRY_AFTER = 5  # seconds a 503 (Redis or the store unavailable) asks clien
 WEBHOOK_MAX_RETRIES = 10  # retries of a failed delivery: ~15 min on average, 27 min at most
 WEBHOOK_BACKOFF_BASE = 2.0  # seconds, ceiling of the first retry's delay (then doubling, jittered)
 WEBHOOK_BACKOFF_MAX = 600  # seconds, cap of one delivery backoff
-WEBHOOK_TIMEOUT = 10.0  # seconds one delivery may take
+WEBHOOK_TIMEOUT = 10.0  # seconds per step of one delivery (connect, each read); 2x in all
 WEBHOOK_SIGNATURE_HEADER = "X-Bgq-Signature"  # "sha256=<hex HMAC-SHA256 of the body>"
 
 # Fetching images by URL (bgq.fetch).

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     public_url: str | None = None  # the API's URL as clients see it; unset: from each request
     webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies
     webhook_allow_private: bool = False  # allow callbacks to loopback/private/link-local hosts
+    webhook_timeout: Annotated[float, Field(gt=0)] = defaults.WEBHOOK_TIMEOUT  # s per step, 2x all
+    webhook_max_retries: Annotated[int, Field(ge=0)] = defaults.WEBHOOK_MAX_RETRIES
     fetch_allow_private: bool = False  # allow image URLs on loopback/private/link-local hosts
     fetch_timeout: Annotated[float, Field(gt=0)] = defaults.FETCH_TIMEOUT  # seconds, whole fetch
     flower_basic_auth: str | None = None  # user:password for Flower

@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 
 import bgq
 from bgq import contract, defaults, jobs, webhooks
+from bgq.errors import BgqError
 from bgq.settings import Settings, load_settings
 from producer import api_schema
 from producer.api_http import (
@@ -301,23 +302,31 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
 
     @app.get(
         "/readyz",
-        summary="Redis is reachable and at least one worker is online",
+        summary="Redis answers, at least one worker is online and the store is usable",
         operation_id="readyz",
     )
     async def readyz() -> JSONResponse:
-        def check() -> tuple[bool, int, str | None]:
+        def check() -> dict[str, Any]:
+            body: dict[str, Any] = {"ready": False, "redis": False, "workers": 0, "store": False}
+            problems = []
             try:
                 producer.app.backend.client.ping()
                 replies = producer.app.control.ping(timeout=1.0) or []
+                body["redis"], body["workers"] = True, sum(len(r) for r in replies)
             except Exception as exc:
-                return False, 0, f"{type(exc).__name__}: {exc}"
-            return True, sum(len(r) for r in replies), None
+                problems.append(f"{type(exc).__name__}: {exc}")
+            try:
+                store.check()  # what the API needs of it: reachable, writable
+                body["store"] = True
+            except BgqError as exc:
+                problems.append(str(exc))
+            body["ready"] = body["redis"] and body["workers"] > 0 and body["store"]
+            if problems:
+                body["error"] = "; ".join(problems)
+            return body
 
-        redis_ok, workers, problem = await run_in_threadpool(check)
-        ready = redis_ok and workers > 0
-        body: dict[str, Any] = {"ready": ready, "redis": redis_ok, "workers": workers}
-        if problem:
-            body["error"] = problem
+        body = await run_in_threadpool(check)
+        ready = body["ready"]
         return JSONResponse(
             body, status_code=200 if ready else 503, headers=None if ready else RETRY_LATER
         )

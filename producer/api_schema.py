@@ -314,11 +314,12 @@ COMPONENTS = {
 }
 READY = {
     "type": "object",
-    "required": ["ready", "redis", "workers"],
+    "required": ["ready", "redis", "workers", "store"],
     "properties": {
         "ready": {"type": "boolean"},
         "redis": {"type": "boolean"},
         "workers": {"type": "integer", "minimum": 0},
+        "store": {"type": "boolean"},
         "error": {"type": "string"},
     },
 }

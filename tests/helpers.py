@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -192,3 +194,57 @@ class ImageServer(PhotoServer):
     def stop(self) -> None:
         super().stop()
         self.folder.cleanup()
+
+
+class Gate:
+    """A named pipe in place of one file of a filesystem store, to hold a worker at that file.
+
+    A pool process that reads the file blocks in open() until `wait_for_reader()` opens the
+    write end, then in read() until `let_through(data)` writes the file's bytes and closes it.
+    So the test knows, without timing, that the job is there and stays there meanwhile.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        self.path = path
+        self.fd: int | None = None
+
+    def wait_for_reader(self, timeout: float = 120) -> None:
+        """Return once a process has the file open for reading (it now blocks in read())."""
+        deadline = time.monotonic() + timeout
+        while self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:  # ENXIO: nobody has it open for reading yet
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def reader(self, parent: int) -> psutil.Process:
+        """The child process of `parent` that holds the file open (the blocked pool process)."""
+        for child in psutil.Process(parent).children():
+            with contextlib.suppress(psutil.Error, OSError):
+                for fd in os.listdir(f"/proc/{child.pid}/fd"):
+                    if os.readlink(f"/proc/{child.pid}/fd/{fd}") == str(self.path):
+                        return child
+        raise AssertionError(f"no child of {parent} has {self.path} open")
+
+    def let_through(self, data: bytes) -> None:
+        """Give the blocked reader `data` and end of file; the path stays a named pipe."""
+        assert self.fd is not None, "no reader yet"
+        os.set_blocking(self.fd, True)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.close()
+
+    def close(self) -> None:
+        """Close the write end (a blocked reader gets end of file); the pipe stays in place."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from tests.conftest import StackFactory, both_stores
 from tests.helpers import (
     BGQ,
     ApiServer,
+    Gate,
     LocalStackControl,
     answers,
     api_servers,
@@ -526,3 +527,67 @@ def test_bgq_api_without_broker(env: dict[str, str]) -> None:
         [BGQ, "api", "--port", "1"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2 and "no Redis to talk to" in result.stderr
+
+
+def test_a_job_shows_running_while_a_worker_runs_it(base: str, api_stack: LocalStack) -> None:
+    """The worker is held as it reads the job's input (a named pipe in the store): the job's
+    state is stored as started before that, so it reads as `running` until let through."""
+    data = variant("car-1.jpg", (20, 20, 420, 320))
+    store = open_store(api_stack.settings)
+    assert isinstance(store, FileStore)
+    gate = Gate(store.path(contract.INPUTS, contract.input_digest(data)))
+    try:
+        with HttpClient(base) as client:
+            job = client.submit(data)  # the blob is there: the API keeps the pipe
+            gate.wait_for_reader()
+            running = client.job(job["id"])
+            with pytest.raises(ApiError) as not_ready:
+                client.result(job["id"])
+            gate.let_through(data)
+            png = client.wait(job["id"], timeout=120)
+            done = client.job(job["id"])
+    finally:
+        gate.remove()
+    assert running["status"] == "running" and running["finished_at"] is None
+    assert not_ready.value.status == 409 and not_ready.value.code == "not_ready"
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and done["status"] == "done"
+
+
+def test_each_registered_callback_is_sent_once(
+    base: str, api_stack: LocalStack, receiver: Callable[..., Receiver]
+) -> None:
+    """Three registrations of two URLs on one queued job: one delivery to each, no other."""
+    first, second = receiver(), receiver()
+    app = Producer(api_stack.settings).app
+
+    def deliveries() -> int:
+        """Deliveries the worker has started."""
+        replies = app.control.inspect(destination=[api_stack.hostname], timeout=2).stats()
+        totals = (replies or {})[api_stack.hostname]["total"]
+        return int(totals.get(contract.WEBHOOK_TASK_NAME, 0))
+
+    def pending() -> int:
+        """Deliveries queued, or taken by the worker and not finished."""
+        inspect = app.control.inspect(destination=[api_stack.hostname], timeout=2)
+        taken = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
+        names = [task["name"] for tasks in taken for task in tasks]
+        queued = app.backend.client.llen(contract.WEBHOOK_QUEUE)
+        return int(queued) + names.count(contract.WEBHOOK_TASK_NAME)
+
+    before = deliveries()
+    data = variant("cloth-1.jpg", (30, 30, 430, 530))
+    control = LocalStackControl(api_stack)
+    with HttpClient(base) as client:
+        control.pause()
+        try:
+            urls = (first.url, first.url, second.url)
+            (key,) = {client.submit(data, callback_url=url)["id"] for url in urls}
+        finally:
+            control.resume()
+        client.wait(key, timeout=120)
+    wait_for(lambda: first.received and second.received, timeout=60, what="both webhooks")
+    wait_for(lambda: not pending(), timeout=60, what="no delivery left")
+    assert deliveries() - before == 2
+    assert len(first.received) == len(second.received) == 1
+    for headers, body in (*first.received, *second.received):
+        assert signed_job(headers, body)["id"] == key

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,14 +17,17 @@ import redis
 from PIL import Image
 
 from bgq import cache, contract, defaults
-from bgq.contract import MASKS, RESULTS, Options
+from bgq.contract import INPUTS, MASKS, RESULTS, Options
 from bgq.exporter import Exporter
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store
 from producer import Producer
 from tests.conftest import both_stores
-from tests.helpers import pixels, settle, stats, variant
+from tests.helpers import Gate, bgq, pixels, settle, stats, variant
 from workers import masks, shaping
+
+# The file-store stack of `both_stores`, for a test that needs files (it shares that stack).
+file_store = pytest.mark.parametrize("store_kind", ["file"], indirect=True, scope="module")
 
 # Variants of one photo: each is its own job and cache entry, all from the same masks.
 VARIANTS: list[dict[str, Any]] = [
@@ -197,3 +202,83 @@ def test_a_dead_delivery_s_lock_is_taken_over_by_its_redelivery(
     start = time.monotonic()
     source(store, redis_client, model, "job-b").predict(Image.new("RGB", (4, 3)))
     assert time.monotonic() - start > 0.8 and model.runs == 2
+
+
+@file_store
+def test_a_redelivery_takes_over_the_lock_of_its_killed_predecessor(
+    stack: LocalStack, producer: Producer, redis_client: redis.Redis, reference: Any
+) -> None:
+    """A pool process SIGKILLed while it holds a mask's lock (as the OOM killer would): the
+    redelivered job takes the lock at once, not after MASK_WAIT, and runs the model once."""
+    data = variant("cloth-1.jpg", (0, 0, 420, 380))
+    name = contract.mask_name(contract.input_digest(data), "u2netp")
+    lock = contract.mask_lock_key(name)
+    assert isinstance(producer.store, FileStore) and stack.worker is not None
+    gate = Gate(producer.store.path(MASKS, name))  # its lookup of stored masks, under the lock
+    before = inferences(redis_client)
+    try:
+        job = producer.submit(data)
+        gate.wait_for_reader()  # the pool process is in the lookup, holding the lock
+        assert redis_client.get(lock) == job.key.encode()
+        holder = gate.reader(stack.worker.pid)
+        gate.path.unlink()  # the redelivery finds no stored masks; the holder stays blocked
+        holder.kill()
+        holder.wait(timeout=30)
+        assert redis_client.get(lock) == job.key.encode()  # it died holding the lock
+        gate.close()
+        # Waiting for the dead lock would take MASK_WAIT (its TTL is as long).
+        got = job.read(timeout=defaults.MASK_WAIT / 2)
+    finally:
+        gate.remove()
+    settle(redis_client, job.key)
+    assert inferences(redis_client) - before == 1
+    assert not redis_client.exists(lock)
+    assert stack.log is not None and f"masks {name} still locked" not in stack.log.read_text()
+    assert np.array_equal(pixels(got)[1], pixels(reference(data))[1])
+
+
+@file_store
+def test_a_prune_while_a_job_runs_keeps_its_input_and_masks(
+    stack: LocalStack,
+    producer: Producer,
+    redis_client: redis.Redis,
+    reference: Any,
+    env: dict[str, str],
+) -> None:
+    """`bgq cache prune` while a worker runs a job, held as it reads its input: the input and
+    the masks the job needs stay, though unused for days, and the job completes from them."""
+    data = variant("anime-girl-1.jpg", (40, 0, 540, 460))
+    first = producer.submit(data)  # makes the masks
+    first.wait(timeout=120)
+    settle(redis_client, first.key)
+    store = producer.store
+    assert isinstance(store, FileStore) and first.args is not None
+    digest = first.args.input_sha256
+    mask = store.path(MASKS, contract.mask_name(digest, "u2netp"))
+    unused = store.path(RESULTS, first.output)  # no job needs it: prune must take it
+    days_ago = time.time() - 3 * 86400
+    for path in (mask, unused):
+        os.utime(path, (days_ago, days_ago))
+    store.path(INPUTS, digest).unlink()
+    gate = Gate(store.path(INPUTS, digest))
+    before = inferences(redis_client)
+    white = {"bgcolor": (255, 255, 255, 255)}
+    try:
+        job = producer.submit(data, **white)  # the blob is there: the producer keeps the pipe
+        gate.wait_for_reader()
+        assert producer.task_meta(job.key)["status"] == "STARTED"
+        assert redis_client.sismember(contract.input_refs_key(digest), job.key)
+        os.utime(gate.path, (days_ago, days_ago))
+        home = {"BGQ_REDIS_URL": stack.url, "BGQ_HOME": str(stack.settings.home)}
+        pruned = bgq("cache", "prune", "--max-age", "1d", env={**env, **home})
+        assert pruned.returncode == 0, pruned.stderr
+        assert re.search(r"removed 1 result\(s\) and 0 mask\(s\) .*, 0 input\(s\)", pruned.stdout)
+        assert "0 used in the last minute, 1 in flight" in pruned.stdout
+        assert not unused.exists() and mask.exists() and gate.path.exists()
+        gate.let_through(data)
+        got = job.read(timeout=120)
+    finally:
+        gate.remove()
+    settle(redis_client, job.key)
+    assert inferences(redis_client) == before  # derived from the masks prune kept
+    assert np.array_equal(pixels(got)[1], pixels(reference(data, **white))[1])

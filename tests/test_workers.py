@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
 
+import psutil
 import pytest
 import redis
 from celery import Celery
+from PIL import Image
 
 from bgq import contract, defaults
 from bgq.errors import JobFailed
 from bgq.stack import LocalStack
 from producer import Producer
 from tests.conftest import StackFactory, both_stores
-from tests.helpers import variant
+from tests.helpers import settle, stats, variant
 
 
 def test_max_tasks_per_child_recycles_pool_processes(make_stack: StackFactory) -> None:
@@ -67,4 +70,44 @@ def test_job_that_kills_its_worker_fails_for_good(
     assert failure.value.permanent
     # The worker survived and serves the next job.
     assert producer.submit(variant("car-1.jpg", (5, 5, 200, 200))).read(timeout=120)
+    client.close()
+
+
+def accepted(producer: Producer, stack: LocalStack) -> dict[str, int]:
+    """How many tasks of each name the worker has taken (a retry is taken again)."""
+    replies = producer.app.control.inspect(destination=[stack.hostname], timeout=2).stats()
+    return dict((replies or {})[stack.hostname]["total"])
+
+
+def test_memory_error_fails_for_good_and_the_pool_process_serves_on(
+    make_stack: StackFactory,
+) -> None:
+    """An allocation the OS refuses: the pool process under an address-space limit, as
+    `ulimit -v` or `prlimit --as` sets one. MemoryError is permanent (no retry), and the same
+    pool process serves the next job: Celery, given a MemoryError, would stop the worker."""
+    stack = make_stack(concurrency=1)
+    assert stack.worker is not None
+    producer = Producer(stack.settings)
+    client = redis.Redis.from_url(stack.url)
+    warm = producer.submit(variant("car-1.jpg", (0, 0, 210, 150)))
+    warm.wait(timeout=120)  # the session has done its first run: its memory is mapped
+    (pool,) = psutil.Process(stack.worker.pid).children()
+    assert producer.task_meta(warm.key)["result"]["pid"] == pool.pid
+    soft, hard = pool.rlimit(psutil.RLIMIT_AS)
+    pool.rlimit(psutil.RLIMIT_AS, (pool.memory_info().vms + 256 * 2**20, hard))
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000), 128).save(buf, "PNG")  # 36 MP: about 500 MiB more to process
+    try:
+        big = producer.submit(buf.getvalue())  # within BGQ_MAX_MEGAPIXELS and the estimate
+        with pytest.raises(JobFailed, match="OutOfMemory: ran out of memory") as failure:
+            big.wait(timeout=120)
+        assert failure.value.permanent
+        settle(client, big.key)
+        after = producer.submit(variant("car-1.jpg", (0, 0, 211, 150)))
+        after.wait(timeout=120)
+    finally:
+        pool.rlimit(psutil.RLIMIT_AS, (soft, hard))
+    assert producer.task_meta(after.key)["result"]["pid"] == pool.pid  # the same process
+    assert accepted(producer, stack)[contract.TASK_NAME] == 3  # no retry of the big one
+    assert stats(client)["failed"] == 1 and not client.exists(contract.attempts_key(big.key))
     client.close()

@@ -26,16 +26,16 @@ class WebhookFailed(TransientError):
 @functools.cache
 def client() -> httpx.Client:
     """This pool process's client: it connects only to addresses the callback rule allows."""
-    return fetch.guarded_client(settings.webhook_allow_private, defaults.WEBHOOK_TIMEOUT)
+    return fetch.guarded_client(settings.webhook_allow_private, settings.webhook_timeout)
 
 
 @app.task(
     name=contract.WEBHOOK_TASK_NAME,
     bind=True,
-    max_retries=defaults.WEBHOOK_MAX_RETRIES,
+    max_retries=settings.webhook_max_retries,
     queue=contract.WEBHOOK_QUEUE,
-    soft_time_limit=2 * defaults.WEBHOOK_TIMEOUT,  # a receiver that drips bytes is cut off
-    time_limit=3 * defaults.WEBHOOK_TIMEOUT,
+    soft_time_limit=2 * settings.webhook_timeout,  # a receiver that drips bytes is cut off
+    time_limit=3 * settings.webhook_timeout,
 )
 def deliver_webhook(self: Task, url: str, body: str) -> dict[str, Any]:
     """POST `body` to `url` with its HMAC-SHA256 signature; retry with backoff until a 2xx."""

@@ -116,6 +116,8 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{prefix}"
         self._client: Any = None
         self._pid = 0
+        self._probe: Any = None  # a one-try client for check(): a check reports, never waits
+        self._probe_pid = 0
         self._conditional = True  # the server honours If-None-Match on PUT (until it says no)
 
     @property
@@ -133,7 +135,9 @@ class S3Store(Store):
 
         endpoint = self.settings.s3_endpoint_url
         try:
-            make_client(self.settings, attempts=1).head_bucket(Bucket=self.bucket)
+            if self._probe is None or self._probe_pid != os.getpid():
+                self._probe, self._probe_pid = make_client(self.settings, attempts=1), os.getpid()
+            self._probe.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             if error_code(exc) in ("404", "NoSuchBucket"):
                 raise ConfigError(
