@@ -12,7 +12,7 @@ UV := $(TOOLS)/bin/uv
 # One environment with every extra (test, bench): `uv sync` removes what it was not asked for.
 SYNC := $(UV) sync --locked --quiet --all-extras --python $(PYTHON)
 
-.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api profile lint format lock clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api profile lint format lock floors clean
 
 setup: $(STAMP) models
 
@@ -38,6 +38,18 @@ lock: $(UV)
 	$(UV) lock --upgrade --python $(PYTHON)
 	$(SYNC)
 	touch $(STAMP)
+
+# Are pyproject.toml's lower bounds honest? The oldest direct dependencies it allows (uv's
+# lowest-direct resolution), in a throwaway copy of HEAD under build/floors: the unit tests,
+# then the pipeline, API, worker and ingest tests.
+FLOOR_TESTS := tests/test_pipeline.py tests/test_api.py tests/test_workers.py tests/test_ingest.py
+floors: $(UV) models
+	rm -rf build/floors && mkdir -p build/floors && git archive HEAD | tar -x -C build/floors
+	cd build/floors && ../../$(UV) lock --quiet --resolution lowest-direct \
+		&& ../../$(UV) sync --frozen --quiet --all-extras --python $(PYTHON) \
+		&& .venv/bin/python -m workers.numba_cache \
+		&& .venv/bin/pytest -q -p no:cacheprovider -m "not integration" \
+		&& .venv/bin/pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 run: setup
 	$(BIN)/bgq ingest samples/catalog.csv --out out
