@@ -19,15 +19,41 @@ from bgq.store import FileStore, Store, open_store
 from producer import Producer
 
 STORES = ("file", "s3")
-# Runs a test (and its module's stack) once on each store backend.
-both_stores = pytest.mark.parametrize("store_kind", STORES, indirect=True, scope="module")
+# Runs a test (and its module's stack) once on each store backend. The "file" run's param is
+# None, the value a test that is not parametrised has: pytest keeps a module-scoped fixture
+# while its param stays the same, so the plain tests and the "file" ones share one stack.
+both_stores = pytest.mark.parametrize(
+    "store_kind", [None, "s3"], ids=STORES, indirect=True, scope="module"
+)
 
 
+def store_rank(item: pytest.Item) -> int:
+    """0 for a test on the "file" run of `both_stores`, 1 for a plain one, 2 for "s3"."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "store_kind" not in params:
+        return 1
+    return 2 if params["store_kind"] == "s3" else 0
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by parameter
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use a worker are integration tests (`-m "not integration"` skips them)."""
+    """Tests that use a worker are integration tests (`-m "not integration"` skips them).
+
+    In each module, the tests on its store stack run "file" first (on a fresh stack, as they
+    were written), then the plain ones on that same stack, then "s3" on a stack of its own:
+    one stack per store, not a second file stack for the plain tests.
+    """
     for item in items:
         if {"stack", "redis_url", "model_home"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    by_module: dict[Path, list[int]] = {}
+    for index, item in enumerate(items):
+        if "store_kind" in getattr(item, "fixturenames", ()):
+            by_module.setdefault(item.path, []).append(index)
+    for indexes in by_module.values():
+        ordered = sorted((items[i] for i in indexes), key=store_rank)
+        for index, item in zip(indexes, ordered, strict=True):
+            items[index] = item
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -120,7 +146,7 @@ def s3_settings(server: S3Server) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def store_kind(request: pytest.FixtureRequest) -> str:
     """The store backend of this module's stack: "file" unless a test asks for both."""
-    return str(getattr(request, "param", "file"))
+    return str(getattr(request, "param", None) or "file")
 
 
 @pytest.fixture(scope="module")
