@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from producer.cli_services import consumed_queues
-from tests.helpers import BGQ, SAMPLES, bgq, processes_mentioning, variant, wait_for
+from tests.helpers import (
+    BGQ,
+    SAMPLES,
+    bgq,
+    bgq_in_process,
+    processes_mentioning,
+    variant,
+    wait_for,
+)
 
 
 def test_up_then_submit_and_status_from_another_process(
@@ -77,9 +85,10 @@ def test_commands_explain_what_to_do_when_nothing_runs(env: dict[str, str], tmp_
 def test_unknown_model_is_a_usage_error(env: dict[str, str], tmp_path: Path) -> None:
     image = tmp_path / "a.jpg"
     image.write_bytes(variant("car-1.jpg", (0, 0, 100, 100)))
-    for args in (("submit", str(image), "-m", "nomodel"), ("models", "fetch", "nomodel")):
-        result = bgq(*args, env=env, timeout=30)
-        assert result.returncode == 2, args
+    real = bgq("models", "fetch", "nomodel", env=env, timeout=30)
+    here = bgq_in_process("submit", str(image), "-m", "nomodel", env=env)
+    for result in (real, here):
+        assert result.returncode == 2, result.args
         assert "unknown model 'nomodel'" in result.stderr and "u2netp" in result.stderr
 
 
