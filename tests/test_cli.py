@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bgq.settings import Settings
+from producer import Producer
 from producer.cli_services import consumed_queues
 from tests.helpers import (
     BGQ,
@@ -101,8 +103,12 @@ def test_bad_setting_names_the_variable(env: dict[str, str]) -> None:
 
 def _worker_serves(env: dict[str, str], tmp_path: Path, cmd: list[str]) -> None:
     log = tmp_path / "worker.log"
-    with background(cmd, env, log) as worker:
-        wait_for(lambda: bgq("status", env=env, timeout=30).returncode == 0, what="a worker")
+    settings = Settings(home=Path(env["BGQ_HOME"]), redis_url=env["BGQ_REDIS_URL"])
+    with background(cmd, env, log) as worker, Producer(settings) as producer:
+        # Pinged from here while it boots (a `bgq status` per try would take the CPU it needs).
+        wait_for(producer.workers_online, what="a worker")
+        status = bgq("status", env=env, timeout=30)
+        assert status.returncode == 0, status.stdout + status.stderr
         image = tmp_path / "in.jpg"
         image.write_bytes(variant("anime-girl-1.jpg", (0, 0, 300 + len(cmd), 300)))
         result = bgq("submit", str(image), env=env)
