@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,15 +21,41 @@ from bgq.store import FileStore, Store, open_store
 from producer import Producer
 
 STORES = ("file", "s3")
-# Runs a test (and its module's stack) once on each store backend.
-both_stores = pytest.mark.parametrize("store_kind", STORES, indirect=True, scope="module")
+# Runs a test (and its module's stack) once on each store backend. The "file" run's param is
+# None, the value a test that is not parametrised has: pytest keeps a module-scoped fixture
+# while its param stays the same, so the plain tests and the "file" ones share one stack.
+both_stores = pytest.mark.parametrize(
+    "store_kind", [None, "s3"], ids=STORES, indirect=True, scope="module"
+)
 
 
+def store_rank(item: pytest.Item) -> int:
+    """0 for a test on the "file" run of `both_stores`, 1 for a plain one, 2 for "s3"."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "store_kind" not in params:
+        return 1
+    return 2 if params["store_kind"] == "s3" else 0
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by parameter
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use a worker are integration tests (`-m "not integration"` skips them)."""
+    """Tests that use a worker are integration tests (`-m "not integration"` skips them).
+
+    In each module, the tests on its store stack run "file" first (on a fresh stack, as they
+    were written), then the plain ones on that same stack, then "s3" on a stack of its own:
+    one stack per store, not a second file stack for the plain tests.
+    """
     for item in items:
         if {"stack", "redis_url", "model_home"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    by_module: dict[Path, list[int]] = {}
+    for index, item in enumerate(items):
+        if "store_kind" in getattr(item, "fixturenames", ()):
+            by_module.setdefault(item.path, []).append(index)
+    for indexes in by_module.values():
+        ordered = sorted((items[i] for i in indexes), key=store_rank)
+        for index, item in zip(indexes, ordered, strict=True):
+            items[index] = item
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,14 +93,28 @@ def model_home() -> Path:
 
 @pytest.fixture(scope="session")
 def reference(model_home: Path) -> Callable[..., bytes]:
-    """rembg.remove() itself, in this process, with a fresh u2netp session."""
+    """rembg.remove() itself, in this process, with a fresh u2netp session.
+
+    Each result is computed once a session: several modules compare against the same photo
+    with the same options. Options equal to rembg.remove()'s defaults are the same call.
+    """
     os.environ["U2NET_HOME"] = str(model_home)
     import rembg
 
     session = rembg.new_session("u2netp")
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(rembg.remove).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+    results: dict[tuple[str, str], bytes] = {}
 
     def remove(data: bytes, **options: Any) -> bytes:
-        return bytes(rembg.remove(data, session=session, **options))
+        given = sorted((k, v) for k, v in options.items() if k not in defaults or v != defaults[k])
+        key = (hashlib.sha256(data).hexdigest(), repr(given))
+        if key not in results:
+            results[key] = bytes(rembg.remove(data, session=session, **options))
+        return results[key]
 
     return remove
 
@@ -120,7 +162,7 @@ def s3_settings(server: S3Server) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def store_kind(request: pytest.FixtureRequest) -> str:
     """The store backend of this module's stack: "file" unless a test asks for both."""
-    return str(getattr(request, "param", "file"))
+    return str(getattr(request, "param", None) or "file")
 
 
 @pytest.fixture(scope="module")

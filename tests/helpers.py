@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import numpy as np
@@ -53,6 +54,33 @@ def bgq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
     return subprocess.run(
         [BGQ, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def bgq_in_process(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`bgq ARGS` run in this process (typer's CliRunner on producer.cli's app), for the checks
+    that refuse a command before it starts anything: usage errors, bad settings, start checks.
+
+    `env` is laid over os.environ for the call. A command that would go on to exec a process or
+    serve HTTP fails the test instead; an exception no handler turned into an exit is raised
+    (a real process would have printed its traceback). Real `bgq` processes run the entry
+    point in each command family's own tests (test_cli.py, test_ingest.py, test_s3.py ...).
+    """
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+
+    def started(*started_args: object, **_: object) -> None:
+        raise AssertionError(f"bgq {' '.join(args)} started {started_args[:1]} instead of refusing")
+
+    with (
+        mock.patch.object(os, "execv", started),
+        mock.patch.object(os, "execve", started),
+        mock.patch.object(uvicorn, "run", started),
+    ):
+        result = CliRunner().invoke(app, list(args), env=env, prog_name="bgq")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess([BGQ, *args], result.exit_code, result.stdout, result.stderr)
 
 
 def wait_for(predicate: object, timeout: float = 120, what: str = "condition") -> None:

@@ -34,6 +34,7 @@ from tests.helpers import (
     LocalStackControl,
     answers,
     api_servers,
+    bgq_in_process,
     pixels,
     sample_bytes,
     settle,
@@ -523,9 +524,7 @@ def test_bgq_api_command(api_stack: LocalStack, env: dict[str, str]) -> None:
 
 
 def test_bgq_api_without_broker(env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [BGQ, "api", "--port", "1"], env=env, capture_output=True, text=True, timeout=60
-    )
+    result = bgq_in_process("api", "--port", "1", env=env)
     assert result.returncode == 2 and "no Redis to talk to" in result.stderr
 
 

@@ -12,8 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from bgq.settings import Settings
+from producer import Producer
 from producer.cli_services import consumed_queues
-from tests.helpers import BGQ, SAMPLES, bgq, processes_mentioning, variant, wait_for
+from tests.helpers import (
+    BGQ,
+    SAMPLES,
+    bgq,
+    bgq_in_process,
+    processes_mentioning,
+    variant,
+    wait_for,
+)
 
 
 def test_up_then_submit_and_status_from_another_process(
@@ -77,9 +87,10 @@ def test_commands_explain_what_to_do_when_nothing_runs(env: dict[str, str], tmp_
 def test_unknown_model_is_a_usage_error(env: dict[str, str], tmp_path: Path) -> None:
     image = tmp_path / "a.jpg"
     image.write_bytes(variant("car-1.jpg", (0, 0, 100, 100)))
-    for args in (("submit", str(image), "-m", "nomodel"), ("models", "fetch", "nomodel")):
-        result = bgq(*args, env=env, timeout=30)
-        assert result.returncode == 2, args
+    real = bgq("models", "fetch", "nomodel", env=env, timeout=30)
+    here = bgq_in_process("submit", str(image), "-m", "nomodel", env=env)
+    for result in (real, here):
+        assert result.returncode == 2, result.args
         assert "unknown model 'nomodel'" in result.stderr and "u2netp" in result.stderr
 
 
@@ -92,8 +103,12 @@ def test_bad_setting_names_the_variable(env: dict[str, str]) -> None:
 
 def _worker_serves(env: dict[str, str], tmp_path: Path, cmd: list[str]) -> None:
     log = tmp_path / "worker.log"
-    with background(cmd, env, log) as worker:
-        wait_for(lambda: bgq("status", env=env, timeout=30).returncode == 0, what="a worker")
+    settings = Settings(home=Path(env["BGQ_HOME"]), redis_url=env["BGQ_REDIS_URL"])
+    with background(cmd, env, log) as worker, Producer(settings) as producer:
+        # Pinged from here while it boots (a `bgq status` per try would take the CPU it needs).
+        wait_for(producer.workers_online, what="a worker")
+        status = bgq("status", env=env, timeout=30)
+        assert status.returncode == 0, status.stdout + status.stderr
         image = tmp_path / "in.jpg"
         image.write_bytes(variant("anime-girl-1.jpg", (0, 0, 300 + len(cmd), 300)))
         result = bgq("submit", str(image), env=env)

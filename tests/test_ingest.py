@@ -26,6 +26,7 @@ from tests.helpers import (
     BGQ,
     LocalStackControl,
     bgq,
+    bgq_in_process,
     processes_mentioning,
     variant,
     wait_for,
@@ -96,9 +97,10 @@ def test_a_folder_catalog_then_a_second_run_that_is_all_cache_hits(
 
 def test_usage_errors_exit_2(env: dict[str, str], tmp_path: Path) -> None:
     assert bgq("ingest", str(tmp_path / "nope"), "--out", "o", env=env).returncode == 2
-    assert bgq("ingest", str(tmp_path), "--out", "o", "-m", "nomodel", env=env).returncode == 2
-    assert bgq("ingest", str(tmp_path), "--out", "o", "-bgc", "1,2", env=env).returncode == 2
-    assert bgq("ingest", str(tmp_path), env=env).returncode == 2  # --out is required
+    here = bgq_in_process  # the rest refuse before anything starts: no process needed
+    assert here("ingest", str(tmp_path), "--out", "o", "-m", "nomodel", env=env).returncode == 2
+    assert here("ingest", str(tmp_path), "--out", "o", "-bgc", "1,2", env=env).returncode == 2
+    assert here("ingest", str(tmp_path), env=env).returncode == 2  # --out is required
 
 
 def results(env: dict[str, str]) -> dict[str, float]:

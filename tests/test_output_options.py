@@ -20,7 +20,7 @@ from bgq.contract import Options
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
 from producer.ingest import run_ingest
-from tests.helpers import BGQ, ApiServer, bgq, sample_bytes, variant
+from tests.helpers import BGQ, ApiServer, bgq_in_process, sample_bytes, variant
 
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -144,13 +144,15 @@ def test_cli_refuses_invalid_options_naming_them(
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in fields.items()]
     flags = [f if f != "--crop=true" else "--crop" for f in flags]
     for args in (["submit", str(image)], ["ingest", str(tmp_path), "--out", "o"]):
-        result = bgq(*args, *flags, env=env, timeout=30)
+        result = bgq_in_process(*args, *flags, env=env)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert f"{option}:" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_ingest_usage_errors_for_fetch_concurrency(env: dict[str, str], tmp_path: Path) -> None:
-    result = bgq("ingest", str(tmp_path), "--out", "o", "--fetch-concurrency", "0", env=env)
+    result = bgq_in_process(
+        "ingest", str(tmp_path), "--out", "o", "--fetch-concurrency", "0", env=env
+    )
     assert result.returncode == 2 and "--fetch-concurrency" in result.stderr
 
 

@@ -7,6 +7,7 @@ u2netp model, and then every other part of bgq on the same settings: `bgq ingest
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,10 +52,12 @@ def stack_settings(tmp_path: Path, model_home: Path, **values: object) -> Settin
     )
 
 
-def check_every_part(settings: Settings, env: dict[str, str], tmp_path: Path) -> str:
+@contextlib.contextmanager
+def every_part_checked(settings: Settings, env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """Workers, ingest, status, cache stats, prune, exporter and Flower on `settings`' Redis.
 
-    Returns everything they printed or logged (for the secrets check).
+    Yields everything they printed once they all passed, while the workers and Flower still
+    run (a test may go on with them).
     """
     env = {**env, **settings_env(settings)}
     tmp_path.mkdir(exist_ok=True)
@@ -79,8 +82,16 @@ def check_every_part(settings: Settings, env: dict[str, str], tmp_path: Path) ->
         assert "bgq_redis_up 1.0" in metrics and "bgq_cache_misses_total 4.0" in metrics
         queues = f"http://127.0.0.1:{flower}/api/queues/length"
         wait_for(lambda: _flower_lists_queue(queues), timeout=60, what="Flower's queue lengths")
-    outputs = [ingest, status, stats, prune]
-    return "".join(r.stdout + r.stderr for r in outputs) + metrics + log.read_text()
+        outputs = [ingest, status, stats, prune]
+        yield "".join(r.stdout + r.stderr for r in outputs) + metrics
+
+
+def check_every_part(settings: Settings, env: dict[str, str], tmp_path: Path) -> str:
+    """every_part_checked() on a stack of its own; returns everything they printed or logged
+    (for the secrets check), the stack's whole log included."""
+    with every_part_checked(settings, env, tmp_path) as printed:
+        pass
+    return printed + (tmp_path / "stack.log").read_text()
 
 
 def _flower_lists_queue(url: str) -> bool:
@@ -157,11 +168,10 @@ def test_sentinel_failover_during_ingest(
     wait_for(lambda: _sentinels_ready(sentinels), timeout=60, what="the Sentinels to meet")
     url = ";".join(f"sentinel://127.0.0.1:{s.port}" for s in sentinels) + "/0"
     settings = stack_settings(tmp_path, model_home, redis_url=url, redis_sentinel_master=MASTER)
-    check_every_part(settings, env, tmp_path / "parts")
     env = {**env, **settings_env(settings)}
     src, out = tmp_path / "in", tmp_path / "out"
     names = catalog(src, 12, size=150)
-    with LocalStack(settings, log=tmp_path / "stack.log"):
+    with every_part_checked(settings, env, tmp_path / "parts"):  # the same workers go on
         ingest = subprocess.Popen(
             [BGQ, "ingest", str(src), "--out", str(out), "--window", "4"],
             env=env,

@@ -3,6 +3,7 @@ source and destination, presigned results, start-up checks, and an S3 outage mid
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import subprocess
@@ -22,7 +23,7 @@ from bgq.store import RESULTS, open_store
 from producer import Producer
 from producer.remote import S3Prefix
 from tests.conftest import StackFactory, s3_settings
-from tests.helpers import BGQ, ApiServer, bgq, pixels, variant, wait_for
+from tests.helpers import BGQ, ApiServer, bgq, bgq_in_process, pixels, variant, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +150,12 @@ def test_ingest_from_an_s3_store_into_a_folder(
     assert pixels(out)[0] == "RGBA" and out.stat().st_nlink == 1  # a download, not a link
 
 
-def failing_start(env: dict[str, str], words: list[str]) -> None:
+def failing_start(env: dict[str, str], words: list[str], real: bool = False) -> None:
+    """Each command refused at start (exit 2, one line with `words`); `real`: in `bgq`
+    processes, else in this one."""
+    run = functools.partial(bgq, timeout=120) if real else bgq_in_process
     for command in (["status"], ["worker"], ["api", "--port", "0"]):
-        result = bgq(*command, env=env, timeout=120)
+        result = run(*command, env=env)
         assert result.returncode == 2, (command, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and all(w in lines[0] for w in words), (command, lines)
@@ -162,7 +166,8 @@ def test_start_checks_name_the_setting(
     stack: LocalStack, env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**s3_env(stack, env), **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
-    failing_start({**env, "BGQ_STORE_URL": "s3://no-such-bucket/x"}, ["BGQ_STORE_URL", "exist"])
+    no_bucket = {**env, "BGQ_STORE_URL": "s3://no-such-bucket/x"}
+    failing_start(no_bucket, ["BGQ_STORE_URL", "exist"], real=True)
     closed = f"http://127.0.0.1:{free_port()}"
     failing_start({**env, "BGQ_S3_ENDPOINT_URL": closed}, ["BGQ_S3_ENDPOINT_URL", "unreachable"])
     strict = S3Server(tmp_path / "strict.log", INITIAL_NO_AUTH_ACTION_COUNT="0")
