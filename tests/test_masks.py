@@ -26,9 +26,6 @@ from tests.conftest import both_stores
 from tests.helpers import Gate, bgq, pixels, settle, stats, variant
 from workers import masks, shaping
 
-# The file-store stack of `both_stores`, for a test that needs files (it shares that stack).
-file_store = pytest.mark.parametrize("store_kind", ["file"], indirect=True, scope="module")
-
 # Variants of one photo: each is its own job and cache entry, all from the same masks.
 VARIANTS: list[dict[str, Any]] = [
     {},
@@ -204,7 +201,6 @@ def test_a_dead_delivery_s_lock_is_taken_over_by_its_redelivery(
     assert time.monotonic() - start > 0.8 and model.runs == 2
 
 
-@file_store
 def test_a_redelivery_takes_over_the_lock_of_its_killed_predecessor(
     stack: LocalStack, producer: Producer, redis_client: redis.Redis, reference: Any
 ) -> None:
@@ -237,7 +233,6 @@ def test_a_redelivery_takes_over_the_lock_of_its_killed_predecessor(
     assert np.array_equal(pixels(got)[1], pixels(reference(data))[1])
 
 
-@file_store
 def test_a_prune_while_a_job_runs_keeps_its_input_and_masks(
     stack: LocalStack,
     producer: Producer,
