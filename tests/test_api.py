@@ -322,9 +322,19 @@ def signed_job(headers: dict[str, str], body: bytes) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
+def delivered(client: redis.Redis, url: str) -> dict[str, Any] | None:
+    """The stored result of the delivery task that succeeded in POSTing to `url`, if one has."""
+    for key in client.scan_iter(match="celery-task-meta-*", count=1000):
+        meta = json.loads(client.get(key) or b"{}")
+        result = meta.get("result") if meta.get("status") == "SUCCESS" else None
+        if isinstance(result, dict) and result.get("url") == url:
+            return dict(result)
+    return None
+
+
 @both_stores
 def test_webhook_signed_and_retried_after_a_500(
-    base: str, receiver: Callable[..., Receiver]
+    api_stack: LocalStack, base: str, receiver: Callable[..., Receiver]
 ) -> None:
     hook = receiver(fail_first=1)
     data = variant("car-1.jpg", (10, 0, 470, 350))
@@ -343,7 +353,13 @@ def test_webhook_signed_and_retried_after_a_500(
         assert client.submit(data, callback_url=late.url)["cached"] is True
         wait_for(lambda: late.received, timeout=60, what="the webhook of a cached job")
         assert signed_job(*late.received[0])["status"] == "done"
-    time.sleep(1)
+    # Its delivery task has ended with the second attempt's success: no attempt can follow.
+    backend = redis.Redis.from_url(api_stack.url)
+    try:
+        wait_for(lambda: delivered(backend, hook.url), timeout=60, what="the delivery's success")
+        assert delivered(backend, hook.url) == {"url": hook.url, "status": 200, "attempts": 2}
+    finally:
+        backend.close()
     assert len(hook.received) == 2  # delivered once it succeeded, never again
 
 
