@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -405,11 +406,19 @@ def test_private_or_odd_callbacks_refused_by_default(strict: str, url: str, word
     assert words in error_of(response)["message"]
 
 
-def test_unresolvable_callback_host_accepted(strict: str) -> None:
+def test_unresolvable_callback_host_accepted(strict: str, api_stack: LocalStack) -> None:
     """DNS may not know the host yet: the job is accepted and its delivery retried."""
+    url = "https://hooks.invalid/bgq"
+    log = api_stack.log
+    assert log is not None
+    attempt = re.compile(rf"delivery to {re.escape(url)} failed: .*; retry (\d+)$", re.M)
+    before = len(attempt.findall(log.read_text()))
     with HttpClient(strict) as client:
-        job = client.submit(sample_bytes("car-1.jpg"), callback_url="https://hooks.invalid/bgq")
+        job = client.submit(sample_bytes("car-1.jpg"), callback_url=url)
     assert job["id"]
+    # Each failed attempt says so in the worker's log: the first one, then its retry.
+    wait_for(lambda: len(attempt.findall(log.read_text())) >= before + 2, 120, "a retry")
+    assert attempt.findall(log.read_text())[before : before + 2] == ["1", "2"]
 
 
 def test_callback_needs_a_secret(serve: Callable[..., str]) -> None:
