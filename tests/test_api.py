@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -471,18 +470,26 @@ def test_redis_down(serve: Callable[..., str]) -> None:
             assert response.headers["retry-after"] == str(defaults.API_RETRY_AFTER)
 
 
-class SlowStore(FileStore):
-    """A store whose every lookup takes a second, like a congested NFS mount or S3 endpoint."""
+class StuckStore(FileStore):
+    """A store whose lookups hang until the test lets them go, like a congested NFS mount."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.waiting = 0  # lookups under way
+        self.lock = threading.Lock()
+        self.go = threading.Event()
 
     def stat(self, kind: str, name: str) -> Entry | None:
-        time.sleep(1.0)
+        with self.lock:
+            self.waiting += 1
+        self.go.wait(timeout=60)
         return super().stat(kind, name)
 
 
 def test_a_slow_store_never_stalls_the_event_loop(api_stack: LocalStack) -> None:
     settings = api_stack.settings.model_copy(update={"redis_url": api_stack.url})
     producer = Producer(settings)
-    producer.store = SlowStore(settings.store_dir)
+    producer.store = store = StuckStore(settings.store_dir)
     server = ApiServer(settings, create_app(settings, producer)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http:
@@ -492,13 +499,14 @@ def test_a_slow_store_never_stalls_the_event_loop(api_stack: LocalStack) -> None
             ]
             for thread in slow:
                 thread.start()
-            time.sleep(0.2)  # the lookups are under way
-            started = time.perf_counter()
+            wait_for(lambda: store.waiting >= 4, timeout=30, what="4 store lookups under way")
+            # Answered while all 4 lookups hang: a stalled loop could answer only after them.
             assert http.get("/healthz").status_code == 200
-            assert time.perf_counter() - started < 0.5  # not behind 4 s of store lookups
+            store.go.set()
             for thread in slow:
                 thread.join()
     finally:
+        store.go.set()
         server.stop()
 
 
