@@ -48,6 +48,10 @@ class PhotoServer:
         with self.lock:
             self.in_flight -= 1
 
+    def hold(self) -> None:
+        """What each request waits before its answer: the added latency."""
+        time.sleep(self.delay)
+
 
 def _handler(owner: PhotoServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
@@ -56,7 +60,7 @@ def _handler(owner: PhotoServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             owner.started()
             try:
-                time.sleep(owner.delay)
+                owner.hold()
                 path = owner.root / self.path.lstrip("/").split("?")[0]
                 if ".." in self.path or not path.is_file():
                     self.send_error(404)

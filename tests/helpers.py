@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import socket
@@ -25,9 +26,10 @@ import uvicorn
 from PIL import Image
 
 from bench.photoserver import PhotoServer
-from bgq import contract
+from bgq import contract, defaults
 from bgq.settings import Settings
 from bgq.stack import LocalStack
+from bgq.store import INPUTS, FileStore
 from producer import Producer
 from producer.api import create_app
 
@@ -128,6 +130,19 @@ def settle(client: redis.Redis, key: str, timeout: float = 30) -> None:
     while client.exists(contract.guard_key(key)):
         assert time.monotonic() < deadline, f"guard of {key} never released"
         time.sleep(0.01)
+
+
+def stale_leftovers(store: FileStore) -> tuple[Path, Path]:
+    """An input no job needs and a leftover temporary file, both older than prune's grace
+    periods (an input's, a temporary's): the next prune of `store` removes both."""
+    name = hashlib.sha256(os.urandom(16)).hexdigest()
+    store.write(INPUTS, name, b"an input no job needs")
+    temporary = store.root / f".leftover-{name[:12]}.tmp"
+    temporary.write_bytes(b"half a result")
+    old = time.time() - 2 * max(defaults.PRUNE_TMP_AGE, defaults.PRUNE_INPUT_GRACE)
+    for path in (store.path(INPUTS, name), temporary):
+        os.utime(path, (old, old))
+    return store.path(INPUTS, name), temporary
 
 
 class LocalStackControl:

@@ -6,11 +6,11 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from bgq import contract, defaults, jobs, webhooks
 from bgq.stack import LocalStack
@@ -333,9 +334,19 @@ def signed_job(headers: dict[str, str], body: bytes) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
+def delivered(client: redis.Redis, url: str) -> dict[str, Any] | None:
+    """The stored result of the delivery task that succeeded in POSTing to `url`, if one has."""
+    for key in client.scan_iter(match="celery-task-meta-*", count=1000):
+        meta = json.loads(client.get(key) or b"{}")
+        result = meta.get("result") if meta.get("status") == "SUCCESS" else None
+        if isinstance(result, dict) and result.get("url") == url:
+            return dict(result)
+    return None
+
+
 @both_stores
 def test_webhook_signed_and_retried_after_a_500(
-    base: str, receiver: Callable[..., Receiver]
+    api_stack: LocalStack, base: str, receiver: Callable[..., Receiver]
 ) -> None:
     hook = receiver(fail_first=1)
     data = variant("car-1.jpg", (10, 0, 470, 350))
@@ -354,7 +365,13 @@ def test_webhook_signed_and_retried_after_a_500(
         assert client.submit(data, callback_url=late.url)["cached"] is True
         wait_for(lambda: late.received, timeout=60, what="the webhook of a cached job")
         assert signed_job(*late.received[0])["status"] == "done"
-    time.sleep(1)
+    # Its delivery task has ended with the second attempt's success: no attempt can follow.
+    backend = redis.Redis.from_url(api_stack.url)
+    try:
+        wait_for(lambda: delivered(backend, hook.url), timeout=60, what="the delivery's success")
+        assert delivered(backend, hook.url) == {"url": hook.url, "status": 200, "attempts": 2}
+    finally:
+        backend.close()
     assert len(hook.received) == 2  # delivered once it succeeded, never again
 
 
@@ -400,11 +417,19 @@ def test_private_or_odd_callbacks_refused_by_default(strict: str, url: str, word
     assert words in error_of(response)["message"]
 
 
-def test_unresolvable_callback_host_accepted(strict: str) -> None:
+def test_unresolvable_callback_host_accepted(strict: str, api_stack: LocalStack) -> None:
     """DNS may not know the host yet: the job is accepted and its delivery retried."""
+    url = "https://hooks.invalid/bgq"
+    log = api_stack.log
+    assert log is not None
+    attempt = re.compile(rf"delivery to {re.escape(url)} failed: .*; retry (\d+)$", re.M)
+    before = len(attempt.findall(log.read_text()))
     with HttpClient(strict) as client:
-        job = client.submit(sample_bytes("car-1.jpg"), callback_url="https://hooks.invalid/bgq")
+        job = client.submit(sample_bytes("car-1.jpg"), callback_url=url)
     assert job["id"]
+    # Each failed attempt says so in the worker's log: the first one, then its retry.
+    wait_for(lambda: len(attempt.findall(log.read_text())) >= before + 2, 120, "a retry")
+    assert attempt.findall(log.read_text())[before : before + 2] == ["1", "2"]
 
 
 def test_callback_needs_a_secret(serve: Callable[..., str]) -> None:
@@ -414,17 +439,30 @@ def test_callback_needs_a_secret(serve: Callable[..., str]) -> None:
     assert refused.value.status == 422 and "BGQ_WEBHOOK_SECRET" in refused.value.message
 
 
+def cache_lookups(http: httpx.Client) -> dict[str, float]:
+    """bgq_api_cache_lookups_total by result, parsed from the API's /metrics page."""
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    return {
+        sample.labels["result"]: sample.value
+        for family in families
+        if family.name == "bgq_api_cache_lookups"
+        for sample in family.samples
+        if sample.name == "bgq_api_cache_lookups_total"
+    }
+
+
 def test_health_and_metrics(http: httpx.Client) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["workers"] >= 1
-    http.post("/v1/remove", content=sample_bytes("car-1.jpg"), headers=JPEG)  # a hit by now
+    data = sample_bytes("car-1.jpg")
+    assert http.post("/v1/remove", content=data, headers=JPEG).status_code == 200  # now stored
+    before = cache_lookups(http)
+    assert http.post("/v1/remove", content=data, headers=JPEG).headers["x-bgq-cached"] == "true"
+    assert cache_lookups(http) == {"hit": before["hit"] + 1, "miss": before["miss"]}
     text = http.get("/metrics").text
     assert 'bgq_api_requests_total{method="POST",route="/v1/remove",status="200"}' in text
-    assert 'bgq_api_cache_lookups_total{result="hit"}' in text
     assert "bgq_api_request_seconds_bucket" in text
-    hits = [line for line in text.splitlines() if line.startswith("bgq_api_cache_lookups_total")]
-    assert any(line.endswith(" 0.0") is False for line in hits)
     assert "/v1/jobs/{job_id}" in http.get("/openapi.json").json()["paths"]
     assert http.get("/docs").status_code == 200
 
@@ -444,18 +482,26 @@ def test_redis_down(serve: Callable[..., str]) -> None:
             assert response.headers["retry-after"] == str(defaults.API_RETRY_AFTER)
 
 
-class SlowStore(FileStore):
-    """A store whose every lookup takes a second, like a congested NFS mount or S3 endpoint."""
+class StuckStore(FileStore):
+    """A store whose lookups hang until the test lets them go, like a congested NFS mount."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.waiting = 0  # lookups under way
+        self.lock = threading.Lock()
+        self.go = threading.Event()
 
     def stat(self, kind: str, name: str) -> Entry | None:
-        time.sleep(1.0)
+        with self.lock:
+            self.waiting += 1
+        self.go.wait(timeout=60)
         return super().stat(kind, name)
 
 
 def test_a_slow_store_never_stalls_the_event_loop(api_stack: LocalStack) -> None:
     settings = api_stack.settings.model_copy(update={"redis_url": api_stack.url})
     producer = Producer(settings)
-    producer.store = SlowStore(settings.store_dir)
+    producer.store = store = StuckStore(settings.store_dir)
     server = ApiServer(settings, create_app(settings, producer)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http:
@@ -465,13 +511,14 @@ def test_a_slow_store_never_stalls_the_event_loop(api_stack: LocalStack) -> None
             ]
             for thread in slow:
                 thread.start()
-            time.sleep(0.2)  # the lookups are under way
-            started = time.perf_counter()
+            wait_for(lambda: store.waiting >= 4, timeout=30, what="4 store lookups under way")
+            # Answered while all 4 lookups hang: a stalled loop could answer only after them.
             assert http.get("/healthz").status_code == 200
-            assert time.perf_counter() - started < 0.5  # not behind 4 s of store lookups
+            store.go.set()
             for thread in slow:
                 thread.join()
     finally:
+        store.go.set()
         server.stop()
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import pytest
 import redis
 
+from bgq import defaults
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
 from producer import Producer
@@ -41,16 +44,32 @@ def test_close_and_with_block_flush(stack: LocalStack, redis_client: redis.Redis
 
 
 def test_a_long_lived_producer_flushes_without_another_submit(
-    stack: LocalStack, redis_client: redis.Redis
+    stack: LocalStack, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A batch lasts 5 s here: the hit below must not come a whole interval after the flush
+    # that starts the batch (it would then be written at once, as the next hit after one).
+    monkeypatch.setattr(defaults, "STATS_FLUSH_INTERVAL", 5.0)
     data = variant("car-1.jpg", (50, 10, 210, 150))
     producer = Producer(stack.settings)
+    timer_fired, let_flush = threading.Event(), threading.Event()
+    timed_flush = producer._timed_flush
+
+    def held_timed_flush() -> None:
+        """The timer's flush, held until the test has read the counters (30 s at most)."""
+        timer_fired.set()
+        let_flush.wait(timeout=30)
+        timed_flush()
+
+    monkeypatch.setattr(producer, "_timed_flush", held_timed_flush)
     try:
         producer.submit(data).wait(timeout=120)
         before = hits(redis_client)
         producer.flush_stats()  # a batch starts: hits within the interval are only counted here
         assert producer.submit(data).cached
         assert hits(redis_client) == before  # batched, not written per hit
+        let_flush.set()
         wait_for(lambda: hits(redis_client) == before + 1, timeout=30, what="the timed flush")
+        assert timer_fired.is_set()  # written by the timer, with no further submit
     finally:
+        let_flush.set()
         producer.close()

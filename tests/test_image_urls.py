@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +23,7 @@ from producer.api import create_app
 from producer.http_client import HttpClient
 from producer.ingest import run_ingest
 from tests.conftest import StackFactory
-from tests.helpers import BGQ, ApiServer, ImageServer, sample_bytes
+from tests.helpers import BGQ, ApiServer, ImageServer, sample_bytes, wait_for
 
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -251,14 +251,25 @@ def one_default_thread(app: Any) -> Any:
     return wrapped
 
 
+class HeldImageServer(ImageServer):
+    """An image server that answers nothing until `answer` is set (60 s at most)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+
+    def hold(self) -> None:
+        self.answer.wait(timeout=60)
+
+
 def test_slow_image_servers_take_only_the_fetch_threads(
     url_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fetches run on their own limiter: with every fetch thread waiting on a slow server, a
-    request that needs the default threadpool (its only thread, here) is answered at once."""
+    request that needs the default threadpool (its only thread, here) is answered."""
     monkeypatch.setattr(defaults, "API_FETCH_CONCURRENCY", 2)
     settings = url_stack.settings.model_copy(update={"redis_url": url_stack.url})
-    slow = ImageServer(delay=1.5).start()
+    slow = HeldImageServer().start()
     api = ApiServer(settings, one_default_thread(create_app(settings))).start()
     try:
         with httpx.Client(base_url=api.url, timeout=60) as client, ThreadPoolExecutor(3) as pool:
@@ -266,12 +277,14 @@ def test_slow_image_servers_take_only_the_fetch_threads(
                 pool.submit(client.post, "/v1/jobs", json={"image_url": slow.photo(name)})
                 for name in ("car-1.jpg", "anime-girl-1.jpg", "cloth-1.jpg")
             ]
-            time.sleep(0.3)
-            started = time.monotonic()
-            assert client.get(f"/v1/jobs/{'0' * 64}").status_code == 404  # a threadpool call
-            assert time.monotonic() - started < 0.8  # while the fetches still wait
+            wait_for(lambda: slow.in_flight == 2, timeout=30, what="2 fetches held by the server")
+            # A threadpool call, answered while both fetch threads are held (the server answers
+            # them only after it): shorter than the hold, so a blocked call cannot outwait it.
+            assert client.get(f"/v1/jobs/{'0' * 64}", timeout=20).status_code == 404
+            slow.answer.set()
             assert all(f.result().status_code == 202 for f in fetches)
         assert slow.most_in_flight == 2  # API_FETCH_CONCURRENCY at once, the third waited
     finally:
+        slow.answer.set()
         api.stop()
         slow.stop()

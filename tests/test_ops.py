@@ -9,16 +9,20 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from celery import Celery
+from celery.beat import PersistentScheduler
 
 from bgq import cache, contract, defaults
 from bgq.exporter import Exporter
+from bgq.settings import Settings
 from bgq.stack import LocalStack
-from bgq.store import INPUTS, RESULTS, Entry, FileStore, Store, open_store
+from bgq.store import INPUTS, MASKS, RESULTS, Entry, FileStore, Store, open_store
 from bgq.units import parse_duration, parse_size
 from producer import Producer
 from tests.conftest import both_stores
@@ -29,6 +33,7 @@ from tests.helpers import (
     bgq,
     bgq_in_process,
     settle,
+    stale_leftovers,
     variant,
     wait_for,
 )
@@ -279,12 +284,23 @@ def test_finished_jobs_release_their_inputs(producer: Producer, redis_client: re
     assert not redis_client.exists(contract.input_refs_key(job.args.input_sha256))
 
 
+def outputs(store: Store) -> list[str]:
+    return sorted(entry.name for entry in [*store.scan(RESULTS), *store.scan(MASKS)])
+
+
 def test_prune_task_runs_on_the_workers(stack: LocalStack) -> None:
+    store = open_store(stack.settings)
+    assert isinstance(store, FileStore)
+    kept = outputs(store)
+    stale_input, temporary = stale_leftovers(store)
     app = Producer(stack.settings).app
     sent = app.send_task(contract.PRUNE_TASK_NAME)
     wait_for(sent.ready, timeout=60, what="the prune")  # no .get(): its subscription leaks
     result = sent.result
-    assert "removed" in result
+    # These workers set no age or size limit: every result and mask stays, the leftovers go.
+    assert (result["removed"], result["kept"]) == (0, len(kept)) and outputs(store) == kept
+    assert result["inputs_removed"] >= 1 and result["temporaries_removed"] >= 1
+    assert not stale_input.exists() and not temporary.exists()
     schedule = app.conf.beat_schedule if app.conf.beat_schedule else {}
     assert any(e["task"] == contract.PRUNE_TASK_NAME for e in schedule.values())
 
@@ -305,24 +321,43 @@ def test_cache_prune_with_nothing_running(env: dict[str, str]) -> None:
     assert "removed 0 result(s)" in result.stdout and "inputs kept" in result.stdout
 
 
-def test_beat_starts_with_the_schedule(stack: LocalStack, env: dict[str, str]) -> None:
-    proc = subprocess.Popen(
-        [BGQ, "beat"],
-        env={**env, "BGQ_REDIS_URL": stack.url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def overdue_prune(app: Celery, schedule: Path) -> None:
+    """Write beat's schedule file as a beat that last sent the prune two intervals ago leaves
+    it (it was down since): a beat started on it sends the prune at once, not in an hour."""
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    scheduler = PersistentScheduler(app=app, schedule_filename=str(schedule))
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        for line in proc.stdout:
-            if "beat: Starting" in line or time.monotonic() > deadline:
-                break
-        assert "beat: Starting" in line
+        entry = scheduler.schedule["bgq-prune-cache"]
+        entry.last_run_at = entry.default_now() - timedelta(seconds=2 * defaults.PRUNE_INTERVAL)
+    finally:
+        scheduler.close()
+
+
+def test_beat_sends_the_prune_and_the_workers_run_it(
+    stack: LocalStack, env: dict[str, str], tmp_path: Path
+) -> None:
+    store = open_store(stack.settings)
+    assert isinstance(store, FileStore)
+    stale_input, temporary = stale_leftovers(store)
+    beat_home = Settings(home=Path(env["BGQ_HOME"]))
+    overdue_prune(Producer(stack.settings).app, beat_home.run_dir / "celerybeat-schedule")
+    log = tmp_path / "beat.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [BGQ, "beat"], env={**env, "BGQ_REDIS_URL": stack.url}, stdout=out, stderr=out
+        )
+    try:
+        wait_for(lambda: "beat: Starting" in log.read_text(), timeout=60, what="beat")
+        sending = "Sending due task bgq-prune-cache (bgq.prune_cache)"
+        wait_for(lambda: sending in log.read_text(), timeout=60, what="beat to send the prune")
+        wait_for(
+            lambda: not stale_input.exists() and not temporary.exists(),
+            timeout=60,
+            what="the workers to run the prune beat sent",
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize(

@@ -212,7 +212,9 @@ def test_the_api_answers_503_through_an_outage_and_recovers(
             try:
                 started = time.monotonic()
                 down = http.post("/v1/remove", content=variant("car-1.jpg", (8, 8, 208, 158)))
-                assert time.monotonic() - started < defaults.API_BROKER_RETRY_SECONDS + 10
+                # Its retry budget (5 s), not BGQ_BROKER_RETRY_SECONDS (120 s) nor a hang (the
+                # client's 60 s): the slack is for a loaded machine, the figure is no benchmark.
+                assert time.monotonic() - started < defaults.API_BROKER_RETRY_SECONDS + 30
                 assert down.status_code == 503, down.text
                 assert down.headers["retry-after"] == str(defaults.API_RETRY_AFTER)
                 assert down.json()["error"]["code"] == "unavailable"

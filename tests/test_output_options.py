@@ -116,7 +116,10 @@ def test_api_shaped_results_have_their_format_and_canvas(http: httpx.Client) -> 
     assert cropped.status_code == 200, cropped.text
     assert cropped.headers["content-type"] == "image/jpeg"
     image = decoded(cropped.content)
-    assert image.format == "JPEG" and image.width <= 300 and image.height <= 400
+    plain = decoded(http.post("/v1/remove", content=data, headers=JPEG).content)  # uncropped
+    box = plain.getchannel("A").getbbox()  # the subject's box: crop_margin is 0 by default
+    assert box is not None and box != (0, 0, *plain.size)  # there is a frame to crop away
+    assert image.format == "JPEG" and image.size == (box[2] - box[0], box[3] - box[1])
 
 
 def cli_env(stack: LocalStack) -> dict[str, str]:

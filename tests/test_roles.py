@@ -12,9 +12,10 @@ import psutil
 
 from bgq import contract, webhooks
 from bgq.stack import LocalStack
+from bgq.store import FileStore, open_store
 from producer import Producer
 from tests.conftest import StackFactory
-from tests.helpers import wait_for
+from tests.helpers import stale_leftovers, wait_for
 
 SECRET = "roles-test-secret"
 
@@ -67,12 +68,18 @@ def test_webhook_and_maintenance_worker_loads_no_model(make_stack: StackFactory)
     queues = [contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE]
     stack = make_stack(queues=queues, webhook_secret=SECRET, webhook_allow_private=True)
     body = json.dumps({"id": "k", "status": "done"})
+    store = open_store(stack.settings)
+    assert isinstance(store, FileStore)
+    stale_input, temporary = stale_leftovers(store)  # in a store that holds nothing else
     with Producer(stack.settings) as producer, hook() as receiver:
         producer.app.send_task(contract.WEBHOOK_TASK_NAME, args=[receiver.url, body])
         wait_for(lambda: receiver.received, timeout=60, what="the webhook")
         prune = producer.app.send_task(contract.PRUNE_TASK_NAME).id
         wait_for(lambda: producer.task_meta(prune)["status"] == "SUCCESS", what="the prune")
-        assert "removed" in producer.task_meta(prune)["result"]
+        report = producer.task_meta(prune)["result"]
+    assert (report["removed"], report["kept"]) == (0, 0)
+    assert (report["inputs_removed"], report["temporaries_removed"]) == (1, 1)
+    assert not stale_input.exists() and not temporary.exists()
     headers, data = receiver.received[0]
     assert data == body.encode()
     assert webhooks.verify(SECRET, data, headers[webhooks.SIGNATURE_HEADER])
