@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,19 @@ def bgq_in_process(*args: str, env: dict[str, str]) -> subprocess.CompletedProce
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess([BGQ, *args], result.exit_code, result.stdout, result.stderr)
+
+
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer) -> Iterator[None]:
+    """Serve `server` on a thread for the block; shut it down and close it after."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def wait_for(predicate: object, timeout: float = 120, what: str = "condition") -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,7 +14,7 @@ from bgq.stack import LocalStack
 from bgq.store import FileStore, open_store
 from producer import Producer
 from tests.conftest import StackFactory
-from tests.helpers import stale_leftovers, wait_for
+from tests.helpers import serving, stale_leftovers, wait_for
 
 SECRET = "roles-test-secret"
 
@@ -44,14 +43,8 @@ class Hook:
 @contextlib.contextmanager
 def hook() -> Iterator[Hook]:
     receiver = Hook()
-    thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(receiver.server):
         yield receiver
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
-        thread.join(timeout=10)
 
 
 def pool_processes(stack: LocalStack) -> list[psutil.Process]:

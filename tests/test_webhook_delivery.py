@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +17,7 @@ from bgq import contract
 from bgq.stack import LocalStack
 from producer import Producer
 from tests.conftest import StackFactory
-from tests.helpers import wait_for
+from tests.helpers import serving, wait_for
 
 SECRET = "delivery-test-secret"
 TIMEOUT = 1.0  # BGQ_WEBHOOK_TIMEOUT: a delivery is cut off after 2 s
@@ -67,14 +66,8 @@ class Receiver:
 @contextlib.contextmanager
 def receiving(status: int | None) -> Iterator[Receiver]:
     receiver = Receiver(status)
-    thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(receiver.server):
         yield receiver
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
-        thread.join(timeout=10)
 
 
 def deliver(stack: LocalStack, url: str) -> Any:
