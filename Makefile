@@ -18,35 +18,45 @@ setup: $(STAMP) models
 
 $(UV): uv-requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
-	$(PYTHON) -m venv $(TOOLS)
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install -qq --require-hashes -r uv-requirements.txt
+	touch $@
 
 $(STAMP): pyproject.toml uv.lock $(UV)
 	$(SYNC)
 	touch $(STAMP)
 
-# pymatting's numba functions compiled once per venv, on both cores (workers/numba_cache.py).
+# pymatting's numba functions (alpha matting) compiled once per venv, on both cores
+# (workers/numba_cache.py), before the tests and benchmarks use them; `make run` needs none.
 $(NUMBA_CACHE): $(STAMP)
 	$(BIN)/python -m workers.numba_cache
 	touch $@
 
-models: $(NUMBA_CACHE)
+models: $(STAMP)
 	$(BIN)/bgq models fetch u2netp
 
-# The newest releases that pyproject.toml allows, into uv.lock; then `make test` and commit both.
+# The newest releases that pyproject.toml allows, all extras together (so rembg[cli]'s pins in
+# the bench extra hold fastapi, uvicorn and python-multipart back), into uv.lock; then
+# `make test` and commit both (docs/development.md).
 lock: $(UV)
 	$(UV) lock --upgrade --python $(PYTHON)
 	$(SYNC)
 	touch $(STAMP)
 
-# Are pyproject.toml's lower bounds honest? The oldest direct dependencies it allows (uv's
-# lowest-direct resolution), in a throwaway copy of HEAD under build/floors: the unit tests,
-# then the pipeline, API, worker and ingest tests.
-FLOOR_TESTS := tests/test_pipeline.py tests/test_api.py tests/test_workers.py tests/test_ingest.py
+# Are pyproject.toml's lower bounds honest? The oldest direct dependencies they allow (uv's
+# lowest-direct resolution, without the bench extra, whose rembg[cli] pins would lift fastapi and
+# uvicorn), in a throwaway copy of the working tree under build/floors: the unit tests, then the
+# pipeline, API, worker, ingest and CLI tests.
+FLOOR_TESTS := tests/test_pipeline.py tests/test_api.py tests/test_workers.py tests/test_ingest.py \
+	tests/test_cli.py
 floors: $(UV) models
-	rm -rf build/floors && mkdir -p build/floors && git archive HEAD | tar -x -C build/floors
-	cd build/floors && ../../$(UV) lock --quiet --resolution lowest-direct \
-		&& ../../$(UV) sync --frozen --quiet --all-extras --python $(PYTHON) \
+	rm -rf build/floors && mkdir -p build/floors
+	rev=$$(git stash create) && git archive $${rev:-HEAD} | tar -x -C build/floors
+	cd build/floors && ../../$(UV) pip compile --quiet --resolution lowest-direct --extra test \
+			--python-version 3.11 pyproject.toml -o floors.txt \
+		&& ../../$(UV) venv --quiet --python $(PYTHON) \
+		&& ../../$(UV) pip sync --quiet floors.txt \
+		&& ../../$(UV) pip install --quiet --no-deps -e . \
 		&& .venv/bin/python -m workers.numba_cache \
 		&& .venv/bin/pytest -q -p no:cacheprovider -m "not integration" \
 		&& .venv/bin/pytest -q -p no:cacheprovider $(FLOOR_TESTS)
@@ -56,20 +66,20 @@ run: setup
 
 # Figures, not tests: rembg p vs bgq ingest vs the model-bound limit, then a URL catalog
 # (a few minutes on 2 cores).
-bench: setup
+bench: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.urls
 
 # Peak RSS/USS/PSS of a pool process per input size vs rembg.remove(), and growth over 1,000
 # small tasks (several minutes on 2 cores; figures, not tests).
-bench-memory: setup
+bench-memory: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.memory
 
 # Cache-hit latency of the HTTP API (p50/p99, requests/s).
-bench-api: setup
+bench-api: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.api
 
-profile: setup
+profile: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.profile
 
 lint: $(STAMP)
@@ -99,11 +109,11 @@ browser:
 			"web page tests; as root: apt-get update && apt-get install -y chromium"; exit 1; }; \
 	fi
 
-test: setup system-redis browser lint
+test: setup $(NUMBA_CACHE) system-redis browser lint
 	$(BIN)/pytest
 
 # The README's pictures of the web page, taken by its browser test.
-screenshots: setup browser
+screenshots: setup browser $(NUMBA_CACHE)
 	BGQ_TEST_SCREENSHOTS=docs/img $(BIN)/pytest tests/test_page.py -k narrow_window
 
 format: $(STAMP)

@@ -107,8 +107,9 @@ def models_fetch(
     name: Annotated[str | None, typer.Argument(help="Model name [default: BGQ_MODEL].")] = None,
 ) -> None:
     """Put a model's weights where rembg looks for them (under BGQ_HOME) and verify them."""
-    from workers import models
+    from workers import models, session
 
+    session.defer_rembg_extras()  # rembg's model table, without compiling pymatting's numba code
     settings = load_settings()
     path = models.fetch(model_name(name, settings), settings.model_home)
     typer.echo(f"{name or settings.model}: {path}")

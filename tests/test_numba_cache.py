@@ -34,4 +34,4 @@ def test_warm_up_runs_both_groups_and_a_plain_import() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "numba cache for pymatting ready" in done.stdout
-    assert "failed" not in done.stdout
+    assert "failed" not in done.stdout and "missed" not in done.stdout
