@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import pytest
@@ -125,9 +126,14 @@ def reference(model_home: Path) -> Callable[..., bytes]:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """BGQ_TEST_REDIS_URL (flushed before and after), else an embedded redis-server."""
+    """BGQ_TEST_REDIS_URL (flushed before and after), else an embedded redis-server.
+
+    Under pytest-xdist each test process has a database of its own on the external Redis
+    (the URL's database number plus the process's number), as it has its own embedded one.
+    """
     external = os.environ.get("BGQ_TEST_REDIS_URL")
     if external:
+        external = worker_database(external)
         client = redis.Redis.from_url(external)
         client.flushdb()
         yield external
@@ -139,6 +145,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def worker_database(url: str) -> str:
+    """`url` with its database number moved up by this xdist test process's number (gw0: +0)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    parts = urlsplit(url)
+    database = int(parts.path.strip("/") or 0) + int(worker.removeprefix("gw"))
+    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 @pytest.fixture
