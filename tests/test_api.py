@@ -619,7 +619,8 @@ def test_each_registered_callback_is_sent_once(
     # only those to this test's receivers count.
     mine = re.compile(
         "|".join(
-            rf"{re.escape(contract.WEBHOOK_TASK_NAME)}\[[^]]+\] succeeded in .*'url': '{re.escape(url)}'"
+            rf"{re.escape(contract.WEBHOOK_TASK_NAME)}\[[^]]+\] succeeded in "
+            rf".*'url': '{re.escape(url)}'"
             rf"|delivery to {re.escape(url)} failed"
             for url in urls
         )
