@@ -54,6 +54,15 @@ end
 return 0
 """
 
+# KEYS: guard; ARGV: TTL, this enqueue's token. Once the task is published, the guard this
+# enqueue took lives until the job ends (or the TTL); one already released stays released.
+HOLD_GUARD = """
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 
 def read_source(source: Source) -> bytes:
     """The image bytes of a submit() argument: bytes as they are, else a file path."""
@@ -170,11 +179,14 @@ class Producer:
                 self._hits += hits  # not counted yet: the next flush adds them
             raise
         if sent:
-            client = self.app.backend.client
-            self.with_broker("enqueue", lambda: client.hincrby(contract.STATS_KEY, "enqueued", 1))
+            self.with_broker("enqueue", lambda: self._hold(args, token))
 
     def _publish(self, args: TaskArgs, token: str, miss: bool, hits: int) -> bool:
-        """One try of _enqueue: take the guard and count; if won, send the task (True)."""
+        """One try of _enqueue: take the guard and count; if won, send the task (True).
+
+        The guard is taken for GUARD_PUBLISH_TTL only: a producer killed before its task is
+        sent leaves a guard that soon expires, so a waiter for the job enqueues it again.
+        """
         app = self.app
         guard = contract.guard_key(args.key)
         refs = contract.input_refs_key(args.input_sha256)
@@ -183,7 +195,7 @@ class Producer:
             # Guard and forgetting an old run's state in one step, so no other submitter
             # can be answered by an old failure once this run holds the guard.
             state = app.backend.get_key_for_task(args.key)
-            pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_TTL, token)
+            pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_PUBLISH_TTL, token)
             pipe.sadd(refs, args.key)
             pipe.expire(refs, 2 * defaults.GUARD_TTL)
             pipe.hincrby(contract.STATS_KEY, "cache_misses", int(miss))
@@ -200,6 +212,14 @@ class Producer:
                 client.delete(guard)
             raise
         return True
+
+    def _hold(self, args: TaskArgs, token: str) -> None:
+        """The task is sent: its guard lives until the job ends (GUARD_TTL); count the enqueue."""
+        client = self.app.backend.client
+        with client.pipeline(transaction=False) as pipe:
+            pipe.eval(HOLD_GUARD, 1, contract.guard_key(args.key), defaults.GUARD_TTL, token)
+            pipe.hincrby(contract.STATS_KEY, "enqueued", 1)
+            pipe.execute()
 
     def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
         """Run a Redis operation, riding out an outage for up to BGQ_BROKER_RETRY_SECONDS."""

@@ -268,7 +268,11 @@ class Gate:
         self.fd: int | None = None
 
     def wait_for_reader(self, timeout: float = 120) -> None:
-        """Return once a process has the file open for reading (it now blocks in read())."""
+        """Return once a process is opening the file for reading (it then blocks in read()).
+
+        The kernel counts a reader from the start of its open(), before the file is in its
+        descriptor table: a reader descheduled there is not yet in /proc (see `reader`).
+        """
         deadline = time.monotonic() + timeout
         while self.fd is None:
             try:
@@ -278,14 +282,23 @@ class Gate:
                     raise
                 time.sleep(0.02)
 
-    def reader(self, parent: int) -> psutil.Process:
-        """The child process of `parent` that holds the file open (the blocked pool process)."""
+    def reader(self, parent: int, timeout: float = 120) -> psutil.Process:
+        """The child process of `parent` that holds the file open (the blocked pool process),
+        looked for until its open() has returned: after `wait_for_reader` it may not have."""
+        deadline = time.monotonic() + timeout
+        while (found := self._holder(parent)) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no child of {parent} has {self.path} open")
+            time.sleep(0.02)
+        return found
+
+    def _holder(self, parent: int) -> psutil.Process | None:
         for child in psutil.Process(parent).children():
             with contextlib.suppress(psutil.Error, OSError):
                 for fd in os.listdir(f"/proc/{child.pid}/fd"):
                     if os.readlink(f"/proc/{child.pid}/fd/{fd}") == str(self.path):
                         return child
-        raise AssertionError(f"no child of {parent} has {self.path} open")
+        return None
 
     def let_through(self, data: bytes) -> None:
         """Give the blocked reader `data` and end of file; the path stays a named pipe."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,12 +12,12 @@ from typing import Any
 import pytest
 import redis
 
-from bgq import contract
+from bgq import contract, defaults
 from bgq.contract import Options, TaskArgs
 from bgq.errors import JobTimeout, OutOfMemory
 from bgq.settings import Settings
 from producer import Producer
-from tests.helpers import variant
+from tests.helpers import variant, wait_for
 
 
 @pytest.fixture
@@ -46,6 +49,43 @@ def test_a_held_job_is_not_requeued(idle: tuple[Producer, redis.Redis]) -> None:
     with pytest.raises(JobTimeout):
         second.wait(timeout=0.3)
     assert client.llen(contract.QUEUE) == 1
+
+
+# A producer process SIGKILLed inside send_task: after its guard is taken, before the message.
+KILLED_PRODUCER = """
+import os, signal, sys
+from pathlib import Path
+from celery import Celery
+from bgq import defaults
+from bgq.settings import Settings
+from producer import Producer
+
+defaults.GUARD_PUBLISH_TTL = 1
+Celery.send_task = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+Producer(Settings(home=Path(sys.argv[1]), redis_url=sys.argv[2])).submit(sys.argv[3])
+"""
+
+
+def test_a_producer_killed_before_sending_holds_the_job_up_briefly(
+    idle: tuple[Producer, redis.Redis], redis_url: str, tmp_path: Path
+) -> None:
+    """Its guard expires after GUARD_PUBLISH_TTL (1 s here), not GUARD_TTL; then a waiter for
+    the job enqueues it again, and the guard of a sent task lasts GUARD_TTL."""
+    producer, client = idle
+    image = tmp_path / "in.jpg"
+    image.write_bytes(variant("car-1.jpg", (0, 0, 224, 111)))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_PRODUCER, str(tmp_path), redis_url, str(image)],
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    job = producer.submit(image)  # the dead producer's guard: not enqueued again
+    guard = contract.guard_key(job.key)
+    assert client.llen(contract.QUEUE) == 0 and 0 < client.pttl(guard) <= 1000
+    wait_for(lambda: not client.exists(guard), 10, "the dead producer's guard to expire")
+    assert job.poll() is None  # pending without a guard: lost, so enqueued again
+    assert client.llen(contract.QUEUE) == 1
+    assert client.ttl(guard) > defaults.GUARD_TTL - 60
 
 
 def test_memory_error_fails_permanently_and_releases_the_guard(
