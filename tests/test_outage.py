@@ -23,7 +23,7 @@ from bgq.contract import MASKS, Options, TaskArgs, input_digest
 from bgq.errors import BrokerError
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
-from bgq.store import FileStore, open_store
+from bgq.store import FileStore, Store, open_store
 from producer.outage import Outage
 from tests.helpers import BGQ, Gate, bgq, pixels, variant, wait_for
 from tests.redis_servers import Server, Servers
@@ -100,6 +100,28 @@ def check_outputs(out: Path, images: dict[str, bytes], reference: Callable[..., 
         assert mode == want_mode and (got == want).all(), name
 
 
+def hold(workers: LocalStack, images: dict[str, bytes]) -> tuple[Store, list[TaskArgs], list[Gate]]:
+    """Gates that hold the HELD inputs' jobs at their stored-masks lookup: in a model run, past
+    their Redis calls, one per pool process (so, with prefetch 1, the worker takes no other)."""
+    store = open_store(workers.settings)
+    assert isinstance(store, FileStore)
+    held = [TaskArgs.build(input_digest(images[name]), "u2netp", Options()) for name in HELD]
+    return store, held, [Gate(store.path(MASKS, args.masks)) for args in held]
+
+
+def wait_held(workers: LocalStack, images: dict[str, bytes], gates: list[Gate]) -> None:
+    """Until both pool processes are at their gates, holding the only messages taken."""
+    for gate in gates:
+        gate.wait_for_reader()
+    keys = {name: job_key(data) for name, data in images.items()}
+    assert taken(workers.url) & set(keys.values()) == {keys[name] for name in HELD}
+
+
+def job_key(data: bytes) -> str:
+    """The key of the default u2netp job of an input."""
+    return TaskArgs.build(input_digest(data), "u2netp", Options()).key
+
+
 def test_a_short_outage_mid_ingest_is_ridden_out(
     aof: Server,
     workers: LocalStack,
@@ -107,16 +129,26 @@ def test_a_short_outage_mid_ingest_is_ridden_out(
     tmp_path: Path,
     reference: Callable[..., bytes],
 ) -> None:
+    """Redis goes down for OUTAGE s while both pool processes are in a model run and other jobs
+    are queued: the ingest says once that it is retrying, the running jobs finish after the
+    restart, the queued ones run, and every output is rembg's.
+
+    The jobs are held in their model run so that none starts while Redis is down: such a job
+    fails for good today (see the next test), which is not yet promised.
+    """
     env = {**env, **settings_env(workers.settings)}
     images = catalog(tmp_path / "in", 12, top=0)
     out = tmp_path / "out"
+    _, _, gates = hold(workers, images)
     ingest = start_ingest(tmp_path / "in", out, env)
     try:
-        wait_for(lambda: len(list(out.glob("*.png"))) >= 2, what="the first results")
+        wait_held(workers, images, gates)
         aof.kill()
         time.sleep(OUTAGE)  # the outage itself
         aof.start()
     finally:
+        for gate in gates:
+            gate.remove()  # end of file: no stored masks, so the held job runs the model
         stdout, stderr = finish(ingest)
     assert ingest.returncode == 0, stdout + stderr
     assert stderr.count("broker unreachable, retrying for up to 120 s") == 1, stderr
@@ -142,19 +174,10 @@ def test_an_outage_past_the_budget_fails_then_a_rerun_resumes(
     env = {**env, **settings_env(workers.settings), "BGQ_BROKER_RETRY_SECONDS": "3"}
     images = catalog(tmp_path / "in", 12, top=100)
     out = tmp_path / "out"
-    store = open_store(workers.settings)
-    assert isinstance(store, FileStore)
-    jobs = {
-        name: TaskArgs.build(input_digest(data), "u2netp", Options())
-        for name, data in images.items()
-    }
-    held = [jobs[name] for name in HELD]
-    gates = [Gate(store.path(MASKS, args.masks)) for args in held]  # past their Redis calls
+    store, held, gates = hold(workers, images)
     ingest = start_ingest(tmp_path / "in", out, env)
     try:
-        for gate in gates:
-            gate.wait_for_reader()
-        assert taken(workers.url) & {a.key for a in jobs.values()} == {a.key for a in held}
+        wait_held(workers, images, gates)
         aof.kill()
         stdout, stderr = finish(ingest)  # Redis stays down until the ingest has given up
     finally:
