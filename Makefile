@@ -109,11 +109,11 @@ browser:
 			"web page tests; as root: apt-get update && apt-get install -y chromium"; exit 1; }; \
 	fi
 
-# Test processes (pytest-xdist): each runs whole modules, with its own Redis, S3 server and
-# stacks. TEST_WORKERS=0 runs the suite in one process.
+# Test processes (pytest-xdist; pyproject's addopts give each whole modules, at most 4): each
+# with its own Redis, S3 server and stacks. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
 test: setup $(NUMBA_CACHE) system-redis browser lint
-	$(BIN)/pytest --numprocesses $(TEST_WORKERS) --maxprocesses 4 --dist loadscope
+	$(BIN)/pytest --numprocesses $(TEST_WORKERS)
 
 # The README's pictures of the web page, taken by its browser test.
 screenshots: setup browser $(NUMBA_CACHE)

@@ -40,7 +40,10 @@ SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32}  # MiB per output megap
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to
 KEY_PREFIX = "bgq:"  # prefix of every Redis key bgq itself writes (Celery's own keys aside)
 GUARD_TTL = 3600  # seconds an enqueue guard lives; it is released when the job ends
-GUARD_PUBLISH_TTL = 30  # seconds a guard lives until its task is published (then GUARD_TTL)
+# Seconds a guard lives until its task is sent (then GUARD_TTL): how long a producer killed in
+# between holds the job up; well above a publish's own retries (3, each within the 4 s connect
+# timeout), so a slow publish does not outlive its guard.
+GUARD_PUBLISH_TTL = 60
 RESULT_TTL = 86400  # seconds Celery keeps a task's result/state in Redis
 TASK_TIME_LIMIT = 600  # seconds one task may run before its pool process is killed (fails it)
 MASK_LOCK_TTL = 120  # seconds a model run may hold its mask's lock (then others go ahead too)

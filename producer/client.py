@@ -42,14 +42,25 @@ T = TypeVar("T")
 IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
 
 # KEYS: guard, Celery's state of the task; ARGV: TTL, this enqueue's token. Takes the guard;
-# if won, forgets the old state. A retried enqueue whose first try took it wins again.
+# if won, forgets the old state. A retried enqueue whose first try took it wins again, with
+# a fresh TTL.
 TAKE_GUARD = """
 if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
   redis.call('DEL', KEYS[2])
   return 1
 end
 if redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
   return 1
+end
+return 0
+"""
+
+# KEYS: guard; ARGV: this enqueue's token. The task could not be sent: release the guard if
+# this enqueue still holds it (one that expired meanwhile may be another producer's now).
+DROP_GUARD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -209,7 +220,7 @@ class Producer:
             )
         except BaseException:
             with contextlib.suppress(redis.RedisError):
-                client.delete(guard)
+                client.eval(DROP_GUARD, 1, guard, token)
             raise
         return True
 
@@ -300,7 +311,9 @@ class Producer:
         True if its result turned out to be in the store already.
 
         The guard is held from enqueue until the final state is stored, so a pending job
-        without a guard was lost; if it merely expired, the task finds the stored result.
+        without a guard was lost — or its guard expired: after GUARD_TTL, or GUARD_PUBLISH_TTL
+        when its producer could not extend it once the task was sent. A second message then
+        costs at most a second look: the task finds the stored result or the mask lock.
         """
         guard = contract.guard_key(args.key)
         lost = not self.with_broker("read job state", lambda: self.app.backend.client.exists(guard))

@@ -38,21 +38,20 @@ def store_rank(item: pytest.Item) -> int:
     return 2 if params["store_kind"] == "s3" else 0
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's -m deselection reads the markers
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """Tests that use a worker are integration tests (`-m "not integration"` skips them)."""
-    for item in items:
-        if {"stack", "redis_url", "model_home"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.integration)
+    if {"stack", "redis_url", "model_home"} & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.integration)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own grouping by parameter
-def pytest_collection_finish(session: pytest.Session) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """In each module, the tests on its store stack run "file" first (on a fresh stack, as they
     were written), then the plain ones on that same stack, then "s3" on a stack of its own:
     one stack per store, not a second file stack for the plain tests.
+
+    Done here, not after collection: pytest-xdist reads the order when collection finishes.
     """
-    items = session.items
     by_module: dict[Path, list[int]] = {}
     for index, item in enumerate(items):
         if "store_kind" in getattr(item, "fixturenames", ()):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import redis
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -27,9 +28,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def accepts(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
+def listens(pid: int, port: int) -> bool:
+    """Process `pid` listens on `port` (not merely: something answers there, which may be
+    another test process's server on a port reused)."""
+    with contextlib.suppress(psutil.Error):
+        connections = psutil.Process(pid).net_connections("tcp")
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
     return False
 
 
@@ -48,7 +52,7 @@ class Server:
                 [REDIS_SERVER, *self.args], stdout=out, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + READY_TIMEOUT
-        while not accepts(self.port):
+        while not listens(self.proc.pid, self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"redis-server did not start: {self.log.read_text()[-2000:]}")
