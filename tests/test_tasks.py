@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
 import pytest
 import redis
 
 from bgq import contract, defaults
 from bgq.contract import Options, TaskArgs
-from bgq.errors import JobTimeout, OutOfMemory
+from bgq.errors import BrokerError, JobTimeout, OutOfMemory
 from bgq.settings import Settings
 from producer import Producer
 from tests.helpers import variant, wait_for
@@ -49,6 +50,33 @@ def test_a_held_job_is_not_requeued(idle: tuple[Producer, redis.Redis]) -> None:
     with pytest.raises(JobTimeout):
         second.wait(timeout=0.3)
     assert client.llen(contract.QUEUE) == 1
+
+
+def test_a_failed_send_releases_only_its_own_guard(
+    idle: tuple[Producer, redis.Redis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send that fails drops the guard it took; one that outlived its guard (which another
+    producer has taken since) leaves that other guard alone."""
+    client = idle[1]
+    producer = Producer(idle[0].settings, retry_seconds=0)  # a failed send is final
+    data = variant("car-1.jpg", (0, 0, 225, 111))
+    key = TaskArgs.build(contract.input_digest(data), "u2netp", Options()).key
+    guard = contract.guard_key(key)
+    taken_over: list[str] = []
+
+    def send_task(*args: Any, **kwargs: Any) -> None:
+        if taken_over:  # this send was slow: its guard expired and another producer took it
+            client.set(guard, taken_over[0])
+        raise kombu.exceptions.OperationalError("the publish failed")
+
+    monkeypatch.setattr(producer.app, "send_task", send_task)
+    with pytest.raises(BrokerError):
+        producer.submit(data)
+    assert not client.exists(guard)  # its own: released, a rerun may enqueue at once
+    taken_over.append("another-producers-token")
+    with pytest.raises(BrokerError):
+        producer.submit(data)
+    assert client.get(guard) == b"another-producers-token"
 
 
 # A producer process SIGKILLed inside send_task: after its guard is taken, before the message.
