@@ -68,6 +68,10 @@ BROKER_RETRY_SECONDS = 120.0  # seconds producers retry Redis through an outage 
 BROKER_RETRY_BASE = 0.2  # seconds, ceiling of the first retry delay (then doubling, jittered)
 BROKER_RETRY_MAX = 5.0  # seconds, cap of one retry delay
 JOB_TIMEOUT = 300  # seconds `bgq submit` waits for a result by default
+# A waiting job (Job.wait, the API's wait) reads its state after JOB_POLL_FIRST, then after each
+# gap doubled, up to JOB_POLL_MAX.
+JOB_POLL_FIRST = 0.01  # seconds, the first gap between a waiting job's state reads
+JOB_POLL_MAX = 0.25  # seconds, the longest gap between them
 
 # Cache statistics and lifecycle.
 STATS_FLUSH_INTERVAL = (
@@ -97,7 +101,11 @@ EXPORTER_PORT = 9808
 
 # Ingestion (`bgq ingest`).
 INGEST_WINDOW = 128  # jobs one ingest keeps outstanding; make it >= 2 x the cluster's processes
-INGEST_STATE_POLL = 1.0  # seconds between checks of an outstanding job's Celery state
+# While none of its outstanding jobs finishes, an ingest reads their states (one round trip)
+# after INGEST_POLL_FIRST, then after each gap x 1.5, up to INGEST_POLL_MAX.
+INGEST_POLL_FIRST = 0.02  # seconds, the first gap between an ingest's reads of its jobs' states
+INGEST_POLL_MAX = 0.2  # seconds, the longest gap between them
+INGEST_LOST_CHECK = 1.0  # seconds between checks that a pending job still has its guard (else lost)
 INGEST_STALL_WARNING = 60.0  # seconds with no finished job before ingest checks for workers
 
 # HTTP API (`bgq api`).

@@ -38,7 +38,7 @@ from producer.api_http import (
 )
 from producer.api_request import options_of, read_submission, wait_seconds
 from producer.client import Producer
-from producer.job import POLL_MAX, POLL_MIN, Job
+from producer.job import Job
 from producer.page import install_page
 
 log = logging.getLogger("bgq.api")
@@ -203,7 +203,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        delay = POLL_MIN
+        delay = defaults.JOB_POLL_FIRST
         while True:
             if await run_in_threadpool(job.poll) is not None:
                 return True
@@ -211,7 +211,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
             if now >= deadline or await request.is_disconnected():
                 return False
             await asyncio.sleep(min(delay, deadline - now))
-            delay = min(POLL_MAX, delay * 2)
+            delay = min(defaults.JOB_POLL_MAX, delay * 2)
 
     # -- routes -------------------------------------------------------------------------------
 

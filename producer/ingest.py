@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
     from bgq.stack import LocalStack
 
-POLL_MIN = 0.02  # seconds between store checks of outstanding jobs while results arrive
-POLL_MAX = 0.2  # seconds between checks once nothing has arrived for a while
 REPORT_NAME = "bgq-report.jsonl"  # default report file, in the output folder
 STACK_LOG = "ingest-worker.log"  # log of an embedded stack's worker, in BGQ_HOME/run
 MAX_LISTED_FAILURES = 50  # failed inputs listed in the closing summary (all are in the report)
@@ -184,13 +182,13 @@ class Ingest:
         Each round reads every outstanding job's state in one Redis round trip; the store is
         asked only for those that report success (or lost their guard, once a second).
         """
-        delay = POLL_MIN
+        delay = defaults.INGEST_POLL_FIRST
         while True:
             now = time.monotonic()
             metas = self.producer.task_metas([entry.job.key for entry in self.pending])
             finished = 0
             for entry, meta in zip(list(self.pending), metas, strict=True):
-                check_lost = now - entry.checked >= defaults.INGEST_STATE_POLL
+                check_lost = now - entry.checked >= defaults.INGEST_LOST_CHECK
                 if check_lost:
                     entry.checked = now
                 try:
@@ -209,7 +207,7 @@ class Ingest:
             self._check_stack()
             self._check_stalled()
             time.sleep(delay)
-            delay = min(POLL_MAX, delay * 1.5)
+            delay = min(defaults.INGEST_POLL_MAX, delay * 1.5)
 
     def _check_stack(self) -> None:
         worker = self.stack.worker if self.stack else None

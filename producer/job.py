@@ -6,20 +6,26 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from bgq import defaults
 from bgq.contract import TaskArgs, result_name
 from bgq.errors import BgqError, JobFailed, JobTimeout, PermanentError
 from bgq.store import Store
 
-if TYPE_CHECKING:
-    from producer.client import Producer
-
-POLL_MIN = 0.01  # seconds between the first result checks of a waiting job
-POLL_MAX = 0.25  # seconds between later checks
-
-
 Location = Path | str  # a result's local Path (filesystem store) or its s3:// URL
+
+
+class Tracker(Protocol):
+    """What a Job needs from whoever submitted it (a Producer): its state, and a requeue."""
+
+    def task_meta(self, key: str) -> dict[str, Any]:
+        """The task's state as Celery stored it (status, result or exception)."""
+        ...
+
+    def requeue_if_lost(self, args: TaskArgs) -> bool:
+        """Enqueue the job again if nobody holds it; True if its result is in the store."""
+        ...
 
 
 @dataclass
@@ -33,7 +39,7 @@ class Job:
     key: str
     cached: bool
     store: Store | None = field(default=None, repr=False)
-    producer: Producer | None = field(default=None, repr=False)
+    producer: Tracker | None = field(default=None, repr=False)
     error: BgqError | None = None
     source: str | None = None
     args: TaskArgs | None = field(default=None, repr=False)
@@ -84,7 +90,7 @@ class Job:
     def wait(self, timeout: float | None = None) -> Location:
         """Block until the result is in the store and say where; raise on failure or timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = POLL_MIN
+        delay = defaults.JOB_POLL_FIRST
         while True:
             location = self.poll()
             if location is not None:
@@ -94,7 +100,7 @@ class Job:
             time.sleep(
                 delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             )
-            delay = min(POLL_MAX, delay * 2)
+            delay = min(defaults.JOB_POLL_MAX, delay * 2)
 
     def read(self, timeout: float | None = None) -> bytes:
         """Wait for the result and return its bytes (any store)."""
