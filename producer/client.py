@@ -85,7 +85,8 @@ def read_source(source: Source) -> bytes:
 class Producer:
     """Submits images to bgq; settings come from the environment unless given.
 
-    close() (or a `with` block) flushes its batched hit count; so does the process's exit.
+    close() (or a `with` block) flushes its batched hit count, and the producer takes no more
+    submits; the process's exit flushes too.
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class Producer:
         self, sources: Iterable[Source], model: str | None = None, **options: Any
     ) -> list[Job]:
         """Submit many images with the same options; a bad image becomes a failed Job."""
+        self._check_open()
         opts = Options.parse(options)
         model = contract.check_model(model or self.settings.model)
         jobs = []
@@ -159,6 +161,7 @@ class Producer:
 
         A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job.
         """
+        self._check_open()
         args = TaskArgs.build(contract.input_digest(data), model, options)
         if self.store.use_output(args.output):
             self._count_hit()
@@ -172,6 +175,11 @@ class Producer:
         self.store.put_input(args.input_sha256, data)
         self._enqueue(args)
         return Job(args.key, False, self.store, self, args=args)
+
+    def _check_open(self) -> None:
+        """A closed producer counts no more hits and starts no more timers: it refuses submits."""
+        if self._closed:
+            raise PermanentError("this Producer is closed: create a new one to submit images")
 
     def _enqueue(self, args: TaskArgs, miss: bool = True) -> None:
         """Publish the task unless an identical job is already queued or running.

@@ -9,9 +9,11 @@ import pytest
 import redis
 
 from bgq import defaults
-from bgq.settings import settings_env
+from bgq.contract import Options, TaskArgs, input_digest
+from bgq.errors import PermanentError
+from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
-from producer import Producer
+from producer import Producer, client
 from tests.helpers import bgq, stats, variant, wait_for
 
 
@@ -73,3 +75,18 @@ def test_a_long_lived_producer_flushes_without_another_submit(
     finally:
         let_flush.set()
         producer.close()
+
+
+def test_a_closed_producer_refuses_submits_and_counts_nothing(tmp_path: Path) -> None:
+    """Even a submit that would be a cache hit (no Redis needed) is refused after close()."""
+    producer = Producer(Settings(home=tmp_path))
+    data = variant("car-1.jpg", (70, 10, 230, 150))
+    args = TaskArgs.build(input_digest(data), producer.settings.model, Options())
+    producer.store.put_output(args.output, b"a stored result")
+    producer.close()
+    with pytest.raises(PermanentError, match="closed"):
+        producer.submit(data)
+    with pytest.raises(PermanentError, match="closed"):
+        producer.submit_many([data])
+    assert producer._hits == 0 and producer._timer is None
+    assert producer not in client._unflushed  # nothing left for the exit's flush either
