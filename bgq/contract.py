@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -156,9 +157,22 @@ def stage_key(stage: str) -> str:
 STAGES = ("read", "decode", "inference", "encode", "write")  # of one computed result
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# Counters in STATS_KEY: cache_hits and cache_misses (producers), enqueued (producers),
-# computed, skipped, failed and inferences (model runs) (workers).
-STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of counters (computed, skipped, failed)
+STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of the cluster's counters (Counter)
+
+
+class Counter(StrEnum):
+    """A field of STATS_KEY: its value is the Redis field name (and the exporter's label)."""
+
+    CACHE_HITS = "cache_hits"  # producers: submits answered from the store (added in batches)
+    CACHE_MISSES = "cache_misses"  # producers: submits not in the store
+    ENQUEUED = "enqueued"  # producers: tasks published
+    COMPUTED = "computed"  # workers: jobs that computed their result
+    SKIPPED = "skipped"  # workers: jobs whose result was in the store already
+    FAILED = "failed"  # workers: jobs that failed for good
+    INFERENCES = "inferences"  # workers: model runs (one per input and model)
+
+
+OUTCOMES = (Counter.COMPUTED, Counter.SKIPPED, Counter.FAILED)  # of a job, counted once it ends
 
 
 class TaskArgs(BaseModel):

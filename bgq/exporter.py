@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from bgq import cache, contract, defaults
 from bgq.connections import redis_client
+from bgq.contract import OUTCOMES, Counter
 from bgq.errors import BgqError
 from bgq.store import open_store
 
@@ -106,9 +107,11 @@ class BgqCollector(Collector):
         yield depth
 
         stats = {k.decode(): float(v) for k, v in raw_stats.items()}
-        hits, misses = stats.get("cache_hits", 0.0), stats.get("cache_misses", 0.0)
+        hits, misses = stats.get(Counter.CACHE_HITS, 0.0), stats.get(Counter.CACHE_MISSES, 0.0)
         yield CounterMetricFamily(
-            "bgq_jobs_enqueued", "Jobs producers put on the queue.", stats.get("enqueued", 0.0)
+            "bgq_jobs_enqueued",
+            "Jobs producers put on the queue.",
+            stats.get(Counter.ENQUEUED, 0.0),
         )
         yield CounterMetricFamily(
             "bgq_cache_hits",
@@ -130,13 +133,13 @@ class BgqCollector(Collector):
             "Finished jobs by outcome: computed, skipped (already in the store), failed.",
             labels=["status"],
         )
-        for status in ("computed", "skipped", "failed"):
-            results.add_metric([status], stats.get(status, 0.0))
+        for outcome in OUTCOMES:
+            results.add_metric([outcome.value], stats.get(outcome, 0.0))
         yield results
         yield CounterMetricFamily(
             "bgq_inferences",
             "Model runs, all workers: one per (input, model); output variants reuse its masks.",
-            stats.get("inferences", 0.0),
+            stats.get(Counter.INFERENCES, 0.0),
         )
 
         histogram = HistogramMetricFamily(

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from bgq import contract
+from bgq.contract import OUTCOMES, Counter
 from bgq.errors import ConfigError
 from bgq.settings import load_settings
 from bgq.store import open_store
@@ -34,14 +35,11 @@ def cache_stats() -> None:
     with client:
         raw = client.hgetall(contract.STATS_KEY)
     counts = {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
-    hits, misses = counts.get("cache_hits", 0), counts.get("cache_misses", 0)
+    hits, misses = counts.get(Counter.CACHE_HITS, 0), counts.get(Counter.CACHE_MISSES, 0)
     rate = f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
     typer.echo(f"hit rate: {rate} ({hits} hits, {misses} misses)")
-    typer.echo(
-        "results:  "
-        + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("computed", "skipped", "failed"))
-    )
-    typer.echo(f"model runs: {counts.get('inferences', 0)} (a mask serves every variant)")
+    typer.echo("results:  " + ", ".join(f"{counts.get(k, 0)} {k}" for k in OUTCOMES))
+    typer.echo(f"model runs: {counts.get(Counter.INFERENCES, 0)} (a mask serves every variant)")
 
 
 @cache_app.command("prune")

@@ -18,7 +18,7 @@ from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults
 from bgq.connections import redis_client
-from bgq.contract import Options, TaskArgs
+from bgq.contract import Counter, Options, TaskArgs
 from bgq.errors import (
     BgqError,
     BrokerError,
@@ -217,8 +217,8 @@ class Producer:
             pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_PUBLISH_TTL, token)
             pipe.sadd(refs, args.key)
             pipe.expire(refs, 2 * defaults.GUARD_TTL)
-            pipe.hincrby(contract.STATS_KEY, "cache_misses", int(miss))
-            pipe.hincrby(contract.STATS_KEY, "cache_hits", hits)
+            pipe.hincrby(contract.STATS_KEY, Counter.CACHE_MISSES, int(miss))
+            pipe.hincrby(contract.STATS_KEY, Counter.CACHE_HITS, hits)
             won = pipe.execute()[0]
         if not won:
             return False
@@ -237,7 +237,7 @@ class Producer:
         client = self.app.backend.client
         with client.pipeline(transaction=False) as pipe:
             pipe.eval(HOLD_GUARD, 1, contract.guard_key(args.key), defaults.GUARD_TTL, token)
-            pipe.hincrby(contract.STATS_KEY, "enqueued", 1)
+            pipe.hincrby(contract.STATS_KEY, Counter.ENQUEUED, 1)
             pipe.execute()
 
     def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
@@ -309,7 +309,7 @@ class Producer:
         try:
             if self._stats_client is None:
                 self._stats_client = redis_client(self.settings, timeout=1, connect_timeout=1)
-            self._stats_client.hincrby(contract.STATS_KEY, "cache_hits", hits)
+            self._stats_client.hincrby(contract.STATS_KEY, Counter.CACHE_HITS, hits)
         except (redis.RedisError, BgqError):
             with self._lock:
                 self._hits += hits

@@ -23,6 +23,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from bgq import contract, defaults, jobs, webhooks
+from bgq.contract import Counter
 from bgq.stack import LocalStack
 from bgq.store import Entry, FileStore, open_store
 from producer import Producer
@@ -185,7 +186,7 @@ def test_failed_job(http: httpx.Client) -> None:
 @both_stores
 def test_concurrent_identical_posts_run_one_inference(base: str, redis_client: redis.Redis) -> None:
     data = variant("anime-girl-1.jpg", (20, 20, 620, 500))
-    before = stats(redis_client).get("computed", 0)
+    before = stats(redis_client).get(Counter.COMPUTED, 0)
 
     async def post_all() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=50)
@@ -198,7 +199,7 @@ def test_concurrent_identical_posts_run_one_inference(base: str, redis_client: r
     assert [r.status_code for r in responses] == [200] * 50
     assert len({r.content for r in responses}) == 1
     settle(redis_client, responses[0].headers["x-bgq-job-id"])
-    assert stats(redis_client).get("computed", 0) - before == 1
+    assert stats(redis_client).get(Counter.COMPUTED, 0) - before == 1
 
 
 def big_image() -> bytes:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bgq import contract
-from bgq.contract import MODELS, Options, TaskArgs, cache_key, input_digest
+from bgq.contract import MODELS, Counter, Options, TaskArgs, cache_key, input_digest
 from bgq.errors import InvalidRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -378,3 +378,18 @@ def test_keys_from_before_the_output_options_are_unchanged(
     """Computed by the contract as it was before format, crop and canvas existed: stores keep
     serving their results after an upgrade."""
     assert key_of(options) == key
+
+
+def test_counters_keep_their_redis_field_names() -> None:
+    """Counter values are fields of STATS_KEY in running clusters: renaming one loses its count."""
+    assert {counter.name: counter.value for counter in Counter} == {
+        "CACHE_HITS": "cache_hits",
+        "CACHE_MISSES": "cache_misses",
+        "ENQUEUED": "enqueued",
+        "COMPUTED": "computed",
+        "SKIPPED": "skipped",
+        "FAILED": "failed",
+        "INFERENCES": "inferences",
+    }
+    assert contract.STATS_KEY == "bgq:stats"
+    assert contract.OUTCOMES == (Counter.COMPUTED, Counter.SKIPPED, Counter.FAILED)

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from bgq import defaults
-from bgq.contract import Options, TaskArgs, input_digest
+from bgq.contract import Counter, Options, TaskArgs, input_digest
 from bgq.errors import PermanentError
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
@@ -18,7 +18,7 @@ from tests.helpers import bgq, stats, variant, wait_for
 
 
 def hits(client: redis.Redis) -> int:
-    return stats(client).get("cache_hits", 0)
+    return stats(client).get(Counter.CACHE_HITS, 0)
 
 
 def test_one_shot_submit_counts_its_hit(

@@ -17,7 +17,7 @@ import redis
 from PIL import Image
 
 from bgq import cache, contract, defaults
-from bgq.contract import INPUTS, MASKS, RESULTS, Options
+from bgq.contract import INPUTS, MASKS, RESULTS, Counter, Options
 from bgq.exporter import Exporter
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store
@@ -55,7 +55,7 @@ def expected(reference: Any, data: bytes, values: dict[str, Any]) -> bytes:
 
 
 def inferences(client: redis.Redis) -> int:
-    return stats(client).get("inferences", 0)
+    return stats(client).get(Counter.INFERENCES, 0)
 
 
 def finish(producer: Producer, client: redis.Redis, jobs: list[Any]) -> list[bytes]:

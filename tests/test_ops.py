@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +21,8 @@ from celery import Celery
 from celery.beat import PersistentScheduler
 
 from bgq import cache, contract, defaults
-from bgq.exporter import Exporter
+from bgq.contract import Counter
+from bgq.exporter import BgqCollector, Exporter
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import INPUTS, MASKS, RESULTS, Entry, FileStore, Store, open_store
@@ -119,6 +122,48 @@ def exporter(stack: LocalStack) -> Iterator[Exporter]:
 
 def scrape(server: Exporter) -> str:
     return httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
+
+
+class StatsPipeline:
+    """A pipeline that answers the exporter's reads: queue lengths 0, `stats` as STATS_KEY."""
+
+    def __init__(self, stats: dict[bytes, bytes]) -> None:
+        self.stats = stats
+        self.replies: list[Any] = []
+
+    def __enter__(self) -> StatsPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def llen(self, key: str) -> None:
+        self.replies.append(0)
+
+    def hgetall(self, key: str) -> None:
+        self.replies.append(self.stats if key == contract.STATS_KEY else {})
+
+    def execute(self) -> list[Any]:
+        return self.replies
+
+
+def test_exporter_names_each_counter() -> None:
+    """Each field of STATS_KEY reaches its metric (names that dashboards and alerts use)."""
+    values = {counter: float(n) for n, counter in enumerate(Counter, start=1)}
+    raw = {counter.value.encode(): str(value).encode() for counter, value in values.items()}
+    client = SimpleNamespace(pipeline=lambda transaction: StatsPipeline(raw))
+    collector = BgqCollector(client, scanner=None)  # type: ignore[arg-type]
+    samples = {
+        (sample.name, tuple(sample.labels.values())): sample.value
+        for family in collector._from_redis()
+        for sample in family.samples
+    }
+    assert samples[("bgq_jobs_enqueued_total", ())] == values[Counter.ENQUEUED]
+    assert samples[("bgq_cache_hits_total", ())] == values[Counter.CACHE_HITS]
+    assert samples[("bgq_cache_misses_total", ())] == values[Counter.CACHE_MISSES]
+    for outcome in (Counter.COMPUTED, Counter.SKIPPED, Counter.FAILED):
+        assert samples[("bgq_results_total", (outcome.value,))] == values[outcome]
+    assert samples[("bgq_inferences_total", ())] == values[Counter.INFERENCES]
 
 
 def test_exporter_queue_depth_results_stages_and_cache_hits(

@@ -15,7 +15,7 @@ import redis
 from PIL import Image
 
 from bgq import contract
-from bgq.contract import Options, TaskArgs
+from bgq.contract import Counter, Options, TaskArgs
 from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
 from bgq.stack import LocalStack
 from bgq.store import open_store
@@ -85,7 +85,7 @@ def test_cache_hit_sends_nothing_to_the_broker(
     assert again.wait(timeout=1) == path
     assert published() == before
     after = stats(redis_client)
-    hits = after.pop("cache_hits", 0) - before_stats.pop("cache_hits", 0)
+    hits = after.pop(Counter.CACHE_HITS, 0) - before_stats.pop(Counter.CACHE_HITS, 0)
     assert after == before_stats and hits in (0, 1)  # a hit is only counted, in batches
     assert redis_client.llen(contract.QUEUE) == 0
 
@@ -108,7 +108,7 @@ def test_concurrent_identical_submits_run_one_inference(
         barrier.wait()
         jobs[i] = producer.submit(data)
 
-    before = stats(redis_client).get("computed", 0)
+    before = stats(redis_client).get(Counter.COMPUTED, 0)
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
@@ -118,7 +118,7 @@ def test_concurrent_identical_submits_run_one_inference(
     assert len({job.key for job in jobs}) == 1
     assert len(paths) == 1
     settle(redis_client, jobs[0].key)
-    assert stats(redis_client).get("computed", 0) - before == 1
+    assert stats(redis_client).get(Counter.COMPUTED, 0) - before == 1
 
 
 def send_by_name(stack: LocalStack, data: bytes, **options: Any) -> Any:
@@ -157,7 +157,7 @@ def big_png() -> bytes:
 def test_bad_input_fails_permanently_without_retry(
     stack: LocalStack, redis_client: redis.Redis, data: bytes, error: str, words: str
 ) -> None:
-    before_accepted, before_failed = accepted(stack), stats(redis_client).get("failed", 0)
+    before_accepted, before_failed = accepted(stack), stats(redis_client).get(Counter.FAILED, 0)
     result = send_by_name(stack, data)
     wait_for(result.ready, timeout=60, what="the failure")  # no .get(): its subscription leaks
     assert result.state == "FAILURE"
@@ -165,7 +165,7 @@ def test_bad_input_fails_permanently_without_retry(
     assert words in str(result.result)
     settle(redis_client, result.id)  # the guard is released once the failure is stored
     assert accepted(stack) - before_accepted == 1  # a retry would be accepted again
-    assert stats(redis_client).get("failed", 0) - before_failed == 1
+    assert stats(redis_client).get(Counter.FAILED, 0) - before_failed == 1
     # ...and the worker goes on serving.
     good = send_by_name(stack, variant("car-1.jpg", (0, 0, 200 + len(data) % 97, 150)))
     wait_for(good.ready, timeout=120, what="the good job")

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from bgq import contract, defaults
-from bgq.contract import Options, TaskArgs
+from bgq.contract import Counter, Options, TaskArgs
 from bgq.errors import BrokerError, JobTimeout, OutOfMemory
 from bgq.settings import Settings
 from producer import Producer
@@ -136,4 +136,4 @@ def test_memory_error_fails_permanently_and_releases_the_guard(
     assert isinstance(result.result, OutOfMemory)
     assert not client.exists(contract.guard_key(args.key))
     assert not client.exists(contract.attempts_key(args.key))
-    assert int(client.hget(contract.STATS_KEY, "failed") or 0) == 1
+    assert int(client.hget(contract.STATS_KEY, Counter.FAILED) or 0) == 1

@@ -14,6 +14,7 @@ from celery import Celery
 from PIL import Image
 
 from bgq import contract, defaults
+from bgq.contract import Counter
 from bgq.errors import JobFailed
 from bgq.stack import LocalStack
 from producer import Producer
@@ -109,5 +110,5 @@ def test_memory_error_fails_for_good_and_the_pool_process_serves_on(
         pool.rlimit(psutil.RLIMIT_AS, (soft, hard))
     assert producer.task_meta(after.key)["result"]["pid"] == pool.pid  # the same process
     assert accepted(producer, stack)[contract.TASK_NAME] == 3  # no retry of the big one
-    assert stats(client)["failed"] == 1 and not client.exists(contract.attempts_key(big.key))
+    assert stats(client)[Counter.FAILED] == 1 and not client.exists(contract.attempts_key(big.key))
     client.close()

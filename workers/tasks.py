@@ -15,7 +15,7 @@ import redis
 from celery import Task
 
 from bgq import contract, defaults, jobs
-from bgq.contract import TaskArgs
+from bgq.contract import Counter, TaskArgs
 from bgq.errors import BrokerError, OutOfMemory, TransientError, WorkerCrashed
 from workers import imaging, masks, session, shaping
 from workers.app import app, app_store, settings
@@ -119,13 +119,13 @@ class RemovalTask(Task):
         Running after the state is stored means that a producer which wins the guard next can
         never be answered by this run's state.
         """
-        outcome = None  # RETRY: the job goes on, keep the guard
+        outcome: Counter | None = None  # RETRY: the job goes on, keep the guard
         urls: list[bytes] = []
         callbacks_at = -1  # index of the callbacks' SMEMBERS reply in the pipeline
         if status == "SUCCESS":
-            outcome = "computed" if retval.get("computed") else "skipped"
+            outcome = Counter.COMPUTED if retval.get("computed") else Counter.SKIPPED
         elif status == "FAILURE":
-            outcome = "failed"
+            outcome = Counter.FAILED
         try:
             with app.backend.client.pipeline() as pipe:
                 pipe.delete(contract.attempts_key(task_id))
@@ -139,10 +139,10 @@ class RemovalTask(Task):
                     pipe.delete(contract.callbacks_key(task_id))
                     if isinstance(kwargs.get("input_sha256"), str):
                         pipe.srem(contract.input_refs_key(kwargs["input_sha256"]), task_id)
-                if outcome == "computed":
+                if outcome == Counter.COMPUTED:
                     observe_stages(pipe, retval.get("seconds", {}))
                     if retval.get("inferred"):
-                        pipe.hincrby(contract.STATS_KEY, "inferences", 1)
+                        pipe.hincrby(contract.STATS_KEY, Counter.INFERENCES, 1)
                 replies = pipe.execute()
             if callbacks_at >= 0:
                 urls = sorted(replies[callbacks_at])
