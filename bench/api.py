@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.s3server import AWS_ENV, S3Server
+from bgq.process import free_port
 from bgq.settings import Settings, load_settings, settings_env
 from bgq.stack import LocalStack
 from producer.client import Producer
@@ -35,12 +35,6 @@ TARGET_P99_MS = 20.0
 TARGET_S3_P50_MS = 20.0  # the S3 store, against a local S3 server
 TARGET_S3_P99_MS = 50.0
 JPEG = {"Content-Type": "image/jpeg"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from bgq.process import free_port
+
 # Credentials the test server accepts; the same standard AWS variables a deployment sets.
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "bgq-test-key",
@@ -24,12 +25,6 @@ AWS_ENV = {
     "AWS_CONFIG_FILE": os.devnull,  # never the developer's ~/.aws
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class S3Server:

@@ -1,4 +1,5 @@
-"""Child-process helpers for the local stack: die with the parent, stop a whole group."""
+"""Child-process helpers for the local stack (and the tests' and benchmarks' servers): a free
+port to give a server, die with the parent, stop a whole group."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 PR_SET_PDEATHSIG = 1  # prctl option: signal the child when its parent dies
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a server about to start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

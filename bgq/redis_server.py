@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import redis
 
 from bgq import defaults
 from bgq.errors import ConfigError
-from bgq.process import die_with_parent, stop_group
+from bgq.process import die_with_parent, free_port, stop_group
 from bgq.store import atomic_write
 
 STATE_FILE = "redis.json"
@@ -65,12 +64,6 @@ def discover(run_dir: Path) -> str | None:
     return url if _ping(url) else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +94,7 @@ class EmbeddedRedis:
             data_dir = run_dir / "redis"
             data_dir.mkdir(parents=True, exist_ok=True)
             for _attempt in range(5):
-                chosen = port or _free_port()
+                chosen = port or free_port()
                 proc = subprocess.Popen(
                     [
                         redis_server_binary(),

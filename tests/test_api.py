@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bgq import contract, defaults, jobs, webhooks
 from bgq.contract import Counter
+from bgq.process import free_port
 from bgq.stack import LocalStack
 from bgq.store import Entry, FileStore, open_store
 from producer import Producer
@@ -549,9 +549,7 @@ def test_job_record_describes_a_queued_job(api_stack: LocalStack) -> None:
 
 
 def test_bgq_api_command(api_stack: LocalStack, env: dict[str, str]) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**env, "BGQ_REDIS_URL": api_stack.url, "BGQ_HOME": str(api_stack.settings.home)}
     proc = subprocess.Popen(
         [BGQ, "api", "--port", str(port)],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from celery.beat import PersistentScheduler
 from bgq import cache, contract, defaults
 from bgq.contract import Counter
 from bgq.exporter import BgqCollector, Exporter
+from bgq.process import free_port
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import INPUTS, MASKS, RESULTS, Entry, FileStore, Store, open_store
@@ -42,12 +42,6 @@ from tests.helpers import (
 )
 
 DAY = 86400.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

@@ -18,10 +18,11 @@ import redis
 import trustme
 
 from bgq.exporter import Exporter
+from bgq.process import free_port
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
 from tests.helpers import BGQ, assert_same_pixels, bgq, variant, wait_for
-from tests.redis_servers import Server, Servers, free_port, master_port, servers
+from tests.redis_servers import Server, Servers, master_port, servers
 
 MASTER = "bgqmaster"
 PASSWORD = "n0t-in-any-log"

@@ -18,6 +18,7 @@ from PIL import Image
 
 from bench.s3server import S3Server
 from bgq.errors import ConfigError
+from bgq.process import free_port
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import RESULTS, open_store
@@ -199,12 +200,6 @@ def test_start_checks_name_the_setting(
     )
     with pytest.raises(ConfigError, match="does not exist"):
         missing.put_output("ab" * 32, b"png")
-
-
-def free_port() -> int:
-    from bench.s3server import free_port as port
-
-    return port()
 
 
 def test_an_unreachable_endpoint_is_a_transient_error(tmp_path: Path) -> None:
