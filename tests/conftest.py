@@ -20,14 +20,7 @@ from bgq.settings import Settings, default_home
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store, open_store
 from producer import Producer
-
-STORES = ("file", "s3")
-# Runs a test (and its module's stack) once on each store backend. The "file" run's param is
-# None, the value a test that is not parametrised has: pytest keeps a module-scoped fixture
-# while its param stays the same, so the plain tests and the "file" ones share one stack.
-both_stores = pytest.mark.parametrize(
-    "store_kind", [None, "s3"], ids=STORES, indirect=True, scope="module"
-)
+from tests.stacks import STORES, StackFactory, s3_settings
 
 
 def store_rank(item: pytest.Item) -> int:
@@ -171,11 +164,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         server.stop()
 
 
-def s3_settings(server: S3Server) -> dict[str, object]:
-    """Settings overrides for a store in a new bucket of `server`, under a prefix."""
-    return {"store_url": f"s3://{server.bucket()}/bgq", "s3_endpoint_url": server.url}
-
-
 @pytest.fixture(scope="module")
 def store_kind(request: pytest.FixtureRequest) -> str:
     """The store backend of this module's stack: "file" unless a test asks for both."""
@@ -197,9 +185,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
         values = s3_settings(request.getfixturevalue("s3_server"))
         return open_store(Settings(home=tmp_path, **values))  # type: ignore[arg-type]
     return FileStore(tmp_path / "store")
-
-
-StackFactory = Callable[..., LocalStack]
 
 
 @pytest.fixture(scope="module")

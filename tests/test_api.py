@@ -29,7 +29,6 @@ from bgq.store import Entry, FileStore, open_store
 from producer import Producer
 from producer.api import create_app
 from producer.http_client import ApiError, HttpClient
-from tests.conftest import StackFactory, both_stores
 from tests.helpers import (
     BGQ,
     ApiServer,
@@ -45,6 +44,7 @@ from tests.helpers import (
     variant,
     wait_for,
 )
+from tests.stacks import StackFactory, both_stores
 
 SECRET = "webhook-test-secret"
 JPEG = {"Content-Type": "image/jpeg"}

@@ -14,8 +14,8 @@ from schemathesis.engine import Status, events, from_schema
 from schemathesis.engine.recorder import CheckNode
 
 from producer.api_request import ONE_IMAGE
-from tests.conftest import StackFactory
 from tests.helpers import ApiServer
+from tests.stacks import StackFactory
 
 # No schema can say "a decodable image within BGQ_MAX_MEGAPIXELS that rembg can process with
 # these options", nor "a host that resolves to public addresses", nor "a URL that serves an

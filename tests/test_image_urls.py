@@ -22,8 +22,8 @@ from bgq.stack import LocalStack
 from producer.api import create_app
 from producer.http_client import HttpClient
 from producer.ingest import run_ingest
-from tests.conftest import StackFactory
 from tests.helpers import BGQ, ApiServer, ImageServer, sample_bytes, wait_for
+from tests.stacks import StackFactory
 
 JPEG = {"Content-Type": "image/jpeg"}
 

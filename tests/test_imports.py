@@ -355,3 +355,16 @@ def test_architecture_doc_names_every_module() -> None:
         f"{ARCHITECTURE.relative_to(ROOT)} does not name these modules (by path, dotted name, "
         f"or `path inside its package` where unambiguous): {missing}"
     )
+
+
+def test_no_module_imports_conftest() -> None:
+    """conftest.py holds fixtures and hooks; what modules share lives in plain helper modules."""
+    wrong = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+            if any(name.split(".")[-1] == "conftest" for name in names):
+                wrong.append(f"  {path.relative_to(ROOT)}:{node.lineno}")
+    assert not wrong, "imports from a conftest.py:\n" + "\n".join(wrong)

@@ -21,7 +21,6 @@ from bgq.stack import LocalStack
 from bgq.store import RESULTS, open_store
 from producer.catalog import open_catalog
 from producer.ingest import Folder, Ingest, run_ingest
-from tests.conftest import both_stores
 from tests.helpers import (
     BGQ,
     LocalStackControl,
@@ -31,6 +30,7 @@ from tests.helpers import (
     variant,
     wait_for,
 )
+from tests.stacks import both_stores
 
 
 def write(path: Path, data: bytes) -> Path:

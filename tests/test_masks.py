@@ -22,8 +22,8 @@ from bgq.exporter import Exporter
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store
 from producer import Producer
-from tests.conftest import both_stores
 from tests.helpers import Gate, bgq, pixels, settle, stats, variant
+from tests.stacks import both_stores
 from workers import masks, shaping
 
 # Variants of one photo: each is its own job and cache entry, all from the same masks.

@@ -14,7 +14,7 @@ from bgq import defaults
 from bgq.contract import Options
 from bgq.errors import JobFailed
 from producer import Producer
-from tests.conftest import StackFactory
+from tests.stacks import StackFactory
 from workers.imaging import estimated_peak_mib
 
 

@@ -28,7 +28,6 @@ from bgq.stack import LocalStack
 from bgq.store import INPUTS, MASKS, RESULTS, Entry, FileStore, Store, open_store
 from bgq.units import parse_duration, parse_size
 from producer import Producer
-from tests.conftest import both_stores
 from tests.helpers import (
     BGQ,
     LocalStackControl,
@@ -40,6 +39,7 @@ from tests.helpers import (
     variant,
     wait_for,
 )
+from tests.stacks import both_stores
 
 DAY = 86400.0
 

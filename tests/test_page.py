@@ -46,7 +46,6 @@ from tests.browser import (
     photo,
     result_of,
 )
-from tests.conftest import StackFactory, both_stores
 from tests.helpers import (
     ApiServer,
     ImageServer,
@@ -56,6 +55,7 @@ from tests.helpers import (
     sample_bytes,
     variant,
 )
+from tests.stacks import StackFactory, both_stores
 
 KEY = "page-test-key"
 

@@ -20,7 +20,6 @@ from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
 from bgq.stack import LocalStack
 from bgq.store import open_store
 from producer import Producer
-from tests.conftest import both_stores
 from tests.helpers import (
     GOLDEN,
     SAMPLES,
@@ -31,6 +30,7 @@ from tests.helpers import (
     variant,
     wait_for,
 )
+from tests.stacks import both_stores
 
 PARITY_CASES = [
     ("anime-girl-1.jpg", {}),

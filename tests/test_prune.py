@@ -11,8 +11,8 @@ from bench.s3server import S3Server
 from bgq import cache, contract
 from bgq.stack import LocalStack
 from producer import Producer
-from tests.conftest import StackFactory
 from tests.helpers import BGQ, bgq, wait_for
+from tests.stacks import StackFactory
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from bgq import contract, defaults
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from tests.conftest import StackFactory, s3_settings
 from tests.helpers import ApiServer
+from tests.stacks import StackFactory, s3_settings
 
 
 @pytest.fixture(scope="module")

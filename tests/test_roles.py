@@ -13,8 +13,8 @@ from bgq import contract, webhooks
 from bgq.stack import LocalStack
 from bgq.store import FileStore, open_store
 from producer import Producer
-from tests.conftest import StackFactory
 from tests.helpers import serving, stale_leftovers, wait_for
+from tests.stacks import StackFactory
 
 SECRET = "roles-test-secret"
 

@@ -24,8 +24,8 @@ from bgq.stack import LocalStack
 from bgq.store import RESULTS, open_store
 from producer import Producer
 from producer.remote import S3Prefix
-from tests.conftest import StackFactory, s3_settings
 from tests.helpers import BGQ, ApiServer, bgq, bgq_in_process, pixels, variant, wait_for
+from tests.stacks import StackFactory, s3_settings
 
 
 @pytest.fixture(scope="module")

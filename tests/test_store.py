@@ -18,7 +18,7 @@ from bgq import contract, defaults, jobs
 from bgq.errors import StoreError, TransientError
 from bgq.settings import Settings
 from bgq.store import FILE_MODE, INPUTS, RESULTS, FileStore, Store, atomic_write, open_store
-from tests.conftest import s3_settings
+from tests.stacks import s3_settings
 
 DIGEST = contract.input_digest(b"input")
 

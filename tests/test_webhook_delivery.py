@@ -16,8 +16,8 @@ import pytest
 from bgq import contract
 from bgq.stack import LocalStack
 from producer import Producer
-from tests.conftest import StackFactory
 from tests.helpers import serving, wait_for
+from tests.stacks import StackFactory
 
 SECRET = "delivery-test-secret"
 TIMEOUT = 1.0  # BGQ_WEBHOOK_TIMEOUT: a delivery is cut off after 2 s

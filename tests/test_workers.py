@@ -18,8 +18,8 @@ from bgq.contract import Counter
 from bgq.errors import JobFailed
 from bgq.stack import LocalStack
 from producer import Producer
-from tests.conftest import StackFactory, both_stores
 from tests.helpers import settle, stats, variant
+from tests.stacks import StackFactory, both_stores
 
 
 def test_max_tasks_per_child_recycles_pool_processes(make_stack: StackFactory) -> None:
