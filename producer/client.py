@@ -110,6 +110,7 @@ class Producer:
     def app(self) -> Celery:
         """A light Celery app for publishing (created on first enqueue: cache hits need none)."""
         if self._app is None:
+            # Celery and celeryconfig's kombu queues load on the first enqueue: hits need neither.
             from celery import Celery
 
             import celeryconfig

@@ -21,6 +21,7 @@ from bgq import defaults
 from bgq.contract import FORMATS, Options
 from bgq.errors import BgqError, JobFailed, NoBroker, StoreError
 from bgq.settings import Settings
+from bgq.stack import LocalStack
 from bgq.store import Store
 from producer.catalog import Item, open_catalog, read_file
 from producer.client import Producer
@@ -30,8 +31,6 @@ from producer.remote import S3Prefix, is_s3
 
 if TYPE_CHECKING:
     from rich.progress import Progress
-
-    from bgq.stack import LocalStack
 
 REPORT_NAME = "bgq-report.jsonl"  # default report file, in the output folder
 STACK_LOG = "ingest-worker.log"  # log of an embedded stack's worker, in BGQ_HOME/run
@@ -168,10 +167,8 @@ class Ingest:
         try:
             return self.producer.submit_data(data, self.model, self.options, raise_bad_image=False)
         except NoBroker:
-            from bgq.stack import LocalStack
-
             self.stack = LocalStack(self.settings, log=self.stack_log).start()
-            self.producer.flush_stats()  # the hits so far: it finds the embedded Redis now
+            self.producer.close()  # flushes the hits so far: it finds the embedded Redis now
             settings = self.settings.model_copy(update={"redis_url": self.stack.url})
             self.producer = Producer(settings)
             return self.producer.submit_data(data, self.model, self.options, raise_bad_image=False)
