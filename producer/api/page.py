@@ -76,8 +76,8 @@ class Page:
 
 async def get_page(request: Request) -> Page:
     """The app's page (install_page made it)."""
-    page: Page = request.app.state.page
-    return page
+    installed: Page = request.app.state.page
+    return installed
 
 
 router = APIRouter(include_in_schema=False)
