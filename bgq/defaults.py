@@ -110,6 +110,8 @@ S3_CONNECT_TIMEOUT = 5.0  # seconds to connect to the S3 endpoint, at most
 S3_MAX_ATTEMPTS = 5  # tries of one S3 request (timeouts, 5xx, throttling) before StoreError
 S3_POOL_CONNECTIONS = 32  # HTTP connections one S3 client keeps (the API's threads share it)
 STORE_SCAN_INTERVAL = 60.0  # seconds the exporter reuses one scan of the store's size
+STORE_STREAM_CHUNK = 1 << 20  # bytes per piece when a result is streamed out of the store
+PRUNE_LOOKUP_BATCH = 500  # Redis lookups (in-flight checks) per round trip while pruning
 
 # Monitoring.
 FLOWER_PORT = 5555

@@ -21,8 +21,8 @@ import redis
 
 from bgq import defaults
 from bgq.errors import ConfigError
+from bgq.fileio import atomic_write
 from bgq.process import die_with_parent, stop_group
-from bgq.store import atomic_write
 
 STATE_FILE = "redis.json"
 
