@@ -14,6 +14,7 @@ from bgq import contract
 from bgq.contract import Options
 from bgq.errors import BgqError, ConfigError, InvalidRequest
 from bgq.settings import Settings
+from bgq.urls import safe_url
 
 app = typer.Typer(
     help="bgq: distributed background removal (rembg on Celery/Redis).",
@@ -46,8 +47,6 @@ def handle_errors(func: F) -> F:
 
 
 def sanitize_url(url: str) -> str:
-    from bgq.connections import safe_url
-
     return safe_url(url)
 
 

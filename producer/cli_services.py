@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bgq import contract, defaults
+from bgq.connections import broker_url
 from bgq.errors import ConfigError
 from bgq.settings import load_settings
 from producer.cli_common import (
@@ -91,7 +92,7 @@ def api(
     from producer.api import create_app
 
     settings = load_settings()
-    settings.broker_url()  # fail here, clearly, when there is no broker
+    broker_url(settings)  # fail here, clearly, when there is no broker
     check_store(settings)
     if host not in LOOPBACK and not settings.api_key_list:
         typer.echo(
@@ -112,7 +113,7 @@ def flower_cmd(
     from bgq.stack import flower_command, flower_env
 
     settings = load_settings()
-    settings.broker_url()
+    broker_url(settings)
     if address not in LOOPBACK and not settings.flower_basic_auth:
         raise ConfigError(
             f"refusing to serve Flower on {address} without a login: set "
@@ -147,7 +148,7 @@ def exporter(
 def beat() -> None:
     """Run Celery beat with bgq's schedule (the cache prune every hour, run by the workers)."""
     settings = load_settings()
-    settings.broker_url()
+    broker_url(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", "INFO",
@@ -163,7 +164,7 @@ def worker(ctx: typer.Context) -> None:
     from bgq.stack import worker_command
 
     settings = load_settings()
-    settings.broker_url()  # fail here, clearly, when there is no broker
+    broker_url(settings)  # fail here, clearly, when there is no broker
     queues = consumed_queues(ctx.args)
     if queues is None or contract.QUEUE in queues:  # a webhook-only worker needs no weights
         ensure_model(settings)

@@ -19,10 +19,11 @@ from celery import Celery
 from celery.beat import PersistentScheduler
 
 from bgq import cache, contract, defaults
+from bgq.contract import INPUTS, MASKS, RESULTS
 from bgq.exporter import Exporter
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from bgq.store import INPUTS, MASKS, RESULTS, Entry, FileStore, Store, open_store
+from bgq.store import Entry, FileStore, Store, open_store
 from bgq.units import parse_duration, parse_size
 from producer import Producer
 from tests.conftest import both_stores
