@@ -10,7 +10,7 @@ from bgq import contract
 from bgq.errors import ConfigError
 from bgq.settings import load_settings
 from bgq.store import open_store
-from producer.cli_common import cache_app, handle_errors, model_name, models_app
+from producer.cli.common import cache_app, handle_errors, model_name, models_app
 
 
 @cache_app.command("stats")

@@ -1,9 +1,9 @@
-"""The `bgq` command-line tool: its entry point; the commands live in producer/cli_*.py."""
+"""The `bgq` command-line tool: its entry point; the commands live in this package's modules."""
 
 from __future__ import annotations
 
-from producer import cli_cache, cli_images, cli_services  # noqa: F401  (they register commands)
-from producer.cli_common import app
+from producer.cli import cache, images, services  # noqa: F401  (they register commands)
+from producer.cli.common import app
 
 __all__ = ["app", "main"]
 

@@ -10,7 +10,7 @@ import typer
 from bgq import contract, defaults
 from bgq.settings import Settings, load_settings
 from producer.catalog import is_url, url_stem
-from producer.cli_common import app, handle_errors, model_name, rembg_options
+from producer.cli.common import app, handle_errors, model_name, rembg_options
 
 # rembg's own option flags, shared by `submit` and `ingest`.
 ModelOpt = Annotated[

@@ -11,7 +11,7 @@ import typer
 from bgq import contract, defaults
 from bgq.errors import ConfigError
 from bgq.settings import load_settings
-from producer.cli_common import (
+from producer.cli.common import (
     LOOPBACK,
     app,
     check_store,
