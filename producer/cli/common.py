@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import typer
 
 from bgq import contract
-from bgq.contract import Options
 from bgq.errors import BgqError, ConfigError, InvalidRequest
 from bgq.settings import Settings
 
@@ -55,15 +54,6 @@ def model_name(name: str | None, settings: Settings) -> str:
     """The model a command runs (--model, else BGQ_MODEL); an unknown one is a usage error."""
     try:
         return contract.check_model(name or settings.model)
-    except InvalidRequest as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def rembg_options(values: dict[str, Any]) -> Options:
-    """The rembg options among a command's arguments, validated (a bad one is a usage error)."""
-    fields = Options.model_fields.keys()
-    try:
-        return Options.parse({k: v for k, v in values.items() if k in fields})
     except InvalidRequest as exc:
         raise ConfigError(str(exc)) from None
 
