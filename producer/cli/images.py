@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from bgq import contract, defaults
-from bgq.contract import Options
+from bgq.options import Options
 from bgq.settings import Settings, load_settings
 from producer.catalog import is_url, url_stem
 from producer.cli.common import app, handle_errors, model_name

@@ -1,8 +1,8 @@
 """The output flags of `bgq submit` and `bgq ingest`, declared once: derived from `Options`.
 
 Each field of `bgq.options.Options` is one flag: its name, type and default come from the field;
-its short flag and help text from FLAGS below (the API documents the same fields in its own
-words, in producer/api_schema.py). A command takes them as one `options: Options` parameter.
+its short flag and help text from FLAGS below (the HTTP API's OpenAPI schema describes the same
+fields in its own words). A command takes them as one `options: Options` parameter.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import typer
 from pydantic.fields import FieldInfo
 
 from bgq import defaults
-from bgq.contract import Options
 from bgq.errors import ConfigError, InvalidRequest
+from bgq.options import Options
 
 # Per Options field: its short flag ("" for none) and its help (None for none).
 FLAGS: dict[str, tuple[str, str | None]] = {
