@@ -18,16 +18,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import redis
+
 from bgq import contract, defaults
+from bgq.connections import redis_client
+from bgq.contract import INPUTS, MASKS, RESULTS
 from bgq.errors import BrokerError, NoBroker
-from bgq.store import INPUTS, MASKS, RESULTS, Entry, Store
+from bgq.store import Entry, Store
 
 if TYPE_CHECKING:
-    import redis
-
     from bgq.settings import Settings
 
-CHUNK = 500  # Redis lookups per round trip
 LOCK_KEY = f"{defaults.KEY_PREFIX}prune-lock"
 
 
@@ -111,8 +112,8 @@ def prune(
     entries = sorted([*store.scan(RESULTS), *store.scan(MASKS)], key=lambda e: e.mtime)
     remaining = sum(e.size for e in entries)
     done = False
-    for start in range(0, len(entries), CHUNK):
-        chunk = entries[start : start + CHUNK]
+    for start in range(0, len(entries), defaults.PRUNE_LOOKUP_BATCH):
+        chunk = entries[start : start + defaults.PRUNE_LOOKUP_BATCH]
         busy = [False] * len(chunk) if done else _exists(client, [_in_flight_key(e) for e in chunk])
         for entry, in_flight in zip(chunk, busy, strict=True):
             expired = max_age is not None and now - entry.mtime > max_age
@@ -161,8 +162,8 @@ def _prune_inputs(
         report.notes.append("no Redis to ask which inputs queued jobs still need: inputs kept")
         return
     old = [e for e in store.scan(INPUTS) if now - e.mtime > defaults.PRUNE_INPUT_GRACE]
-    for start in range(0, len(old), CHUNK):
-        chunk = old[start : start + CHUNK]
+    for start in range(0, len(old), defaults.PRUNE_LOOKUP_BATCH):
+        chunk = old[start : start + defaults.PRUNE_LOOKUP_BATCH]
         needed = _exists(client, [contract.input_refs_key(e.name) for e in chunk])
         for entry, in_use in zip(chunk, needed, strict=True):
             if in_use:
@@ -198,10 +199,6 @@ def cluster_redis(settings: Settings) -> redis.Redis | None:
     A configured Redis that does not answer raises BrokerError: pruning without knowing which
     jobs are in flight could delete what they need.
     """
-    import redis
-
-    from bgq.connections import redis_client
-
     try:
         client = redis_client(settings)
     except NoBroker:

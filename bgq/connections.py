@@ -13,42 +13,38 @@ import ssl
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from bgq import defaults
+import redis
+from redis.sentinel import Sentinel
+
+from bgq import defaults, redis_server
+from bgq.errors import NoBroker
+from bgq.urls import SENTINEL_PORT, SENTINEL_SEPARATOR, is_sentinel, is_tls
 
 if TYPE_CHECKING:
-    import redis
-
     from bgq.settings import Settings
 
-SENTINEL_SEPARATOR = ";"  # between the sentinels of a sentinel:// URL (Celery's form)
-SENTINEL_PORT = 26379
+
+def broker_url(settings: Settings) -> str:
+    """BGQ_REDIS_URL, else the running embedded server of this BGQ_HOME; raises if neither.
+
+    Without BGQ_REDIS_URL this reads the embedded server's state file and pings it: call it
+    once per connection made, and pass the URL on.
+    """
+    if settings.redis_url:
+        return settings.redis_url
+    url = redis_server.discover(settings.run_dir)
+    if url is None:
+        raise NoBroker(
+            f"no Redis to talk to: BGQ_REDIS_URL is unset and no `bgq up` is running for "
+            f"BGQ_HOME={settings.home}. Start a local stack with `bgq up` in another shell, "
+            f"or set BGQ_REDIS_URL=redis://host:6379/0."
+        )
+    return url
 
 
-def safe_url(url: str) -> str:
-    """The URL with any password masked (each part of a sentinel:// list), for logs and output."""
-    return SENTINEL_SEPARATOR.join(_mask(part) for part in url.split(SENTINEL_SEPARATOR))
-
-
-def _mask(url: str) -> str:
-    try:
-        split = urlsplit(url)
-    except ValueError:
-        return "(unparsable URL)"
-    if split.password is None:
-        return url
-    userinfo, host = split.netloc.rsplit("@", 1)
-    user = userinfo.split(":", 1)[0]
-    return split._replace(netloc=f"{user}:**@{host}").geturl()
-
-
-def is_sentinel(url: str) -> bool:
-    """Whether the URL names Sentinels (which then name the master) rather than a server."""
-    return url.startswith("sentinel://")
-
-
-def tls_options(settings: Settings) -> dict[str, Any] | None:
-    """The ssl_* keywords redis-py, kombu and Celery take for a rediss:// URL; None otherwise."""
-    if not settings.broker_url().startswith("rediss://"):
+def tls_options(settings: Settings, url: str) -> dict[str, Any] | None:
+    """The ssl_* keywords redis-py, kombu and Celery take for a rediss:// `url`; None otherwise."""
+    if not is_tls(url):
         return None
     options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     if settings.redis_tls_ca:
@@ -67,7 +63,7 @@ def sentinel_kwargs() -> dict[str, float]:
 
 def celery_connection(settings: Settings) -> dict[str, Any]:
     """The broker and result-backend entries of the Celery config (URL, TLS, Sentinel)."""
-    url = settings.broker_url()
+    url = broker_url(settings)
     broker_options: dict[str, Any] = {"visibility_timeout": defaults.VISIBILITY_TIMEOUT}
     backend_options: dict[str, Any] = {}
     if is_sentinel(url):
@@ -85,7 +81,7 @@ def celery_connection(settings: Settings) -> dict[str, Any]:
         "redis_socket_connect_timeout": defaults.REDIS_CONNECT_TIMEOUT,
         "redis_socket_timeout": defaults.REDIS_SOCKET_TIMEOUT,
     }
-    tls = tls_options(settings)
+    tls = tls_options(settings, url)
     if tls is not None:
         conf["broker_use_ssl"] = tls
         conf["redis_backend_use_ssl"] = tls
@@ -98,9 +94,7 @@ def redis_client(
     connect_timeout: float = defaults.REDIS_CONNECT_TIMEOUT,
 ) -> redis.Redis:
     """A redis-py client of the cluster's Redis (the current master behind Sentinel)."""
-    import redis
-
-    url = settings.broker_url()
+    url = broker_url(settings)
     if is_sentinel(url):
         master = settings.redis_sentinel_master or ""
         return _sentinel_master(url, master, timeout, connect_timeout)
@@ -108,14 +102,12 @@ def redis_client(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=connect_timeout,
-        **(tls_options(settings) or {}),
+        **(tls_options(settings, url) or {}),
     )
 
 
 def _sentinel_master(url: str, master: str, timeout: float, connect_timeout: float) -> redis.Redis:
     """A client that asks the Sentinels for the master on each (re)connect."""
-    from redis.sentinel import Sentinel
-
     parts = [urlsplit(part) for part in url.split(SENTINEL_SEPARATOR)]
     first = parts[0]  # Celery's rule: credentials and database come from the first part
     sentinels = [(p.hostname or "localhost", p.port or SENTINEL_PORT) for p in parts]

@@ -27,33 +27,13 @@ WEBHOOK_QUEUE = f"{defaults.QUEUE}.webhooks"  # kept apart so deliveries skip th
 PRUNE_TASK_NAME = "bgq.prune_cache"  # no arguments: the worker's BGQ_CACHE_* settings apply
 MAINTENANCE_QUEUE = f"{defaults.QUEUE}.maintenance"
 
-# rembg models that run locally from a name alone (no custom weights path, prompt or credentials).
-MODELS = frozenset(
-    {
-        "birefnet-cod",
-        "birefnet-dis",
-        "birefnet-general",
-        "birefnet-general-fp16",
-        "birefnet-general-lite",
-        "birefnet-hrsod",
-        "birefnet-massive",
-        "birefnet-portrait",
-        "bria-rmbg",
-        "isnet-anime",
-        "isnet-general-use",
-        "silueta",
-        "u2net",
-        "u2net_cloth_seg",
-        "u2net_human_seg",
-        "u2netp",
-    }
-)
+MODELS = defaults.MODELS  # the rembg models a request may name and workers run
 
 
 def check_model(name: str) -> str:
     """Return `name` if bgq can run that rembg model, else raise InvalidRequest."""
-    if name not in MODELS:
-        raise InvalidRequest(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    if choices := defaults.unknown_model(name):
+        raise InvalidRequest(f"unknown model {name!r}; {choices}")
     return name
 
 

@@ -4,6 +4,27 @@ from typing import Literal
 
 # Settings defaults (overridable through BGQ_* environment variables, see bgq.settings).
 MODEL = "u2netp"
+# rembg models that run locally from a name alone (no custom weights path, prompt or credentials).
+MODELS = frozenset(
+    {
+        "birefnet-cod",
+        "birefnet-dis",
+        "birefnet-general",
+        "birefnet-general-fp16",
+        "birefnet-general-lite",
+        "birefnet-hrsod",
+        "birefnet-massive",
+        "birefnet-portrait",
+        "bria-rmbg",
+        "isnet-anime",
+        "isnet-general-use",
+        "silueta",
+        "u2net",
+        "u2net_cloth_seg",
+        "u2net_human_seg",
+        "u2netp",
+    }
+)
 ORT_THREADS = 1  # intra-op threads per worker process
 ORT_ARENA = True  # onnxruntime's CPU memory arena
 ORT_MEM_PATTERN = False  # onnxruntime's memory pattern; on: ~190 MiB more per process, no faster
@@ -93,6 +114,8 @@ S3_CONNECT_TIMEOUT = 5.0  # seconds to connect to the S3 endpoint, at most
 S3_MAX_ATTEMPTS = 5  # tries of one S3 request (timeouts, 5xx, throttling) before StoreError
 S3_POOL_CONNECTIONS = 32  # HTTP connections one S3 client keeps (the API's threads share it)
 STORE_SCAN_INTERVAL = 60.0  # seconds the exporter reuses one scan of the store's size
+STORE_STREAM_CHUNK = 1 << 20  # bytes per piece when a result is streamed out of the store
+PRUNE_LOOKUP_BATCH = 500  # Redis lookups (in-flight checks) per round trip while pruning
 
 # Monitoring.
 FLOWER_PORT = 5555
@@ -129,3 +152,8 @@ FETCH_TIMEOUT = 30.0  # seconds one whole fetch may take: every redirect, connec
 FETCH_MAX_REDIRECTS = 3  # redirects one fetch follows, each hop's address checked again
 FETCH_CONCURRENCY = 8  # fetches one `bgq ingest` runs at once (--fetch-concurrency)
 API_FETCH_CONCURRENCY = 16  # image_url fetches one `bgq api` process runs at once (the rest wait)
+
+
+def unknown_model(name: str) -> str | None:
+    """None if bgq runs the rembg model `name`; else the choices, for the caller's error."""
+    return None if name in MODELS else f"choose one of {', '.join(sorted(MODELS))}"

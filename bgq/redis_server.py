@@ -20,8 +20,8 @@ import redis
 
 from bgq import defaults
 from bgq.errors import ConfigError
+from bgq.fileio import atomic_write
 from bgq.process import die_with_parent, free_port, stop_group
-from bgq.store import atomic_write
 
 STATE_FILE = "redis.json"
 
@@ -58,10 +58,10 @@ def discover(run_dir: Path) -> str | None:
         state = json.loads((run_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    url = state.get("url")
-    if not isinstance(url, str) or not _alive(int(state.get("pid", 0))):
-        return None
-    return url if _ping(url) else None
+    url, pid = state.get("url"), state.get("pid")
+    if not isinstance(url, str) or not isinstance(pid, int) or pid <= 0:
+        return None  # no process to check (pid 0 would ask about our own process group)
+    return url if _alive(pid) and _ping(url) else None
 
 
 @contextlib.contextmanager

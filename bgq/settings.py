@@ -9,9 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bgq import defaults
-from bgq.connections import safe_url
-from bgq.errors import ConfigError, NoBroker
+from bgq import defaults, urls
+from bgq.errors import ConfigError
 from bgq.units import parse_duration, parse_size
 
 ENV_PREFIX = "BGQ_"
@@ -91,32 +90,20 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("redis://", "rediss://", "sentinel://")):
-            raise ValueError("must start with redis://, rediss:// or sentinel://")
-        return url
+        return None if url is None else urls.check_redis_url(url)
 
     @field_validator("store_url")
     @classmethod
     def _store_scheme(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        if url.startswith("s3://"):
-            if not url.removeprefix("s3://").split("/", 1)[0]:
-                raise ValueError("s3:// needs a bucket: s3://BUCKET[/PREFIX]")
-        elif url.startswith("file://"):
-            if not url.removeprefix("file://").startswith("/"):
-                raise ValueError("file:// needs an absolute path: file:///abs/path")
-        elif "://" in url:
-            raise ValueError("must be a path, file:///abs/path or s3://BUCKET[/PREFIX]")
-        return url
+        return None if url is None else urls.check_store_url(url)
 
     @model_validator(mode="after")
     def _redis_companions(self) -> Settings:
         url = self.redis_url or ""
-        if url.startswith("sentinel://") and not self.redis_sentinel_master:
+        if urls.is_sentinel(url) and not self.redis_sentinel_master:
             raise ValueError("BGQ_REDIS_SENTINEL_MASTER must name the master of a sentinel:// URL")
         tls = self.redis_tls_ca or self.redis_tls_cert or self.redis_tls_key
-        if tls and not url.startswith("rediss://"):
+        if tls and not urls.is_tls(url):
             raise ValueError("BGQ_REDIS_TLS_* settings need a rediss:// BGQ_REDIS_URL")
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ValueError("BGQ_REDIS_TLS_CERT and BGQ_REDIS_TLS_KEY go together")
@@ -125,10 +112,8 @@ class Settings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from bgq.contract import MODELS
-
-        if name not in MODELS:
-            raise ValueError(f"unknown model; choose one of {', '.join(sorted(MODELS))}")
+        if choices := defaults.unknown_model(name):
+            raise ValueError(f"unknown model; {choices}")
         return name
 
     @field_validator("home", "models_dir", "redis_tls_ca", "redis_tls_cert", "redis_tls_key")
@@ -150,18 +135,16 @@ class Settings(BaseSettings):
     def store_dir(self) -> Path:
         """Root of a filesystem store: BGQ_STORE_URL's path, else $BGQ_HOME/store."""
         url = self.store_url
-        if url is None or url.startswith("s3://"):
+        if url is None or urls.is_s3(url):
             return self.home / "store"
-        return Path(url.removeprefix("file://")).expanduser().absolute()
+        return Path(urls.store_path(url)).expanduser().absolute()
 
     @property
     def store_bucket(self) -> tuple[str, str] | None:
         """(bucket, prefix) of an S3 store (prefix "" or ending in "/"); None for a directory."""
-        if self.store_url is None or not self.store_url.startswith("s3://"):
+        if self.store_url is None or not urls.is_s3(self.store_url):
             return None
-        from bgq.store.s3 import split_url  # no boto3 import: that happens on first request
-
-        return split_url(self.store_url)
+        return urls.split_s3_url(self.store_url)
 
     @property
     def run_dir(self) -> Path:
@@ -172,21 +155,6 @@ class Settings(BaseSettings):
     def model_home(self) -> Path:
         """Where model weights live; rembg is pointed here through U2NET_HOME."""
         return self.models_dir or self.home / "models"
-
-    def broker_url(self) -> str:
-        """BGQ_REDIS_URL, else the running embedded server of this BGQ_HOME; raises if neither."""
-        if self.redis_url:
-            return self.redis_url
-        from bgq.redis_server import discover
-
-        url = discover(self.run_dir)
-        if url is None:
-            raise NoBroker(
-                f"no Redis to talk to: BGQ_REDIS_URL is unset and no `bgq up` is running for "
-                f"BGQ_HOME={self.home}. Start a local stack with `bgq up` in another shell, "
-                f"or set BGQ_REDIS_URL=redis://host:6379/0."
-            )
-        return url
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -225,5 +193,5 @@ def _shown(field: str, value: object) -> object:
     if field in SECRET_FIELDS and value is not None:
         return "(hidden)"
     if field == "redis_url" and isinstance(value, str):
-        return safe_url(value)
+        return urls.safe_url(value)
     return value

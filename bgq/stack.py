@@ -129,6 +129,7 @@ class LocalStack:
         self.flower = self._spawn(flower_command(port, "127.0.0.1"), flower_env(self.settings))
 
     def _wait_ready(self) -> None:
+        # Celery (and celeryconfig's kombu queues) load only to ping the new worker.
         from celery import Celery
 
         import celeryconfig

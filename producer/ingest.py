@@ -23,11 +23,12 @@ from bgq.errors import BgqError, JobFailed, NoBroker, StoreError
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import Store
+from bgq.urls import is_s3
 from producer.catalog import Item, open_catalog, read_file
 from producer.client import Producer
 from producer.job import Job
 from producer.reader import Reader
-from producer.remote import S3Prefix, is_s3
+from producer.remote import S3Prefix
 
 if TYPE_CHECKING:
     from rich.progress import Progress

@@ -8,37 +8,33 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from bgq.contract import media_type
-from bgq.store.s3 import error_code, list_objects, make_client, raise_store_error, split_url
+from bgq.store import Store, list_s3_objects, make_s3_client, raise_s3_error, s3_error_code
+from bgq.urls import split_s3_url
 from producer.catalog import InputError, Item, output_names
 
 if TYPE_CHECKING:
     from bgq.settings import Settings
-    from bgq.store import Store
-
-
-def is_s3(url: str) -> bool:
-    return url.startswith("s3://")
 
 
 class S3Prefix:
     """Objects under one bucket and key prefix."""
 
     def __init__(self, settings: Settings, url: str) -> None:
-        self.client: Any = make_client(settings)
-        self.bucket, self.prefix = split_url(url)
+        self.client: Any = make_s3_client(settings)
+        self.bucket, self.prefix = split_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}"
 
     def keys(self, exclude: str | None = None) -> list[str]:
         """Every visible object key under the prefix, relative to it, in key order; none under
         the `s3://` URL `exclude`."""
         found = []
-        for obj in list_objects(self.client, self.bucket, self.prefix):
+        for obj in list_s3_objects(self.client, self.bucket, self.prefix):
             rel = obj["Key"][len(self.prefix) :]
             hidden = any(part.startswith(".") for part in rel.split("/"))
             if rel and not rel.endswith("/") and not hidden:
                 found.append(rel)
         if exclude is not None:  # an output prefix inside this one is not an input
-            bucket, skip = split_url(exclude)
+            bucket, skip = split_s3_url(exclude)
             if (
                 bucket == self.bucket
                 and len(skip) > len(self.prefix)
@@ -72,13 +68,17 @@ class S3Prefix:
         try:
             return bytes(self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
         except ClientError as exc:
-            if error_code(exc) in ("NoSuchKey", "404"):
+            if s3_error_code(exc) in ("NoSuchKey", "404"):
                 raise InputError("not found (deleted since it was listed?)") from None
-            if error_code(exc) in ("NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise_store_error(exc, "read", source)  # the whole source: stop the run
-            raise InputError(f"cannot read: {error_code(exc)}: {exc}") from None  # this object
+            if s3_error_code(exc) in (
+                "NoSuchBucket",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+            ):
+                raise_s3_error(exc, "read", source)  # the whole source: stop the run
+            raise InputError(f"cannot read: {s3_error_code(exc)}: {exc}") from None  # this object
         except BotoCoreError as exc:
-            raise_store_error(exc, "read", source)
+            raise_s3_error(exc, "read", source)
 
     def place(self, store: Store, output: str, name: str) -> str:
         """Put a result under the prefix: a server-side copy from an S3 store, else an upload."""
@@ -101,5 +101,5 @@ class S3Prefix:
                     ContentType=media_type(output),
                 )
         except (BotoCoreError, ClientError) as exc:
-            raise_store_error(exc, "write", f"s3://{self.bucket}/{dest}")
+            raise_s3_error(exc, "write", f"s3://{self.bucket}/{dest}")
         return f"s3://{self.bucket}/{dest}"

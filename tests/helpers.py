@@ -28,9 +28,10 @@ from PIL import Image
 
 from bench.photoserver import PhotoServer
 from bgq import contract, defaults
+from bgq.contract import INPUTS
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from bgq.store import INPUTS, FileStore
+from bgq.store import FileStore
 from producer import Producer
 from producer.api import create_app
 

@@ -13,7 +13,7 @@ import schemathesis
 from schemathesis.engine import Status, events, from_schema
 from schemathesis.engine.recorder import CheckNode
 
-from producer.api_request import ONE_IMAGE
+from producer.api.submission import ONE_IMAGE
 from tests.helpers import ApiServer
 from tests.stacks import StackFactory
 

@@ -14,7 +14,7 @@ import pytest
 
 from bgq.settings import Settings
 from producer import Producer
-from producer.cli_services import consumed_queues
+from producer.cli.services import consumed_queues
 from tests.helpers import (
     BGQ,
     SAMPLES,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import pytest
 from redis.sentinel import SentinelConnectionPool
 
 import celeryconfig
-from bgq.connections import celery_connection, redis_client, safe_url
-from bgq.errors import ConfigError
+from bgq import redis_server
+from bgq.connections import broker_url, celery_connection, redis_client
+from bgq.errors import ConfigError, NoBroker
 from bgq.settings import load_settings
+from bgq.urls import safe_url
 
 
 @pytest.mark.parametrize(
@@ -106,3 +110,92 @@ def test_sentinel_client_asks_the_sentinels_for_the_master(
     kwargs = pool.connection_kwargs
     assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("u", "pw", 3)
     client.close()
+
+
+# --- the broker: BGQ_REDIS_URL, else the embedded server of this BGQ_HOME ---------------------
+
+
+def test_broker_url_is_bgq_redis_url_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_discovery(run_dir: Path) -> str | None:
+        raise AssertionError("discover() must not run when BGQ_REDIS_URL is set")
+
+    monkeypatch.setattr(redis_server, "discover", no_discovery)
+    monkeypatch.setenv("BGQ_REDIS_URL", "redis://elsewhere:6379/3")
+    assert broker_url(load_settings()) == "redis://elsewhere:6379/3"
+
+
+def test_broker_url_finds_the_embedded_server_of_this_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[Path] = []
+
+    def discover(run_dir: Path) -> str | None:
+        seen.append(run_dir)
+        return "redis://127.0.0.1:4242/0"
+
+    monkeypatch.setattr(redis_server, "discover", discover)
+    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
+    assert broker_url(load_settings()) == "redis://127.0.0.1:4242/0"
+    assert seen == [tmp_path / "home" / "run"]
+
+
+def test_broker_url_without_any_redis_says_to_run_bgq_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
+    with pytest.raises(NoBroker) as info:
+        broker_url(load_settings())
+    message = str(info.value)
+    assert "`bgq up`" in message
+    assert "BGQ_REDIS_URL" in message
+    assert str(tmp_path / "home") in message
+    assert isinstance(info.value, ConfigError)
+
+
+def test_one_connection_discovers_the_embedded_server_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each discovery reads redis.json and pings Redis: a client or a Celery config does it once."""
+    seen: list[Path] = []
+
+    def discover(run_dir: Path) -> str | None:
+        seen.append(run_dir)
+        return "redis://127.0.0.1:4242/0"
+
+    monkeypatch.setattr(redis_server, "discover", discover)
+    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    redis_client(settings).close()  # connects lazily: nothing is contacted here
+    assert len(seen) == 1
+    assert celery_connection(settings)["broker_url"] == "redis://127.0.0.1:4242/0"
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("state", "found"),
+    [
+        ({"url": "redis://127.0.0.1:4242/0"}, False),  # no pid: nothing to check
+        ({"url": "redis://127.0.0.1:4242/0", "pid": 0}, False),  # our own process group
+        ({"url": "redis://127.0.0.1:4242/0", "pid": "me"}, False),
+        ({"pid": "ours"}, False),
+        ({"url": "redis://127.0.0.1:4242/0", "pid": "ours"}, True),
+    ],
+)
+def test_discover_needs_the_recorded_server_process_alive(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, state: dict[str, object], found: bool
+) -> None:
+    monkeypatch.setattr(redis_server, "_ping", lambda url: True)  # a server answers there
+    if state.get("pid") == "ours":
+        state["pid"] = os.getpid()
+    (tmp_path / redis_server.STATE_FILE).write_text(json.dumps(state))
+    assert redis_server.discover(tmp_path) == (state["url"] if found else None)
+
+
+def test_discover_ignores_a_dead_server_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(redis_server, "_ping", lambda url: True)
+    monkeypatch.setattr(redis_server, "_alive", lambda pid: False)
+    state = {"url": "redis://127.0.0.1:4242/0", "pid": 12345}
+    (tmp_path / redis_server.STATE_FILE).write_text(json.dumps(state))
+    assert redis_server.discover(tmp_path) is None

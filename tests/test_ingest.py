@@ -14,11 +14,11 @@ import redis
 
 from bench.s3server import S3Server
 from bgq import contract, defaults
-from bgq.contract import Options
+from bgq.contract import RESULTS, Options
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from bgq.store import RESULTS, open_store
+from bgq.store import open_store
 from producer.catalog import open_catalog
 from producer.ingest import Folder, Ingest, run_ingest
 from tests.helpers import (

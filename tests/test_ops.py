@@ -20,12 +20,12 @@ from celery import Celery
 from celery.beat import PersistentScheduler
 
 from bgq import cache, contract, defaults
-from bgq.contract import Counter
+from bgq.contract import INPUTS, MASKS, RESULTS, Counter
 from bgq.exporter import BgqCollector, Exporter
 from bgq.process import free_port
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from bgq.store import INPUTS, MASKS, RESULTS, Entry, FileStore, Store, open_store
+from bgq.store import Entry, FileStore, Store, open_store
 from bgq.units import parse_duration, parse_size
 from producer import Producer
 from tests.helpers import (

@@ -33,7 +33,7 @@ from playwright.sync_api import (
 from bgq import contract
 from bgq.contract import Options
 from bgq.stack import LocalStack
-from producer import page as web
+from producer.api import page as web
 from tests.browser import (
     CHROMIUM_FLAGS,
     DONE,
@@ -152,7 +152,7 @@ def test_wheel_carries_every_page_file_and_module(tmp_path: Path) -> None:
         for path in (tmp_path / name).rglob("*")
         if path.is_file()
     }
-    assert any(name.startswith("producer/static/vendor/") for name in expected)
+    assert any(name.startswith("producer/api/static/vendor/") for name in expected)
     assert expected <= names, sorted(expected - names)
     assert "celeryconfig.py" in names
     assert not any(name.startswith("bench/") for name in names)

@@ -17,11 +17,12 @@ import pytest
 from PIL import Image
 
 from bench.s3server import S3Server
+from bgq.contract import RESULTS
 from bgq.errors import ConfigError
 from bgq.process import free_port
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from bgq.store import RESULTS, open_store
+from bgq.store import open_store
 from producer import Producer
 from producer.remote import S3Prefix
 from tests.helpers import BGQ, ApiServer, bgq, bgq_in_process, pixels, variant, wait_for

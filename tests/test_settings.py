@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bgq import defaults, redis_server
-from bgq.errors import ConfigError, NoBroker
+from bgq import defaults
+from bgq.errors import ConfigError
 from bgq.settings import load_settings
 
 
@@ -140,38 +142,30 @@ def test_unknown_bgq_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().model == defaults.MODEL
 
 
-def test_broker_url_is_bgq_redis_url_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_discovery(run_dir: Path) -> str | None:
-        raise AssertionError("discover() must not run when BGQ_REDIS_URL is set")
-
-    monkeypatch.setattr(redis_server, "discover", no_discovery)
-    monkeypatch.setenv("BGQ_REDIS_URL", "redis://elsewhere:6379/3")
-    assert load_settings().broker_url() == "redis://elsewhere:6379/3"
-
-
-def test_broker_url_finds_the_embedded_server_of_this_home(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    seen: list[Path] = []
-
-    def discover(run_dir: Path) -> str | None:
-        seen.append(run_dir)
-        return "redis://127.0.0.1:4242/0"
-
-    monkeypatch.setattr(redis_server, "discover", discover)
-    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
-    assert load_settings().broker_url() == "redis://127.0.0.1:4242/0"
-    assert seen == [tmp_path / "home" / "run"]
+def test_unknown_model_message_lists_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BGQ_MODEL", "nope")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    choices = ", ".join(sorted(defaults.MODELS))
+    assert (
+        str(info.value)
+        == f"invalid setting BGQ_MODEL='nope': unknown model; choose one of {choices}"
+    )
 
 
-def test_broker_url_without_any_redis_says_to_run_bgq_up(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
-    with pytest.raises(NoBroker) as info:
-        load_settings().broker_url()
-    message = str(info.value)
-    assert "`bgq up`" in message
-    assert "BGQ_REDIS_URL" in message
-    assert str(tmp_path / "home") in message
-    assert isinstance(info.value, ConfigError)
+def test_settings_import_nothing_of_bgq_above_them() -> None:
+    """Settings sit at the bottom: defaults, errors, units and urls, no connection, no store."""
+    code = (
+        "import sys, bgq.settings; print(' '.join(m for m in sys.modules if m.startswith('bgq')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert set(loaded) <= {
+        "bgq",
+        "bgq.settings",
+        "bgq.defaults",
+        "bgq.errors",
+        "bgq.units",
+        "bgq.urls",
+    }

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from bench.s3server import S3Server
 from bgq import contract, defaults, jobs
-from bgq.errors import StoreError, TransientError
+from bgq.contract import INPUTS, RESULTS
+from bgq.errors import ConfigError, StoreError, TransientError
+from bgq.fileio import FILE_MODE, atomic_write
 from bgq.settings import Settings
-from bgq.store import FILE_MODE, INPUTS, RESULTS, FileStore, Store, atomic_write, open_store
+from bgq.store import FileStore, Store, open_store
 from tests.stacks import s3_settings
 
 DIGEST = contract.input_digest(b"input")
@@ -232,6 +235,43 @@ def test_s3_inputs_are_written_once_by_a_conditional_put(
     assert calls == ["PutObject"]
     store.put_input(DIGEST, b"other bytes, same digest: a race of identical content")
     assert store.read_input(DIGEST) == b"input"
+
+
+@pytest.mark.parametrize(
+    ("code", "raised"),
+    [
+        ("PreconditionFailed", None),  # the blob is there: stamped, as on any store
+        ("412", None),
+        ("ConditionalRequestConflict", None),  # another such PUT is under way
+        ("409", None),
+        ("NotImplemented", None),  # the server does not know the condition: HEAD + PUT
+        ("AccessDenied", ConfigError),
+        ("InternalError", StoreError),
+    ],
+)
+def test_s3_put_input_reads_a_refused_conditional_put(
+    tmp_path: Path,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    code: str,
+    raised: type[Exception] | None,
+) -> None:
+    store = open_store(Settings(home=tmp_path, **s3_settings(s3_server)))  # type: ignore[arg-type]
+    store.put_input(DIGEST, b"input")
+    write = store.write
+
+    def refuse(kind: str, name: str, data: bytes, if_none_match: str | None = None) -> None:
+        if if_none_match:
+            raise ClientError({"Error": {"Code": code, "Message": "refused"}}, "PutObject")
+        write(kind, name, data)
+
+    monkeypatch.setattr(store, "write", refuse)
+    if raised is None:
+        store.put_input(DIGEST, b"input")
+        assert store.read_input(DIGEST) == b"input"
+    else:
+        with pytest.raises(raised):
+            store.put_input(DIGEST, b"input")
 
 
 def test_a_job_record_from_another_bgq_version_still_finds_its_result(store: Store) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bgq.contract import check_model
 from bgq.errors import ConfigError
-from bgq.store import atomic_write
+from bgq.fileio import atomic_write
 
 
 @dataclass(frozen=True)

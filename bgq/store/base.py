@@ -19,6 +19,7 @@ from pathlib import Path
 from bgq import defaults
 from bgq.contract import INPUTS, RESULTS, object_name, result_names
 from bgq.errors import ConfigError, StoreError
+from bgq.fileio import atomic_write
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,6 @@ class Store(abc.ABC):
 
         With `link`, a filesystem store may hard-link instead of copying (ingest's outputs).
         """
-        from bgq.store.files import atomic_write
-
         try:
             atomic_write(dest, self.read(RESULTS, name))
         except OSError as exc:

@@ -3,59 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from bgq import defaults
+from bgq.contract import RESULTS, object_name
 from bgq.errors import ConfigError, StoreError
-from bgq.store.base import RESULTS, Entry, Store, object_name
-
-FILE_MODE = 0o644  # results are read by other processes and users (api, flower, ops)
-CHUNK = 1 << 20  # bytes per piece when a result is streamed
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that no reader ever sees a partial file.
-
-    A temporary file in the same directory is written and fsynced, then renamed over `path`;
-    the directory is fsynced so the rename survives a crash.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), FILE_MODE)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def link_or_copy(source: Path, dest: Path) -> None:
-    """Put `source` at `dest` atomically: a hard link when possible, else a copy."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if dest.exists() and os.path.samefile(source, dest):
-            return
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        os.link(source, tmp)
-        os.replace(tmp, dest)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        atomic_write(dest, source.read_bytes())
+from bgq.fileio import atomic_write, is_temporary, link_or_copy
+from bgq.store.base import Entry, Store
 
 
 class FileStore(Store):
@@ -129,7 +86,7 @@ class FileStore(Store):
         path = self.path(RESULTS, name)
         try:
             with path.open("rb") as fh:
-                while piece := fh.read(CHUNK):
+                while piece := fh.read(defaults.STORE_STREAM_CHUNK):
                     yield piece
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
@@ -152,7 +109,7 @@ class FileStore(Store):
         removed = 0
         for dirpath, _, filenames in os.walk(self.root):
             for base in filenames:
-                if not (base.startswith(".") and base.endswith(".tmp")):
+                if not is_temporary(base):
                     continue
                 path = Path(dirpath, base)
                 with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,6 @@ from bgq.store.base import Entry, Store
 if TYPE_CHECKING:
     from bgq.settings import Settings
 
-CHUNK = 1 << 20  # bytes per piece when a result is streamed
 DENIED = frozenset(
     {
         "AccessDenied",
@@ -35,10 +34,11 @@ DENIED = frozenset(
 MISSING_BUCKET = frozenset({"NoSuchBucket"})
 # A create-only PUT refused because the object exists, or another such PUT is under way.
 EXISTS = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+UNCONDITIONAL = frozenset({"NotImplemented", "501"})  # the server does not know If-None-Match
 CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE"
 
 
-def make_client(settings: Settings, attempts: int = defaults.S3_MAX_ATTEMPTS) -> Any:
+def make_s3_client(settings: Settings, attempts: int = defaults.S3_MAX_ATTEMPTS) -> Any:
     """A boto3 S3 client from BGQ_S3_* and the standard AWS credential chain."""
     import boto3
     from botocore.config import Config
@@ -63,18 +63,18 @@ def make_client(settings: Settings, attempts: int = defaults.S3_MAX_ATTEMPTS) ->
     )
 
 
-def error_code(exc: Exception) -> str:
+def s3_error_code(exc: Exception) -> str:
     """The S3 error code of a botocore ClientError ("" for other errors)."""
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
 
 
-def raise_store_error(exc: Exception, doing: str, where: str) -> NoReturn:
+def raise_s3_error(exc: Exception, doing: str, where: str) -> NoReturn:
     """Re-raise a botocore error: ConfigError for a missing bucket or refused credentials,
     StoreError (transient) for the rest. Messages never carry credentials."""
     from botocore.exceptions import NoCredentialsError
 
-    code = error_code(exc)
+    code = s3_error_code(exc)
     if isinstance(exc, NoCredentialsError):
         raise ConfigError(f"no AWS credentials for {where}: set {CREDENTIALS}") from None
     if code in MISSING_BUCKET:
@@ -86,7 +86,7 @@ def raise_store_error(exc: Exception, doing: str, where: str) -> NoReturn:
     raise StoreError(f"cannot {doing} {where}: {exc}") from exc
 
 
-def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+def list_s3_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
     """Every object (Key, Size, LastModified) under a key prefix, page by page, in key order."""
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -95,14 +95,7 @@ def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, An
         for page in pages:
             yield from page.get("Contents", ())
     except (BotoCoreError, ClientError) as exc:
-        raise_store_error(exc, "list", f"s3://{bucket}/{prefix}")
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """(bucket, key prefix) of `s3://BUCKET[/PREFIX]`; the prefix is "" or ends in "/"."""
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    prefix = prefix.strip("/")
-    return bucket, f"{prefix}/" if prefix else ""
+        raise_s3_error(exc, "list", f"s3://{bucket}/{prefix}")
 
 
 class S3Store(Store):
@@ -124,7 +117,7 @@ class S3Store(Store):
     def client(self) -> Any:
         """This process's client: made on first use, and again after a fork."""
         if self._client is None or self._pid != os.getpid():
-            self._client, self._pid = make_client(self.settings), os.getpid()
+            self._client, self._pid = make_s3_client(self.settings), os.getpid()
         return self._client
 
     def key(self, kind: str, name: str) -> str:
@@ -136,17 +129,20 @@ class S3Store(Store):
         endpoint = self.settings.s3_endpoint_url
         try:
             if self._probe is None or self._probe_pid != os.getpid():
-                self._probe, self._probe_pid = make_client(self.settings, attempts=1), os.getpid()
+                self._probe, self._probe_pid = (
+                    make_s3_client(self.settings, attempts=1),
+                    os.getpid(),
+                )
             self._probe.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchBucket"):
+            if s3_error_code(exc) in ("404", "NoSuchBucket"):
                 raise ConfigError(
                     f"BGQ_STORE_URL={self.url}: bucket {self.bucket!r} does not exist"
                 ) from None
-            raise_store_error(exc, "reach", self.url)
+            raise_s3_error(exc, "reach", self.url)
         except BotoCoreError as exc:
             if "credentials" in type(exc).__name__.lower():
-                raise_store_error(exc, "reach", self.url)
+                raise_s3_error(exc, "reach", self.url)
             where = f"BGQ_S3_ENDPOINT_URL={endpoint}" if endpoint else "the AWS S3 endpoint"
             raise ConfigError(f"{where} is unreachable: {exc}") from None
 
@@ -156,11 +152,11 @@ class S3Store(Store):
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key(kind, name))
         except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey"):
+            if s3_error_code(exc) in ("404", "NoSuchKey"):
                 return None
-            raise_store_error(exc, "stat", self.url + object_name(kind, name))
+            raise_s3_error(exc, "stat", self.url + object_name(kind, name))
         except BotoCoreError as exc:
-            raise_store_error(exc, "stat", self.url + object_name(kind, name))
+            raise_s3_error(exc, "stat", self.url + object_name(kind, name))
         return Entry(kind, name, head["ContentLength"], _seconds(head["LastModified"]))
 
     def read(self, kind: str, name: str) -> bytes:
@@ -175,13 +171,13 @@ class S3Store(Store):
         where = self.url + object_name(kind, name)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(kind, name))["Body"]
-            yield from body.iter_chunks(CHUNK)
+            yield from body.iter_chunks(defaults.STORE_STREAM_CHUNK)
         except ClientError as exc:
-            if error_code(exc) == "NoSuchKey":
+            if s3_error_code(exc) == "NoSuchKey":
                 raise StoreError(f"{where} not found in the store") from None
-            raise_store_error(exc, "read", where)
+            raise_s3_error(exc, "read", where)
         except BotoCoreError as exc:
-            raise_store_error(exc, "read", where)
+            raise_s3_error(exc, "read", where)
 
     def write(self, kind: str, name: str, data: bytes, if_none_match: str | None = None) -> None:
         """One PUT; with `if_none_match`, a refused condition is raised as botocore's error."""
@@ -206,15 +202,10 @@ class S3Store(Store):
                 self.write(INPUTS, input_sha256, data, if_none_match="*")
                 return
             except ClientError as exc:
-                if error_code(exc) in ("NotImplemented", "501"):
+                if s3_error_code(exc) in UNCONDITIONAL:
                     self._conditional = False
-                elif error_code(exc) not in (
-                    "PreconditionFailed",
-                    "412",
-                    "ConditionalRequestConflict",
-                    "409",
-                ):
-                    raise_store_error(exc, "put", self.url + object_name(INPUTS, input_sha256))
+                elif s3_error_code(exc) not in EXISTS:
+                    raise_s3_error(exc, "put", self.url + object_name(INPUTS, input_sha256))
         super().put_input(input_sha256, data)
 
     def touch(self, kind: str, name: str) -> None:
@@ -241,12 +232,12 @@ class S3Store(Store):
         except ClientError as exc:
             if raw:
                 raise
-            raise_store_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
+            raise_s3_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
         except BotoCoreError as exc:
-            raise_store_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
+            raise_s3_error(exc, method.replace("_", " "), self.url + object_name(kind, name))
 
     def scan(self, kind: str) -> Iterator[Entry]:
-        for obj in list_objects(self.client, self.bucket, f"{self.prefix}{kind}/"):
+        for obj in list_s3_objects(self.client, self.bucket, f"{self.prefix}{kind}/"):
             base = obj["Key"].rsplit("/", 1)[-1]
             if base and not base.startswith("."):
                 name = base

@@ -22,9 +22,8 @@ from bgq import contract, defaults, webhooks
 from bgq.contract import Options
 from bgq.fetch import fetch_setting_image
 from bgq.settings import Settings
-from producer import api_schema
-from producer.api_http import ApiError
-from producer.api_schema import IMAGE_URL_PATTERN
+from producer.api.errors import ApiError
+from producer.api.openapi import IMAGE_URL_PATTERN, json_types
 
 REQUEST_FIELDS = ("model", "wait", "callback_url", "image_url")  # besides the rembg options
 ONE_IMAGE = "send exactly one of image (a multipart `file` or the body) and image_url"
@@ -162,7 +161,7 @@ async def read_json(request: Request, fields: dict[str, str]) -> dict[str, str]:
         raise ApiError(422, "invalid_request", "malformed JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object")
-    types = api_schema.json_types()
+    types = json_types()
     for name, value in body.items():
         kind = types.get(name)
         if kind is None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
 from bgq import contract, defaults, options, webhooks
 from bgq.contract import Options
 
@@ -354,3 +357,17 @@ def complete(document: dict[str, Any], secured: bool) -> dict[str, Any]:
     if secured:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc
+
+
+def install_openapi(app: FastAPI, secured: bool) -> None:
+    """Serve FastAPI's document completed once by `complete` (auth as this app is set up)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            app.openapi_schema = complete(document, secured)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,29 +1,23 @@
-"""What every `bgq` command shares: the Typer app, error handling, common helpers."""
+"""What every `bgq` command shares: the Typer app, error handling, common checks."""
 
 from __future__ import annotations
 
 import functools
-import signal
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 
 from bgq import contract
-from bgq.contract import Options
 from bgq.errors import BgqError, ConfigError, InvalidRequest
 from bgq.settings import Settings
+from bgq.store import open_store
 
 app = typer.Typer(
     help="bgq: distributed background removal (rembg on Celery/Redis).",
     no_args_is_help=True,
     add_completion=False,
 )
-models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-cache_app = typer.Typer(help="The result cache (the store).", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,12 +39,6 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def sanitize_url(url: str) -> str:
-    from bgq.connections import safe_url
-
-    return safe_url(url)
-
-
 def model_name(name: str | None, settings: Settings) -> str:
     """The model a command runs (--model, else BGQ_MODEL); an unknown one is a usage error."""
     try:
@@ -59,40 +47,8 @@ def model_name(name: str | None, settings: Settings) -> str:
         raise ConfigError(str(exc)) from None
 
 
-def rembg_options(values: dict[str, Any]) -> Options:
-    """The rembg options among a command's arguments, validated (a bad one is a usage error)."""
-    fields = Options.model_fields.keys()
-    try:
-        return Options.parse({k: v for k, v in values.items() if k in fields})
-    except InvalidRequest as exc:
-        raise ConfigError(str(exc)) from None
-
-
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGINT or SIGTERM."""
-    event = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return event
-
-
-def ensure_model(settings: Settings) -> None:
-    from workers import models
-
-    models.fetch(settings.model, settings.model_home)
-
-
 def check_store(settings: Settings) -> None:
     """The store must be usable before a command starts serving (ConfigError naming the setting)."""
-    from bgq.store import open_store
-
     if settings.result_redirect == "presigned" and settings.store_bucket is None:
         raise ConfigError(
             "BGQ_RESULT_REDIRECT=presigned needs an S3 store (BGQ_STORE_URL=s3://BUCKET[/PREFIX])"

@@ -1,4 +1,4 @@
-"""`bgq cache stats|prune` and `bgq models fetch`: the store's lifecycle and model weights."""
+"""`bgq cache stats|prune`: what the store holds, and its lifecycle."""
 
 from __future__ import annotations
 
@@ -6,21 +6,21 @@ from typing import Annotated
 
 import typer
 
-from bgq import contract
+from bgq import cache, contract
 from bgq.contract import OUTCOMES, Counter
 from bgq.errors import ConfigError
 from bgq.settings import load_settings
 from bgq.store import open_store
-from producer.cli_common import cache_app, handle_errors, model_name, models_app
+from bgq.units import format_size, parse_duration, parse_size
+from producer.cli.common import handle_errors
+
+cache_app = typer.Typer(help="The result cache (the store).", no_args_is_help=True)
 
 
 @cache_app.command("stats")
 @handle_errors
 def cache_stats() -> None:
     """Entries and bytes in the store, and the cluster's cache hit rate."""
-    from bgq import cache
-    from bgq.units import format_size
-
     settings = load_settings()
     store = open_store(settings)
     stats = cache.store_stats(store)
@@ -66,9 +66,6 @@ def cache_prune(
     dry_run: Annotated[bool, typer.Option(help="Only report what would go.")] = False,
 ) -> None:
     """Delete least-recently-used results and masks (never in flight or used in the last minute)."""
-    from bgq import cache
-    from bgq.units import format_size, parse_duration, parse_size
-
     settings = load_settings()
     try:
         age = parse_duration(max_age) if max_age is not None else settings.cache_max_age
@@ -97,17 +94,3 @@ def cache_prune(
     )
     for note in report.notes:
         typer.echo(f"note: {note}")
-
-
-@models_app.command("fetch")
-@handle_errors
-def models_fetch(
-    name: Annotated[str | None, typer.Argument(help="Model name [default: BGQ_MODEL].")] = None,
-) -> None:
-    """Put a model's weights where rembg looks for them (under BGQ_HOME) and verify them."""
-    from workers import models, session
-
-    session.defer_rembg_extras()  # rembg's model table, without compiling pymatting's numba code
-    settings = load_settings()
-    path = models.fetch(model_name(name, settings), settings.model_home)
-    typer.echo(f"{name or settings.model}: {path}")

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
 
 from bgq import contract, defaults
+from bgq.connections import broker_url
 from bgq.errors import ConfigError
 from bgq.settings import load_settings
-from producer.cli_common import (
-    LOOPBACK,
-    app,
-    check_store,
-    ensure_model,
-    handle_errors,
-    sanitize_url,
-    stop_on_signals,
-)
+from bgq.stack import LocalStack, flower_command, flower_env, worker_command
+from bgq.store import open_store
+from bgq.urls import safe_url
+from producer.cli.common import app, check_store, handle_errors
+from producer.cli.models import ensure_model
+from producer.client import Producer
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM."""
+    event = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return event
 
 
 @app.command()
@@ -32,9 +46,6 @@ def up(
     flower_port: Annotated[int, typer.Option(help="Flower's port.")] = defaults.FLOWER_PORT,
 ) -> None:
     """Run a local stack in the foreground: embedded Redis (unless BGQ_REDIS_URL) and workers."""
-    from bgq.stack import LocalStack
-    from bgq.store import open_store
-
     settings = load_settings()
     ensure_model(settings)
     check_store(settings)
@@ -44,7 +55,7 @@ def up(
     with stack:
         assert stack.worker is not None
         typer.echo(
-            f"bgq: ready. broker {sanitize_url(stack.url)}, store {open_store(settings).url}, "
+            f"bgq: ready. broker {safe_url(stack.url)}, store {open_store(settings).url}, "
             f"{stack.workers} worker process(es). Ctrl-C stops everything.",
             err=True,
         )
@@ -63,15 +74,13 @@ def up(
 @handle_errors
 def status() -> None:
     """Print the broker URL, the workers online and the queue depth; exit 1 if no worker is up."""
-    from producer.client import Producer
-
     producer = Producer()
     producer.store.check()
     celery_app = producer.app
     url = celery_app.conf.broker_url
     names = producer.workers_online()
     depth = celery_app.backend.client.llen(contract.QUEUE)
-    typer.echo(f"broker:      {sanitize_url(url)}")
+    typer.echo(f"broker:      {safe_url(url)}")
     typer.echo(f"store:       {producer.store.url}")
     typer.echo(f"queue depth: {depth} ({contract.QUEUE})")
     typer.echo(f"workers:     {len(names)} online" + "".join(f"\n  {n}" for n in names))
@@ -86,12 +95,12 @@ def api(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.API_PORT,
 ) -> None:
     """Serve the HTTP API (FastAPI on uvicorn) and the web page at /; schema at /openapi.json."""
-    import uvicorn
+    import uvicorn  # FastAPI and uvicorn only for `bgq api` (~0.5 s at every other command)
 
-    from producer.api import create_app
+    from producer.api import create_app  # the same: it imports FastAPI
 
     settings = load_settings()
-    settings.broker_url()  # fail here, clearly, when there is no broker
+    broker_url(settings)  # fail here, clearly, when there is no broker
     check_store(settings)
     if host not in LOOPBACK and not settings.api_key_list:
         typer.echo(
@@ -109,10 +118,8 @@ def flower_cmd(
     address: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
 ) -> None:
     """Run Flower on the configured broker; login from BGQ_FLOWER_BASIC_AUTH (user:password)."""
-    from bgq.stack import flower_command, flower_env
-
     settings = load_settings()
-    settings.broker_url()
+    broker_url(settings)
     if address not in LOOPBACK and not settings.flower_basic_auth:
         raise ConfigError(
             f"refusing to serve Flower on {address} without a login: set "
@@ -130,7 +137,7 @@ def exporter(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.EXPORTER_PORT,
 ) -> None:
     """Serve bgq's Prometheus metrics (queues, cache, results, stage times, store) on /metrics."""
-    from bgq.exporter import Exporter
+    from bgq.exporter import Exporter  # prometheus_client only for `bgq exporter`
 
     settings = load_settings()
     stopping = stop_on_signals()
@@ -147,7 +154,7 @@ def exporter(
 def beat() -> None:
     """Run Celery beat with bgq's schedule (the cache prune every hour, run by the workers)."""
     settings = load_settings()
-    settings.broker_url()
+    broker_url(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", "INFO",
@@ -160,10 +167,8 @@ def beat() -> None:
 @handle_errors
 def worker(ctx: typer.Context) -> None:
     """Start a Celery worker with bgq's defaults; extra arguments go to `celery worker`."""
-    from bgq.stack import worker_command
-
     settings = load_settings()
-    settings.broker_url()  # fail here, clearly, when there is no broker
+    broker_url(settings)  # fail here, clearly, when there is no broker
     queues = consumed_queues(ctx.args)
     if queues is None or contract.QUEUE in queues:  # a webhook-only worker needs no weights
         ensure_model(settings)

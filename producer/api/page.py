@@ -1,6 +1,6 @@
 """The web page of `bgq api` (`GET /`): upload or paste images, watch, preview, download.
 
-Plain HTML, CSS and JavaScript from the package (producer/static), no build step and nothing
+Plain HTML, CSS and JavaScript from the package (producer/api/static), no build step and nothing
 from the internet; the page speaks only the public /v1 API, as every other client does. It is
 not part of the OpenAPI contract. The one vendored library, fflate (zip for "Download all"),
 is pinned by its SHA-256 in VENDORED below and kept next to its licence.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -50,27 +50,49 @@ class PageFiles(StaticFiles):
         return response
 
 
+class Page:
+    """The page's HTML (this API's config filled in) and its content policy, worked out on
+    first use: signing a URL may need credentials."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        html = TEMPLATE.read_text(encoding="utf-8")
+        self.html = html.replace(CONFIG_SLOT, script_json(page_config(settings)))
+        self.settings = settings
+        self.store = store
+        self.policy: str | None = None
+
+    async def content_policy(self) -> str:
+        """The page's Content-Security-Policy (kept once the redirects' origin is known)."""
+        if self.policy is not None:
+            return self.policy
+        try:
+            origin = await run_in_threadpool(result_origin, self.settings, self.store)
+        except Exception as exc:  # e.g. no credentials found yet: try again next time
+            log.warning("the web page cannot follow result redirects yet: %s", exc)
+            return content_policy(None)
+        self.policy = content_policy(origin)
+        return self.policy
+
+
+async def get_page(request: Request) -> Page:
+    """The app's page (install_page made it)."""
+    installed: Page = request.app.state.page
+    return installed
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def page(view: Annotated[Page, Depends(get_page)]) -> HTMLResponse:
+    policy = await view.content_policy()
+    return HTMLResponse(view.html, headers={**HEADERS, "Content-Security-Policy": policy})
+
+
 def install_page(app: FastAPI, settings: Settings, store: Store) -> None:
     """Serve the page at `/` and its files under `/static/`, both outside the OpenAPI schema."""
-    html = TEMPLATE.read_text(encoding="utf-8")
-    html = html.replace(CONFIG_SLOT, script_json(page_config(settings)))
-    policies: list[str] = []  # worked out on first use: signing a URL may need credentials
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        if policies:
-            policy = policies[0]
-        else:
-            try:
-                origin = await run_in_threadpool(result_origin, settings, store)
-            except Exception as exc:  # e.g. no credentials found yet: try again next time
-                log.warning("the web page cannot follow result redirects yet: %s", exc)
-                policy = content_policy(None)
-            else:
-                policy = content_policy(origin)
-                policies.append(policy)
-        return HTMLResponse(html, headers={**HEADERS, "Content-Security-Policy": policy})
-
+    app.state.page = Page(settings, store)
+    app.include_router(router)
     app.mount("/static", PageFiles(directory=STATIC), name="static")
 
 

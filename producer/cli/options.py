@@ -1,0 +1,90 @@
+"""The output flags of `bgq submit` and `bgq ingest`, declared once: derived from `Options`.
+
+Each field of `bgq.options.Options` is one flag: its name, type and default come from the field;
+its short flag and help text from FLAGS below (the HTTP API's OpenAPI schema describes the same
+fields in its own words). A command takes them as one `options: Options` parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+
+import typer
+from pydantic.fields import FieldInfo
+
+from bgq import defaults
+from bgq.errors import ConfigError, InvalidRequest
+from bgq.options import Options
+
+# Per Options field: its short flag ("" for none) and its help (None for none).
+FLAGS: dict[str, tuple[str, str | None]] = {
+    "alpha_matting": ("-a", None),
+    "alpha_matting_foreground_threshold": ("-af", None),
+    "alpha_matting_background_threshold": ("-ab", None),
+    "alpha_matting_erode_size": ("-ae", None),
+    "only_mask": ("-om", None),
+    "post_process_mask": ("-ppm", None),
+    "bgcolor": ("-bgc", "Background colour R,G,B,A."),
+    "format": ("", "png, webp or jpeg."),
+    "quality": ("", f"1-100 (webp, jpeg) [default: {defaults.QUALITY}]."),
+    "crop": ("", "Crop to the subject."),
+    "crop_margin": ("", "Margin around the cropped subject: 20px or 5%."),
+    "canvas": ("", "Place the subject on a WxH canvas (1000x1000)."),
+    "padding": ("", "Space between subject and canvas edge: 20px or 5%."),
+    "position": ("", "center, top or bottom."),
+}
+
+R = TypeVar("R")
+
+
+def flag_type(field: FieldInfo) -> Any:
+    """What a flag parses: a bool or an int as itself, anything else as text for Options."""
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    kind = annotation if annotation in (bool, int) else str
+    return kind | None if field.default is None else kind
+
+
+def flag(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The command parameter of one Options field: `--name-with-dashes`, short flag, help."""
+    short, help_text = FLAGS[name]
+    decls = [f"--{name.replace('_', '-')}", *([short] if short else [])]
+    option = typer.Option(*decls, help=help_text)
+    annotation = Annotated[flag_type(field), option]  # type: ignore[valid-type]  # built at run time
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(name, kind, default=field.default, annotation=annotation)
+
+
+PARAMETERS = [flag(name, field) for name, field in Options.model_fields.items()]
+
+
+def parse_options(values: dict[str, Any]) -> Options:
+    """The output flags' values, validated (a bad one is a usage error)."""
+    try:
+        return Options.parse(values)
+    except InvalidRequest as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def output_options(command: Callable[..., R]) -> Callable[..., R]:
+    """Give `command` the output flags in place of its `options: Options` parameter."""
+    signature = inspect.signature(command, eval_str=True)
+    params = list(signature.parameters.values())
+    at = [param.name for param in params].index("options")
+    params[at : at + 1] = PARAMETERS
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        values = {param.name: kwargs.pop(param.name) for param in PARAMETERS}
+        return command(*args, options=parse_options(values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
