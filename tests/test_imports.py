@@ -344,8 +344,16 @@ def mentions(module: str, doc: str, ambiguous: set[str]) -> bool:
     return any(f"`{alias}`" in doc for alias in aliases(module) - ambiguous)
 
 
-def test_architecture_doc_names_every_module() -> None:
+def section(title: str) -> str:
+    """One `## ` section of docs/architecture.md, without its heading."""
     doc = ARCHITECTURE.read_text()
+    start = doc.index(f"\n## {title}\n") + len(title) + 5
+    end = doc.find("\n## ", start)
+    return doc[start : end if end != -1 else None]
+
+
+def test_architecture_doc_names_every_module() -> None:
+    doc = section("Code layout")
     listed = [
         module
         for module, path in modules().items()
@@ -358,6 +366,33 @@ def test_architecture_doc_names_every_module() -> None:
         f"{ARCHITECTURE.relative_to(ROOT)} does not name these modules by path or dotted name, "
         f"or in backticks by a shorter alias no other module shares (`api/jobs.py`, "
         f"`settings`): {missing}"
+    )
+
+
+def test_architecture_doc_names_no_module_that_is_gone() -> None:
+    doc = section("Code layout") + section("Where producers and workers meet")
+    named = set(re.findall(r"`((?:bgq|producer|workers|bench)/[\w/]*\.py)`", doc))
+    gone = sorted(name for name in named if not (ROOT / name).is_file())
+    assert named and not gone, f"docs/architecture.md names files that do not exist: {gone}"
+
+
+def test_where_producers_and_workers_meet_is_exact() -> None:
+    """The table of docs/architecture.md lists exactly the modules both sides import."""
+    users: dict[str, set[str]] = {}
+    for edge in project_imports():
+        side = edge.source.split(".")[0]
+        if side in ("producer", "workers") and edge.target.split(".")[0] in ("bgq", "celeryconfig"):
+            users.setdefault(edge.target, set()).add(side)
+    shared = {path_of(m) for m, sides in users.items() if len(sides) == 2}
+    shared = {
+        p.removesuffix("/__init__.py") + "/" if p.endswith("__init__.py") else p for p in shared
+    }
+    table = set(
+        re.findall(r"^\| `([\w/.]+)` \|", section("Where producers and workers meet"), re.M)
+    )
+    assert table == shared, (
+        f"only in the table: {sorted(table - shared)}; imported by both sides but not in the "
+        f"table: {sorted(shared - table)}"
     )
 
 
