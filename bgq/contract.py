@@ -27,8 +27,6 @@ WEBHOOK_QUEUE = f"{defaults.QUEUE}.webhooks"  # kept apart so deliveries skip th
 PRUNE_TASK_NAME = "bgq.prune_cache"  # no arguments: the worker's BGQ_CACHE_* settings apply
 MAINTENANCE_QUEUE = f"{defaults.QUEUE}.maintenance"
 
-MODELS = defaults.MODELS  # the rembg models a request may name and workers run
-
 
 def check_model(name: str) -> str:
     """Return `name` if bgq can run that rembg model, else raise InvalidRequest."""

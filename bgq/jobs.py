@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
-from bgq import contract, defaults
+from bgq import contract, defaults, options
 from bgq.contract import RESULTS, TaskArgs
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _recorded_format(record: dict[str, str]) -> str | None:
         fmt = json.loads(record["args"])["options"].get("format", "png")
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    return fmt if fmt in contract.FORMATS else None
+    return fmt if fmt in options.FORMATS else None
 
 
 def take_callbacks(client: redis.Redis, key: str) -> list[str]:

@@ -18,7 +18,7 @@ from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults
 from bgq.connections import redis_client
-from bgq.contract import Counter, Options, TaskArgs
+from bgq.contract import Counter, TaskArgs
 from bgq.errors import (
     BgqError,
     BrokerError,
@@ -28,6 +28,7 @@ from bgq.errors import (
     UnsupportedImage,
 )
 from bgq.imageinfo import probe
+from bgq.options import Options
 from bgq.settings import Settings, load_settings
 from bgq.store import open_store
 from producer.job import Job

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from bgq import defaults
-from bgq.contract import FORMATS, Options
 from bgq.errors import BgqError, JobFailed, NoBroker, StoreError
+from bgq.options import FORMATS, Options
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import Store

@@ -124,9 +124,9 @@ def test_broker_url_is_bgq_redis_url_when_set(monkeypatch: pytest.MonkeyPatch) -
     assert broker_url(load_settings()) == "redis://elsewhere:6379/3"
 
 
-def test_broker_url_finds_the_embedded_server_of_this_home(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+@pytest.fixture
+def discovered(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
+    """An embedded server found at redis://127.0.0.1:4242/0; the run dirs it was looked up for."""
     seen: list[Path] = []
 
     def discover(run_dir: Path) -> str | None:
@@ -135,6 +135,13 @@ def test_broker_url_finds_the_embedded_server_of_this_home(
 
     monkeypatch.setattr(redis_server, "discover", discover)
     monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
+    return seen
+
+
+def test_broker_url_finds_the_embedded_server_of_this_home(
+    discovered: list[Path], tmp_path: Path
+) -> None:
+    seen = discovered
     assert broker_url(load_settings()) == "redis://127.0.0.1:4242/0"
     assert seen == [tmp_path / "home" / "run"]
 
@@ -152,18 +159,9 @@ def test_broker_url_without_any_redis_says_to_run_bgq_up(
     assert isinstance(info.value, ConfigError)
 
 
-def test_one_connection_discovers_the_embedded_server_once(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_one_connection_discovers_the_embedded_server_once(discovered: list[Path]) -> None:
     """Each discovery reads redis.json and pings Redis: a client or a Celery config does it once."""
-    seen: list[Path] = []
-
-    def discover(run_dir: Path) -> str | None:
-        seen.append(run_dir)
-        return "redis://127.0.0.1:4242/0"
-
-    monkeypatch.setattr(redis_server, "discover", discover)
-    monkeypatch.setenv("BGQ_HOME", str(tmp_path / "home"))
+    seen = discovered
     settings = load_settings()
     redis_client(settings).close()  # connects lazily: nothing is contacted here
     assert len(seen) == 1

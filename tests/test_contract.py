@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from bgq import contract
-from bgq.contract import MODELS, Counter, Options, TaskArgs, cache_key, input_digest
+from bgq import contract, defaults
+from bgq.contract import Counter, TaskArgs, cache_key, input_digest
 from bgq.errors import InvalidRequest
+from bgq.options import Options
 
 REPO = Path(__file__).resolve().parent.parent
 DIGEST = input_digest(b"some image bytes")
@@ -43,8 +44,8 @@ def test_cache_key_changes_with_input_digest() -> None:
 
 
 def test_cache_key_changes_with_model() -> None:
-    keys = {key_of({}, model=model) for model in MODELS}
-    assert len(keys) == len(MODELS)
+    keys = {key_of({}, model=model) for model in defaults.MODELS}
+    assert len(keys) == len(defaults.MODELS)
 
 
 @pytest.mark.parametrize(
@@ -292,8 +293,8 @@ def test_from_kwargs_rejects_a_missing_field() -> None:
 def test_models_are_local_rembg_sessions_without_credentials() -> None:
     from rembg.sessions import sessions, sessions_names
 
-    assert set(sessions_names) >= MODELS
-    for name in MODELS:
+    assert set(sessions_names) >= defaults.MODELS
+    for name in defaults.MODELS:
         session = sessions[name]
         assert session.is_local(), name
         assert not session.requires_credentials(), name
@@ -302,7 +303,7 @@ def test_models_are_local_rembg_sessions_without_credentials() -> None:
 def test_default_model_is_supported() -> None:
     from bgq import defaults
 
-    assert defaults.MODEL in MODELS
+    assert defaults.MODEL in defaults.MODELS
 
 
 def test_importing_the_contract_stays_light() -> None:

@@ -9,8 +9,9 @@ import pytest
 import redis
 
 from bgq import defaults
-from bgq.contract import Counter, Options, TaskArgs, input_digest
+from bgq.contract import Counter, TaskArgs, input_digest
 from bgq.errors import PermanentError
+from bgq.options import Options
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
 from producer import Producer, client

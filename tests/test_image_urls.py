@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bgq import defaults
-from bgq.contract import Options
+from bgq.options import Options
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
 from producer.api import create_app

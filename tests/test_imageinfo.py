@@ -12,9 +12,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from bgq import imageinfo
-from bgq.contract import Options
 from bgq.errors import ImageTooLarge, InvalidImage, PermanentError, UnsupportedImage
 from bgq.imageinfo import ImageInfo, probe
+from bgq.options import Options
 from workers.imaging import decode, encode_png
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

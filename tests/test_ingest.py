@@ -14,7 +14,8 @@ import redis
 
 from bench.s3server import S3Server
 from bgq import contract, defaults
-from bgq.contract import RESULTS, Options
+from bgq.contract import RESULTS
+from bgq.options import Options
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
 from bgq.stack import LocalStack

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from bgq.contract import Options, TaskArgs
+from bgq.contract import TaskArgs
 from bgq.errors import InvalidImage, JobFailed
+from bgq.options import Options
 from bgq.store import FileStore
 from producer.job import Job, Tracker
 

@@ -17,8 +17,9 @@ import redis
 from PIL import Image
 
 from bgq import cache, contract, defaults
-from bgq.contract import INPUTS, MASKS, RESULTS, Counter, Options
+from bgq.contract import INPUTS, MASKS, RESULTS, Counter
 from bgq.exporter import Exporter
+from bgq.options import Options
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store
 from producer import Producer

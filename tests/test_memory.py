@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from bgq import defaults
-from bgq.contract import Options
 from bgq.errors import JobFailed
+from bgq.options import Options
 from producer import Producer
 from tests.stacks import StackFactory
 from workers.imaging import estimated_peak_mib

@@ -19,8 +19,9 @@ import pytest
 import redis
 from kombu.transport.redis import Channel
 
-from bgq.contract import MASKS, Options, TaskArgs, input_digest
+from bgq.contract import MASKS, TaskArgs, input_digest
 from bgq.errors import BrokerError
+from bgq.options import Options
 from bgq.settings import Settings, settings_env
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store, open_store

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bench.s3server import S3Server
-from bgq.contract import Options
+from bgq.options import Options
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
 from producer.ingest import run_ingest

@@ -31,7 +31,7 @@ from playwright.sync_api import (
 )
 
 from bgq import contract
-from bgq.contract import Options
+from bgq.options import Options
 from bgq.stack import LocalStack
 from producer.api import page as web
 from tests.browser import (

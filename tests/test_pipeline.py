@@ -15,8 +15,9 @@ import redis
 from PIL import Image
 
 from bgq import contract
-from bgq.contract import Counter, Options, TaskArgs
+from bgq.contract import Counter, TaskArgs
 from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
+from bgq.options import Options
 from bgq.stack import LocalStack
 from bgq.store import open_store
 from producer import Producer

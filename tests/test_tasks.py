@@ -14,8 +14,9 @@ import pytest
 import redis
 
 from bgq import contract, defaults
-from bgq.contract import Counter, Options, TaskArgs
+from bgq.contract import Counter, TaskArgs
 from bgq.errors import BrokerError, JobTimeout, OutOfMemory
+from bgq.options import Options
 from bgq.settings import Settings
 from producer import Producer
 from tests.helpers import variant, wait_for

@@ -12,10 +12,9 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from bgq import defaults
-from bgq.contract import Options
 from bgq.errors import BgqError, ImageTooLarge, InvalidImage, UnsupportedImage
 from bgq.imageinfo import NO_ALPHA_MATTING_MODES, open_header
-from bgq.options import parse_canvas
+from bgq.options import Options, parse_canvas
 
 # Workers own their process: BGQ_MAX_MEGAPIXELS, checked on the header, replaces Pillow's limit.
 Image.MAX_IMAGE_PIXELS = None

@@ -10,9 +10,8 @@ import io
 
 from PIL import Image
 
-from bgq.contract import Options
 from bgq.errors import UnsupportedImage
-from bgq.options import JPEG_BACKGROUND, length_pixels, parse_canvas
+from bgq.options import JPEG_BACKGROUND, Options, length_pixels, parse_canvas
 from workers.imaging import encode_png
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)

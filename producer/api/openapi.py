@@ -1,7 +1,7 @@
 """The OpenAPI document of `bgq api`: what FastAPI cannot derive from the routes themselves.
 
 Every status a route can answer, with its body and headers, and every constraint the server
-enforces on a parameter; the option constraints come from `bgq.contract.Options` (one source).
+enforces on a parameter; the option constraints come from `bgq.options.Options` (one source).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from bgq import contract, defaults, options, webhooks
-from bgq.contract import Options
+from bgq import defaults, options, webhooks
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 JOB = {"$ref": "#/components/schemas/Job"}
@@ -94,7 +93,7 @@ PNG_HEADERS = {
 RESULT = {
     "content": {
         media_type: {"schema": {"type": "string", "format": "binary"}}
-        for media_type in contract.CONTENT_TYPES.values()
+        for media_type in options.CONTENT_TYPES.values()
     }
 }
 ACCEPTED = {
@@ -115,11 +114,11 @@ def option_parameters() -> list[dict[str, Any]]:
             "name": "model",
             "in": "query",
             "description": f"rembg model (default: the server's BGQ_MODEL, {defaults.MODEL})",
-            "schema": {"type": "string", "enum": sorted(contract.MODELS)},
+            "schema": {"type": "string", "enum": sorted(defaults.MODELS)},
         }
     ]
-    schema = Options.model_json_schema()["properties"]
-    for name in Options.model_fields:
+    schema = options.Options.model_json_schema()["properties"]
+    for name in options.Options.model_fields:
         prop = {k: v for k, v in schema[name].items() if k != "title"}
         if name == "bgcolor":
             prop = {

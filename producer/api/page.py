@@ -101,7 +101,7 @@ def page_config(settings: Settings) -> dict[str, Any]:
     return {
         "version": bgq.__version__,
         "model": settings.model,
-        "models": sorted(contract.MODELS),
+        "models": sorted(defaults.MODELS),
         "auth": bool(settings.api_key_list),
         "max_upload_bytes": settings.max_upload_bytes,
         "quality": defaults.QUALITY,

@@ -19,8 +19,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from bgq import contract, defaults, webhooks
-from bgq.contract import Options
 from bgq.fetch import fetch_setting_image
+from bgq.options import Options
 from bgq.settings import Settings
 from producer.api.errors import ApiError
 from producer.api.openapi import IMAGE_URL_PATTERN, json_types

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bgq import contract, defaults
-from bgq.options import Options
+from bgq import defaults
+from bgq.options import FORMATS, Options
 from bgq.settings import Settings, load_settings
 from producer.catalog import is_url, url_stem
 from producer.cli.common import app, handle_errors, model_name
@@ -53,7 +53,7 @@ def submit(
 
 def read_input(source: str, fmt: str, settings: Settings) -> tuple[bytes, Path]:
     """The bytes of a file or an http(s) URL, and the default output path for them."""
-    ext = contract.FORMATS[fmt]
+    ext = FORMATS[fmt]
     if is_url(source):
         from bgq.fetch import fetch_setting_image  # httpx (~0.3 s) only to fetch a URL
 
