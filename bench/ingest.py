@@ -76,7 +76,7 @@ def _infer(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queu
 
 def _compute(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queue) -> None:
     """One compute-bound process: files read first, then a worker's pixel path is timed."""
-    from bgq.contract import Options
+    from bgq.options import Options
     from workers import imaging, session
 
     sess = session.get("u2netp", settings)

@@ -282,7 +282,9 @@ class Producer:
         if timer is not None:
             timer.cancel()
         self.flush_stats()
-        _unflushed.discard(self)
+        with self._lock:
+            if not self._hits:  # else Redis could not take them: the exit's flush tries again
+                _unflushed.discard(self)
         if self._stats_client is not None:
             self._stats_client.close()
             self._stats_client = None

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bgq import contract, defaults, jobs, webhooks
 from bgq.contract import Counter
+from bgq.options import Options
 from bgq.process import free_port
 from bgq.stack import LocalStack
 from bgq.store import Entry, FileStore, open_store
@@ -176,7 +177,7 @@ def test_failed_job(http: httpx.Client) -> None:
     assert response.status_code == 422
     assert error_of(response)["code"] == "job_failed"
     assert "truncated" in error_of(response)["message"]
-    key = contract.cache_key(contract.input_digest(truncated), "u2netp", contract.Options())
+    key = contract.cache_key(contract.input_digest(truncated), "u2netp", Options())
     view = http.get(f"/v1/jobs/{key}").json()
     assert view["status"] == "failed" and "truncated" in view["error"]
     result = http.get(f"/v1/jobs/{key}/result")
@@ -533,7 +534,7 @@ def test_result_url_keeps_the_first_submitters_host(http: httpx.Client) -> None:
 
 def test_job_record_describes_a_queued_job(api_stack: LocalStack) -> None:
     """The record alone (no task yet) reads as queued; Celery's state and the store decide."""
-    args = contract.TaskArgs.build("0" * 64, "u2netp", contract.Options())
+    args = contract.TaskArgs.build("0" * 64, "u2netp", Options())
     client = redis.Redis.from_url(api_stack.url)
     try:
         jobs.register(client, args, "http://h:1/")

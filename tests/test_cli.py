@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from bgq.options import Options
 from bgq.settings import Settings
 from producer import Producer
+from producer.cli.options import FLAGS
 from producer.cli.services import consumed_queues
 from tests.helpers import (
     BGQ,
@@ -142,3 +144,8 @@ def test_bgq_worker_with_redis_url(env: dict[str, str], tmp_path: Path, redis_ur
 def test_worker_reads_the_queues_it_will_consume(args: list[str], queues: set[str] | None) -> None:
     """A worker that serves no image queue needs no model weights (`bgq worker -Q ...`)."""
     assert consumed_queues(args) == queues
+
+
+def test_every_output_option_has_one_flag_entry() -> None:
+    """The flags come from Options' fields; FLAGS adds only each one's short flag and help."""
+    assert set(FLAGS) == set(Options.model_fields)

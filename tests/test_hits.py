@@ -91,3 +91,19 @@ def test_a_closed_producer_refuses_submits_and_counts_nothing(tmp_path: Path) ->
         producer.submit_many([data])
     assert producer._hits == 0 and producer._timer is None
     assert producer not in client._unflushed  # nothing left for the exit's flush either
+
+
+def test_hits_a_close_could_not_flush_stay_for_the_exit_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() with no Redis to reach keeps the hit counted, and the exit's flush retries it."""
+    monkeypatch.delenv("BGQ_REDIS_URL", raising=False)
+    producer = Producer(Settings(home=tmp_path))  # no BGQ_REDIS_URL, no `bgq up`: no Redis
+    data = variant("car-1.jpg", (80, 20, 240, 160))
+    args = TaskArgs.build(input_digest(data), producer.settings.model, Options())
+    producer.store.put_output(args.output, b"a stored result")
+    assert producer.submit(data).cached
+    producer.close()
+    assert producer._hits == 1
+    assert producer in client._unflushed
+    client._unflushed.discard(producer)  # this test's producer: not for the real exit's flush

@@ -25,7 +25,7 @@ PROJECT = (*PACKAGES, "celeryconfig")  # celeryconfig.py: a module of its own at
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 # The bottom of bgq: they import nothing of bgq but these (and nothing of producer or workers).
-BOTTOM = ("bgq.defaults", "bgq.errors", "bgq.units", "bgq.urls", "bgq.fileio")
+BOTTOM = ("bgq.defaults", "bgq.errors", "bgq.units", "bgq.urls", "bgq.fileio", "bgq.process")
 BOTTOM_MAY_IMPORT = {"bgq.defaults", "bgq.errors"}
 # Settings sit just above them: of bgq only these, else the standard library and pydantic.
 SETTINGS = "bgq.settings"
@@ -286,8 +286,16 @@ def comment_lines(path: Path) -> frozenset[int]:
         return frozenset(
             token.start[0]
             for token in tokenize.tokenize(source.readline)
-            if token.type == tokenize.COMMENT and token.string.lstrip("#").strip()
+            if token.type == tokenize.COMMENT and is_reason(token.string)
         )
+
+
+DIRECTIVES = ("noqa", "type:", "fmt:", "pragma", "pyright:", "mypy:")  # tools', not a reason
+
+
+def is_reason(comment: str) -> bool:
+    text = comment.lstrip("#").strip()
+    return bool(text) and not text.lower().startswith(DIRECTIVES)
 
 
 def has_reason(edge: Import) -> bool:
@@ -374,6 +382,27 @@ def test_architecture_doc_names_no_module_that_is_gone() -> None:
     named = set(re.findall(r"`((?:bgq|producer|workers|bench)/[\w/]*\.py)`", doc))
     gone = sorted(name for name in named if not (ROOT / name).is_file())
     assert named and not gone, f"docs/architecture.md names files that do not exist: {gone}"
+
+
+def test_bgq_rows_of_the_layout_import_only_rows_above_them() -> None:
+    """docs/architecture.md lists bgq's modules bottom first: the order is the layering."""
+    part = section("Code layout").split("**`producer/`")[0]
+    rows = re.findall(r"^\| `(bgq/[\w/.]*)` \|", part, re.M)
+    rank = {row.removesuffix(".py").strip("/").replace("/", "."): i for i, row in enumerate(rows)}
+
+    def row_of(module: str) -> int | None:
+        return rank.get(module, rank.get(module.rpartition(".")[0]))  # bgq.store.s3: bgq/store/
+
+    wrong = [
+        edge.where
+        for edge in project_imports()
+        if edge.source.startswith("bgq.") and edge.source not in ENTRY_POINTS
+        if edge.target.startswith("bgq.") and row_of(edge.source) != row_of(edge.target)
+        if row_of(edge.target) is None or row_of(edge.target) >= row_of(edge.source)  # type: ignore[operator]
+    ]
+    assert len(rank) > 10 and not wrong, "imports of a row at or below the importer:\n" + "\n".join(
+        wrong
+    )
 
 
 def test_where_producers_and_workers_meet_is_exact() -> None:
