@@ -30,7 +30,7 @@ MAINTENANCE_QUEUE = f"{defaults.QUEUE}.maintenance"
 
 def check_model(name: str) -> str:
     """Return `name` if bgq can run that rembg model, else raise InvalidRequest."""
-    if choices := defaults.unknown_model(name):
+    if choices := defaults.unknown_model_hint(name):
         raise InvalidRequest(f"unknown model {name!r}; {choices}")
     return name
 

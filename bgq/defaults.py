@@ -154,6 +154,6 @@ FETCH_CONCURRENCY = 8  # fetches one `bgq ingest` runs at once (--fetch-concurre
 API_FETCH_CONCURRENCY = 16  # image_url fetches one `bgq api` process runs at once (the rest wait)
 
 
-def unknown_model(name: str) -> str | None:
+def unknown_model_hint(name: str) -> str | None:
     """None if bgq runs the rembg model `name`; else the choices, for the caller's error."""
     return None if name in MODELS else f"choose one of {', '.join(sorted(MODELS))}"

@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if choices := defaults.unknown_model(name):
+        if choices := defaults.unknown_model_hint(name):
             raise ValueError(f"unknown model; {choices}")
         return name
 
