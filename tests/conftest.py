@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import psutil
 import pytest
 import redis
@@ -20,7 +21,8 @@ from bgq.settings import Settings, default_home
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store, open_store
 from producer import Producer
-from tests.stacks import STORES, StackFactory, s3_settings
+from tests.helpers import api_servers
+from tests.stacks import STORES, WEBHOOK_SECRET, StackFactory, s3_settings
 
 
 def store_rank(item: pytest.Item) -> int:
@@ -226,6 +228,31 @@ def make_stack(
 def stack(make_stack: StackFactory, store_settings: dict[str, object]) -> LocalStack:
     """Two prefork worker processes with default settings, shared by a test module."""
     return make_stack(**store_settings)
+
+
+@pytest.fixture(scope="module")
+def api_stack(make_stack: StackFactory, store_settings: dict[str, object]) -> LocalStack:
+    """The API tests' stack: workers that sign webhooks and may call loopback receivers."""
+    return make_stack(webhook_secret=WEBHOOK_SECRET, webhook_allow_private=True, **store_settings)
+
+
+@pytest.fixture(scope="module")
+def serve(api_stack: LocalStack) -> Iterator[Callable[..., str]]:
+    """Start an API on the module's stack with some settings changed; return its base URL."""
+    with api_servers(api_stack) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def base(serve: Callable[..., str]) -> str:
+    """The API most tests use: small limits, webhooks to loopback allowed."""
+    return serve(max_upload_mb=1, max_megapixels=2, webhook_allow_private=True)
+
+
+@pytest.fixture
+def http(base: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield client
 
 
 @pytest.fixture

@@ -174,6 +174,16 @@ class LocalStackControl:
         self.app.control.add_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
 
 
+JPEG = {"Content-Type": "image/jpeg"}  # the headers of a raw JPEG body
+
+
+def error_of(response: httpx.Response) -> dict[str, str]:
+    """The API's one error shape, `{"error": {"code", "message"}}`, checked and unwrapped."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return dict(body["error"])
+
+
 def answers(url: str, text: str = "") -> bool:
     """True when a GET of `url` answers 200 (containing `text`); False while nothing listens."""
     try:

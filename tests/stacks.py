@@ -17,6 +17,7 @@ both_stores = pytest.mark.parametrize(
     "store_kind", [None, "s3"], ids=STORES, indirect=True, scope="module"
 )
 
+WEBHOOK_SECRET = "webhook-test-secret"  # signs the webhooks of the API tests' stack
 StackFactory = Callable[..., LocalStack]  # conftest's make_stack: settings overrides -> a stack
 
 

@@ -22,10 +22,8 @@ from bgq.stack import LocalStack
 from producer.api import create_app
 from producer.http_client import HttpClient
 from producer.ingest import run_ingest
-from tests.helpers import BGQ, ApiServer, ImageServer, sample_bytes, wait_for
+from tests.helpers import BGQ, JPEG, ApiServer, ImageServer, error_of, sample_bytes, wait_for
 from tests.stacks import StackFactory
-
-JPEG = {"Content-Type": "image/jpeg"}
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +54,6 @@ def apis(url_stack: LocalStack) -> Iterator[tuple[str, str]]:
 def http(apis: tuple[str, str]) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=apis[0], timeout=120) as client:
         yield client
-
-
-def error_of(response: httpx.Response) -> dict[str, str]:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    return dict(body["error"])
 
 
 def test_image_url_in_query_form_or_json_is_the_uploaded_images_job(

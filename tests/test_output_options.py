@@ -20,9 +20,7 @@ from bgq.options import Options
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
 from producer.ingest import run_ingest
-from tests.helpers import BGQ, ApiServer, bgq_in_process, sample_bytes, variant
-
-JPEG = {"Content-Type": "image/jpeg"}
+from tests.helpers import BGQ, JPEG, ApiServer, bgq_in_process, sample_bytes, variant
 
 # Invalid options, each with the option its error must name.
 INVALID = [
