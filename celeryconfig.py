@@ -21,12 +21,10 @@ def build(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "result_expires": defaults.RESULT_TTL,
         "task_default_queue": contract.QUEUE,
-        # Workers consume both; deliveries have their own queue so no image backlog delays them.
-        "task_queues": [
-            Queue(contract.QUEUE),
-            Queue(contract.WEBHOOK_QUEUE),
-            Queue(contract.MAINTENANCE_QUEUE),
-        ],
+        # A worker takes its next task from the first of these that has one (in this order,
+        # whatever -Q says: workers/app.py): interactive jobs, webhook deliveries, the prune,
+        # and bulk jobs last. Bulk runs wait in their own lists until bgq/lanes.py lets them in.
+        "task_queues": [Queue(name) for name in contract.CONSUME_ORDER],
         "task_routes": {
             contract.WEBHOOK_TASK_NAME: {"queue": contract.WEBHOOK_QUEUE},
             contract.PRUNE_TASK_NAME: {"queue": contract.MAINTENANCE_QUEUE},

@@ -64,7 +64,15 @@ def sentinel_kwargs() -> dict[str, float]:
 def celery_connection(settings: Settings) -> dict[str, Any]:
     """The broker and result-backend entries of the Celery config (URL, TLS, Sentinel)."""
     url = broker_url(settings)
-    broker_options: dict[str, Any] = {"visibility_timeout": defaults.VISIBILITY_TIMEOUT}
+    broker_options: dict[str, Any] = {
+        "visibility_timeout": defaults.VISIBILITY_TIMEOUT,
+        # Lanes: a worker's queues are tried in its consume order, strictly (interactive first;
+        # kombu's default round-robin would alternate with bulk), and a message's priority is
+        # ignored: with one priority step every message lands in its queue's one list, so no
+        # priority can reorder the lanes (on Redis, 0 is the highest and would jump them).
+        "queue_order_strategy": "priority",
+        "priority_steps": [0],
+    }
     backend_options: dict[str, Any] = {}
     if is_sentinel(url):
         sentinel = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from enum import StrEnum
 from typing import Any
 
@@ -21,11 +22,18 @@ from bgq.options import CONTENT_TYPES, FORMATS, Options  # options enter the cac
 PIPELINE_VERSION = "1"
 
 TASK_NAME = "bgq.remove_background"
-QUEUE = defaults.QUEUE
+INTERACTIVE = "interactive"  # lanes: a job waits in one, workers empty the interactive one first
+BULK = "bulk"
+LANES = (INTERACTIVE, BULK)
+QUEUE = defaults.QUEUE  # the interactive lane's queue
+BULK_QUEUE = f"{defaults.QUEUE}.bulk"  # bulk jobs let in to run, about one cluster deep
+RUN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")  # a bulk run's name
 WEBHOOK_TASK_NAME = "bgq.deliver_webhook"  # kwargs: url, body (the job JSON, as sent)
 WEBHOOK_QUEUE = f"{defaults.QUEUE}.webhooks"  # kept apart so deliveries skip the image backlog
 PRUNE_TASK_NAME = "bgq.prune_cache"  # no arguments: the worker's BGQ_CACHE_* settings apply
 MAINTENANCE_QUEUE = f"{defaults.QUEUE}.maintenance"
+CONSUME_ORDER = (QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE, BULK_QUEUE)  # strict: first wins
+IMAGE_QUEUES = (QUEUE, BULK_QUEUE)  # a worker consuming either needs a model
 
 
 def check_model(name: str) -> str:
@@ -33,6 +41,27 @@ def check_model(name: str) -> str:
     if choices := defaults.unknown_model_hint(name):
         raise InvalidRequest(f"unknown model {name!r}; {choices}")
     return name
+
+
+def check_lane(lane: str) -> str:
+    """Return `lane` if it is one of LANES, else raise InvalidRequest."""
+    if lane not in LANES:
+        raise InvalidRequest(f"lane: must be one of {', '.join(LANES)}, not {lane!r}")
+    return lane
+
+
+def check_run(run: str) -> str:
+    """Return `run` if it can name a bulk run (RUN_RE), else raise InvalidRequest."""
+    if not RUN_RE.fullmatch(run):
+        raise InvalidRequest(
+            f"run id {run!r}: 1 to 64 letters, digits and `_.:@-`, starting with a letter or digit"
+        )
+    return run
+
+
+def run_queue(run: str) -> str:
+    """The Redis list where a bulk run's jobs wait until the scheduler lets them in."""
+    return f"{BULK_QUEUE}.{run}"
 
 
 def canonical_json(value: Any) -> str:
@@ -134,6 +163,23 @@ def stage_key(stage: str) -> str:
 
 STAGES = ("read", "decode", "inference", "encode", "write")  # of one computed result
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def wait_key(lane: str) -> str:
+    """Redis hash of a lane's histogram of seconds from enqueue to start (as stage_key's)."""
+    return f"{defaults.KEY_PREFIX}wait:{lane}"
+
+
+def promoted_key(key: str) -> str:
+    """Redis key set while a bulk job is promoted to the interactive lane (its bulk message is
+    dropped instead of let in); deleted when the job ends."""
+    return f"{defaults.KEY_PREFIX}promoted:{key}"
+
+
+LANE_HEADER = "bgq_lane"  # message headers: the job's lane, bulk run, and enqueue time (epoch s)
+RUN_HEADER = "bgq_run"
+ENQUEUED_HEADER = "bgq_enqueued"
+WAIT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 
 STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of the cluster's counters (Counter)
 

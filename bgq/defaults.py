@@ -65,6 +65,12 @@ GUARD_TTL = 3600  # seconds an enqueue guard lives; it is released when the job 
 # between holds the job up; well above a publish's own retries (3, each within the 4 s connect
 # timeout), so a slow publish does not outlive its guard.
 GUARD_PUBLISH_TTL = 60
+# Lanes (bgq/lanes.py): the bulk queue is kept as deep as the live workers' bulk pool processes,
+# at least BULK_MIN_READY; one scheduling pass looks at BULK_DISPATCH_STEPS runs' lists at most.
+BULK_MIN_READY = 2
+BULK_DISPATCH_STEPS = 1000
+WORKER_BEAT = 5  # seconds between a worker's capacity entries (and scheduling passes)
+WORKER_ENTRY_TTL = 20  # seconds a worker's capacity entry counts without a new one
 RESULT_TTL = 86400  # seconds Celery keeps a task's result/state in Redis
 TASK_TIME_LIMIT = 600  # seconds one task may run before its pool process is killed (fails it)
 MASK_LOCK_TTL = 120  # seconds a model run may hold its mask's lock (then others go ahead too)

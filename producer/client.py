@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
+import re
+import socket
 import threading
 import time
 import uuid
@@ -14,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
-from bgq import contract, defaults
+from bgq import contract, defaults, lanes
 from bgq.connections import redis_client
-from bgq.contract import Counter, TaskArgs
+from bgq.contract import BULK, INTERACTIVE, Counter, TaskArgs
 from bgq.errors import (
     BgqError,
     BrokerError,
@@ -76,6 +80,12 @@ return 0
 """
 
 
+def default_run() -> str:
+    """A Producer's bulk run when none is given: this host and process."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40].strip("-.") or "host"
+    return f"{host}-{os.getpid()}"
+
+
 def read_source(source: Source) -> bytes:
     """The image bytes of a submit() argument: bytes as they are, else a file path."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -88,13 +98,20 @@ class Producer:
 
     close() (or a `with` block) flushes its batched hit count, and the producer takes no more
     submits; the process's exit flushes too.
+
+    Jobs go to the interactive lane unless a submit says `lane="bulk"`: bulk jobs of one run
+    (`run`, else this producer's) share the bulk capacity equally with other runs.
     """
 
     def __init__(
-        self, settings: Settings | None = None, retry_seconds: float | None = None
+        self,
+        settings: Settings | None = None,
+        retry_seconds: float | None = None,
+        run: str | None = None,
     ) -> None:
         """`retry_seconds` overrides BGQ_BROKER_RETRY_SECONDS (0: a request handler that must
-        answer at once)."""
+        answer at once); `run` names this producer's bulk run (default: host and process)."""
+        self.run = contract.check_run(run) if run is not None else default_run()
         self.settings = settings or load_settings()
         self.store = open_store(self.settings)
         self._app: Celery | None = None
@@ -129,19 +146,34 @@ class Producer:
             raise BrokerError(f"cannot ping workers: {exc}") from exc
         return sorted(name for reply in replies for name in reply)
 
-    def submit(self, source: Source, model: str | None = None, **options: Any) -> Job:
+    def submit(
+        self,
+        source: Source,
+        model: str | None = None,
+        *,
+        lane: str = INTERACTIVE,
+        run: str | None = None,
+        **options: Any,
+    ) -> Job:
         """Submit one image (bytes or a path); bad input raises a PermanentError at once."""
         data = read_source(source)
         model = contract.check_model(model or self.settings.model)
-        return self.submit_data(data, model, Options.parse(options))
+        return self.submit_data(data, model, Options.parse(options), lane=lane, run=run)
 
     def submit_many(
-        self, sources: Iterable[Source], model: str | None = None, **options: Any
+        self,
+        sources: Iterable[Source],
+        model: str | None = None,
+        *,
+        lane: str = INTERACTIVE,
+        run: str | None = None,
+        **options: Any,
     ) -> list[Job]:
         """Submit many images with the same options; a bad image becomes a failed Job."""
         self._check_open()
         opts = Options.parse(options)
         model = contract.check_model(model or self.settings.model)
+        contract.check_lane(lane)
         jobs = []
         for source in sources:
             name = None if isinstance(source, bytes | bytearray | memoryview) else str(source)
@@ -151,59 +183,75 @@ class Producer:
                 err = PermanentError(f"cannot read {name}: {exc.strerror or exc}")
                 jobs.append(Job("", False, error=err, source=name))
                 continue
-            job = self.submit_data(data, model, opts, raise_bad_image=False)
+            job = self.submit_data(data, model, opts, False, lane=lane, run=run)
             job.source = name
             jobs.append(job)
         return jobs
 
     def submit_data(
-        self, data: bytes, model: str, options: Options, raise_bad_image: bool = True
+        self,
+        data: bytes,
+        model: str,
+        options: Options,
+        raise_bad_image: bool = True,
+        *,
+        lane: str = INTERACTIVE,
+        run: str | None = None,
     ) -> Job:
         """Short-circuit on a stored result (no Redis call); else check, store and enqueue.
 
         A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job.
         """
         self._check_open()
+        contract.check_lane(lane)
+        run = contract.check_run(run) if run is not None else self.run
         args = TaskArgs.build(contract.input_digest(data), model, options)
         if self.store.use_output(args.output):
             self._count_hit()
-            return Job(args.key, True, self.store, self, args=args)
+            return Job(args.key, True, self.store, self, args=args, lane=lane, run=run)
         try:
             probe(data, self.settings.max_megapixels)
         except IMAGE_ERRORS as exc:
             if raise_bad_image:
                 raise
-            return Job(args.key, False, self.store, error=exc)
+            return Job(args.key, False, self.store, error=exc, lane=lane, run=run)
         self.store.put_input(args.input_sha256, data)
-        self._enqueue(args)
-        return Job(args.key, False, self.store, self, args=args)
+        self._enqueue(args, lane, run)
+        return Job(args.key, False, self.store, self, args=args, lane=lane, run=run)
 
     def _check_open(self) -> None:
         """A closed producer counts no more hits and starts no more timers: it refuses submits."""
         if self._closed:
             raise PermanentError("this Producer is closed: create a new one to submit images")
 
-    def _enqueue(self, args: TaskArgs, miss: bool = True) -> None:
+    def _enqueue(self, args: TaskArgs, lane: str, run: str, miss: bool = True) -> None:
         """Publish the task unless an identical job is already queued or running.
 
         One round trip takes the guard, marks the input blob as needed by this job (prune keeps
         it), and adds this miss and the batched cache hits to the cluster's counters. Through a
         broker outage the step is retried: the guard's token lets a retry win its own guard.
+        An interactive job that finds an identical bulk one waiting promotes it.
         """
         with self._lock:
             hits, self._hits = self._hits, 0
-        token = uuid.uuid4().hex
+        token = lanes.guard_token(lane, uuid.uuid4().hex)
+        send = functools.partial(self._publish, args, token, lane, run, miss, hits)
         try:
-            sent = self.with_broker("enqueue", lambda: self._publish(args, token, miss, hits))
+            holder = self.with_broker("enqueue", send)
         except BrokerError:
             with self._lock:
                 self._hits += hits  # not counted yet: the next flush adds them
             raise
-        if sent:
-            self.with_broker("enqueue", lambda: self._hold(args, token))
+        if holder is None:
+            self.with_broker("enqueue", lambda: self._hold(args, token, lane, run))
+        elif lane == INTERACTIVE and holder == BULK:
+            self.with_broker("promote", lambda: self._promote(args))
 
-    def _publish(self, args: TaskArgs, token: str, miss: bool, hits: int) -> bool:
-        """One try of _enqueue: take the guard and count; if won, send the task (True).
+    def _publish(
+        self, args: TaskArgs, token: str, lane: str, run: str, miss: bool, hits: int
+    ) -> str | None:
+        """One try of _enqueue: take the guard and count; if won, send the task (None), else
+        the lane of the enqueue that holds the guard.
 
         The guard is taken for GUARD_PUBLISH_TTL only: a producer killed before its task is
         sent leaves a guard that soon expires, so a waiter for the job enqueues it again.
@@ -217,30 +265,70 @@ class Producer:
             # can be answered by an old failure once this run holds the guard.
             state = app.backend.get_key_for_task(args.key)
             pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_PUBLISH_TTL, token)
+            pipe.get(guard)
             pipe.sadd(refs, args.key)
             pipe.expire(refs, 2 * defaults.GUARD_TTL)
             pipe.hincrby(contract.STATS_KEY, Counter.CACHE_MISSES, int(miss))
             pipe.hincrby(contract.STATS_KEY, Counter.CACHE_HITS, hits)
-            won = pipe.execute()[0]
+            won, holder = pipe.execute()[:2]
         if not won:
-            return False
+            return lanes.holder_lane(holder) or "unknown"
         try:
-            app.send_task(
-                contract.TASK_NAME, kwargs=args.to_kwargs(), task_id=args.key, queue=contract.QUEUE
-            )
+            self._send(args, lane, run)
         except BaseException:
             with contextlib.suppress(redis.RedisError):
                 client.eval(DROP_GUARD, 1, guard, token)
             raise
-        return True
+        return None
 
-    def _hold(self, args: TaskArgs, token: str) -> None:
-        """The task is sent: its guard lives until the job ends (GUARD_TTL); count the enqueue."""
+    def _send(self, args: TaskArgs, lane: str, run: str) -> None:
+        """Publish the task to its lane: the interactive queue, or its bulk run's list.
+
+        The headers carry the lane, run and time for the workers' wait histograms and the
+        exporter. A run's list is a plain kombu queue that is never declared (no binding keys
+        left behind); bgq/lanes.py moves its messages into the bulk queue.
+        """
+        queue = contract.QUEUE if lane == INTERACTIVE else Queue(contract.run_queue(run))
+        headers = {
+            contract.LANE_HEADER: lane,
+            contract.RUN_HEADER: run,
+            contract.ENQUEUED_HEADER: round(time.time(), 3),
+        }
+        self.app.send_task(
+            contract.TASK_NAME,
+            kwargs=args.to_kwargs(),
+            task_id=args.key,
+            queue=queue,
+            headers=headers,
+            declare=[],
+        )
+
+    def _hold(self, args: TaskArgs, token: str, lane: str, run: str) -> None:
+        """The task is sent: its guard lives until the job ends (GUARD_TTL); count the enqueue;
+        a bulk job's run joins the schedule, and waiting bulk jobs are let in."""
         client = self.app.backend.client
         with client.pipeline(transaction=False) as pipe:
             pipe.eval(HOLD_GUARD, 1, contract.guard_key(args.key), defaults.GUARD_TTL, token)
             pipe.hincrby(contract.STATS_KEY, Counter.ENQUEUED, 1)
+            if lane == BULK:
+                lanes.admit(pipe, run)
             pipe.execute()
+
+    def _promote(self, args: TaskArgs) -> None:
+        """An interactive submit of a job a bulk enqueue holds: unless it has started, send an
+        interactive copy, then mark the bulk one (dropped if it still waits in its run's list).
+
+        The copy is sent first: a producer that dies in between leaves two messages, never
+        none; the second finds the result in the store. A bulk message already let into the
+        bulk queue runs too, and finds the result the same way.
+        """
+        if self.task_meta(args.key)["status"] != "PENDING":
+            return  # started (or over): nothing to promote
+        self._send(args, INTERACTIVE, self.run)
+        token = lanes.guard_token(INTERACTIVE, uuid.uuid4().hex)
+        client = self.app.backend.client
+        keys = (contract.guard_key(args.key), contract.promoted_key(args.key))
+        client.eval(lanes.PROMOTE, 2, *keys, defaults.GUARD_TTL, token)
 
     def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
         """Run a Redis operation, riding out an outage for up to BGQ_BROKER_RETRY_SECONDS."""
@@ -318,7 +406,9 @@ class Producer:
             with self._lock:
                 self._hits += hits
 
-    def requeue_if_lost(self, args: TaskArgs) -> bool:
+    def requeue_if_lost(
+        self, args: TaskArgs, lane: str = INTERACTIVE, run: str | None = None
+    ) -> bool:
         """Enqueue again a job that nobody holds any more (message lost, or guard expired);
         True if its result turned out to be in the store already.
 
@@ -333,7 +423,7 @@ class Producer:
             return False
         if self.store.has_output(args.output):
             return True
-        self._enqueue(args, miss=False)
+        self._enqueue(args, lane, run or self.run, miss=False)
         return False
 
     def task_meta(self, key: str) -> dict[str, Any]:

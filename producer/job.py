@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bgq import defaults
-from bgq.contract import TaskArgs, result_name
+from bgq.contract import INTERACTIVE, TaskArgs, result_name
 from bgq.errors import BgqError, JobFailed, JobTimeout, PermanentError
 from bgq.store import Store
 
@@ -23,8 +23,11 @@ class Tracker(Protocol):
         """The task's state as Celery stored it (status, result or exception)."""
         ...
 
-    def requeue_if_lost(self, args: TaskArgs) -> bool:
-        """Enqueue the job again if nobody holds it; True if its result is in the store."""
+    def requeue_if_lost(
+        self, args: TaskArgs, lane: str = INTERACTIVE, run: str | None = None
+    ) -> bool:
+        """Enqueue the job again (in its lane) if nobody holds it; True if its result is in
+        the store."""
         ...
 
 
@@ -44,6 +47,8 @@ class Job:
     source: str | None = None
     args: TaskArgs | None = field(default=None, repr=False)
     done: bool = False
+    lane: str = INTERACTIVE
+    run: str | None = None
 
     @property
     def output(self) -> str:
@@ -84,7 +89,7 @@ class Job:
         elif status == "SUCCESS":
             self.done = True  # the worker wrote the result before its state: no lookup needed
         elif status == "PENDING" and check_lost and self.args is not None:
-            self.done = self.producer.requeue_if_lost(self.args)
+            self.done = self.producer.requeue_if_lost(self.args, self.lane, self.run)
         return self.location if self.done else None
 
     def wait(self, timeout: float | None = None) -> Location:

@@ -14,7 +14,7 @@ from bgq import contract
 from bgq.errors import BgqError
 from bgq.settings import load_settings
 from bgq.store import Store, open_store
-from workers import session
+from workers import lanes_step, session
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
@@ -25,6 +25,7 @@ session.defer_rembg_extras()  # before anything imports rembg
 settings = load_settings()
 app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maintenance"])
 app.conf.update(celeryconfig.build(settings))
+app.steps["worker"].add(lanes_step.LaneBeat)
 
 
 _store: Store | None = None
@@ -45,8 +46,8 @@ def _check_worker(sender: WorkController, **_: object) -> None:
     the image queue needs the default model's weights; one that serves only webhooks or
     maintenance loads none."""
     global serves_images
-    queues = sorted(sender.app.amqp.queues.consume_from)
-    serves_images = contract.QUEUE in queues
+    queues = order_queues(sender.app)
+    serves_images = any(queue in queues for queue in contract.IMAGE_QUEUES)
     try:
         open_store(settings).check()
         if serves_images:
@@ -55,11 +56,19 @@ def _check_worker(sender: WorkController, **_: object) -> None:
         log.critical("bgq worker cannot start: %s", exc)
         raise SystemExit(f"bgq worker cannot start: {exc}") from None
     if not serves_images:
-        log.info(
-            "this worker consumes %s, not %s: no model is loaded", ",".join(queues), contract.QUEUE
-        )
+        log.info("this worker consumes %s, no image queue: no model is loaded", ",".join(queues))
     else:
         session.preload()  # what every pool process imports, shared copy-on-write
+
+
+def order_queues(celery: Celery) -> list[str]:
+    """Consume in contract.CONSUME_ORDER whatever order -Q gave (kombu tries the queues in
+    this order, strictly: celeryconfig's queue_order_strategy); other queues come last."""
+    names = list(celery.amqp.queues.consume_from)
+    rank = {name: i for i, name in enumerate(contract.CONSUME_ORDER)}
+    ordered = sorted(names, key=lambda name: rank.get(name, len(rank)))
+    celery.amqp.queues.select(ordered)
+    return ordered
 
 
 @worker_process_init.connect

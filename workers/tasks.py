@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from celery import Task
 
-from bgq import contract, defaults, jobs
+from bgq import contract, defaults, jobs, lanes
 from bgq.contract import Counter, TaskArgs
 from bgq.errors import BrokerError, OutOfMemory, TransientError, WorkerCrashed
 from workers import imaging, masks, session, shaping
@@ -91,6 +91,29 @@ def _count_delivery(key: str) -> None:
         )
 
 
+def lane_of(request: Any) -> str:
+    """The lane a task came from: its queue (a retry keeps it), whatever its headers say."""
+    routing_key = (request.delivery_info or {}).get("routing_key") or ""
+    bulk = routing_key == contract.BULK_QUEUE or routing_key.startswith(contract.run_queue(""))
+    return contract.BULK if bulk else contract.INTERACTIVE
+
+
+def _started(request: Any) -> None:
+    """A job starts: record how long its first delivery waited in its lane, and if it is a bulk
+    job, let the next waiting one in (so the bulk queue stays one cluster deep). Best effort."""
+    lane = lane_of(request)
+    enqueued = request.get(contract.ENQUEUED_HEADER)
+    try:
+        with app.backend.client.pipeline(transaction=False) as pipe:
+            if isinstance(enqueued, int | float) and not request.retries:
+                lanes.observe_wait(pipe, lane, time.time() - enqueued)
+            if lane == contract.BULK:
+                lanes.dispatch_on(pipe)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("could not record the start of %s: %s", request.id, exc)
+
+
 def observe_stages(pipe: Any, seconds: dict[str, float]) -> None:
     """Add one computed result's stage times to the histograms in Redis (all pool processes
     and all worker machines add to the same ones; the exporter reads them)."""
@@ -131,7 +154,7 @@ class RemovalTask(Task):
                 pipe.delete(contract.attempts_key(task_id))
                 if outcome:
                     pipe.hincrby(contract.STATS_KEY, outcome, 1)
-                    pipe.delete(contract.guard_key(task_id))
+                    pipe.delete(contract.guard_key(task_id), contract.promoted_key(task_id))
                     # This run's webhooks, taken with the guard's release: once a new run can
                     # start, callbacks registered for it are no longer this run's to send.
                     callbacks_at = len(pipe)
@@ -175,6 +198,7 @@ class RemovalTask(Task):
 )
 def remove_background(self: Task, **kwargs: Any) -> dict[str, Any]:
     """Remove the background of the input blob named by the (JSON) task arguments."""
+    _started(self.request)
     try:
         args = TaskArgs.from_kwargs(kwargs)
         _count_delivery(args.key)

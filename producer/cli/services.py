@@ -170,7 +170,8 @@ def worker(ctx: typer.Context) -> None:
     settings = load_settings()
     broker_url(settings)  # fail here, clearly, when there is no broker
     queues = consumed_queues(ctx.args)
-    if queues is None or contract.QUEUE in queues:  # a webhook-only worker needs no weights
+    # A worker of neither image queue (webhooks or maintenance only) needs no weights.
+    if queues is None or any(queue in queues for queue in contract.IMAGE_QUEUES):
         ensure_model(settings)
     check_store(settings)
     named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in ctx.args)

@@ -1,0 +1,195 @@
+"""The lanes in Redis: bulk runs let in round-robin, sized by the workers' capacity.
+
+An interactive job is published straight to the interactive queue (`bgq`). A bulk job is
+published to its run's waiting list (`bgq.bulk.<run>`, a plain kombu message), and the
+scheduler below moves waiting messages into the bulk queue (`bgq.bulk`) one run at a time,
+round-robin, only while that queue is shallower than the cluster's pool processes that serve
+it. So the bulk queue stays about one cluster deep, a new run's first job waits behind at most
+that many, and each run in flight gets an equal share of bulk capacity. Workers consume the
+interactive queue before the bulk one (celeryconfig.py), so bulk backlog never delays an
+interactive job by more than the tasks already running.
+
+The scheduler is one Lua script, so any number of callers may run it at once: the producer
+after it publishes a bulk job, each worker when it starts a bulk task, and each worker's main
+process every few seconds. The scripts touch keys they compute (a run's list, a promoted mark):
+fine on one Redis or Sentinel, not on Redis Cluster (which bgq does not support).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bgq import contract, defaults
+
+if TYPE_CHECKING:
+    import redis
+
+RING_KEY = f"{defaults.KEY_PREFIX}bulk:ring"  # list: runs with waiting jobs, rotated
+RUNS_KEY = f"{defaults.KEY_PREFIX}bulk:runs"  # set: the same runs, to add each once
+CAPACITY_KEY = f"{defaults.KEY_PREFIX}capacity"  # zset: worker node -> when its entry expires
+SLOTS_KEY = f"{defaults.KEY_PREFIX}capacity:slots"  # hash: worker node -> "<lanes>:<processes>"
+
+# KEYS: runs, ring; ARGV: run. A run with waiting jobs joins the ring once (at its end).
+ADMIT = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: ring, runs, bulk queue, capacity, slots; ARGV: a run list's prefix, the promoted-mark
+# prefix, the least depth, the most steps. Let waiting bulk jobs in, one run at a time, until
+# the bulk queue holds as many as the live workers have bulk pool processes (at least the least
+# depth). A message keeps kombu's format; only its routing key becomes the bulk queue, so that
+# kombu puts it back there (not in its run's list) if its worker dies or it is retried. A job
+# promoted to the interactive lane meanwhile is dropped: its interactive copy runs instead.
+DISPATCH = """
+local now = tonumber(redis.call('TIME')[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[4], unpack(gone))
+  redis.call('HDEL', KEYS[5], unpack(gone))
+end
+local slots = 0
+for _, entry in ipairs(redis.call('HVALS', KEYS[5])) do
+  local lanes, count = string.match(entry, '^([^:]*):(%d+)$')
+  if lanes and string.find(lanes, 'b', 1, true) then slots = slots + tonumber(count) end
+end
+local target = math.max(tonumber(ARGV[3]), slots)
+local depth = redis.call('LLEN', KEYS[3])
+local moved = 0
+local steps = 0
+while depth < target and steps < tonumber(ARGV[4]) do
+  steps = steps + 1
+  local run = redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
+  if not run then break end
+  local msg = redis.call('RPOP', ARGV[1] .. run)
+  if not msg then
+    redis.call('LREM', KEYS[1], 0, run)
+    redis.call('SREM', KEYS[2], run)
+  else
+    local ok, decoded = pcall(cjson.decode, msg)
+    local id = ok and type(decoded) == 'table' and type(decoded['headers']) == 'table'
+      and decoded['headers']['id']
+    if not (type(id) == 'string' and redis.call('EXISTS', ARGV[2] .. id) == 1) then
+      local from = '"routing_key": "' .. ARGV[1] .. run .. '"'
+      local i, j = string.find(msg, from, 1, true)
+      if i then
+        local to = '"routing_key": "' .. KEYS[3] .. '"'
+        msg = string.sub(msg, 1, i - 1) .. to .. string.sub(msg, j + 1)
+      end
+      redis.call('LPUSH', KEYS[3], msg)
+      depth = depth + 1
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
+# KEYS: guard, promoted mark; ARGV: TTL, the promoter's guard token. A job whose guard a bulk
+# enqueue holds becomes interactive: its guard says so (no second promotion), and its bulk
+# message, while it still waits in its run's list, is dropped when the scheduler reaches it.
+PROMOTE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and string.sub(holder, 1, 5) == 'bulk:' then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def guard_token(lane: str, token: str) -> str:
+    """The value of an enqueue guard: the enqueuer's lane, then its own token."""
+    return f"{lane}:{token}"
+
+
+def holder_lane(value: bytes | str | None) -> str | None:
+    """The lane of the enqueue that holds a guard, from the guard's value."""
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else value
+    lane = text.partition(":")[0]
+    return lane if lane in contract.LANES else None
+
+
+def dispatch_args() -> tuple[list[str], list[Any]]:
+    """DISPATCH's keys and arguments."""
+    keys = [RING_KEY, RUNS_KEY, contract.BULK_QUEUE, CAPACITY_KEY, SLOTS_KEY]
+    argv: list[Any] = [
+        contract.run_queue(""),
+        contract.promoted_key(""),
+        defaults.BULK_MIN_READY,
+        defaults.BULK_DISPATCH_STEPS,
+    ]
+    return keys, argv
+
+
+def admit(pipe: Any, run: str) -> None:
+    """Queue, on a pipeline: the run's list joins the ring, and waiting jobs are let in."""
+    pipe.eval(ADMIT, 2, RUNS_KEY, RING_KEY, run)
+    dispatch_on(pipe)
+
+
+def dispatch_on(pipe: Any) -> None:
+    """Queue DISPATCH on a pipeline (or run it on a client): let waiting bulk jobs in."""
+    keys, argv = dispatch_args()
+    pipe.eval(DISPATCH, len(keys), *keys, *argv)
+
+
+def dispatch(client: redis.Redis) -> int:
+    """Let waiting bulk jobs in now; how many were."""
+    keys, argv = dispatch_args()
+    return int(client.eval(DISPATCH, len(keys), *keys, *argv))
+
+
+def register_worker(pipe: Any, node: str, lanes: list[str], processes: int, now: float) -> None:
+    """Queue on a pipeline: this worker node serves `lanes` with `processes` pool processes,
+    until WORKER_ENTRY_TTL seconds from now unless it says so again."""
+    code = "".join(lane[0] for lane in lanes) or "-"
+    pipe.zadd(CAPACITY_KEY, {node: now + defaults.WORKER_ENTRY_TTL})
+    pipe.hset(SLOTS_KEY, node, f"{code}:{processes}")
+
+
+def unregister_worker(client: redis.Redis, node: str) -> None:
+    """This worker node stops: its pool processes no longer count."""
+    with client.pipeline() as pipe:
+        pipe.zrem(CAPACITY_KEY, node)
+        pipe.hdel(SLOTS_KEY, node)
+        pipe.execute()
+
+
+def capacity(client: redis.Redis, now: float) -> dict[str, tuple[list[str], int]]:
+    """The live worker nodes: each one's lanes and pool processes."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(CAPACITY_KEY, now, "+inf")
+        pipe.hgetall(SLOTS_KEY)
+        nodes, slots = pipe.execute()
+    found = {}
+    for raw in nodes:
+        node = raw.decode()
+        code, _, count = (slots.get(raw) or b"-:0").decode().partition(":")
+        lanes = [lane for lane in contract.LANES if lane[0] in code]
+        found[node] = (lanes, int(count) if count.isdigit() else 0)
+    return found
+
+
+def observe_wait(pipe: Any, lane: str, seconds: float) -> None:
+    """Queue on a pipeline: one job of `lane` waited `seconds` from enqueue to start."""
+    bound = next((b for b in contract.WAIT_BUCKETS if seconds <= b), None)
+    key = contract.wait_key(lane)
+    pipe.hincrby(key, f"le:{bound:g}" if bound is not None else "le:+Inf", 1)
+    pipe.hincrbyfloat(key, "sum", max(0.0, seconds))
+    pipe.hincrby(key, "count", 1)
+
+
+def waiting_runs(client: redis.Redis) -> dict[str, int]:
+    """Each bulk run with jobs waiting to be let in, and how many."""
+    runs = [raw.decode() for raw in client.lrange(RING_KEY, 0, -1)]  # type: ignore[union-attr]
+    with client.pipeline(transaction=False) as pipe:
+        for run in runs:
+            pipe.llen(contract.run_queue(run))
+        counts = pipe.execute()
+    return {run: int(n) for run, n in zip(runs, counts, strict=True) if n}

@@ -1,0 +1,73 @@
+"""A worker's part in the lanes, from its main process: say which lanes it serves with how
+many pool processes (the bulk queue is kept that deep), and let waiting bulk jobs in.
+
+Every WORKER_BEAT seconds, on the worker's own timer; an entry not renewed for
+WORKER_ENTRY_TTL seconds stops counting, so a worker that dies uncleanly drops out by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import redis
+from celery import bootsteps
+
+from bgq import contract, defaults, lanes
+
+if TYPE_CHECKING:
+    from celery.worker import WorkController
+
+log = logging.getLogger(__name__)
+
+
+def served_lanes(queues: list[str]) -> list[str]:
+    """The lanes a worker consuming `queues` serves."""
+    served = {contract.QUEUE: contract.INTERACTIVE, contract.BULK_QUEUE: contract.BULK}
+    return [served[queue] for queue in queues if queue in served]
+
+
+class LaneBeat(bootsteps.StartStopStep):
+    """The worker's capacity entry and a scheduling pass, every WORKER_BEAT seconds."""
+
+    requires: ClassVar = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker: WorkController, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.tref: Any = None
+        self.lanes: list[str] = []
+
+    def start(self, worker: WorkController) -> None:
+        self.lanes = served_lanes(list(worker.app.amqp.queues.consume_from))
+        if not self.lanes:
+            return  # webhooks or maintenance only: no image capacity to announce
+        self.beat(worker)
+        self.tref = worker.timer.call_repeatedly(defaults.WORKER_BEAT, self.beat, (worker,))
+
+    def beat(self, worker: WorkController) -> None:
+        """Renew this worker's entry; let bulk jobs in (best effort: the next beat retries)."""
+        client = worker.app.backend.client
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                lanes.register_worker(
+                    pipe, worker.hostname, self.lanes, worker.concurrency, time.time()
+                )
+                if contract.BULK in self.lanes:
+                    lanes.dispatch_on(pipe)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cannot renew this worker's lane entry: %s", exc)
+
+    def stop(self, worker: WorkController) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        if self.lanes:
+            try:
+                lanes.unregister_worker(worker.app.backend.client, worker.hostname)
+            except redis.RedisError as exc:
+                log.warning("cannot remove this worker's lane entry (it expires): %s", exc)
+
+    def shutdown(self, worker: WorkController) -> None:
+        self.stop(worker)
