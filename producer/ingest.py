@@ -8,7 +8,10 @@ run resumes where it stopped and a finished one is all cache hits.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import socket
 import sys
 import time
 from collections import Counter
@@ -17,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
-from bgq import defaults
+from bgq import contract, defaults
+from bgq.contract import BULK
 from bgq.errors import BgqError, JobFailed, NoBroker, StoreError
 from bgq.options import FORMATS, Options
 from bgq.settings import Settings
@@ -98,10 +102,13 @@ class Ingest:
         warn: Callable[[str], None] | None = None,
         read: Callable[[str], bytes] = read_file,
         fetch_concurrency: int = defaults.FETCH_CONCURRENCY,
+        lane: str = BULK,
+        run_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.warn = warn or (lambda message: print(message, file=sys.stderr))
-        self.producer = Producer(settings)
+        self.lane = lane
+        self.producer = Producer(settings, run=run_id)
         self.out = out
         self.read = read
         self.fetch_concurrency = fetch_concurrency
@@ -166,13 +173,16 @@ class Ingest:
     def _submit(self, data: bytes) -> Job:
         """Submit through the producer; with no broker at all, start an embedded stack first."""
         try:
-            return self.producer.submit_data(data, self.model, self.options, raise_bad_image=False)
+            return self._submit_to(self.producer, data)
         except NoBroker:
             self.stack = LocalStack(self.settings, log=self.stack_log).start()
             self.producer.close()  # flushes the hits so far: it finds the embedded Redis now
             settings = self.settings.model_copy(update={"redis_url": self.stack.url})
-            self.producer = Producer(settings)
-            return self.producer.submit_data(data, self.model, self.options, raise_bad_image=False)
+            self.producer = Producer(settings, run=self.producer.run)
+            return self._submit_to(self.producer, data)
+
+    def _submit_to(self, producer: Producer, data: bytes) -> Job:
+        return producer.submit_data(data, self.model, self.options, False, lane=self.lane)
 
     def _collect(self) -> None:
         """Wait until at least one outstanding job has finished (or failed), and record it.
@@ -305,6 +315,14 @@ def _progress(total: int) -> tuple[Progress, Callable[[Counter[str]], None]]:
     return progress, update
 
 
+def default_run_id(src: str) -> str:
+    """An ingest's bulk run when --run-id is not given: this host and SRC, so that the same
+    command run again (a resume) keeps its run, and other catalogs get their own."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32].strip("-.") or "host"
+    where = src if is_s3(src) else str(Path(src).absolute())
+    return f"{host}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+
+
 def open_source(
     settings: Settings, src: str, exclude: Path | str, ext: str = ".png"
 ) -> tuple[int, Iterator[Item], Callable[[str], bytes]]:
@@ -328,8 +346,11 @@ def run_ingest(
     window: int,
     report_path: Path | None,
     fetch_concurrency: int = defaults.FETCH_CONCURRENCY,
+    lane: str = BULK,
+    run_id: str | None = None,
 ) -> int:
     """The whole `bgq ingest` command: progress, report, summary; returns the failed count."""
+    run_id = contract.check_run(run_id) if run_id is not None else default_run_id(src)
     dest: Folder | S3Prefix
     ext = FORMATS[options.format]
     if is_s3(out):
@@ -359,6 +380,8 @@ def run_ingest(
             ),
             read,
             fetch_concurrency,
+            lane,
+            run_id,
         )
         try:
             run.run(items)

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from bgq import defaults
+from bgq import contract, defaults
+from bgq.contract import BULK, INTERACTIVE, LANES
+from bgq.errors import InvalidRequest
 from bgq.options import FORMATS, Options
 from bgq.settings import Settings, load_settings
 from producer.catalog import is_url, url_stem
@@ -18,6 +20,7 @@ from producer.client import Producer
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="rembg model [default: BGQ_MODEL].")
 ]
+LANE_HELP = "interactive (taken first) or bulk (shared fairly between runs)"
 
 
 @app.command()
@@ -40,15 +43,24 @@ def submit(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the result.")
     ] = defaults.JOB_TIMEOUT,
+    lane: Annotated[str, typer.Option(help=f"The job's lane: {LANE_HELP}.")] = INTERACTIVE,
 ) -> None:
     """Submit one image (a file or a URL), wait for it, and write the result."""
     producer = Producer()
+    lane = check_lane_option(lane)
     data, default_out = read_input(file, options.format, producer.settings)
-    job = producer.submit_data(data, model_name(model, producer.settings), options)
+    job = producer.submit_data(data, model_name(model, producer.settings), options, lane=lane)
     typer.echo(f"key:    {job.key}")
     typer.echo(f"cached: {'yes' if job.cached else 'no'}")
     dest = job.save(out or default_out, timeout=timeout)
     typer.echo(f"output: {dest}")
+
+
+def check_lane_option(lane: str) -> str:
+    """--lane's value, or a usage error (exit 2) naming the lanes."""
+    if lane not in LANES:
+        raise typer.BadParameter(f"must be one of {', '.join(LANES)}", param_hint="'--lane'")
+    return lane
 
 
 def read_input(source: str, fmt: str, settings: Settings) -> tuple[bytes, Path]:
@@ -93,6 +105,14 @@ def ingest(
         Path | None,
         typer.Option(help="JSONL report, one line per input [default: OUT/bgq-report.jsonl]."),
     ] = None,
+    lane: Annotated[str, typer.Option(help=f"The jobs' lane: {LANE_HELP}.")] = BULK,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            help="The bulk run's name, which shares the bulk capacity equally with other runs "
+            "[default: this host and SRC, so the same command resumes in the same run]."
+        ),
+    ] = None,
     *,
     options: Options,  # the output flags: producer/cli/options.py
 ) -> None:
@@ -101,8 +121,23 @@ def ingest(
 
     settings = load_settings()
     model = model_name(model, settings)
+    lane = check_lane_option(lane)
+    if run_id is not None:
+        try:
+            contract.check_run(run_id)
+        except InvalidRequest as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--run-id'") from None
     failed = run_ingest(
-        settings, src, out, model, options, window, report, fetch_concurrency=fetch_concurrency
+        settings,
+        src,
+        out,
+        model,
+        options,
+        window,
+        report,
+        fetch_concurrency=fetch_concurrency,
+        lane=lane,
+        run_id=run_id,
     )
     if failed:
         raise typer.Exit(1)
