@@ -171,14 +171,15 @@ def wait_key(lane: str) -> str:
 
 
 def promoted_key(key: str) -> str:
-    """Redis key set while a bulk job is promoted to the interactive lane (its bulk message is
-    dropped instead of let in); deleted when the job ends."""
+    """Redis key naming the bulk enqueue (its guard token) of a job promoted to the interactive
+    lane: that enqueue's message is dropped instead of let in. Expires with the guard's TTL."""
     return f"{defaults.KEY_PREFIX}promoted:{key}"
 
 
 LANE_HEADER = "bgq_lane"  # message headers: the job's lane, bulk run, and enqueue time (epoch s)
 RUN_HEADER = "bgq_run"
 ENQUEUED_HEADER = "bgq_enqueued"
+GUARD_HEADER = "bgq_guard"  # the enqueue's guard token (bgq/lanes.py's DISPATCH reads it)
 WAIT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 
 STATS_KEY = f"{defaults.KEY_PREFIX}stats"  # Redis hash of the cluster's counters (Counter)

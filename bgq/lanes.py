@@ -41,8 +41,10 @@ return 1
 # prefix, the least depth, the most steps. Let waiting bulk jobs in, one run at a time, until
 # the bulk queue holds as many as the live workers have bulk pool processes (at least the least
 # depth). A message keeps kombu's format; only its routing key becomes the bulk queue, so that
-# kombu puts it back there (not in its run's list) if its worker dies or it is retried. A job
-# promoted to the interactive lane meanwhile is dropped: its interactive copy runs instead.
+# kombu puts it back there (not in its run's list) if its worker dies or it is retried. A
+# message whose enqueue was promoted to the interactive lane (the mark holds that enqueue's
+# guard token, its `bgq_guard` header) is dropped: its interactive copy runs instead. A later
+# bulk enqueue of the same job has another token, so a mark left behind never drops it.
 DISPATCH = """
 local now = tonumber(redis.call('TIME')[1])
 local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -69,9 +71,13 @@ while depth < target and steps < tonumber(ARGV[4]) do
     redis.call('SREM', KEYS[2], run)
   else
     local ok, decoded = pcall(cjson.decode, msg)
-    local id = ok and type(decoded) == 'table' and type(decoded['headers']) == 'table'
-      and decoded['headers']['id']
-    if not (type(id) == 'string' and redis.call('EXISTS', ARGV[2] .. id) == 1) then
+    local headers = ok and type(decoded) == 'table' and decoded['headers']
+    local promoted = false
+    if type(headers) == 'table' and type(headers['id']) == 'string' then
+      local mark = redis.call('GET', ARGV[2] .. headers['id'])
+      promoted = mark ~= false and mark == headers['bgq_guard']
+    end
+    if not promoted then
       local from = '"routing_key": "' .. ARGV[1] .. run .. '"'
       local i, j = string.find(msg, from, 1, true)
       if i then
@@ -88,13 +94,14 @@ return moved
 """
 
 # KEYS: guard, promoted mark; ARGV: TTL, the promoter's guard token. A job whose guard a bulk
-# enqueue holds becomes interactive: its guard says so (no second promotion), and its bulk
-# message, while it still waits in its run's list, is dropped when the scheduler reaches it.
+# enqueue holds becomes interactive: its guard says so (no second promotion), and the mark
+# names the bulk enqueue, whose message, if it still waits in its run's list, is dropped when
+# the scheduler reaches it.
 PROMOTE = """
 local holder = redis.call('GET', KEYS[1])
 if holder and string.sub(holder, 1, 5) == 'bulk:' then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
-  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+  redis.call('SET', KEYS[2], holder, 'EX', ARGV[1])
   return 1
 end
 return 0

@@ -274,14 +274,14 @@ class Producer:
         if not won:
             return lanes.holder_lane(holder) or "unknown"
         try:
-            self._send(args, lane, run)
+            self._send(args, lane, run, token)
         except BaseException:
             with contextlib.suppress(redis.RedisError):
                 client.eval(DROP_GUARD, 1, guard, token)
             raise
         return None
 
-    def _send(self, args: TaskArgs, lane: str, run: str) -> None:
+    def _send(self, args: TaskArgs, lane: str, run: str, token: str) -> None:
         """Publish the task to its lane: the interactive queue, or its bulk run's list.
 
         The headers carry the lane, run and time for the workers' wait histograms and the
@@ -293,6 +293,7 @@ class Producer:
             contract.LANE_HEADER: lane,
             contract.RUN_HEADER: run,
             contract.ENQUEUED_HEADER: round(time.time(), 3),
+            contract.GUARD_HEADER: token,
         }
         self.app.send_task(
             contract.TASK_NAME,
@@ -324,8 +325,8 @@ class Producer:
         """
         if self.task_meta(args.key)["status"] != "PENDING":
             return  # started (or over): nothing to promote
-        self._send(args, INTERACTIVE, self.run)
         token = lanes.guard_token(INTERACTIVE, uuid.uuid4().hex)
+        self._send(args, INTERACTIVE, self.run, token)
         client = self.app.backend.client
         keys = (contract.guard_key(args.key), contract.promoted_key(args.key))
         client.eval(lanes.PROMOTE, 2, *keys, defaults.GUARD_TTL, token)

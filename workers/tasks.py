@@ -154,7 +154,7 @@ class RemovalTask(Task):
                 pipe.delete(contract.attempts_key(task_id))
                 if outcome:
                     pipe.hincrby(contract.STATS_KEY, outcome, 1)
-                    pipe.delete(contract.guard_key(task_id), contract.promoted_key(task_id))
+                    pipe.delete(contract.guard_key(task_id))
                     # This run's webhooks, taken with the guard's release: once a new run can
                     # start, callbacks registered for it are no longer this run's to send.
                     callbacks_at = len(pipe)
