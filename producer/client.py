@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import os
 import re
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
-from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults, lanes
@@ -35,6 +33,7 @@ from bgq.imageinfo import probe
 from bgq.options import Options
 from bgq.settings import Settings, load_settings
 from bgq.store import open_store
+from producer import enqueue
 from producer.job import Job
 from producer.outage import Outage
 
@@ -45,39 +44,6 @@ Source = bytes | str | os.PathLike[str]
 T = TypeVar("T")
 
 IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
-
-# KEYS: guard, Celery's state of the task; ARGV: TTL, this enqueue's token. Takes the guard;
-# if won, forgets the old state. A retried enqueue whose first try took it wins again, with
-# a fresh TTL.
-TAKE_GUARD = """
-if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-if redis.call('GET', KEYS[1]) == ARGV[2] then
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
-"""
-
-# KEYS: guard; ARGV: this enqueue's token. The task could not be sent: release the guard if
-# this enqueue still holds it (one that expired meanwhile may be another producer's now).
-DROP_GUARD = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-# KEYS: guard; ARGV: TTL, this enqueue's token. Once the task is published, the guard this
-# enqueue took lives until the job ends (or the TTL); one already released stays released.
-HOLD_GUARD = """
-if redis.call('GET', KEYS[1]) == ARGV[2] then
-  return redis.call('EXPIRE', KEYS[1], ARGV[1])
-end
-return 0
-"""
 
 
 def default_run() -> str:
@@ -235,7 +201,7 @@ class Producer:
         with self._lock:
             hits, self._hits = self._hits, 0
         token = lanes.guard_token(lane, uuid.uuid4().hex)
-        send = functools.partial(self._publish, args, token, lane, run, miss, hits)
+        send = functools.partial(enqueue.publish, self.app, args, token, lane, run, miss, hits)
         try:
             holder = self.with_broker("enqueue", send)
         except BrokerError:
@@ -243,93 +209,14 @@ class Producer:
                 self._hits += hits  # not counted yet: the next flush adds them
             raise
         if holder is None:
-            self.with_broker("enqueue", lambda: self._hold(args, token, lane, run))
+            self.with_broker("enqueue", lambda: enqueue.hold(self.app, args, token, lane, run))
         elif lane == INTERACTIVE and holder == BULK:
             self.with_broker("promote", lambda: self._promote(args))
 
-    def _publish(
-        self, args: TaskArgs, token: str, lane: str, run: str, miss: bool, hits: int
-    ) -> str | None:
-        """One try of _enqueue: take the guard and count; if won, send the task (None), else
-        the lane of the enqueue that holds the guard.
-
-        The guard is taken for GUARD_PUBLISH_TTL only: a producer killed before its task is
-        sent leaves a guard that soon expires, so a waiter for the job enqueues it again.
-        """
-        app = self.app
-        guard = contract.guard_key(args.key)
-        refs = contract.input_refs_key(args.input_sha256)
-        client = app.backend.client
-        with client.pipeline(transaction=False) as pipe:
-            # Guard and forgetting an old run's state in one step, so no other submitter
-            # can be answered by an old failure once this run holds the guard.
-            state = app.backend.get_key_for_task(args.key)
-            pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_PUBLISH_TTL, token)
-            pipe.get(guard)
-            pipe.sadd(refs, args.key)
-            pipe.expire(refs, 2 * defaults.GUARD_TTL)
-            pipe.hincrby(contract.STATS_KEY, Counter.CACHE_MISSES, int(miss))
-            pipe.hincrby(contract.STATS_KEY, Counter.CACHE_HITS, hits)
-            won, holder = pipe.execute()[:2]
-        if not won:
-            return lanes.holder_lane(holder) or "unknown"
-        try:
-            self._send(args, lane, run, token)
-        except BaseException:
-            with contextlib.suppress(redis.RedisError):
-                client.eval(DROP_GUARD, 1, guard, token)
-            raise
-        return None
-
-    def _send(self, args: TaskArgs, lane: str, run: str, token: str) -> None:
-        """Publish the task to its lane: the interactive queue, or its bulk run's list.
-
-        The headers carry the lane, run and time for the workers' wait histograms and the
-        exporter. A run's list is a plain kombu queue that is never declared (no binding keys
-        left behind); bgq/lanes.py moves its messages into the bulk queue.
-        """
-        queue = contract.QUEUE if lane == INTERACTIVE else Queue(contract.run_queue(run))
-        headers = {
-            contract.LANE_HEADER: lane,
-            contract.RUN_HEADER: run,
-            contract.ENQUEUED_HEADER: round(time.time(), 3),
-            contract.GUARD_HEADER: token,
-        }
-        self.app.send_task(
-            contract.TASK_NAME,
-            kwargs=args.to_kwargs(),
-            task_id=args.key,
-            queue=queue,
-            headers=headers,
-            declare=[],
-        )
-
-    def _hold(self, args: TaskArgs, token: str, lane: str, run: str) -> None:
-        """The task is sent: its guard lives until the job ends (GUARD_TTL); count the enqueue;
-        a bulk job's run joins the schedule, and waiting bulk jobs are let in."""
-        client = self.app.backend.client
-        with client.pipeline(transaction=False) as pipe:
-            pipe.eval(HOLD_GUARD, 1, contract.guard_key(args.key), defaults.GUARD_TTL, token)
-            pipe.hincrby(contract.STATS_KEY, Counter.ENQUEUED, 1)
-            if lane == BULK:
-                lanes.admit(pipe, run)
-            pipe.execute()
-
     def _promote(self, args: TaskArgs) -> None:
-        """An interactive submit of a job a bulk enqueue holds: unless it has started, send an
-        interactive copy, then mark the bulk one (dropped if it still waits in its run's list).
-
-        The copy is sent first: a producer that dies in between leaves two messages, never
-        none; the second finds the result in the store. A bulk message already let into the
-        bulk queue runs too, and finds the result the same way.
-        """
-        if self.task_meta(args.key)["status"] != "PENDING":
-            return  # started (or over): nothing to promote
-        token = lanes.guard_token(INTERACTIVE, uuid.uuid4().hex)
-        self._send(args, INTERACTIVE, self.run, token)
-        client = self.app.backend.client
-        keys = (contract.guard_key(args.key), contract.promoted_key(args.key))
-        client.eval(lanes.PROMOTE, 2, *keys, defaults.GUARD_TTL, token)
+        """Promote a waiting bulk job (enqueue.promote) unless it has started already."""
+        if self.task_meta(args.key)["status"] == "PENDING":
+            enqueue.promote(self.app, args, self.run)
 
     def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
         """Run a Redis operation, riding out an outage for up to BGQ_BROKER_RETRY_SECONDS."""

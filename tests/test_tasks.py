@@ -32,17 +32,6 @@ def idle(redis_url: str, tmp_path: Path) -> Iterator[tuple[Producer, redis.Redis
     client.close()
 
 
-def test_a_waiter_requeues_a_lost_job(idle: tuple[Producer, redis.Redis]) -> None:
-    producer, client = idle
-    job = producer.submit(variant("car-1.jpg", (0, 0, 222, 111)))
-    assert client.llen(contract.QUEUE) == 1
-    client.delete(contract.QUEUE, contract.guard_key(job.key))  # e.g. Redis lost its last writes
-    with pytest.raises(JobTimeout):
-        job.wait(timeout=0.3)
-    assert client.llen(contract.QUEUE) == 1
-    assert client.exists(contract.guard_key(job.key))
-
-
 def test_a_held_job_is_not_requeued(idle: tuple[Producer, redis.Redis]) -> None:
     producer, client = idle
     first = producer.submit(variant("car-1.jpg", (0, 0, 223, 111)))

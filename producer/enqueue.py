@@ -1,0 +1,139 @@
+"""Enqueueing a job: the guard that makes identical submits enqueue once, the message in its
+lane, and the promotion of a waiting bulk job that an interactive submit asks for.
+
+Each function is one try of a Redis step; the Producer retries them through an outage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import redis
+from kombu import Queue
+
+from bgq import contract, defaults, lanes
+from bgq.contract import BULK, INTERACTIVE, Counter, TaskArgs
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+# KEYS: guard, Celery's state of the task; ARGV: TTL, this enqueue's token. Takes the guard;
+# if won, forgets the old state. A retried enqueue whose first try took it wins again, with
+# a fresh TTL.
+TAKE_GUARD = """
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: guard; ARGV: this enqueue's token. The task could not be sent: release the guard if
+# this enqueue still holds it (one that expired meanwhile may be another producer's now).
+DROP_GUARD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: guard; ARGV: TTL, this enqueue's token. Once the task is published, the guard this
+# enqueue took lives until the job ends (or the TTL); one already released stays released.
+HOLD_GUARD = """
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def publish(
+    app: Celery, args: TaskArgs, token: str, lane: str, run: str, miss: bool, hits: int
+) -> str | None:
+    """One try of an enqueue: take the guard and count; if won, send the task (None), else
+    the lane of the enqueue that holds the guard.
+
+    The guard is taken for GUARD_PUBLISH_TTL only: a producer killed before its task is
+    sent leaves a guard that soon expires, so a waiter for the job enqueues it again.
+    """
+    guard = contract.guard_key(args.key)
+    refs = contract.input_refs_key(args.input_sha256)
+    client = app.backend.client
+    with client.pipeline(transaction=False) as pipe:
+        # Guard and forgetting an old run's state in one step, so no other submitter
+        # can be answered by an old failure once this run holds the guard.
+        state = app.backend.get_key_for_task(args.key)
+        pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_PUBLISH_TTL, token)
+        pipe.get(guard)
+        pipe.sadd(refs, args.key)
+        pipe.expire(refs, 2 * defaults.GUARD_TTL)
+        pipe.hincrby(contract.STATS_KEY, Counter.CACHE_MISSES, int(miss))
+        pipe.hincrby(contract.STATS_KEY, Counter.CACHE_HITS, hits)
+        won, holder = pipe.execute()[:2]
+    if not won:
+        return lanes.holder_lane(holder) or "unknown"
+    try:
+        send(app, args, lane, run, token)
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):
+            client.eval(DROP_GUARD, 1, guard, token)
+        raise
+    return None
+
+
+def send(app: Celery, args: TaskArgs, lane: str, run: str, token: str) -> None:
+    """Publish the task to its lane: the interactive queue, or its bulk run's list.
+
+    The headers carry the lane, run and time for the workers' wait histograms and the
+    exporter. A run's list is a plain kombu queue that is never declared (no binding keys
+    left behind); bgq/lanes.py moves its messages into the bulk queue.
+    """
+    queue = contract.QUEUE if lane == INTERACTIVE else Queue(contract.run_queue(run))
+    headers = {
+        contract.LANE_HEADER: lane,
+        contract.RUN_HEADER: run,
+        contract.ENQUEUED_HEADER: round(time.time(), 3),
+        contract.GUARD_HEADER: token,
+    }
+    app.send_task(
+        contract.TASK_NAME,
+        kwargs=args.to_kwargs(),
+        task_id=args.key,
+        queue=queue,
+        headers=headers,
+        declare=[],
+    )
+
+
+def hold(app: Celery, args: TaskArgs, token: str, lane: str, run: str) -> None:
+    """The task is sent: its guard lives until the job ends (GUARD_TTL); count the enqueue;
+    a bulk job's run joins the schedule, and waiting bulk jobs are let in."""
+    client = app.backend.client
+    with client.pipeline(transaction=False) as pipe:
+        pipe.eval(HOLD_GUARD, 1, contract.guard_key(args.key), defaults.GUARD_TTL, token)
+        pipe.hincrby(contract.STATS_KEY, Counter.ENQUEUED, 1)
+        if lane == BULK:
+            lanes.admit(pipe, run)
+        pipe.execute()
+
+
+def promote(app: Celery, args: TaskArgs, run: str) -> None:
+    """An interactive submit of a job a bulk enqueue holds (and that has not started): send
+    an interactive copy, then mark the bulk one (dropped if it still waits in its run's list).
+
+    The copy is sent first: a producer that dies in between leaves two messages, never
+    none; the second finds the result in the store. A bulk message already let into the
+    bulk queue runs too, and finds the result the same way.
+    """
+    token = lanes.guard_token(INTERACTIVE, uuid.uuid4().hex)
+    send(app, args, INTERACTIVE, run, token)
+    client = app.backend.client
+    keys = (contract.guard_key(args.key), contract.promoted_key(args.key))
+    client.eval(lanes.PROMOTE, 2, *keys, defaults.GUARD_TTL, token)

@@ -1,0 +1,145 @@
+"""The bulk scheduler (bgq/lanes.py) and lane publishing, against a real Redis with no worker:
+the test pops the bulk queue as a worker would, so every step of the order is visible."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from bgq import contract, lanes
+from bgq.contract import BULK, INTERACTIVE
+from bgq.errors import InvalidRequest, JobTimeout
+from bgq.settings import Settings
+from producer import Producer
+from tests.helpers import variant
+
+
+@pytest.fixture
+def idle(redis_url: str, tmp_path: Path) -> Iterator[tuple[Producer, redis.Redis]]:
+    """A producer on the test Redis with no worker consuming; Redis flushed afterwards."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    with Producer(Settings(home=tmp_path, redis_url=redis_url), run="mine") as producer:
+        yield producer, client
+    client.flushdb()
+    client.close()
+
+
+def image(i: int) -> bytes:
+    x, y = 5 + 5 * (i % 30), 5 + 5 * (i // 30)
+    return variant("car-1.jpg", (x, y, x + 100, y + 80))
+
+
+def take(client: redis.Redis) -> str:
+    """What a worker does: take the oldest message of the bulk queue (and, as the task
+    starts, let the next one in); the job's run."""
+    raw = client.rpop(contract.BULK_QUEUE)
+    assert isinstance(raw, bytes), "the bulk queue is empty"
+    lanes.dispatch(client)
+    return str(json.loads(raw)["headers"][contract.RUN_HEADER])
+
+
+def test_runs_are_let_in_round_robin(idle: tuple[Producer, redis.Redis]) -> None:
+    producer, client = idle
+    for i in range(5):
+        producer.submit(image(i), lane=BULK, run="big")
+    for i in range(2):
+        producer.submit(image(10 + i), lane=BULK, run="small")
+    # No worker announced itself: the bulk queue holds the least depth, the big run's first two.
+    assert client.llen(contract.BULK_QUEUE) == 2
+    assert lanes.waiting_runs(client) == {"big": 3, "small": 2}
+    order = [take(client) for _ in range(7)]
+    assert order == ["big", "big", "big", "small", "big", "small", "big"], order
+    assert not client.exists(lanes.RING_KEY, lanes.RUNS_KEY, contract.run_queue("big"))
+
+
+def test_the_bulk_queue_is_as_deep_as_the_live_workers_bulk_processes(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    producer, client = idle
+    now = time.time()
+    with client.pipeline() as pipe:
+        lanes.register_worker(pipe, "a@host", [INTERACTIVE, BULK], 3, now)
+        lanes.register_worker(pipe, "b@host", [BULK], 2, now)
+        lanes.register_worker(pipe, "c@host", [INTERACTIVE], 7, now)  # serves no bulk
+        lanes.register_worker(pipe, "d@host", [BULK], 9, now - 3600)  # long gone
+        pipe.execute()
+    for i in range(8):
+        producer.submit(image(20 + i), lane=BULK)
+    assert client.llen(contract.BULK_QUEUE) == 5
+    assert set(lanes.capacity(client, time.time())) == {"a@host", "b@host", "c@host"}
+    assert not client.hexists(lanes.SLOTS_KEY, "d@host")  # the scheduler dropped its entry
+
+
+def test_a_message_let_in_keeps_its_payload_but_routes_to_the_bulk_queue(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    producer, client = idle
+    job = producer.submit(image(30), lane=BULK)
+    message = json.loads(client.lindex(contract.BULK_QUEUE, -1) or b"null")
+    assert message["headers"]["id"] == job.key
+    assert message["properties"]["delivery_info"] == {
+        "exchange": "",
+        "routing_key": contract.BULK_QUEUE,
+    }
+    headers = message["headers"]
+    assert headers[contract.LANE_HEADER] == BULK and headers[contract.RUN_HEADER] == "mine"
+    assert abs(headers[contract.ENQUEUED_HEADER] - time.time()) < 60
+    assert not [k for k in client.keys("_kombu.binding.*") if b"bulk" in k]  # never declared
+
+
+@pytest.mark.parametrize("lane", contract.LANES)
+def test_a_waiter_requeues_a_lost_job_in_its_lane(
+    idle: tuple[Producer, redis.Redis], lane: str
+) -> None:
+    producer, client = idle
+    queue = contract.QUEUE if lane == INTERACTIVE else contract.BULK_QUEUE
+    job = producer.submit(image(40), lane=lane)
+    assert client.llen(queue) == 1
+    client.delete(queue, contract.guard_key(job.key))  # e.g. Redis lost its last writes
+    with pytest.raises(JobTimeout):
+        job.wait(timeout=0.3)
+    assert client.llen(queue) == 1 and client.exists(contract.guard_key(job.key))
+
+
+def test_a_promotion_drops_only_the_promoted_enqueue(idle: tuple[Producer, redis.Redis]) -> None:
+    """An interactive submit of a waiting bulk job sends it to the interactive queue and the
+    scheduler drops the bulk message; a later bulk enqueue of that job is not dropped."""
+    producer, client = idle
+    for i in range(2):
+        producer.submit(image(50 + i), lane=BULK)  # fill the bulk queue's least depth
+    waiting = producer.submit(image(52), lane=BULK)
+    assert lanes.waiting_runs(client) == {"mine": 1}
+    promoted = producer.submit(image(52))
+    assert promoted.key == waiting.key and client.llen(contract.QUEUE) == 1
+    assert [take(client) for _ in range(2)] == ["mine", "mine"]
+    assert client.llen(contract.BULK_QUEUE) == 0 and not lanes.waiting_runs(client)
+    # The job is lost (say); a later bulk enqueue of it is let in despite the old mark.
+    client.delete(contract.guard_key(waiting.key), contract.QUEUE)
+    producer.submit(image(52), lane=BULK)
+    assert client.llen(contract.BULK_QUEUE) == 1
+
+
+def test_a_started_job_is_not_promoted(idle: tuple[Producer, redis.Redis]) -> None:
+    producer, client = idle
+    for i in range(2):
+        producer.submit(image(60 + i), lane=BULK)
+    waiting = producer.submit(image(62), lane=BULK)
+    state = producer.app.backend.get_key_for_task(waiting.key)
+    client.set(state, json.dumps({"status": "STARTED", "result": None, "task_id": waiting.key}))
+    producer.submit(image(62))
+    assert client.llen(contract.QUEUE) == 0 and lanes.waiting_runs(client) == {"mine": 1}
+
+
+@pytest.mark.parametrize(("lane", "run"), [("fast", None), (BULK, "no spaces"), (BULK, "")])
+def test_bad_lanes_and_runs_are_refused(
+    idle: tuple[Producer, redis.Redis], lane: str, run: str | None
+) -> None:
+    producer, _ = idle
+    with pytest.raises(InvalidRequest, match=r"lane|run id"):
+        producer.submit(image(70), lane=lane, run=run)
