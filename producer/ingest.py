@@ -319,7 +319,7 @@ def default_run_id(src: str) -> str:
     """An ingest's bulk run when --run-id is not given: this host and SRC, so that the same
     command run again (a resume) keeps its run, and other catalogs get their own."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32].strip("-.") or "host"
-    where = src if is_s3(src) else str(Path(src).absolute())
+    where = src if is_s3(src) else str(Path(src).resolve())
     return f"{host}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 

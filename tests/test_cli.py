@@ -50,6 +50,11 @@ def test_up_then_submit_and_status_from_another_process(
         assert "cached: yes" in second.stdout
         assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
 
+        other = tmp_path / "boot.jpg"
+        other.write_bytes(variant("car-1.jpg", (30, 30, 300, 220)))
+        bulk = bgq("submit", str(other), "--lane", "bulk", env=env)
+        assert bulk.returncode == 0 and "cached: no" in bulk.stdout, bulk.stderr
+
         broken = tmp_path / "broken.jpg"
         broken.write_bytes(SAMPLES.joinpath("car-1.jpg").read_bytes()[:20000])
         failed = bgq("submit", str(broken), env=env)
@@ -94,6 +99,13 @@ def test_unknown_model_is_a_usage_error(env: dict[str, str], tmp_path: Path) -> 
     for result in (real, here):
         assert result.returncode == 2, result.args
         assert "unknown model 'nomodel'" in result.stderr and "u2netp" in result.stderr
+
+
+def test_an_unknown_lane_is_a_usage_error(env: dict[str, str], tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(variant("car-1.jpg", (0, 0, 100, 100)))
+    result = bgq_in_process("submit", str(image), "--lane", "fast", env=env)
+    assert result.returncode == 2 and "must be one of interactive, bulk" in result.stderr
 
 
 def test_bad_setting_names_the_variable(env: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -21,7 +22,7 @@ from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import open_store
 from producer.catalog import open_catalog
-from producer.ingest import Folder, Ingest, run_ingest
+from producer.ingest import Folder, Ingest, default_run_id, run_ingest
 from tests.helpers import (
     BGQ,
     LocalStackControl,
@@ -102,6 +103,19 @@ def test_usage_errors_exit_2(env: dict[str, str], tmp_path: Path) -> None:
     assert here("ingest", str(tmp_path), "--out", "o", "-m", "nomodel", env=env).returncode == 2
     assert here("ingest", str(tmp_path), "--out", "o", "-bgc", "1,2", env=env).returncode == 2
     assert here("ingest", str(tmp_path), env=env).returncode == 2  # --out is required
+    lane = here("ingest", str(tmp_path), "--out", "o", "--lane", "fast", env=env)
+    assert lane.returncode == 2 and "interactive, bulk" in lane.stderr
+    run = here("ingest", str(tmp_path), "--out", "o", "--run-id", "two words", env=env)
+    assert run.returncode == 2 and "run id 'two words'" in run.stderr
+
+
+def test_the_default_run_id_names_the_host_and_the_source(tmp_path: Path) -> None:
+    """The same SRC (however written) keeps its run, so a resume keeps its place; another
+    catalog gets another run."""
+    first = default_run_id(str(tmp_path / "a"))
+    assert first == default_run_id(str(tmp_path / "b" / ".." / "a"))
+    assert first != default_run_id(str(tmp_path / "b"))
+    assert contract.check_run(first) == first and first.startswith(socket.gethostname()[:8])
 
 
 def results(env: dict[str, str]) -> dict[str, float]:

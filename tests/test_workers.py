@@ -49,15 +49,17 @@ def _active_pid(
 
 
 @both_stores
+@pytest.mark.parametrize("lane", contract.LANES)
 def test_job_that_kills_its_worker_fails_for_good(
-    make_stack: StackFactory, store_settings: dict[str, object]
+    make_stack: StackFactory, store_settings: dict[str, object], lane: str
 ) -> None:
-    """Like the OOM killer: SIGKILL the pool process on every delivery; it must stop retrying."""
+    """Like the OOM killer: SIGKILL the pool process on every delivery; it must stop retrying.
+    In either lane: a bulk job killed is redelivered from the bulk queue it was let into."""
     stack = make_stack(concurrency=1, **store_settings)
     producer = Producer(stack.settings)
     app = producer.app
     # Alpha matting on a large image keeps the pool process busy for seconds.
-    job = producer.submit(variant("cloth-1.jpg", (0, 0, 739, 1134)), alpha_matting=True)
+    job = producer.submit(variant("cloth-1.jpg", (0, 0, 739, 1134)), lane=lane, alpha_matting=True)
     client = redis.Redis.from_url(stack.url)
     killed: set[int] = set()
     for delivery in range(1, defaults.MAX_DELIVERIES + 1):
