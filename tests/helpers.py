@@ -161,17 +161,19 @@ def stale_leftovers(store: FileStore) -> tuple[Path, Path]:
 
 
 class LocalStackControl:
-    """Stop and restart a stack's worker consuming the image queue (jobs stay queued)."""
+    """Stop and restart a stack's worker consuming the image queues (jobs stay queued)."""
 
     def __init__(self, stack: LocalStack) -> None:
         self.app = Producer(stack.settings.model_copy(update={"redis_url": stack.url})).app
         self.hostname = stack.hostname
 
     def pause(self) -> None:
-        self.app.control.cancel_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
+        for queue in contract.IMAGE_QUEUES:
+            self.app.control.cancel_consumer(queue, destination=[self.hostname], reply=True)
 
     def resume(self) -> None:
-        self.app.control.add_consumer(contract.QUEUE, destination=[self.hostname], reply=True)
+        for queue in contract.IMAGE_QUEUES:  # in order: added consumers go last
+            self.app.control.add_consumer(queue, destination=[self.hostname], reply=True)
 
 
 JPEG = {"Content-Type": "image/jpeg"}  # the headers of a raw JPEG body
