@@ -126,6 +126,9 @@ PRUNE_LOOKUP_BATCH = 500  # Redis lookups (in-flight checks) per round trip whil
 # Monitoring.
 FLOWER_PORT = 5555
 FLOWER_PURGE_OFFLINE = 60  # seconds after which Flower drops a worker that went offline
+# The columns of Flower's tasks page: its defaults, and the routing key (the task's lane: `bgq`,
+# or `bgq.bulk.<run>` for a bulk job, as the producer sent it).
+FLOWER_TASKS_COLUMNS = "name,uuid,state,routing_key,received,started,runtime,worker"
 EXPORTER_PORT = 9808
 
 # Ingestion (`bgq ingest`).

@@ -1,9 +1,9 @@
 """`bgq exporter`: Prometheus metrics Flower does not have, for the whole cluster.
 
 Everything comes from where all processes on all machines write: Redis (queue lengths, the
-counters producers and workers add to, the workers' stage histograms) and the store (its size,
-from a scan repeated every STORE_SCAN_INTERVAL seconds in the background). The exporter keeps
-no counts of its own, so it can restart, or run anywhere, without losing any.
+lanes, the counters producers and workers add to, the workers' stage and wait histograms) and
+the store (its size, from a scan repeated every STORE_SCAN_INTERVAL seconds in the background).
+The exporter keeps no counts of its own, so it can restart, or run anywhere, without losing any.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from bgq import cache, contract, defaults
 from bgq.connections import redis_client
 from bgq.contract import OUTCOMES, Counter
 from bgq.errors import BgqError
+from bgq.lane_stats import Snapshot, lane_stats
 from bgq.store import open_store
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUEUES = (contract.QUEUE, contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE)
+QUEUES = (contract.QUEUE, contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE, contract.BULK_QUEUE)
 
 
 class StoreScanner:
@@ -76,7 +77,7 @@ class BgqCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("bgq_redis_up", "1 when the exporter could read Redis.")
         try:
-            metrics = list(self._from_redis())
+            metrics = [*self._from_redis(), *lane_metrics(lane_stats(self.client, time.time()))]
             up.add_metric([], 1)
         except redis.RedisError as exc:
             log.warning("cannot read Redis: %s", exc)
@@ -93,69 +94,34 @@ class BgqCollector(Collector):
             pipe.hgetall(contract.STATS_KEY)
             for stage in contract.STAGES:
                 pipe.hgetall(contract.stage_key(stage))
+            for lane in contract.LANES:
+                pipe.hgetall(contract.wait_key(lane))
             replies = pipe.execute()
-        depths, raw_stats, stages = (
-            replies[: len(QUEUES)],
-            replies[len(QUEUES)],
-            replies[-len(contract.STAGES) :],
-        )
+        depths = replies[: len(QUEUES)]
+        raw_stats = replies[len(QUEUES)]
+        stages = replies[len(QUEUES) + 1 : len(QUEUES) + 1 + len(contract.STAGES)]
+        waits = replies[-len(contract.LANES) :]
         depth = GaugeMetricFamily(
             "bgq_queue_depth", "Messages waiting in each queue.", labels=["queue"]
         )
         for queue, n in zip(QUEUES, depths, strict=True):
             depth.add_metric([queue], n)
         yield depth
-
-        stats = {k.decode(): float(v) for k, v in raw_stats.items()}
-        hits, misses = stats.get(Counter.CACHE_HITS, 0.0), stats.get(Counter.CACHE_MISSES, 0.0)
-        yield CounterMetricFamily(
-            "bgq_jobs_enqueued",
-            "Jobs producers put on the queue.",
-            stats.get(Counter.ENQUEUED, 0.0),
-        )
-        yield CounterMetricFamily(
-            "bgq_cache_hits",
-            "Submissions answered from the store (producers report in batches).",
-            hits,
-        )
-        yield CounterMetricFamily(
-            "bgq_cache_misses",
-            "Submissions not in the store (enqueued or joined in flight).",
-            misses,
-        )
-        ratio = GaugeMetricFamily(
-            "bgq_cache_hit_ratio", "hits / (hits + misses), since Redis began."
-        )
-        ratio.add_metric([], hits / (hits + misses) if hits + misses else 0.0)
-        yield ratio
-        results = CounterMetricFamily(
-            "bgq_results",
-            "Finished jobs by outcome: computed, skipped (already in the store), failed.",
-            labels=["status"],
-        )
-        for outcome in OUTCOMES:
-            results.add_metric([outcome.value], stats.get(outcome, 0.0))
-        yield results
-        yield CounterMetricFamily(
-            "bgq_inferences",
-            "Model runs, all workers: one per (input, model); output variants reuse its masks.",
-            stats.get(Counter.INFERENCES, 0.0),
-        )
-
-        histogram = HistogramMetricFamily(
+        yield from counter_metrics({k.decode(): float(v) for k, v in raw_stats.items()})
+        yield histogram(
             "bgq_stage_seconds",
             "Seconds per stage of a computed result, all worker processes on all machines.",
-            labels=["stage"],
+            "stage",
+            dict(zip(contract.STAGES, stages, strict=True)),
+            contract.STAGE_BUCKETS,
         )
-        for stage, raw in zip(contract.STAGES, stages, strict=True):
-            fields = {k.decode(): float(v) for k, v in raw.items()}
-            buckets, cumulative = [], 0.0
-            for bound in contract.STAGE_BUCKETS:
-                cumulative += fields.get(f"le:{bound:g}", 0.0)
-                buckets.append((f"{bound:g}", cumulative))
-            buckets.append(("+Inf", fields.get("count", 0.0)))
-            histogram.add_metric([stage], buckets, fields.get("sum", 0.0))
-        yield histogram
+        yield histogram(
+            "bgq_lane_wait_seconds",
+            "Seconds a job waited in its lane, from enqueue to the start of its first run.",
+            "lane",
+            dict(zip(contract.LANES, waits, strict=True)),
+            contract.WAIT_BUCKETS,
+        )
 
     def _from_store(self) -> Iterator[Metric]:
         stats = self.scanner.stats
@@ -171,6 +137,100 @@ class BgqCollector(Collector):
         size.add_metric(["masks"], stats.mask_bytes)
         yield entries
         yield size
+
+
+def counter_metrics(stats: dict[str, float]) -> Iterator[Metric]:
+    """The cluster's counters (STATS_KEY) and the hit ratio."""
+    hits, misses = stats.get(Counter.CACHE_HITS, 0.0), stats.get(Counter.CACHE_MISSES, 0.0)
+    yield CounterMetricFamily(
+        "bgq_jobs_enqueued",
+        "Jobs producers put on the queue.",
+        stats.get(Counter.ENQUEUED, 0.0),
+    )
+    yield CounterMetricFamily(
+        "bgq_cache_hits",
+        "Submissions answered from the store (producers report in batches).",
+        hits,
+    )
+    yield CounterMetricFamily(
+        "bgq_cache_misses",
+        "Submissions not in the store (enqueued or joined in flight).",
+        misses,
+    )
+    ratio = GaugeMetricFamily("bgq_cache_hit_ratio", "hits / (hits + misses), since Redis began.")
+    ratio.add_metric([], hits / (hits + misses) if hits + misses else 0.0)
+    yield ratio
+    results = CounterMetricFamily(
+        "bgq_results",
+        "Finished jobs by outcome: computed, skipped (already in the store), failed.",
+        labels=["status"],
+    )
+    for outcome in OUTCOMES:
+        results.add_metric([outcome.value], stats.get(outcome, 0.0))
+    yield results
+    yield CounterMetricFamily(
+        "bgq_inferences",
+        "Model runs, all workers: one per (input, model); output variants reuse its masks.",
+        stats.get(Counter.INFERENCES, 0.0),
+    )
+
+
+def histogram(
+    name: str,
+    documentation: str,
+    label: str,
+    hashes: dict[str, dict[bytes, bytes]],
+    bounds: tuple[float, ...],
+) -> HistogramMetricFamily:
+    """A histogram from Redis hashes of `le:<bound>` counts (not cumulative), `sum`, `count`."""
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for value, raw in hashes.items():
+        fields = {k.decode(): float(v) for k, v in raw.items()}
+        buckets, cumulative = [], 0.0
+        for bound in bounds:
+            cumulative += fields.get(f"le:{bound:g}", 0.0)
+            buckets.append((f"{bound:g}", cumulative))
+        buckets.append(("+Inf", fields.get("count", 0.0)))
+        family.add_metric([value], buckets, fields.get("sum", 0.0))
+    return family
+
+
+def lane_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+    """Per lane: jobs waiting and running, the oldest wait, the workers serving it; bulk runs."""
+    gauges = {
+        "waiting": GaugeMetricFamily(
+            "bgq_lane_waiting",
+            "Jobs waiting in each lane (bulk: let into bgq.bulk, or in their run's list).",
+            labels=["lane"],
+        ),
+        "running": GaugeMetricFamily(
+            "bgq_lane_running",
+            "Jobs of each lane that workers hold (running; kombu's unacked messages).",
+            labels=["lane"],
+        ),
+        "oldest": GaugeMetricFamily(
+            "bgq_lane_oldest_wait_seconds",
+            "Seconds the oldest waiting job of each lane has waited (0 when none waits).",
+            labels=["lane"],
+        ),
+        "workers": GaugeMetricFamily(
+            "bgq_lane_workers", "Live worker nodes that consume each lane.", labels=["lane"]
+        ),
+        "processes": GaugeMetricFamily(
+            "bgq_lane_pool_processes",
+            "Pool processes of the live workers that consume each lane.",
+            labels=["lane"],
+        ),
+    }
+    for lane, stats in snapshot.lanes.items():
+        for field, gauge in gauges.items():
+            gauge.add_metric([lane], getattr(stats, field) or 0)
+    yield from gauges.values()
+    runs = GaugeMetricFamily(
+        "bgq_bulk_runs", "Bulk runs with jobs waiting to be let in (they share bulk round-robin)."
+    )
+    runs.add_metric([], len(snapshot.runs))
+    yield runs
 
 
 class Exporter:

@@ -36,8 +36,12 @@ def flower_command(port: int, address: str) -> list[str]:
 
 
 def flower_env(settings: Settings) -> dict[str, str]:
-    """Flower's own variables: the login, and forgetting workers that went away."""
-    env = {"FLOWER_PURGE_OFFLINE_WORKERS": str(defaults.FLOWER_PURGE_OFFLINE)}
+    """Flower's own variables: the login, forgetting workers that went away, and the tasks
+    page's columns (with each task's routing key: its lane)."""
+    env = {
+        "FLOWER_PURGE_OFFLINE_WORKERS": str(defaults.FLOWER_PURGE_OFFLINE),
+        "FLOWER_TASKS_COLUMNS": defaults.FLOWER_TASKS_COLUMNS,
+    }
     if settings.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
     return env

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Annotated
 
 import typer
@@ -13,9 +14,11 @@ import typer
 from bgq import contract, defaults
 from bgq.connections import broker_url
 from bgq.errors import ConfigError
+from bgq.lane_stats import Snapshot, lane_stats
 from bgq.settings import load_settings
 from bgq.stack import LocalStack, flower_command, flower_env, worker_command
 from bgq.store import open_store
+from bgq.units import format_duration
 from bgq.urls import safe_url
 from producer.cli.common import app, check_store, handle_errors
 from producer.cli.models import ensure_model
@@ -73,19 +76,66 @@ def up(
 @app.command()
 @handle_errors
 def status() -> None:
-    """Print the broker URL, the workers online and the queue depth; exit 1 if no worker is up."""
+    """Print the broker, the store, the lanes (jobs waiting and running, the oldest wait), the
+    bulk runs waiting and the workers online with their pool processes; exit 1 if none is up."""
     producer = Producer()
     producer.store.check()
     celery_app = producer.app
-    url = celery_app.conf.broker_url
+    client = celery_app.backend.client
     names = producer.workers_online()
-    depth = celery_app.backend.client.llen(contract.QUEUE)
-    typer.echo(f"broker:      {safe_url(url)}")
+    snapshot = lane_stats(client, time.time())
+    depths = [f"{client.llen(queue)} ({queue})" for queue in contract.IMAGE_QUEUES]
+    typer.echo(f"broker:      {safe_url(celery_app.conf.broker_url)}")
     typer.echo(f"store:       {producer.store.url}")
-    typer.echo(f"queue depth: {depth} ({contract.QUEUE})")
-    typer.echo(f"workers:     {len(names)} online" + "".join(f"\n  {n}" for n in names))
+    typer.echo(f"queue depth: {', '.join(depths)}")
+    for line in lane_lines(snapshot):
+        typer.echo(line)
+    typer.echo(worker_lines(names, snapshot))
     if not names:
         raise typer.Exit(1)
+
+
+STATUS_RUNS = 5  # bulk runs `bgq status` names, the most jobs waiting first
+
+
+def lane_lines(snapshot: Snapshot) -> list[str]:
+    """`bgq status`'s lines for each lane, and the bulk runs waiting to be let in."""
+    lines = []
+    for lane, stats in snapshot.lanes.items():
+        line = f"{lane + ':':<12} {stats.waiting} waiting, {stats.running} running"
+        if stats.oldest is not None:
+            line += f", the oldest for {format_duration(stats.oldest)}"
+        if stats.waiting and not stats.processes:
+            line += " (no worker consumes this lane)"
+        lines.append(line)
+    runs = sorted(snapshot.runs.items(), key=lambda item: (-item[1], item[0]))
+    named = ", ".join(f"{run} ({count})" for run, count in runs[:STATUS_RUNS])
+    more = f" and {len(runs) - STATUS_RUNS} more" if len(runs) > STATUS_RUNS else ""
+    lines.append(
+        f"bulk runs:   {len(runs)} waiting their turn" + (f": {named}{more}" if runs else "")
+    )
+    return lines
+
+
+def pool_processes(count: int) -> str:
+    """`1 pool process`, `2 pool processes`."""
+    return f"{count} pool process" + ("" if count == 1 else "es")
+
+
+def worker_lines(names: list[str], snapshot: Snapshot) -> str:
+    """`workers: 1 online, 2 pool processes (interactive, bulk)`, then a line per worker."""
+    groups: dict[str, int] = {}
+    nodes = []
+    for name in names:
+        served, processes = snapshot.workers.get(name, ([], 0))
+        if not served:  # webhooks or maintenance only
+            nodes.append(f"\n  {name}: no image queue")
+            continue
+        lanes = ", ".join(served)
+        groups[lanes] = groups.get(lanes, 0) + processes
+        nodes.append(f"\n  {name}: {pool_processes(processes)} ({lanes})")
+    pools = "".join(f", {pool_processes(n)} ({lanes})" for lanes, n in groups.items())
+    return f"workers:     {len(names)} online{pools}" + "".join(nodes)
 
 
 @app.command()

@@ -1,0 +1,126 @@
+"""What the lanes hold now, for `bgq exporter` and `bgq status`: per lane, the jobs waiting and
+running and how long the oldest has waited; the bulk runs waiting for their share; the live
+workers' pool processes per lane.
+
+Three round trips, whatever the backlog. A kombu list is pushed at its head and consumed from
+its tail, so its tail (LINDEX -1) is its oldest message: one read per list gives each lane's
+oldest wait, from the message's enqueue-time header. Running jobs are the messages workers hold
+in kombu's `unacked` hash, counted by routing key in Redis (only the counts come back).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bgq import contract, lanes
+
+if TYPE_CHECKING:
+    import redis
+
+# kombu's Redis transport keeps each message a worker took, until it is acked, in this hash:
+# delivery tag -> JSON `[message, exchange, routing_key]`. kombu prefixes the name with the
+# transport's `global_keyprefix` (and takes another name from `unacked_key`); bgq sets neither
+# (bgq/connections.py; tests/test_lane_stats.py checks).
+UNACKED_KEY = "unacked"
+
+# KEYS: the unacked hash; ARGV: routing keys. How many held messages each routing key has. An
+# entry ends with its routing key (`..., "bgq.bulk"]`): only its tail is matched, not decoded.
+COUNT_HELD = """
+local counts = {}
+for i = 1, #ARGV do counts[ARGV[i]] = 0 end
+for _, entry in ipairs(redis.call('HVALS', KEYS[1])) do
+  local key = string.match(string.sub(entry, -200), '"([^"]*)"%]$')
+  if key and counts[key] then counts[key] = counts[key] + 1 end
+end
+local found = {}
+for i = 1, #ARGV do found[i] = counts[ARGV[i]] end
+return found
+"""
+
+# Each lane's queue, as it is a routing key of the messages workers take from it.
+LANE_QUEUES = {contract.INTERACTIVE: contract.QUEUE, contract.BULK: contract.BULK_QUEUE}
+
+
+@dataclass(frozen=True)
+class LaneStats:
+    """One lane now."""
+
+    waiting: int  # jobs not yet taken by a worker (bulk: let in, or still in their run's list)
+    running: int  # jobs a worker holds: running, or taken by one that died (until requeued)
+    oldest: float | None  # seconds the oldest waiting job has waited; None when none waits
+    workers: int  # live worker nodes that consume the lane
+    processes: int  # their pool processes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every lane, the bulk runs waiting, and the live workers."""
+
+    lanes: dict[str, LaneStats]
+    runs: dict[str, int]  # bulk run -> jobs waiting in its list to be let in
+    workers: dict[str, tuple[list[str], int]]  # worker node -> (its lanes, pool processes)
+
+
+def enqueued_at(raw: bytes | None) -> float | None:
+    """The enqueue time (epoch seconds) a kombu message's headers carry, if any."""
+    if raw is None:
+        return None
+    try:
+        headers = json.loads(raw).get("headers") or {}
+    except (ValueError, AttributeError):
+        return None
+    value = headers.get(contract.ENQUEUED_HEADER) if isinstance(headers, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def oldest_wait(tails: list[bytes | None], now: float) -> float | None:
+    """How long the oldest of these lists' tail messages has waited."""
+    times = [t for t in map(enqueued_at, tails) if t is not None]
+    return max(0.0, now - min(times)) if times else None
+
+
+def lane_stats(client: redis.Redis, now: float) -> Snapshot:
+    """Read the lanes' state from Redis (`now`: epoch seconds, for the ages)."""
+    queues = list(LANE_QUEUES.values())
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.llen(queue)
+            pipe.lindex(queue, -1)
+        pipe.lrange(lanes.RING_KEY, 0, -1)
+        pipe.eval(COUNT_HELD, 1, UNACKED_KEY, *queues)
+        *listed, ring, held = pipe.execute()
+    depth = dict(zip(queues, listed[0::2], strict=True))
+    tail = dict(zip(queues, listed[1::2], strict=True))
+    running = dict(zip(queues, held, strict=True))
+    runs, run_tails = run_lists([raw.decode() for raw in ring], client)
+    workers = lanes.capacity(client, now)
+    found = {}
+    for lane, queue in LANE_QUEUES.items():
+        tails = [tail[queue], *(run_tails if lane == contract.BULK else [])]
+        serving = [processes for served, processes in workers.values() if lane in served]
+        found[lane] = LaneStats(
+            waiting=int(depth[queue]) + (sum(runs.values()) if lane == contract.BULK else 0),
+            running=int(running[queue]),
+            oldest=oldest_wait(tails, now),
+            workers=len(serving),
+            processes=sum(serving),
+        )
+    return Snapshot(found, runs, workers)
+
+
+def run_lists(ring: list[str], client: redis.Redis) -> tuple[dict[str, int], list[bytes | None]]:
+    """The runs of the scheduler's ring with jobs waiting, how many each, and their lists'
+    tails (a run leaves the ring lazily: one with an empty list is left out)."""
+    with client.pipeline(transaction=False) as pipe:
+        for run in ring:
+            pipe.llen(contract.run_queue(run))
+            pipe.lindex(contract.run_queue(run), -1)
+        replies = pipe.execute()
+    runs, tails = {}, []
+    for run, count, tail in zip(ring, replies[0::2], replies[1::2], strict=True):
+        if count:
+            runs[run] = int(count)
+            tails.append(tail)
+    return runs, tails
