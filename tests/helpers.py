@@ -177,7 +177,8 @@ class LocalStackControl:
 def settle_polls(client: redis.Redis) -> None:
     """Return once the worker has polled its queues twice more (two BRPOPs): a poll sent
     before it stopped consuming a queue (LocalStackControl.pause) may still take a job from it,
-    the ones after cannot."""
+    the ones after cannot. Counted server-wide: on a BGQ_TEST_REDIS_URL shared by several test
+    processes, their workers' polls count too, and the wait may end early."""
 
     def polls() -> int:
         stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
