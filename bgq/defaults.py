@@ -148,6 +148,7 @@ API_WAIT = 30.0  # seconds POST /v1/remove waits for a result by default
 API_MAX_WAIT = 300.0  # seconds a request may ask to wait at most
 API_BROKER_RETRY_SECONDS = 5.0  # seconds an API request waits out a Redis outage, then 503
 API_RETRY_AFTER = 5  # seconds a 503 (Redis or the store unavailable) asks clients to wait
+API_LIMIT_RETRY_AFTER = 5  # seconds a 429 for a key's jobs outstanding asks clients to wait
 
 # Webhooks.
 WEBHOOK_MAX_RETRIES = 10  # retries of a failed delivery: ~15 min on average, 27 min at most

@@ -64,15 +64,29 @@ def error_line(exc: Any) -> str:
 
 
 def register(
-    client: redis.Redis, args: TaskArgs, base_url: str, callback_url: str | None = None
+    client: redis.Redis,
+    args: TaskArgs,
+    base_url: str,
+    callback_url: str | None = None,
+    *,
+    lane: str = contract.INTERACTIVE,
+    run: str | None = None,
 ) -> None:
-    """Record a submitted job (its first submission time is kept) and an optional callback."""
+    """Record a submitted job (its first submission time is kept), its lane and bulk run (to
+    enqueue it there again if it is lost), and an optional callback."""
     job_key = contract.job_key(args.key)
     with client.pipeline() as pipe:
         pipe.hsetnx(job_key, "created_at", iso())
         # The first submitter's URL stays: a later one cannot redirect others' result_url.
         pipe.hsetnx(job_key, "base_url", base_url.rstrip("/"))
         pipe.hset(job_key, mapping={"model": args.model, "args": json.dumps(args.to_kwargs())})
+        # An interactive submission promotes the job; a bulk one leaves an interactive job be.
+        if lane == contract.INTERACTIVE:
+            pipe.hset(job_key, "lane", lane)
+        else:
+            pipe.hsetnx(job_key, "lane", lane)
+        if lane == contract.BULK and run is not None:
+            pipe.hsetnx(job_key, "run", run)
         pipe.expire(job_key, defaults.RESULT_TTL)
         if callback_url:
             pipe.sadd(contract.callbacks_key(args.key), callback_url)
@@ -88,6 +102,12 @@ def read_record(client: redis.Redis, key: str) -> dict[str, str]:
 def record_args(record: dict[str, str]) -> TaskArgs | None:
     """The task arguments a job was submitted with, if the record has them."""
     return TaskArgs.from_kwargs(json.loads(record["args"])) if "args" in record else None
+
+
+def record_lane(record: dict[str, str]) -> tuple[str, str | None]:
+    """The lane a job was submitted in (interactive if the record does not say) and its run."""
+    lane = record.get("lane", contract.INTERACTIVE)
+    return (lane if lane in contract.LANES else contract.INTERACTIVE), record.get("run")
 
 
 def view(

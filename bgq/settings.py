@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bgq import defaults, urls
+from bgq import defaults, quotas, urls
 from bgq.errors import ConfigError
 from bgq.units import parse_duration, parse_size
 
@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     png_compress_level: Annotated[int, Field(ge=0, le=9)] = defaults.PNG_COMPRESS_LEVEL
     max_upload_mb: Annotated[float, Field(gt=0)] = defaults.MAX_UPLOAD_MB
     api_keys: str | None = None  # comma-separated bearer keys; unset: the API needs no auth
+    api_limits: str | None = None  # per-key limits (bgq.quotas's format); unset: none
     public_url: str | None = None  # the API's URL as clients see it; unset: from each request
     webhook_secret: str | None = None  # HMAC-SHA256 key signing webhook bodies
     webhook_allow_private: bool = False  # allow callbacks to loopback/private/link-local hosts
@@ -97,6 +98,26 @@ class Settings(BaseSettings):
     def _store_scheme(cls, url: str | None) -> str | None:
         return None if url is None else urls.check_store_url(url)
 
+    @field_validator("api_limits")
+    @classmethod
+    def _limits(cls, text: str | None) -> str | None:
+        if text is not None:
+            quotas.parse_limits(text)
+        return text
+
+    @model_validator(mode="after")
+    def _limited_keys(self) -> Settings:
+        ids = {quotas.key_id(key) for key in self.api_key_list}
+        if self.api_limits is not None and not ids:
+            raise ValueError("BGQ_API_LIMITS needs BGQ_API_KEYS: limits are per key")
+        for who in self.api_limit_table:
+            if who != quotas.EVERY_KEY and who not in ids:
+                raise ValueError(
+                    f"BGQ_API_LIMITS names key id {who}, which is no key of BGQ_API_KEYS "
+                    "(`bgq api --key-ids` prints their ids)"
+                )
+        return self
+
     @model_validator(mode="after")
     def _redis_companions(self) -> Settings:
         url = self.redis_url or ""
@@ -130,6 +151,11 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         """The bearer keys of BGQ_API_KEYS (empty: no auth)."""
         return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+
+    @property
+    def api_limit_table(self) -> quotas.Table:
+        """BGQ_API_LIMITS: each key id's (or `*`'s) limits by lane and kind."""
+        return quotas.parse_limits(self.api_limits) if self.api_limits else {}
 
     @property
     def store_dir(self) -> Path:

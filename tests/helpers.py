@@ -176,6 +176,20 @@ class LocalStackControl:
             self.app.control.add_consumer(queue, destination=[self.hostname], reply=True)
 
 
+def settle_polls(client: redis.Redis) -> None:
+    """Return once the worker has polled its queues twice more (two BRPOPs): a poll sent
+    before it stopped consuming a queue (LocalStackControl.pause) may still take a job from it,
+    the ones after cannot. Counted server-wide: on a BGQ_TEST_REDIS_URL shared by several test
+    processes, their workers' polls count too, and the wait may end early."""
+
+    def polls() -> int:
+        stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
+        return int(stats.get("cmdstat_brpop", {}).get("calls", 0))
+
+    start = polls()
+    wait_for(lambda: polls() >= start + 2, 10, "the worker to poll its queues again")
+
+
 JPEG = {"Content-Type": "image/jpeg"}  # the headers of a raw JPEG body
 
 

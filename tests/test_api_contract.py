@@ -34,7 +34,11 @@ UNDESCRIBABLE = {
 # image (a file, the body or image_url); crop_margin only with crop; padding and position only
 # with a canvas, padding under half of it. Such a refusal is `invalid_request` saying which rule.
 ACROSS_FIELDS = (ONE_IMAGE, "applies only with", "under half the canvas")
-POSITIVE_STATUSES = ["2xx", "3xx", "401", "404", "409", "413", "415", "422"]
+# Nor whether the key is over its limits (BGQ_API_LIMITS) at the time: 429, documented.
+POSITIVE_STATUSES = ["2xx", "3xx", "401", "404", "409", "413", "415", "422", "429"]
+KEY = "contract-test-key"
+# Submissions carry RateLimit fields in both lanes; bulk ones soon meet their 429.
+LIMITS = "*: interactive.rpm=100000 bulk.rpm=2 bulk.jobs=1"
 
 # What `schemathesis run` does: every check, every phase (examples, coverage, fuzzing,
 # stateful), positive and negative data; bounded and derandomised so a run is short and
@@ -44,6 +48,7 @@ CONFIG = {
     "checks": {"positive_data_acceptance": {"expected-statuses": POSITIVE_STATUSES}},
     "request-timeout": 60,
     "workers": 4,
+    "auth": {"openapi": {"bearer": {"bearer": KEY}}},
 }
 PHASES = ("EXAMPLES", "COVERAGE", "FUZZING", "STATEFUL_TESTING")
 
@@ -68,12 +73,12 @@ def refused_only_for(
 
 @pytest.fixture(scope="module")
 def api(make_stack: StackFactory) -> Iterator[str]:
-    """The API on prefork workers that may sign webhooks; its base URL."""
+    """The API on prefork workers that may sign webhooks, with a key and its limits; its base
+    URL."""
     stack = make_stack(webhook_secret="contract-test-secret")
     # A short fetch timeout: generated image_urls may name hosts that never answer.
-    settings = stack.settings.model_copy(
-        update={"redis_url": stack.url, "max_upload_mb": 1, "fetch_timeout": 2.0}
-    )
+    update = {"max_upload_mb": 1, "fetch_timeout": 2.0, "api_keys": KEY, "api_limits": LIMITS}
+    settings = stack.settings.model_copy(update={"redis_url": stack.url, **update})
     server = ApiServer(settings).start()
     yield server.url
     server.stop()
@@ -93,12 +98,14 @@ def one_parse_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ast, "parse", locked)
 
 
-def run_schemathesis(url: str) -> tuple[list[str], Counter[str]]:
-    """Every failure of a run against `url`'s own schema, and the requests sent by phase."""
+def run_schemathesis(url: str) -> tuple[list[str], Counter[str], Counter[str]]:
+    """Every failure of a run against `url`'s own schema, the requests sent by phase, and the
+    statuses of the answers to submissions."""
     config = schemathesis.Config.from_dict(CONFIG)
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config)
     problems: list[str] = []
     requests: Counter[str] = Counter()
+    submissions: Counter[str] = Counter()
     for event in from_schema(schema).execute():
         if isinstance(event, events.NonFatalError):
             problems.append(f"schemathesis could not test {event.label}: {event.info.message}")
@@ -107,7 +114,10 @@ def run_schemathesis(url: str) -> tuple[list[str], Counter[str]]:
         if isinstance(event, events.ScenarioFinished):
             requests[event.phase.name] += len(event.recorder.interactions)
             problems.extend(failures_of(event.recorder.checks.values()))
-    return problems, requests
+            for interaction in event.recorder.interactions.values():
+                if interaction.request.method == "POST" and interaction.response is not None:
+                    submissions[str(interaction.response.status_code)] += 1
+    return problems, requests, submissions
 
 
 def failures_of(checks: Iterable[list[CheckNode]]) -> Iterator[str]:
@@ -120,8 +130,11 @@ def failures_of(checks: Iterable[list[CheckNode]]) -> Iterator[str]:
 
 @pytest.mark.usefixtures("one_parse_at_a_time")
 def test_the_live_api_keeps_its_contract(api: str) -> None:
-    problems, requests = run_schemathesis(api)
+    problems, requests, submissions = run_schemathesis(api)
     assert not problems, "\n\n".join(problems)
     # Every phase sent requests; stateful ones follow the links from POST /v1/jobs and
     # POST /v1/remove to GET /v1/jobs/{job_id} and its /result.
     assert all(requests[phase] > 0 for phase in PHASES), requests
+    # Submissions were accepted, and bulk ones (the `lane` field) were refused by their limit:
+    # the 429 and its fields kept the contract too.
+    assert submissions["202"] > 0 and submissions["429"] > 0, submissions

@@ -25,11 +25,19 @@ PROJECT = (*PACKAGES, "celeryconfig")  # celeryconfig.py: a module of its own at
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 # The bottom of bgq: they import nothing of bgq but these (and nothing of producer or workers).
-BOTTOM = ("bgq.defaults", "bgq.errors", "bgq.units", "bgq.urls", "bgq.fileio", "bgq.process")
+BOTTOM = (
+    "bgq.defaults",
+    "bgq.errors",
+    "bgq.units",
+    "bgq.urls",
+    "bgq.quotas",
+    "bgq.fileio",
+    "bgq.process",
+)
 BOTTOM_MAY_IMPORT = {"bgq.defaults", "bgq.errors"}
 # Settings sit just above them: of bgq only these, else the standard library and pydantic.
 SETTINGS = "bgq.settings"
-SETTINGS_MAY_IMPORT = {"bgq.defaults", "bgq.errors", "bgq.units", "bgq.urls"}
+SETTINGS_MAY_IMPORT = {"bgq.defaults", "bgq.errors", "bgq.units", "bgq.urls", "bgq.quotas"}
 SETTINGS_THIRD_PARTY = {"pydantic", "pydantic_settings"}
 
 # What each top package must not import (any import, function-local or TYPE_CHECKING too).

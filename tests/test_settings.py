@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bgq import defaults
+from bgq import contract, defaults, quotas
 from bgq.errors import ConfigError
 from bgq.settings import load_settings
 
@@ -168,4 +169,54 @@ def test_settings_import_nothing_of_bgq_above_them() -> None:
         "bgq.errors",
         "bgq.units",
         "bgq.urls",
+        "bgq.quotas",
     }
+
+
+def test_api_limits_by_key_id_over_every_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    special = quotas.key_id("special-key")
+    monkeypatch.setenv("BGQ_API_KEYS", "plain-key,special-key")
+    monkeypatch.setenv(
+        "BGQ_API_LIMITS",
+        f"* : interactive.rpm=600, interactive.jobs=20 bulk.jobs=2000 ;\n"
+        f"  {special}: bulk.jobs=50000 interactive.rpm=none;",
+    )
+    table = load_settings().api_limit_table
+    assert quotas.limits_for(table, quotas.key_id("plain-key")) == {
+        ("interactive", "rpm"): 600,
+        ("interactive", "jobs"): 20,
+        ("bulk", "jobs"): 2000,
+    }
+    assert quotas.limits_for(table, special) == {
+        ("interactive", "jobs"): 20,
+        ("bulk", "jobs"): 50000,
+    }
+    assert special == hashlib.sha256(b"special-key").hexdigest()[:12]
+    assert quotas.LANES == contract.LANES  # the bottom's copy of the contract's lanes
+
+
+@pytest.mark.parametrize(
+    ("keys", "limits", "message"),
+    [
+        ("k", "*: fast.rpm=3", "'fast.rpm=3' is not <lane>.<kind>=<n|none>"),
+        ("k", "*: bulk.hour=3", "'bulk.hour=3' is not"),
+        ("k", "*: bulk.rpm=0", "a limit is at least 1"),
+        ("k", "*: bulk.rpm=-1", "'bulk.rpm=-1' is not"),
+        ("k", "*:", "*: no limits"),
+        ("k", "bulk.rpm=3", "each entry is"),
+        ("k", "secret-key: bulk.rpm=3", "a key id is 12 hex digits"),
+        ("k", "*: bulk.rpm=3; *: bulk.jobs=3", "'*' has two entries"),
+        ("k", "0123456789ab: bulk.rpm=3", "names key id 0123456789ab, which is no key"),
+        (None, "*: bulk.rpm=3", "BGQ_API_LIMITS needs BGQ_API_KEYS"),
+    ],
+)
+def test_bad_api_limits_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, keys: str | None, limits: str, message: str
+) -> None:
+    if keys:
+        monkeypatch.setenv("BGQ_API_KEYS", keys)
+    monkeypatch.setenv("BGQ_API_LIMITS", limits)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "BGQ_API_LIMITS" in str(info.value) and message in str(info.value)
+    assert "secret-key" not in str(info.value).replace(repr(limits), "")

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import bgq
-from bgq import defaults
+from bgq import defaults, quotas
 from bgq.settings import Settings, load_settings
 from producer.api import jobs, ops
 from producer.api.errors import install_error_handlers
@@ -18,6 +18,7 @@ from producer.api.limits import BodyLimit
 from producer.api.metrics import Metrics, MetricsMiddleware
 from producer.api.openapi import install_openapi
 from producer.api.page import install_page
+from producer.api.ratelimit import Limiter
 from producer.client import Producer
 
 DESCRIPTION = (
@@ -37,8 +38,9 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     app.state.settings = settings
     app.state.producer = producer
     app.state.metrics = metrics
-    app.state.api_keys = [k.encode() for k in settings.api_key_list]
-    install_openapi(app, secured=bool(settings.api_key_list))
+    app.state.api_keys = {quotas.key_id(k): k.encode() for k in settings.api_key_list}
+    app.state.limiter = Limiter(settings.api_limit_table, producer, metrics)
+    install_openapi(app, secured=bool(settings.api_key_list), limited=bool(settings.api_limits))
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

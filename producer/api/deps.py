@@ -15,6 +15,7 @@ from bgq.settings import Settings
 from bgq.store import Store
 from producer.api.errors import ApiError
 from producer.api.metrics import Metrics
+from producer.api.ratelimit import Limiter
 from producer.client import Producer
 
 
@@ -42,23 +43,38 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_limiter(request: Request) -> Limiter:
+    """The per-key limits (BGQ_API_LIMITS) and their counters in Redis."""
+    limiter: Limiter = request.app.state.limiter
+    return limiter
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ProducerDep = Annotated[Producer, Depends(get_producer)]
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 
 
 async def require_key(request: Request) -> None:
-    """Refuse a request without one of BGQ_API_KEYS as its bearer token (none set: no check)."""
-    keys: list[bytes] = request.app.state.api_keys
+    """Refuse a request without one of BGQ_API_KEYS as its bearer token (none set: no check).
+
+    The caller is then known by its key's short id (`request.state.caller`; None without keys).
+    """
+    keys: dict[str, bytes] = request.app.state.api_keys  # short id -> key
+    request.state.caller = None
     if not keys:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     given = token.strip().encode()
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "missing or invalid API key: send `Authorization: Bearer <key>`",
-            {"WWW-Authenticate": "Bearer"},
-        )
+    # Every key is compared (in constant time), so the time taken says nothing of which matched.
+    matches = [caller for caller, key in keys.items() if hmac.compare_digest(given, key)]
+    if scheme.lower() == "bearer" and matches:
+        request.state.caller = matches[0]
+        return
+    raise ApiError(
+        401,
+        "unauthorized",
+        "missing or invalid API key: send `Authorization: Bearer <key>`",
+        {"WWW-Authenticate": "Bearer"},
+    )

@@ -17,13 +17,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from bgq import contract, defaults, jobs, webhooks
+from bgq.options import Options
 from bgq.settings import Settings
 from bgq.store import Store
-from producer.api.deps import MetricsDep, ProducerDep, SettingsDep, StoreDep, require_key
+from producer.api import ratelimit
+from producer.api.deps import (
+    LimiterDep,
+    MetricsDep,
+    ProducerDep,
+    SettingsDep,
+    StoreDep,
+    require_key,
+)
 from producer.api.errors import ApiError
 from producer.api.metrics import Metrics
 from producer.api.openapi import KEY_PATTERN
-from producer.api.submission import options_of, read_submission, wait_seconds
+from producer.api.ratelimit import Limiter
+from producer.api.submission import image_of, lane_of, options_of, read_submission, wait_seconds
 from producer.client import Producer
 from producer.job import Job
 
@@ -42,18 +52,24 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
     response_class=FileResponse,
 )
 async def remove(
-    request: Request, settings: SettingsDep, producer: ProducerDep, metrics: MetricsDep
+    request: Request,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    metrics: MetricsDep,
+    limiter: LimiterDep,
 ) -> Response:
     fields, data = await read_submission(request, settings)
     wait = wait_seconds(fields)
     if "callback_url" in fields:
         raise ApiError(422, "invalid_request", "callback_url belongs to POST /v1/jobs")
-    job = await submit(
-        request, settings, producer, metrics, fields, data, callback=None, record_hits=False
-    )
+    sent = Submission(request, settings, producer, metrics, limiter)
+    job = await sent.submit(fields, data, callback=None, record_hits=False)
     if not (job.cached or await wait_for(request, job, wait)):
-        return job_response(request, settings, job.key, "queued", cached=False)
-    return await image_response(producer.store, job.output, job.cached)
+        response: Response = job_response(request, settings, job.key, "queued", cached=False)
+    else:
+        response = await image_response(producer.store, job.output, job.cached)
+    response.headers.update(sent.limit_headers)
+    return response
 
 
 @router.post(
@@ -63,17 +79,22 @@ async def remove(
     status_code=202,
 )
 async def create_job(
-    request: Request, settings: SettingsDep, producer: ProducerDep, metrics: MetricsDep
+    request: Request,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    metrics: MetricsDep,
+    limiter: LimiterDep,
 ) -> JSONResponse:
     fields, data = await read_submission(request, settings)
     if "wait" in fields:
         raise ApiError(422, "invalid_request", "wait belongs to POST /v1/remove")
     callback = fields.get("callback_url")
-    job = await submit(
-        request, settings, producer, metrics, fields, data, callback=callback, record_hits=True
-    )
+    sent = Submission(request, settings, producer, metrics, limiter)
+    job = await sent.submit(fields, data, callback=callback, record_hits=True)
     status = "done" if job.cached else "queued"
-    return job_response(request, settings, job.key, status, job.cached)
+    response = job_response(request, settings, job.key, status, job.cached)
+    response.headers.update(sent.limit_headers)
+    return response
 
 
 @router.get(
@@ -95,7 +116,8 @@ async def get_job(
         record = await run_in_threadpool(jobs.read_record, producer.app.backend.client, key)
         args = jobs.record_args(record)
         if args is not None:
-            await run_in_threadpool(producer.requeue_if_lost, args)
+            lane, run = jobs.record_lane(record)
+            await run_in_threadpool(producer.requeue_if_lost, args, lane, run)
     return job
 
 
@@ -129,31 +151,77 @@ async def get_result(
 # -- what the routes share ----------------------------------------------------------------------
 
 
-async def submit(
-    request: Request,
-    settings: Settings,
-    producer: Producer,
-    metrics: Metrics,
-    fields: dict[str, str],
-    data: bytes,
-    *,
-    callback: str | None,
-    record_hits: bool,
-) -> Job:
-    """Validate, hand the image to the Producer, and record the job for GET /v1/jobs."""
-    model, options = options_of(fields, settings.model)
-    if callback is not None:
-        await run_in_threadpool(check_callback, settings, callback)
-        if not settings.webhook_secret:
-            raise ApiError(
-                422, "invalid_request", "callback_url needs BGQ_WEBHOOK_SECRET to be set"
-            )
-    job = await run_in_threadpool(producer.submit_data, data, model, options)
-    metrics.cache.labels("hit" if job.cached else "miss").inc()
-    if record_hits or not job.cached:  # a job to look up later (a hit needs none)
-        base = base_url(request, settings)
-        await run_in_threadpool(record, producer, job, base, callback)
-    return job
+class Submission:
+    """One submission: validated, counted against the caller's limits, handed to the Producer,
+    and recorded for GET /v1/jobs; `limit_headers` says where the caller stands."""
+
+    def __init__(
+        self,
+        request: Request,
+        settings: Settings,
+        producer: Producer,
+        metrics: Metrics,
+        limiter: Limiter,
+    ) -> None:
+        self.request = request
+        self.settings = settings
+        self.producer = producer
+        self.metrics = metrics
+        self.limiter = limiter
+        self.caller: str | None = request.state.caller  # the key's short id (require_key)
+        self.limit_headers: dict[str, str] = {}
+
+    async def submit(
+        self,
+        fields: dict[str, str],
+        upload: bytes | None,
+        *,
+        callback: str | None,
+        record_hits: bool,
+    ) -> Job:
+        """Count the request, read the image, then submit it as one of the caller's jobs."""
+        lane = lane_of(fields)
+        usages = await run_in_threadpool(self.limiter.count_request, self.caller, lane)
+        self.limit_headers = ratelimit.headers(usages)
+        data = await image_of(self.request, self.settings, fields, upload)  # after the count
+        model, options = options_of(fields, self.settings.model)
+        if callback is not None:
+            await run_in_threadpool(check_callback, self.settings, callback)
+            if not self.settings.webhook_secret:
+                raise ApiError(
+                    422, "invalid_request", "callback_url needs BGQ_WEBHOOK_SECRET to be set"
+                )
+        job = await run_in_threadpool(self.enqueue, data, model, options, lane, usages)
+        self.metrics.cache.labels("hit" if job.cached else "miss").inc()
+        if record_hits or not job.cached:  # a job to look up later (a hit needs none)
+            base = base_url(self.request, self.settings)
+            run = ratelimit.run_of(self.caller)
+            await run_in_threadpool(record, self.producer, job, base, callback, lane, run)
+        return job
+
+    def enqueue(
+        self, data: bytes, model: str, options: Options, lane: str, usages: list[ratelimit.Usage]
+    ) -> Job:
+        """Submit the image in `lane`, held to the caller's limit of jobs outstanding there."""
+        run = ratelimit.run_of(self.caller)
+        caller = self.caller
+        if caller is None or "jobs" not in self.limiter.limits(caller, lane):
+            return self.producer.submit_data(data, model, options, lane=lane, run=run)
+        key = contract.cache_key(contract.input_digest(data), model, options)
+        name = contract.result_name(key, options.format)
+        held = self.limiter.hold_job(
+            caller, lane, key, lambda: self.producer.store.has_output(name), usages
+        )
+        if held is None:  # over the limit, but the result is stored: a hit costs nothing
+            return self.producer.submit_data(data, model, options, lane=lane, run=run)
+        self.limit_headers = ratelimit.headers([*usages, held])
+        outstanding = False
+        try:
+            job = self.producer.submit_data(data, model, options, lane=lane, run=run)
+            outstanding = not job.cached
+        finally:
+            self.limiter.release_job(caller, lane, key, outstanding)
+        return job
 
 
 def check_callback(settings: Settings, url: str) -> None:
@@ -164,11 +232,14 @@ def check_callback(settings: Settings, url: str) -> None:
         log.info("accepted %s; its deliveries are retried", exc)
 
 
-def record(producer: Producer, job: Job, base: str, callback: str | None) -> None:
-    """Register the job (its base URL, its callback); a callback of a job already over is sent."""
+def record(
+    producer: Producer, job: Job, base: str, callback: str | None, lane: str, run: str
+) -> None:
+    """Register the job (its base URL, callback, lane and run); a callback of a job already
+    over is sent."""
     assert job.args is not None
     client = producer.app.backend.client
-    jobs.register(client, job.args, base, callback)
+    jobs.register(client, job.args, base, callback, lane=lane, run=run)
     if callback:
         jobs.notify_if_final(producer.app, client, describe(producer, job.key))
 

@@ -34,6 +34,12 @@ class Metrics:
         )
         for result in ("hit", "miss"):
             self.cache.labels(result)
+        self.limited = Counter(
+            "bgq_api_rate_limited",
+            "Submissions refused with 429 by a key's limit (the key by its short id).",
+            ["key", "lane", "limit"],
+            registry=self.registry,
+        )
 
 
 class MetricsMiddleware:

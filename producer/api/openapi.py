@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from bgq import defaults, options, webhooks
+from bgq import contract, defaults, options, webhooks
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 JOB = {"$ref": "#/components/schemas/Job"}
@@ -40,9 +40,9 @@ def up_to(limit: int) -> str:
 CANVAS_SCHEMA_PATTERN = f"^{up_to(defaults.CANVAS_MAX_SIDE)}x{up_to(defaults.CANVAS_MAX_SIDE)}$"
 
 
-def header(description: str, **schema: Any) -> dict[str, Any]:
-    """A required response header (a string)."""
-    return {"description": description, "required": True, "schema": {"type": "string", **schema}}
+def header(text: str, required: bool = True, **schema: Any) -> dict[str, Any]:
+    """A response header (a string), required unless said otherwise."""
+    return {"description": text, "required": required, "schema": {"type": "string", **schema}}
 
 
 def error(description: str, **headers: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +85,18 @@ ERRORS = {
         Retry_After=header("seconds", pattern="^[0-9]+$"),
     ),
 }
+# The fields of draft-ietf-httpapi-ratelimit-headers: each limit of the request's lane that the
+# caller's key has, `"<lane>-rpm";q=<n>;w=60` (submissions per minute) and
+# `"<lane>-jobs";q=<n>;qu="concurrent-requests"` (jobs outstanding at once).
+RATELIMIT_POLICY = 'the key\'s limits in this lane, e.g. `"bulk-rpm";q=60;w=60`'
+RATELIMIT = 'what is left of each, e.g. `"bulk-rpm";r=12;t=30, "bulk-jobs";r=0`'
+LIMITED = error(
+    "`rate_limited`: over one of the key's limits (BGQ_API_LIMITS) in the request's lane, "
+    "submissions per minute or jobs outstanding at once; retry after `Retry-After` seconds",
+    Retry_After=header("seconds", pattern="^[1-9][0-9]*$"),
+    RateLimit_Policy=header(RATELIMIT_POLICY),
+    RateLimit=header(RATELIMIT),
+)
 PNG_HEADERS = {
     "ETag": header('`"<job id>"`'),
     "Cache-Control": header("immutable"),
@@ -173,6 +185,13 @@ IMAGE_URL = {
 }
 
 
+LANE = {
+    "name": "lane",
+    "in": "query",
+    "description": "`interactive` (the default: run before any bulk work) or `bulk` (catalogs: "
+    "runs in idle capacity, shared fairly between API keys)",
+    "schema": {"type": "string", "enum": list(contract.LANES), "default": contract.INTERACTIVE},
+}
 WAIT = {
     "name": "wait",
     "in": "query",
@@ -225,7 +244,7 @@ def image_body(extra: list[dict[str, Any]]) -> dict[str, Any]:
 
 def json_types() -> dict[str, str]:
     """The JSON type of every field a JSON body may carry (the route decides which apply)."""
-    params = [*option_parameters(), IMAGE_URL, WAIT, CALLBACK_URL]
+    params = [*option_parameters(), IMAGE_URL, LANE, WAIT, CALLBACK_URL]
     return {p["name"]: p["schema"]["type"] for p in params}
 
 
@@ -244,13 +263,13 @@ def operations() -> dict[str, dict[str, Any]]:
     png = {"description": "The result (its format's type)", **RESULT, "headers": PNG_HEADERS}
     return {
         "remove": {
-            "parameters": [*option_parameters(), IMAGE_URL, WAIT],
-            "requestBody": image_body([WAIT]),
+            "parameters": [*option_parameters(), IMAGE_URL, LANE, WAIT],
+            "requestBody": image_body([LANE, WAIT]),
             "responses": {"200": png, "202": ACCEPTED, **pick("413", "415", "422", "503")},
         },
         "create_job": {
-            "parameters": [*option_parameters(), IMAGE_URL, CALLBACK_URL],
-            "requestBody": image_body([CALLBACK_URL]),
+            "parameters": [*option_parameters(), IMAGE_URL, LANE, CALLBACK_URL],
+            "requestBody": image_body([LANE, CALLBACK_URL]),
             "responses": {"202": ACCEPTED, **pick("413", "415", "422", "503")},
         },
         "get_job": {
@@ -327,8 +346,12 @@ READY = {
 }
 
 
-def complete(document: dict[str, Any], secured: bool) -> dict[str, Any]:
-    """FastAPI's document with every operation's parameters, body, answers and security."""
+SUBMISSIONS = ("remove", "create_job")  # the operations BGQ_API_LIMITS counts
+
+
+def complete(document: dict[str, Any], secured: bool, limited: bool = False) -> dict[str, Any]:
+    """FastAPI's document with every operation's parameters, body, answers and security (and
+    the 429 and rate-limit fields of submissions when keys have limits)."""
     doc = copy.deepcopy(document)
     ops = operations()
     for path, methods in doc["paths"].items():
@@ -337,6 +360,8 @@ def complete(document: dict[str, Any], secured: bool) -> dict[str, Any]:
             if secured and path.startswith("/v1/"):
                 op["security"] = [{"bearer": []}]
                 op["responses"]["401"] = ERRORS["401"]
+            if limited and op["operationId"] in SUBMISSIONS:
+                limit_answers(op["responses"])
     readyz = doc["paths"]["/readyz"]["get"]["responses"]
     body = {"application/json": {"schema": READY}}
     readyz["200"] = {"description": "Ready", "content": body}
@@ -358,15 +383,28 @@ def complete(document: dict[str, Any], secured: bool) -> dict[str, Any]:
     return doc
 
 
-def install_openapi(app: FastAPI, secured: bool) -> None:
-    """Serve FastAPI's document completed once by `complete` (auth as this app is set up)."""
+def limit_answers(responses: dict[str, Any]) -> None:
+    """A submission's answers under limits: the 429; the rate-limit fields on the others too,
+    present when the key has limits in the request's lane."""
+    fields = {
+        "RateLimit-Policy": header(RATELIMIT_POLICY, False),
+        "RateLimit": header(RATELIMIT, False),
+    }
+    for status in ("200", "202"):
+        if status in responses:
+            responses[status].setdefault("headers", {}).update(copy.deepcopy(fields))
+    responses["429"] = copy.deepcopy(LIMITED)
+
+
+def install_openapi(app: FastAPI, secured: bool, limited: bool = False) -> None:
+    """Serve FastAPI's document completed once by `complete` (auth, limits as set up)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            app.openapi_schema = complete(document, secured)
+            app.openapi_schema = complete(document, secured, limited)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -25,7 +25,7 @@ from bgq.settings import Settings
 from producer.api.errors import ApiError
 from producer.api.openapi import IMAGE_URL_PATTERN, json_types
 
-REQUEST_FIELDS = ("model", "wait", "callback_url", "image_url")  # besides the rembg options
+REQUEST_FIELDS = ("model", "lane", "wait", "callback_url", "image_url")  # besides rembg's options
 ONE_IMAGE = "send exactly one of image (a multipart `file` or the body) and image_url"
 
 
@@ -36,6 +36,11 @@ def options_of(fields: dict[str, str], default_model: str) -> tuple[str, Options
         raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
     model = contract.check_model(fields.get("model", default_model))
     return model, Options.parse({k: v for k, v in fields.items() if k in Options.model_fields})
+
+
+def lane_of(fields: dict[str, str]) -> str:
+    """The `lane` field: interactive (the default) or bulk."""
+    return contract.check_lane(fields.get("lane", contract.INTERACTIVE))
 
 
 def wait_seconds(fields: dict[str, str]) -> float:
@@ -64,6 +69,8 @@ def check_alone(fields: dict[str, str], default_model: str) -> None:
     except ValidationError as exc:
         if any(e["loc"] for e in exc.errors()):  # a field's own fault, not a combination's
             Options.parse(values)  # raises, naming the option
+    if "lane" in fields:
+        lane_of(fields)
     if "wait" in fields:
         wait_seconds(fields)
     if "callback_url" in fields:
@@ -82,20 +89,29 @@ def check_image_url(url: str) -> None:
         )
 
 
-async def read_submission(request: Request, settings: Settings) -> tuple[dict[str, str], bytes]:
-    """The fields and the image of a submission: uploaded, or fetched from `image_url`."""
+async def read_submission(
+    request: Request, settings: Settings
+) -> tuple[dict[str, str], bytes | None]:
+    """The fields and the uploaded image of a submission (None: `image_url` names it)."""
     fields, data = await read_parts(request, settings.model)
     url = fields.get("image_url")
     if (data is None) == (url is None):
         raise ApiError(422, "invalid_request", ONE_IMAGE)
-    if url is None:
-        assert data is not None
-        return fields, data
-    check_alone(fields, settings.model)  # a request refused anyway fetches nothing
-    options_of(fields, settings.model)
-    fetch = functools.partial(fetch_setting_image, settings, url)
+    if url is not None:
+        check_alone(fields, settings.model)  # a request refused anyway fetches nothing
+        options_of(fields, settings.model)
+    return fields, data
+
+
+async def image_of(
+    request: Request, settings: Settings, fields: dict[str, str], data: bytes | None
+) -> bytes:
+    """The submission's image: the upload, else fetched from `image_url`."""
+    if data is not None:
+        return data
+    fetch = functools.partial(fetch_setting_image, settings, fields["image_url"])
     # Threads of their own: slow image servers never take the threads every request needs.
-    return fields, await anyio.to_thread.run_sync(fetch, limiter=_fetch_limiter(request))
+    return await anyio.to_thread.run_sync(fetch, limiter=_fetch_limiter(request))
 
 
 def _fetch_limiter(request: Request) -> anyio.CapacityLimiter:

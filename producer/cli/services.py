@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from bgq import contract, defaults
+from bgq import contract, defaults, quotas
 from bgq.connections import broker_url
 from bgq.errors import ConfigError
 from bgq.lane_stats import Snapshot, lane_stats
@@ -143,8 +143,20 @@ def worker_lines(names: list[str], snapshot: Snapshot) -> str:
 def api(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = defaults.API_HOST,
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = defaults.API_PORT,
+    key_ids: Annotated[
+        bool,
+        typer.Option(
+            "--key-ids",
+            help="Print the short id of each BGQ_API_KEYS key, by position (BGQ_API_LIMITS "
+            "names keys by these ids), and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the HTTP API (FastAPI on uvicorn) and the web page at /; schema at /openapi.json."""
+    if key_ids:
+        for position, key in enumerate(load_settings().api_key_list, start=1):
+            typer.echo(f"{position}  {quotas.key_id(key)}")
+        return
     import uvicorn  # FastAPI and uvicorn only for `bgq api` (~0.5 s at every other command)
 
     from producer.api import create_app  # the same: it imports FastAPI

@@ -6,6 +6,7 @@ export const STATUS_WORDS = {
   413: "Too large",
   415: "Unsupported file",
   422: "Refused",
+  429: "Rate limit",
   503: "bgq is unavailable right now, try again in a moment",
 };
 
@@ -34,6 +35,10 @@ export async function call(item, key, path, init = {}, timeout = 0) {
 /** An answer that may well be different soon: the API or a proxy in front of it is
  *  unavailable (restarting, overloaded, its Redis down). */
 export const temporary = (response) => [500, 502, 503, 504].includes(response.status);
+
+/** Seconds the answer asks to wait before trying again (its Retry-After), else `fallback`. */
+export const retryAfter = (response, fallback) =>
+  Number(response.headers.get("Retry-After")) || fallback;
 
 /** The API's JSON error, in words: "Too large: request body over ...". */
 export async function describe(response) {

@@ -3,7 +3,7 @@
 // The API key (if the server wants one) is kept in this tab's sessionStorage and sent only
 // as an Authorization header, never in a URL.
 import { currentFields, setUpOptions } from "./options.js";
-import { Gone, Unreachable, call, describe, temporary } from "./api.js";
+import { Gone, Unreachable, call, describe, retryAfter, temporary } from "./api.js";
 import { resultName, save, zipResults } from "./files.js";
 
 const config = JSON.parse(document.getElementById("bgq-config").textContent);
@@ -17,6 +17,7 @@ const POLL_MAX_MS = 5000; // a round of polls with no change waits longer, up to
 const STATUS_TIMEOUT_MS = 20000; // a status request that takes longer is tried again
 const RESULT_TIMEOUT_MS = 120000;
 const BACKOFF_MAX_MS = 30000; // uploads wait this long at most after the API was unavailable
+const LIMIT_WAIT_S = 5; // a 429 without Retry-After waits this long
 const KEY_STORAGE = "bgq-api-key";
 const STATE_WORDS = {
   waiting: "waiting",
@@ -44,6 +45,8 @@ const results = []; // items whose result is to be downloaded
 let downloading = 0;
 let backoff = 0; // ms uploads wait after the API was unavailable (0: it answered)
 let uploadsPaused = null; // the timer that ends such a wait
+let resumeAt = 0; // when it ends (ms since the epoch)
+let countdown = null; // the timer counting it down on the cards waiting for a rate limit
 let zipping = false;
 
 // -- images on the page ----------------------------------------------------------------------
@@ -141,6 +144,7 @@ function fail(item, message) {
 function reset(item) {
   if (item.resultUrl) URL.revokeObjectURL(item.resultUrl);
   Object.assign(item, { job: null, cached: false, error: "", blob: null, resultUrl: null });
+  item.limited = false;
   item.abort = new AbortController();
   $(".result img", item.el).removeAttribute("src");
 }
@@ -173,6 +177,8 @@ function pump() {
     if (!item) break;
     uploading++;
     item.state = "sending";
+    if (item.limited) item.error = "";
+    item.limited = false;
     update(item);
     submit(item)
       .catch((error) => {
@@ -188,18 +194,47 @@ function pump() {
 
 /** The API did not answer or was unavailable: the item goes back in line, and uploads
  *  wait (Retry-After, else doubling from 2 s up to 30 s) before trying again. */
-function unavailable(item, message, retryAfter) {
+function unavailable(item, message, after) {
   item.state = "waiting";
-  backoff = Math.min(BACKOFF_MAX_MS, retryAfter ? retryAfter * 1000 : Math.max(2000, backoff * 2));
+  backoff = Math.min(BACKOFF_MAX_MS, after ? after * 1000 : Math.max(2000, backoff * 2));
   item.error = `${message} (trying again in ${Math.round(backoff / 1000)} s)`;
   update(item);
   banner(message);
-  if (uploadsPaused === null) {
-    uploadsPaused = setTimeout(() => {
-      uploadsPaused = null;
-      pump();
-    }, backoff);
+  pauseUploads(backoff);
+}
+
+/** A 429: the key is over one of its limits. Not a failure: the item goes back in line, and
+ *  uploads wait as long as the API asks (Retry-After), its card counting down. */
+function rateLimited(item, seconds) {
+  item.state = "waiting";
+  item.limited = true;
+  pauseUploads(seconds * 1000);
+  showLimited();
+  if (countdown === null) countdown = setInterval(showLimited, 1000);
+}
+
+function showLimited() {
+  const left = Math.max(0, Math.ceil((resumeAt - Date.now()) / 1000));
+  const waiting = items.filter((item) => item.limited && item.state === "waiting");
+  for (const item of waiting) {
+    item.error = left ? `rate limit, retrying in ${left} s` : "rate limit, retrying";
+    update(item);
   }
+  if (waiting.length === 0 || uploadsPaused === null) {
+    clearInterval(countdown);
+    countdown = null;
+  }
+}
+
+/** No uploads for `ms` (or until an earlier pause ends, if that is later). */
+function pauseUploads(ms) {
+  if (uploadsPaused !== null && Date.now() + ms <= resumeAt) return;
+  clearTimeout(uploadsPaused);
+  resumeAt = Date.now() + ms;
+  uploadsPaused = setTimeout(() => {
+    uploadsPaused = null;
+    pump();
+  }, ms);
 }
 
 async function submit(item) {
@@ -209,9 +244,9 @@ async function submit(item) {
   else body.append("file", item.source, item.name);
   const response = await call(item, key, "/v1/jobs", { method: "POST", body });
   if (response.status === 401) return refused(item, response, () => hold(item));
+  if (response.status === 429) return rateLimited(item, retryAfter(response, LIMIT_WAIT_S));
   if (temporary(response)) {
-    const retryAfter = Number(response.headers.get("Retry-After")) || null;
-    return unavailable(item, await describe(response), retryAfter);
+    return unavailable(item, await describe(response), retryAfter(response, null));
   }
   if (response.status !== 202) return fail(item, await describe(response));
   backoff = 0;
