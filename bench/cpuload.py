@@ -10,7 +10,6 @@ kind: pool processes, worker main process, API, Redis, ingest, the benchmark its
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -42,20 +41,22 @@ def _kind(proc: psutil.Process, me: psutil.Process) -> str:
     return "other of ours"
 
 
-def _ours() -> dict[int, tuple[str, float]]:
-    """CPU seconds of this process and each live descendant, with its kind."""
+def _ours() -> dict[int, tuple[str, float, float]]:
+    """This process and each live descendant: its kind, its own CPU seconds, and those of its
+    children that ended and were waited for (a worker's replaced pool processes, our ingests)."""
     me = psutil.Process()
     found = {}
     for proc in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):  # gone meanwhile
-            found[proc.pid] = (_kind(proc, me), sum(proc.cpu_times()[:2]))
+            t = proc.cpu_times()
+            ended = t.children_user + t.children_system
+            found[proc.pid] = (_kind(proc, me), t.user + t.system, ended)
     return found
 
 
-def _waited() -> float:
-    """CPU seconds of our children that ended and were waited for (ingest commands)."""
-    done = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return done.ru_utime + done.ru_stime
+# Whose CPU the ended children of a process were: a worker's main process waits for its pool
+# processes (replaced after BGQ_MAX_TASKS_PER_CHILD tasks), the benchmark for its ingests.
+ENDED = {"worker main": "pool processes", "bench": "ingest"}
 
 
 @dataclass
@@ -64,8 +65,7 @@ class Load:
 
     wall: float = field(default_factory=time.monotonic)
     busy: tuple[float, float] = field(default_factory=_busy)
-    ours: dict[int, tuple[str, float]] = field(default_factory=_ours)
-    waited: float = field(default_factory=_waited)
+    ours: dict[int, tuple[str, float, float]] = field(default_factory=_ours)
     kinds: dict[str, float] = field(default_factory=dict)  # ours by kind, cores, once ended
     others: float = 0.0  # cores other processes used
     stolen: float = 0.0  # cores the hypervisor took
@@ -73,12 +73,17 @@ class Load:
     def end(self) -> Load:
         seconds = max(time.monotonic() - self.wall, 1e-9)
         busy, steal = _busy()
-        for pid, (kind, cpu) in _ours().items():
+        now = _ours()
+        for pid, (kind, own, ended) in self.ours.items():
+            if pid not in now:  # ended: its parent's `ended` counts its whole life; not ours
+                self.kinds[kind] = self.kinds.get(kind, 0.0) - (own + ended) / seconds
+        for pid, (kind, own, ended) in now.items():
             was = self.ours.get(pid)
-            used = cpu - was[1] if was and was[0] == kind else cpu
-            self.kinds[kind] = self.kinds.get(kind, 0.0) + used / seconds
-        ended = (_waited() - self.waited) / seconds  # a process that ended, waited for by us
-        self.kinds["ingest"] = self.kinds.get("ingest", 0.0) + ended
+            if was and was[0] == kind:
+                own, ended = own - was[1], ended - was[2]
+            self.kinds[kind] = self.kinds.get(kind, 0.0) + own / seconds
+            other = ENDED.get(kind, kind)
+            self.kinds[other] = self.kinds.get(other, 0.0) + ended / seconds
         self.others = max(0.0, (busy - self.busy[0]) / seconds - sum(self.kinds.values()))
         self.stolen = (steal - self.busy[1]) / seconds
         return self

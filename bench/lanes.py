@@ -134,7 +134,7 @@ class Bench:
 def latency(bench: Bench, settings: Settings, url: str, lane: str | None, n: int) -> dict:
     """Idle requests, then 20 spread over an n-image ingest (from 6 s in, to near its end)."""
     idle = [remove(url, next(bench.photos)) for _ in range(6)][1:]  # the first warms the API
-    span = n / statistics.mean(bench.rates["bulk"])  # the ingest's expected seconds
+    span = n / statistics.median(bench.rates["bulk"])  # the ingest's expected seconds
     src = catalog(bench.bases, bench.folder(f"load-{lane or 'bulk'}"), n)
     photos = [next(bench.photos) for _ in range(20)]
     gap = max(0.5, (span - 8) / 20)
@@ -173,13 +173,17 @@ def latency(bench: Bench, settings: Settings, url: str, lane: str | None, n: int
     }
 
 
-def throughput(bench: Bench, settings: Settings, images: int) -> None:
-    """img/s of an ingest in each lane, alternating bulk, interactive, interactive, bulk."""
-    for lane in ("bulk", "interactive", "interactive", "bulk"):
+def throughput(bench: Bench, settings: Settings, images: int, rounds: int) -> None:
+    """img/s of an ingest in each lane, `rounds` each, in the order bulk, interactive,
+    interactive, bulk, bulk, interactive...: neither lane always goes first."""
+    for i in range(2 * rounds):
+        lane = ("bulk", "interactive")[(i + 1) // 2 % 2]
         src = catalog(bench.bases, bench.folder(f"rate-{lane}"), images)
+        load = Load()
         rate = images / bench.ingest(settings, src, None if lane == "bulk" else lane)
         bench.rates[lane].append(rate)
-        print(f"  throughput, {lane:11} lane: {rate:.2f} img/s", flush=True)
+        others = load.end().others
+        print(f"  throughput, {lane:11} lane: {rate:.2f} img/s (others: {others:.2f} cores)")
 
 
 def fairness(bench: Bench, settings: Settings, big: int, small: int, lane: str | None) -> float:
@@ -247,12 +251,13 @@ def report(bench: Bench, args: argparse.Namespace, fair: dict[str, float]) -> No
     )
     report_latency(bench.latency, args.images)
     rates = bench.rates
-    ratio = statistics.mean(rates["bulk"]) / statistics.mean(rates["interactive"])
+    ratio = statistics.median(rates["bulk"]) / statistics.median(rates["interactive"])
     print(f"\n2. Bulk throughput: {args.images}-image 1080p ingest, 2 pool processes, no requests")
-    print("   (rounds alternate bulk, interactive, interactive, bulk; ingest's own elapsed)")
+    print("   (rounds: bulk, interactive, interactive, bulk, bulk, interactive...; medians;")
+    print("   img/s from each ingest's own elapsed time)")
     for lane, values in rates.items():
         shown = ", ".join(f"{v:.2f}" for v in values)
-        print(f"  {lane:11} lane: {statistics.mean(values):.2f} img/s (rounds {shown})")
+        print(f"  {lane:11} lane: {statistics.median(values):.2f} img/s (rounds {shown})")
     print(f"  bulk / interactive: {ratio:.3f} {verdict(ratio, TARGET_THROUGHPUT, False)}")
     alone = fair["alone"]
     print(f"\n3. Fairness: a {args.small}-image ingest started 10 s into a {args.big}-image one,")
@@ -277,7 +282,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, float]:
     fair: dict[str, float] = {}
     with bench.stack(2) as settings:
         with bench.phase("2. throughput"):
-            throughput(bench, settings, args.images)
+            throughput(bench, settings, args.images, args.rounds)
         api, url = serve_api(settings, bench.work)
         try:
             for name, lane in (("lanes (bulk)", None), ("no lanes (interactive)", "interactive")):
@@ -304,6 +309,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=80, help="the ingest of parts 1 and 2")
+    parser.add_argument("--rounds", type=int, default=3, help="part 2's rounds per lane")
     parser.add_argument("--big", type=int, default=400, help="part 3's big catalog")
     parser.add_argument("--small", type=int, default=40, help="part 3's small catalog")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp folder)")
