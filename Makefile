@@ -80,7 +80,7 @@ bench-api: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.api
 
 # Lanes: interactive latency under a bulk ingest, bulk throughput per lane, fairness between
-# two catalogs; with lanes and without, side by side (about 10 minutes on 2 cores).
+# two catalogs; with lanes and without, side by side (6 minutes on 2 cores, a fast host).
 bench-lanes: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.lanes
 
