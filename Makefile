@@ -12,7 +12,7 @@ UV := $(TOOLS)/bin/uv
 # One environment with every extra (test, bench): `uv sync` removes what it was not asked for.
 SYNC := $(UV) sync --locked --quiet --all-extras --python $(PYTHON)
 
-.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api profile lint format lock floors clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api bench-lanes profile lint format lock floors clean
 
 setup: $(STAMP) models
 
@@ -78,6 +78,11 @@ bench-memory: setup $(NUMBA_CACHE)
 # Cache-hit latency of the HTTP API (p50/p99, requests/s).
 bench-api: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.api
+
+# Lanes: interactive latency under a bulk ingest, bulk throughput per lane, fairness between
+# two catalogs; with lanes and without, side by side (6 minutes on 2 cores, a fast host).
+bench-lanes: setup $(NUMBA_CACHE)
+	$(BIN)/python -m bench.lanes
 
 profile: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.profile
