@@ -66,11 +66,11 @@ def celery_connection(settings: Settings) -> dict[str, Any]:
     url = broker_url(settings)
     broker_options: dict[str, Any] = {
         "visibility_timeout": defaults.VISIBILITY_TIMEOUT,
-        # Lanes: a worker's queues are tried in its consume order, strictly (interactive first;
-        # kombu's default round-robin would alternate with bulk), and a message's priority is
-        # ignored: with one priority step every message lands in its queue's one list, so no
-        # priority can reorder the lanes (on Redis, 0 is the highest and would jump them).
-        "queue_order_strategy": "priority",
+        # Lanes: a worker tries its queues strictly in contract.CONSUME_ORDER (interactive
+        # first; kombu's default round-robin would alternate with bulk), and a message's
+        # priority is ignored: with one priority step every message lands in its queue's one
+        # list, so no priority can reorder the lanes (on Redis 0 is the highest: it would).
+        "queue_order_strategy": "bgq.lanes:LaneOrder",
         "priority_steps": [0],
     }
     backend_options: dict[str, Any] = {}

@@ -95,7 +95,7 @@ def lane_stats(client: redis.Redis, now: float) -> Snapshot:
     tail = dict(zip(queues, listed[1::2], strict=True))
     running = dict(zip(queues, held, strict=True))
     runs, run_tails = run_lists([raw.decode() for raw in ring], client)
-    workers = lanes.capacity(client, now)
+    workers = lanes.capacity(client)
     found = {}
     for lane, queue in LANE_QUEUES.items():
         tails = [tail[queue], *(run_tails if lane == contract.BULK else [])]

@@ -17,7 +17,9 @@ fine on one Redis or Sentinel, not on Redis Cluster (which bgq does not support)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+from kombu.utils.scheduling import priority_cycle
 
 from bgq import contract, defaults
 
@@ -29,22 +31,49 @@ RUNS_KEY = f"{defaults.KEY_PREFIX}bulk:runs"  # set: the same runs, to add each 
 CAPACITY_KEY = f"{defaults.KEY_PREFIX}capacity"  # zset: worker node -> when its entry expires
 SLOTS_KEY = f"{defaults.KEY_PREFIX}capacity:slots"  # hash: worker node -> "<lanes>:<processes>"
 
-# KEYS: runs, ring; ARGV: run. A run with waiting jobs joins the ring once (at its end).
+SWEEP_KEY = f"{defaults.KEY_PREFIX}bulk:sweep"  # held by the worker sweeping for lost runs
+QUEUE_ORDER = "bgq.lanes:LaneOrder"  # kombu's queue_order_strategy for bgq (bgq/connections.py)
+
+# KEYS: runs, ring; ARGV: run. A run with waiting jobs joins the ring once (at its end);
+# 1 if it was not in it.
 ADMIT = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
   redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
 end
+return 0
+"""
+
+# KEYS: capacity, slots; ARGV: node, its entry, seconds it lasts. Expiry by Redis's clock,
+# the one DISPATCH and CAPACITY read, so a worker's own clock does not matter.
+REGISTER = """
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
+# KEYS: capacity, slots. The live nodes' entries, as node, entry, node, entry...
+CAPACITY = """
+local now = tonumber(redis.call('TIME')[1])
+local found = {}
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+  found[#found + 1] = node
+  found[#found + 1] = redis.call('HGET', KEYS[2], node) or '-:0'
+end
+return found
+"""
+
 # KEYS: ring, runs, bulk queue, capacity, slots; ARGV: a run list's prefix, the promoted-mark
-# prefix, the least depth, the most steps. Let waiting bulk jobs in, one run at a time, until
-# the bulk queue holds as many as the live workers have bulk pool processes (at least the least
-# depth). A message keeps kombu's format; only its routing key becomes the bulk queue, so that
-# kombu puts it back there (not in its run's list) if its worker dies or it is retried. A
-# message whose enqueue was promoted to the interactive lane (the mark holds that enqueue's
-# guard token, its `bgq_guard` header) is dropped: its interactive copy runs instead. A later
-# bulk enqueue of the same job has another token, so a mark left behind never drops it.
+# prefix, the least depth, the most steps, the guard prefix, the guard's TTL. Let waiting bulk
+# jobs in, one run at a time, until the bulk queue holds as many as the live workers have bulk
+# pool processes (at least the least depth). A message keeps kombu's format; only its routing key
+# becomes the bulk queue, so that kombu puts it back there (not in its run's list) if its worker
+# dies or it is retried. A message whose enqueue was promoted to the interactive lane (the mark
+# holds that enqueue's guard token, its `bgq_guard` header) is dropped: its interactive copy runs
+# instead. A later bulk enqueue of the same job has another token, so a mark left behind never
+# drops it. A message let in renews its enqueue's guard: a job may wait its turn longer than
+# GUARD_TTL.
 DISPATCH = """
 local now = tonumber(redis.call('TIME')[1])
 local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -76,6 +105,10 @@ while depth < target and steps < tonumber(ARGV[4]) do
     if type(headers) == 'table' and type(headers['id']) == 'string' then
       local mark = redis.call('GET', ARGV[2] .. headers['id'])
       promoted = mark ~= false and mark == headers['bgq_guard']
+      local guard = ARGV[5] .. headers['id']
+      if not promoted and redis.call('GET', guard) == headers['bgq_guard'] then
+        redis.call('EXPIRE', guard, ARGV[6])
+      end
     end
     if not promoted then
       local from = '"routing_key": "' .. ARGV[1] .. run .. '"'
@@ -93,19 +126,16 @@ end
 return moved
 """
 
-# KEYS: guard, promoted mark; ARGV: TTL, the promoter's guard token. A job whose guard a bulk
-# enqueue holds becomes interactive: its guard says so (no second promotion), and the mark
-# names the bulk enqueue, whose message, if it still waits in its run's list, is dropped when
-# the scheduler reaches it.
-PROMOTE = """
-local holder = redis.call('GET', KEYS[1])
-if holder and string.sub(holder, 1, 5) == 'bulk:' then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
-  redis.call('SET', KEYS[2], holder, 'EX', ARGV[1])
-  return 1
-end
-return 0
-"""
+
+class LaneOrder(priority_cycle):
+    """kombu's queue order on bgq's connections: a worker tries its queues strictly in
+    contract.CONSUME_ORDER (interactive first, bulk last), however they were added: -Q in any
+    order, or `add_consumer` at run time (kombu appends a new queue at the end). Other queues
+    keep their order after bgq's."""
+
+    def update(self, it: Any) -> None:
+        rank = {queue: i for i, queue in enumerate(contract.CONSUME_ORDER)}
+        self.items[:] = sorted(it, key=lambda queue: rank.get(queue, len(rank)))
 
 
 def guard_token(lane: str, token: str) -> str:
@@ -130,6 +160,8 @@ def dispatch_args() -> tuple[list[str], list[Any]]:
         contract.promoted_key(""),
         defaults.BULK_MIN_READY,
         defaults.BULK_DISPATCH_STEPS,
+        contract.guard_key(""),
+        defaults.GUARD_TTL,
     ]
     return keys, argv
 
@@ -152,12 +184,33 @@ def dispatch(client: redis.Redis) -> int:
     return int(client.eval(DISPATCH, len(keys), *keys, *argv))
 
 
-def register_worker(pipe: Any, node: str, lanes: list[str], processes: int, now: float) -> None:
+def sweep(client: redis.Redis) -> list[str]:
+    """Admit the runs whose list holds jobs but which are not in the ring (a producer died
+    between its publish and the admission, or a failover lost the admission); the runs found.
+
+    One worker sweeps at a time, at most once per SWEEP_INTERVAL: a SCAN of the keyspace.
+    """
+    if not client.set(SWEEP_KEY, "1", nx=True, ex=defaults.SWEEP_INTERVAL):
+        return []
+    prefix = contract.run_queue("")
+    runs = []
+    for raw in client.scan_iter(match=f"{prefix}*", count=1000, _type="LIST"):
+        run = raw.decode()[len(prefix) :]
+        if contract.RUN_RE.fullmatch(run):
+            runs.append(run)
+    with client.pipeline(transaction=False) as pipe:
+        for run in runs:
+            pipe.eval(ADMIT, 2, RUNS_KEY, RING_KEY, run)
+        added = pipe.execute()
+    return [run for run, new in zip(runs, added, strict=True) if new]
+
+
+def register_worker(pipe: Any, node: str, lanes: list[str], processes: int) -> None:
     """Queue on a pipeline: this worker node serves `lanes` with `processes` pool processes,
-    until WORKER_ENTRY_TTL seconds from now unless it says so again."""
+    for WORKER_ENTRY_TTL seconds (by Redis's clock) unless it says so again."""
     code = "".join(lane[0] for lane in lanes) or "-"
-    pipe.zadd(CAPACITY_KEY, {node: now + defaults.WORKER_ENTRY_TTL})
-    pipe.hset(SLOTS_KEY, node, f"{code}:{processes}")
+    entry = f"{code}:{processes}"
+    pipe.eval(REGISTER, 2, CAPACITY_KEY, SLOTS_KEY, node, entry, defaults.WORKER_ENTRY_TTL)
 
 
 def unregister_worker(client: redis.Redis, node: str) -> None:
@@ -168,18 +221,14 @@ def unregister_worker(client: redis.Redis, node: str) -> None:
         pipe.execute()
 
 
-def capacity(client: redis.Redis, now: float) -> dict[str, tuple[list[str], int]]:
+def capacity(client: redis.Redis) -> dict[str, tuple[list[str], int]]:
     """The live worker nodes: each one's lanes and pool processes."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.zrangebyscore(CAPACITY_KEY, now, "+inf")
-        pipe.hgetall(SLOTS_KEY)
-        nodes, slots = pipe.execute()
+    flat: list[bytes] = client.eval(CAPACITY, 2, CAPACITY_KEY, SLOTS_KEY)
     found = {}
-    for raw in nodes:
-        node = raw.decode()
-        code, _, count = (slots.get(raw) or b"-:0").decode().partition(":")
+    for node, entry in zip(flat[0::2], flat[1::2], strict=True):
+        code, _, count = entry.decode().partition(":")
         lanes = [lane for lane in contract.LANES if lane[0] in code]
-        found[node] = (lanes, int(count) if count.isdigit() else 0)
+        found[node.decode()] = (lanes, int(count) if count.isdigit() else 0)
     return found
 
 
@@ -194,7 +243,8 @@ def observe_wait(pipe: Any, lane: str, seconds: float) -> None:
 
 def waiting_runs(client: redis.Redis) -> dict[str, int]:
     """Each bulk run with jobs waiting to be let in, and how many."""
-    runs = [raw.decode() for raw in client.lrange(RING_KEY, 0, -1)]  # type: ignore[union-attr]
+    ring = cast("list[bytes]", client.lrange(RING_KEY, 0, -1))
+    runs = [raw.decode() for raw in ring]
     with client.pipeline(transaction=False) as pipe:
         for run in runs:
             pipe.llen(contract.run_queue(run))

@@ -46,10 +46,15 @@ T = TypeVar("T")
 IMAGE_ERRORS = (InvalidImage, ImageTooLarge, UnsupportedImage)  # about one image, not the setup
 
 
+def host_label() -> str:
+    """This host's name as the start of a bulk run's name (contract.RUN_RE)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32]
+    return host.strip("-._") or "host"
+
+
 def default_run() -> str:
     """A Producer's bulk run when none is given: this host and process."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40].strip("-.") or "host"
-    return f"{host}-{os.getpid()}"
+    return f"{host_label()}-{os.getpid()}"
 
 
 def read_source(source: Source) -> bytes:
@@ -211,12 +216,25 @@ class Producer:
         if holder is None:
             self.with_broker("enqueue", lambda: enqueue.hold(self.app, args, token, lane, run))
         elif lane == INTERACTIVE and holder == BULK:
-            self.with_broker("promote", lambda: self._promote(args))
+            self._promote(args)
 
     def _promote(self, args: TaskArgs) -> None:
-        """Promote a waiting bulk job (enqueue.promote) unless it has started already."""
-        if self.task_meta(args.key)["status"] == "PENDING":
-            enqueue.promote(self.app, args, self.run)
+        """An interactive submit of a job a bulk enqueue holds and that has not started: claim
+        it, send an interactive copy, confirm (producer/enqueue.py). Each step is retried on
+        its own through an outage, so a retry never sends a second copy.
+
+        The copy is sent before the bulk message is marked: a producer that dies in between
+        leaves two messages, never none (the claim expires, the bulk message is not dropped).
+        A bulk message already let into the bulk queue runs too, and finds the result stored.
+        """
+        if self.task_meta(args.key)["status"] != "PENDING":
+            return  # started (or over): nothing to promote
+        token = lanes.guard_token(INTERACTIVE, uuid.uuid4().hex)
+        if self.with_broker("promote", lambda: enqueue.claim(self.app, args, token)) is None:
+            return  # no bulk enqueue holds it (any more), or another submitter promotes it
+        send = functools.partial(enqueue.send, self.app, args, INTERACTIVE, self.run, token)
+        self.with_broker("promote", send)
+        self.with_broker("promote", lambda: enqueue.confirm(self.app, args, token))
 
     def with_broker(self, doing: str, operation: Callable[[], T]) -> T:
         """Run a Redis operation, riding out an outage for up to BGQ_BROKER_RETRY_SECONDS."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 import redis
@@ -51,6 +50,34 @@ if redis.call('GET', KEYS[1]) == ARGV[2] then
   return redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return 0
+"""
+
+
+# KEYS: guard; ARGV: TTL, the promoter's token. A promotion's claim: a guard a bulk enqueue
+# holds becomes `promoting:<token>|<the bulk enqueue's token>`, so no other submitter promotes
+# the job too (one interactive copy, not one per submitter). Returns the bulk enqueue's token,
+# again to a retry of the same claim; nil if there is nothing to promote.
+CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then return false end
+local mine = 'promoting:' .. ARGV[2] .. '|'
+if string.sub(holder, 1, #mine) == mine then return string.sub(holder, #mine + 1) end
+if string.sub(holder, 1, 5) ~= 'bulk:' then return false end
+redis.call('SET', KEYS[1], mine .. holder, 'EX', ARGV[1])
+return holder
+"""
+
+# KEYS: guard, promoted mark; ARGV: TTL, the promoter's token. The interactive copy is sent:
+# the guard becomes the copy's, and the mark names the promoted bulk enqueue (DISPATCH in
+# bgq/lanes.py drops its message). A claim that expired meanwhile changes nothing: a waiter
+# may have enqueued the job again, and the bulk message then simply runs too.
+CONFIRM = """
+local holder = redis.call('GET', KEYS[1])
+local mine = 'promoting:' .. ARGV[2] .. '|'
+if not holder or string.sub(holder, 1, #mine) ~= mine then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+redis.call('SET', KEYS[2], string.sub(holder, #mine + 1), 'EX', ARGV[1])
+return 1
 """
 
 
@@ -124,16 +151,16 @@ def hold(app: Celery, args: TaskArgs, token: str, lane: str, run: str) -> None:
         pipe.execute()
 
 
-def promote(app: Celery, args: TaskArgs, run: str) -> None:
-    """An interactive submit of a job a bulk enqueue holds (and that has not started): send
-    an interactive copy, then mark the bulk one (dropped if it still waits in its run's list).
+def claim(app: Celery, args: TaskArgs, token: str) -> str | None:
+    """Step 1 of a promotion: take over the guard a bulk enqueue holds (for GUARD_PUBLISH_TTL);
+    that enqueue's token, or None if no bulk enqueue holds it (or another promotion does)."""
+    guard = contract.guard_key(args.key)
+    held = app.backend.client.eval(CLAIM, 1, guard, defaults.GUARD_PUBLISH_TTL, token)
+    return held.decode() if isinstance(held, bytes) else None
 
-    The copy is sent first: a producer that dies in between leaves two messages, never
-    none; the second finds the result in the store. A bulk message already let into the
-    bulk queue runs too, and finds the result the same way.
-    """
-    token = lanes.guard_token(INTERACTIVE, uuid.uuid4().hex)
-    send(app, args, INTERACTIVE, run, token)
-    client = app.backend.client
+
+def confirm(app: Celery, args: TaskArgs, token: str) -> None:
+    """Step 3, once the interactive copy is sent: the guard is the copy's until the job ends,
+    and the promoted bulk enqueue is marked (dropped if it still waits in its run's list)."""
     keys = (contract.guard_key(args.key), contract.promoted_key(args.key))
-    client.eval(lanes.PROMOTE, 2, *keys, defaults.GUARD_TTL, token)
+    app.backend.client.eval(CONFIRM, 2, *keys, defaults.GUARD_TTL, token)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import socket
 import sys
 import time
 from collections import Counter
@@ -29,7 +27,7 @@ from bgq.stack import LocalStack
 from bgq.store import Store
 from bgq.urls import is_s3
 from producer.catalog import Item, open_catalog, read_file
-from producer.client import Producer
+from producer.client import Producer, host_label
 from producer.job import Job
 from producer.reader import Reader
 from producer.remote import S3Prefix
@@ -318,9 +316,8 @@ def _progress(total: int) -> tuple[Progress, Callable[[Counter[str]], None]]:
 def default_run_id(src: str) -> str:
     """An ingest's bulk run when --run-id is not given: this host and SRC, so that the same
     command run again (a resume) keeps its run, and other catalogs get their own."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:32].strip("-.") or "host"
     where = src if is_s3(src) else str(Path(src).resolve())
-    return f"{host}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+    return f"{host_label()}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 
 def open_source(

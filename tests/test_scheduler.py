@@ -4,6 +4,7 @@ the test pops the bulk queue as a worker would, so every step of the order is vi
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +13,11 @@ import pytest
 import redis
 
 from bgq import contract, lanes
-from bgq.contract import BULK, INTERACTIVE
+from bgq.contract import BULK, INTERACTIVE, TaskArgs
 from bgq.errors import InvalidRequest, JobTimeout
+from bgq.options import Options
 from bgq.settings import Settings
-from producer import Producer
+from producer import Producer, enqueue
 from tests.helpers import variant
 
 
@@ -62,17 +64,18 @@ def test_the_bulk_queue_is_as_deep_as_the_live_workers_bulk_processes(
     idle: tuple[Producer, redis.Redis],
 ) -> None:
     producer, client = idle
-    now = time.time()
     with client.pipeline() as pipe:
-        lanes.register_worker(pipe, "a@host", [INTERACTIVE, BULK], 3, now)
-        lanes.register_worker(pipe, "b@host", [BULK], 2, now)
-        lanes.register_worker(pipe, "c@host", [INTERACTIVE], 7, now)  # serves no bulk
-        lanes.register_worker(pipe, "d@host", [BULK], 9, now - 3600)  # long gone
+        lanes.register_worker(pipe, "a@host", [INTERACTIVE, BULK], 3)
+        lanes.register_worker(pipe, "b@host", [BULK], 2)
+        lanes.register_worker(pipe, "c@host", [INTERACTIVE], 7)  # serves no bulk
+        lanes.register_worker(pipe, "d@host", [BULK], 9)
         pipe.execute()
+    # d's entry was last renewed an hour ago (by Redis's clock, the only one that counts).
+    client.zadd(lanes.CAPACITY_KEY, {"d@host": int(client.time()[0]) - 3600})
     for i in range(8):
         producer.submit(image(20 + i), lane=BULK)
     assert client.llen(contract.BULK_QUEUE) == 5
-    assert set(lanes.capacity(client, time.time())) == {"a@host", "b@host", "c@host"}
+    assert set(lanes.capacity(client)) == {"a@host", "b@host", "c@host"}
     assert not client.hexists(lanes.SLOTS_KEY, "d@host")  # the scheduler dropped its entry
 
 
@@ -143,3 +146,64 @@ def test_bad_lanes_and_runs_are_refused(
     producer, _ = idle
     with pytest.raises(InvalidRequest, match=r"lane|run id"):
         producer.submit(image(70), lane=lane, run=run)
+
+
+def test_only_one_of_two_promoters_sends_a_copy(idle: tuple[Producer, redis.Redis]) -> None:
+    """Two interactive submitters (two API processes, say) of one waiting bulk job: one claims
+    it and sends the copy; a retry of that claim gets the same answer; the other gets none."""
+    producer, client = idle
+    waiting = producer.submit(image(80), lane=BULK)
+    assert waiting.args is not None
+    bulk_token = client.get(contract.guard_key(waiting.key))
+    first, second = "interactive:first", "interactive:second"
+    assert enqueue.claim(producer.app, waiting.args, first) == bulk_token.decode()
+    assert enqueue.claim(producer.app, waiting.args, first) == bulk_token.decode()  # a retry
+    assert enqueue.claim(producer.app, waiting.args, second) is None
+    enqueue.confirm(producer.app, waiting.args, first)
+    assert client.get(contract.guard_key(waiting.key)) == first.encode()
+    assert client.get(contract.promoted_key(waiting.key)) == bulk_token
+    assert enqueue.claim(producer.app, waiting.args, second) is None  # interactive now
+
+
+def test_concurrent_interactive_submits_promote_once(idle: tuple[Producer, redis.Redis]) -> None:
+    producer, client = idle
+    for i in range(2):
+        producer.submit(image(81 + i), lane=BULK)  # fill the bulk queue's least depth
+    producer.submit(image(83), lane=BULK)
+    with Producer(producer.settings) as other:
+        submits = [threading.Thread(target=p.submit, args=(image(83),)) for p in (producer, other)]
+        for thread in submits:
+            thread.start()
+        for thread in submits:
+            thread.join()
+    assert client.llen(contract.QUEUE) == 1
+
+
+def test_a_sweep_admits_a_run_whose_admission_was_lost(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    """A producer that died between its publish and the admission left a message in a run's
+    list that is not in the ring: nothing lets it in until a worker's sweep finds it."""
+    producer, client = idle
+    for i in range(2):
+        producer.submit(image(90 + i), lane=BULK)
+    data = image(92)
+    args = TaskArgs.build(contract.input_digest(data), "u2netp", Options())
+    enqueue.send(producer.app, args, BULK, "orphan", "bulk:orphan-token")
+    while client.rpop(contract.BULK_QUEUE):
+        lanes.dispatch(client)
+    assert client.llen(contract.run_queue("orphan")) == 1  # never let in
+    assert lanes.sweep(client) == ["orphan"]
+    assert lanes.sweep(client) == []  # one sweep per interval, cluster-wide
+    lanes.dispatch(client)
+    assert client.llen(contract.BULK_QUEUE) == 1 and not client.exists(contract.run_queue("orphan"))
+
+
+def test_the_queue_order_is_the_lanes_whatever_order_queues_come_in() -> None:
+    """kombu's cycle for bgq's connections: -Q in any order, or a queue re-added at run time
+    (kombu appends it), still gives interactive first and bulk last."""
+    order = lanes.LaneOrder()
+    order.update(["bgq.bulk", "other", "bgq.maintenance", "bgq", "bgq.webhooks"])
+    assert order.consume(5) == ["bgq", "bgq.webhooks", "bgq.maintenance", "bgq.bulk", "other"]
+    order.rotate("bgq")  # kombu calls it after each delivery: the order stays
+    assert order.consume(2) == ["bgq", "bgq.webhooks"]

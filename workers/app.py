@@ -46,7 +46,7 @@ def _check_worker(sender: WorkController, **_: object) -> None:
     the image queue needs the default model's weights; one that serves only webhooks or
     maintenance loads none."""
     global serves_images
-    queues = order_queues(sender.app)
+    queues = list(sender.app.amqp.queues.consume_from)
     serves_images = any(queue in queues for queue in contract.IMAGE_QUEUES)
     try:
         open_store(settings).check()
@@ -59,16 +59,6 @@ def _check_worker(sender: WorkController, **_: object) -> None:
         log.info("this worker consumes %s, no image queue: no model is loaded", ",".join(queues))
     else:
         session.preload()  # what every pool process imports, shared copy-on-write
-
-
-def order_queues(celery: Celery) -> list[str]:
-    """Consume in contract.CONSUME_ORDER whatever order -Q gave (kombu tries the queues in
-    this order, strictly: celeryconfig's queue_order_strategy); other queues come last."""
-    names = list(celery.amqp.queues.consume_from)
-    rank = {name: i for i, name in enumerate(contract.CONSUME_ORDER)}
-    ordered = sorted(names, key=lambda name: rank.get(name, len(rank)))
-    celery.amqp.queues.select(ordered)
-    return ordered
 
 
 @worker_process_init.connect

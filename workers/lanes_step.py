@@ -1,14 +1,15 @@
 """A worker's part in the lanes, from its main process: say which lanes it serves with how
-many pool processes (the bulk queue is kept that deep), and let waiting bulk jobs in.
+many pool processes (the bulk queue is kept that deep), let waiting bulk jobs in, and now and
+then sweep for bulk runs lost from the scheduler's ring (bgq.lanes.sweep).
 
 Every WORKER_BEAT seconds, on the worker's own timer; an entry not renewed for
 WORKER_ENTRY_TTL seconds stops counting, so a worker that dies uncleanly drops out by itself.
+The lanes are read again at every beat: `add_consumer` and `cancel_consumer` change them.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import redis
@@ -36,26 +37,24 @@ class LaneBeat(bootsteps.StartStopStep):
     def __init__(self, worker: WorkController, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.tref: Any = None
-        self.lanes: list[str] = []
 
     def start(self, worker: WorkController) -> None:
-        self.lanes = served_lanes(list(worker.app.amqp.queues.consume_from))
-        if not self.lanes:
-            return  # webhooks or maintenance only: no image capacity to announce
         self.beat(worker)
         self.tref = worker.timer.call_repeatedly(defaults.WORKER_BEAT, self.beat, (worker,))
 
     def beat(self, worker: WorkController) -> None:
-        """Renew this worker's entry; let bulk jobs in (best effort: the next beat retries)."""
+        """Renew this worker's entry; let bulk jobs in; sweep (best effort: the next beat
+        retries). A worker of webhooks or maintenance only serves no lane: its entry says so."""
+        served = served_lanes(list(worker.app.amqp.queues.consume_from))
         client = worker.app.backend.client
         try:
             with client.pipeline(transaction=False) as pipe:
-                lanes.register_worker(
-                    pipe, worker.hostname, self.lanes, worker.concurrency, time.time()
-                )
-                if contract.BULK in self.lanes:
+                lanes.register_worker(pipe, worker.hostname, served, worker.concurrency)
+                if contract.BULK in served:
                     lanes.dispatch_on(pipe)
                 pipe.execute()
+            if contract.BULK in served and lanes.sweep(client):
+                lanes.dispatch(client)
         except redis.RedisError as exc:
             log.warning("cannot renew this worker's lane entry: %s", exc)
 
@@ -63,7 +62,6 @@ class LaneBeat(bootsteps.StartStopStep):
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
-        if self.lanes:
             try:
                 lanes.unregister_worker(worker.app.backend.client, worker.hostname)
             except redis.RedisError as exc:

@@ -99,13 +99,15 @@ def lane_of(request: Any) -> str:
 
 
 def _started(request: Any) -> None:
-    """A job starts: record how long its first delivery waited in its lane, and if it is a bulk
-    job, let the next waiting one in (so the bulk queue stays one cluster deep). Best effort."""
+    """A job starts: record how long its first delivery waited in its lane (not a retry's or a
+    redelivery's: their wait includes an earlier run), and if it is a bulk job, let the next
+    waiting one in (so the bulk queue stays one cluster deep). Best effort."""
     lane = lane_of(request)
     enqueued = request.get(contract.ENQUEUED_HEADER)
+    first = not request.retries and not (request.delivery_info or {}).get("redelivered")
     try:
         with app.backend.client.pipeline(transaction=False) as pipe:
-            if isinstance(enqueued, int | float) and not request.retries:
+            if isinstance(enqueued, int | float) and first:
                 lanes.observe_wait(pipe, lane, time.time() - enqueued)
             if lane == contract.BULK:
                 lanes.dispatch_on(pipe)
