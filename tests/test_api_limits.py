@@ -218,3 +218,13 @@ def test_key_ids_command(env: dict[str, str]) -> None:
         f"2  {quotas.key_id('second')}",
     ]
     assert "first" not in done.stdout
+
+
+def test_key_ids_command_never_shows_a_key_written_for_its_id(env: dict[str, str]) -> None:
+    limits = "supersecretkey123: bulk.rpm=3"
+    keys = {"BGQ_API_KEYS": "supersecretkey123", "BGQ_API_LIMITS": limits}
+    done = bgq_in_process("api", "--key-ids", env={**env, **keys})
+    assert done.returncode != 0
+    assert "BGQ_API_LIMITS" in done.stderr and "not a key id" in done.stderr
+    for shown in (done.stdout, done.stderr):
+        assert "supersecretkey" not in shown and limits not in shown
