@@ -18,6 +18,7 @@ KINDS = {"rpm": "requests per minute", "jobs": "jobs outstanding at once"}
 EVERY_KEY = "*"
 KEY_ID_RE = re.compile(r"[0-9a-f]{12}")
 RULE_RE = re.compile(r"([a-z]+)\.([a-z]+)=([0-9]+|none)")
+SHOWN_RE = re.compile(r"[a-z]+\.[a-z]+=[-a-z0-9]*")  # shaped like a rule: errors may show it
 FORMAT = "`<key id or *>: <lane>.<rpm|jobs>=<n|none> ...` entries separated by `;`"
 
 Rule = tuple[str, str]  # (lane, kind)
@@ -30,34 +31,48 @@ def key_id(key: str) -> str:
 
 
 def parse_limits(text: str) -> Table:
-    """The limits of BGQ_API_LIMITS; ValueError names what is wrong (never a key: ids only)."""
+    """The limits of BGQ_API_LIMITS; ValueError names what is wrong, and never echoes what
+    stands where a key id belongs (a key written there by mistake): entries by number then."""
     table: Table = {}
-    for entry in filter(None, (part.strip() for part in text.split(";"))):
+    for number, entry in enumerate(filter(None, (part.strip() for part in text.split(";"))), 1):
         who, colon, rules = (part.strip() for part in entry.partition(":"))
-        if not colon or not (who == EVERY_KEY or KEY_ID_RE.fullmatch(who)):
-            raise ValueError(f"{entry!r}: each entry is {FORMAT}; a key id is 12 hex digits")
+        if not colon:
+            raise ValueError(f"entry {number} has no `:`; each entry is {FORMAT}")
+        if not is_who(who):
+            raise ValueError(
+                f"entry {number} names something that is not a key id (12 hex digits, "
+                f"`bgq api --key-ids` prints them) or `{EVERY_KEY}`; each entry is {FORMAT}"
+            )
         if who in table:
             raise ValueError(f"{who!r} has two entries")
         table[who] = parse_rules(who, rules)
     return table
 
 
+def is_who(who: str) -> bool:
+    """Whether an entry's first part is a key id or `*` (only then may a message show it)."""
+    return who == EVERY_KEY or KEY_ID_RE.fullmatch(who) is not None
+
+
 def parse_rules(who: str, text: str) -> dict[Rule, int | None]:
-    """One entry's rules: `lane.kind=n` (a positive integer) or `=none`, by spaces or commas."""
+    """One entry's rules: `lane.kind=n` (a positive integer) or `=none`, by spaces or commas.
+    A word not even shaped like a rule is named by its place, not shown: it may be a key."""
     rules: dict[Rule, int | None] = {}
-    for word in text.replace(",", " ").split():
+    name = who if is_who(who) else "an entry"
+    for number, word in enumerate(text.replace(",", " ").split(), 1):
         match = RULE_RE.fullmatch(word)
         if not match or match[1] not in LANES or match[2] not in KINDS:
+            shown = repr(word) if SHOWN_RE.fullmatch(word) else f"rule {number}"
             raise ValueError(
-                f"{who}: {word!r} is not <lane>.<kind>=<n|none> "
+                f"{name}: {shown} is not <lane>.<kind>=<n|none> "
                 f"(lanes: {', '.join(LANES)}; kinds: {', '.join(KINDS)})"
             )
         limit = None if match[3] == "none" else int(match[3])
         if limit == 0:
-            raise ValueError(f"{who}: {word!r}: a limit is at least 1 (none: no limit)")
+            raise ValueError(f"{name}: {word!r}: a limit is at least 1 (none: no limit)")
         rules[(match[1], match[2])] = limit
     if not rules:
-        raise ValueError(f"{who}: no limits (write them as {FORMAT})")
+        raise ValueError(f"{name}: no limits (write them as {FORMAT})")
     return rules
 
 

@@ -211,7 +211,9 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError("invalid setting " + "; ".join(problems)) from None
 
 
-SECRET_FIELDS = {"api_keys", "webhook_secret", "flower_basic_auth"}
+# Never shown in errors: BGQ_API_LIMITS names keys by id, but a key written there by mistake
+# would otherwise be printed by every process that reads the settings.
+SECRET_FIELDS = {"api_keys", "api_limits", "webhook_secret", "flower_basic_auth"}
 
 
 def _shown(field: str, value: object) -> object:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,8 +15,12 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bgq import contract, jobs, quotas
+from bgq.settings import Settings
 from bgq.stack import LocalStack
 from producer import Producer
+from producer.api import ratelimit
+from producer.api.errors import ApiError
+from producer.api.metrics import Metrics
 from tests.helpers import JPEG, bgq_in_process, error_of, settle_polls, variant, wait_for
 
 
@@ -93,6 +98,53 @@ def test_requests_per_minute_hold_across_two_api_processes(serve: Callable[..., 
     # Counted under the key's short id, never the key itself.
     assert limited(two) == {(quotas.key_id("rpm-key"), "interactive", "rpm"): 1.0}
     assert "rpm-key" not in httpx.get(two + "/metrics").text
+
+
+@pytest.fixture
+def outstanding(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[[str], Any]]:
+    """`admit(job)`: ADMIT on real Redis for a key with 100 bulk jobs outstanding, 64 old ones
+    still holding their guards (queued or running) and 36 newer ones ended (guards gone)."""
+    caller = quotas.key_id("prune-key")
+    table: quotas.Table = {"*": {("bulk", "jobs"): 100}}
+    old, new = [f"job-0-{n:02}" for n in range(64)], [f"job-1-{n:02}" for n in range(36)]
+    with Producer(Settings(home=tmp_path, redis_url=redis_url)) as producer:
+        limiter = ratelimit.Limiter(table, producer, Metrics())
+
+        def admit(job: str) -> Any:
+            return limiter.hold_job(caller, "bulk", job, lambda: False, [])
+
+        try:
+            for job in [*old, *new]:  # admitted in this order, then enqueued
+                admit(job)
+                redis_client.set(contract.guard_key(job), "held", ex=600)
+                limiter.release_job(caller, "bulk", job, outstanding=True)
+            redis_client.delete(*(contract.guard_key(job) for job in new))  # they ended
+            redis_client.delete(f"{ratelimit.PREFIX}{caller}:bulk:cursor")  # checks from the oldest
+            assert redis_client.zcard(f"{ratelimit.PREFIX}{caller}:bulk:jobs") == 100
+            yield admit
+        finally:
+            redis_client.delete(*(contract.guard_key(job) for job in old))
+            redis_client.delete(*redis_client.keys(f"{ratelimit.PREFIX}{caller}:*"))
+
+
+def test_jobs_outstanding_are_checked_past_the_oldest(outstanding: Callable[[str], Any]) -> None:
+    """At its limit, a key whose oldest jobs still run is let in once newer ones have ended:
+    the check reaches past the oldest batch (it once checked only the 64 oldest: refused)."""
+    assert outstanding("job-2-00").remaining == 100 - 65
+
+
+def test_jobs_outstanding_checks_go_round_over_admissions(
+    outstanding: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one batch a call (as beyond PRUNE_MOST jobs), successive admissions check the
+    next jobs from where the last stopped, so the ended ones are found on the next call."""
+    monkeypatch.setattr(ratelimit, "PRUNE_MOST", ratelimit.PRUNE_BATCH)
+    with pytest.raises(ApiError) as refused:
+        outstanding("job-2-00")
+    assert refused.value.status == 429 and "100 bulk jobs outstanding" in refused.value.message
+    assert outstanding("job-2-00").remaining == 100 - 65
 
 
 def message_of(client: redis.Redis, key: str, run: str) -> dict[str, Any]:
@@ -218,3 +270,13 @@ def test_key_ids_command(env: dict[str, str]) -> None:
         f"2  {quotas.key_id('second')}",
     ]
     assert "first" not in done.stdout
+
+
+def test_key_ids_command_never_shows_a_key_written_for_its_id(env: dict[str, str]) -> None:
+    limits = "supersecretkey123: bulk.rpm=3"
+    keys = {"BGQ_API_KEYS": "supersecretkey123", "BGQ_API_LIMITS": limits}
+    done = bgq_in_process("api", "--key-ids", env={**env, **keys})
+    assert done.returncode != 0
+    assert "BGQ_API_LIMITS" in done.stderr and "not a key id" in done.stderr
+    for shown in (done.stdout, done.stderr):
+        assert "supersecretkey" not in shown and limits not in shown

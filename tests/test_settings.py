@@ -203,8 +203,9 @@ def test_api_limits_by_key_id_over_every_keys(monkeypatch: pytest.MonkeyPatch) -
         ("k", "*: bulk.rpm=0", "a limit is at least 1"),
         ("k", "*: bulk.rpm=-1", "'bulk.rpm=-1' is not"),
         ("k", "*:", "*: no limits"),
-        ("k", "bulk.rpm=3", "each entry is"),
-        ("k", "secret-key: bulk.rpm=3", "a key id is 12 hex digits"),
+        ("k", "bulk.rpm=3", "entry 1 has no `:`; each entry is"),
+        ("k", "*: bulk.rpm=3; secret-key: bulk.rpm=3", "entry 2 names something that is not"),
+        ("k", "*: secret-key bulk.rpm=3", "*: rule 1 is not <lane>.<kind>"),
         ("k", "*: bulk.rpm=3; *: bulk.jobs=3", "'*' has two entries"),
         ("k", "0123456789ab: bulk.rpm=3", "names key id 0123456789ab, which is no key"),
         (None, "*: bulk.rpm=3", "BGQ_API_LIMITS needs BGQ_API_KEYS"),
@@ -219,4 +220,18 @@ def test_bad_api_limits_are_refused_naming_the_variable(
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "BGQ_API_LIMITS" in str(info.value) and message in str(info.value)
-    assert "secret-key" not in str(info.value).replace(repr(limits), "")
+    assert "secret-key" not in str(info.value) and f"={limits!r}" not in str(info.value)
+
+
+def test_a_key_written_for_its_id_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The easy mistake, a raw key where its id belongs: neither the key nor the setting's
+    value is in the error, which every process that reads the settings would print."""
+    limits = "supersecretkey123: bulk.rpm=3"
+    monkeypatch.setenv("BGQ_API_KEYS", "supersecretkey123")
+    monkeypatch.setenv("BGQ_API_LIMITS", limits)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "BGQ_API_LIMITS='(hidden)'" in message
+    assert "not a key id (12 hex digits, `bgq api --key-ids` prints them) or `*`" in message
+    assert "supersecretkey" not in message and limits not in message

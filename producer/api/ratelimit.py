@@ -7,10 +7,13 @@ last minute (a sorted set). Jobs outstanding are the key's jobs of that lane sti
 running: a sorted set of job ids, from which a job leaves once its enqueue guard is gone (it
 ended; the guard is held from enqueue to the stored result). A job being submitted right now
 has no guard yet: it is in a second set meanwhile, so no other process prunes it too early.
+Each admission checks a bounded batch of the set for ended jobs, from a cursor that goes
+round it, so every job is checked in turn however long the oldest ones run; at the limit, it
+checks further (up to a whole lap of PRUNE_MOST jobs) before it refuses.
 
 Keys appear only as their short id (bgq.quotas.key_id), in Redis keys, messages and metrics.
 Over a limit: 429 `rate_limited`, with `Retry-After` and the `RateLimit-Policy` and `RateLimit`
-fields of draft-ietf-httpapi-ratelimit-headers (structured fields: `"bulk-rpm";q=60;w=60`,
+fields of draft-ietf-httpapi-ratelimit-headers-10 (structured fields: `"bulk-rpm";q=60;w=60`,
 `"bulk-rpm";r=0;t=12`). Jobs outstanding are a concurrency quota: `qu="concurrent-requests"`,
 no window.
 """
@@ -32,7 +35,8 @@ from producer.client import Producer
 
 WINDOW = 60  # seconds: "per minute"
 SUBMIT_TTL = 300  # seconds a submission may take before its job counts only by its guard
-PRUNE_BATCH = 64  # a key's oldest jobs checked for an ended guard, per admission
+PRUNE_BATCH = 64  # a key's jobs checked for an ended guard, per admission, from its cursor
+PRUNE_MOST = 1024  # the most checked by an admission at the limit, before it refuses
 PREFIX = f"{defaults.KEY_PREFIX}limit:"
 
 # KEYS: the key's request times in this lane; ARGV: limit, window, a new member. Take one unit
@@ -56,23 +60,41 @@ if oldest[2] then reset = tonumber(oldest[2]) + window - now end
 return {allowed, count, tostring(reset)}
 """
 
-# KEYS: the key's jobs outstanding in this lane, those being submitted; ARGV: limit, job id,
-# guard key prefix, prune batch, the longest a job can be outstanding, SUBMIT_TTL. Count the job
-# unless the limit is reached (a job counted already is let through: it is the same job).
-# Returns allowed (0/1) and the count.
+# KEYS: the key's jobs outstanding in this lane, those being submitted, the prune cursor (a
+# rank in the first); ARGV: limit, job id, guard key prefix, prune batch, the longest a job can
+# be outstanding, SUBMIT_TTL, the most to prune-check at the limit. Drop ended jobs (no guard,
+# not being submitted) from the cursor on, a batch, or at the limit until a lap or the most is
+# checked; then count the job unless the limit is reached (a job counted already is let
+# through: it is the same job). Returns allowed (0/1) and the count.
 ADMIT = """
 local now = tonumber(redis.call('TIME')[1])
-local limit = tonumber(ARGV[1])
+local limit, batch, most = tonumber(ARGV[1]), tonumber(ARGV[4]), tonumber(ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[6]))
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[5]))
-for _, job in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1)) do
-  if redis.call('EXISTS', ARGV[3] .. job) == 0 and not redis.call('ZSCORE', KEYS[2], job) then
-    redis.call('ZREM', KEYS[1], job)
-  end
-end
 local count = redis.call('ZCARD', KEYS[1])
+local lap = count
+local at = tonumber(redis.call('GET', KEYS[3]) or '0')
+local checked = 0
+while checked < lap and (checked < batch or (count >= limit and checked < most)) do
+  if at >= count then at = 0 end
+  local jobs = redis.call('ZRANGE', KEYS[1], at, at + math.min(batch, lap - checked) - 1)
+  local kept = 0
+  for _, job in ipairs(jobs) do
+    if redis.call('EXISTS', ARGV[3] .. job) == 0 and not redis.call('ZSCORE', KEYS[2], job) then
+      redis.call('ZREM', KEYS[1], job)
+      count = count - 1
+    else
+      kept = kept + 1
+    end
+  end
+  checked = checked + #jobs
+  at = at + kept
+end
 local known = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if not known and count >= limit then return {0, count} end
+if not known and count >= limit then
+  redis.call('SET', KEYS[3], at, 'EX', ARGV[5])
+  return {0, count}
+end
 if not known then
   redis.call('ZADD', KEYS[1], now, ARGV[2])
   count = count + 1
@@ -80,6 +102,7 @@ end
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('SET', KEYS[3], at, 'EX', ARGV[5])
 return {1, count}
 """
 
@@ -162,9 +185,10 @@ class Limiter:
         """Count the job `key` as the caller's until it ends; 429 when the caller has its limit
         of jobs outstanding in `lane` (unless the result is in the store: that costs nothing)."""
         limit = self.limits(caller, lane)["jobs"]
-        keys = [f"{PREFIX}{caller}:{lane}:jobs", f"{PREFIX}{caller}:{lane}:submitting"]
+        base = f"{PREFIX}{caller}:{lane}"
+        keys = [f"{base}:jobs", f"{base}:submitting", f"{base}:cursor"]
         guard = contract.guard_key("")
-        args = [limit, key, guard, PRUNE_BATCH, defaults.GUARD_TTL, SUBMIT_TTL]
+        args = [limit, key, guard, PRUNE_BATCH, defaults.GUARD_TTL, SUBMIT_TTL, PRUNE_MOST]
         allowed, count = self._run("ADMIT", keys, args)
         usage = Usage(lane, "jobs", limit, max(0, limit - int(count)))
         if allowed:
