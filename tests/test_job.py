@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bgq.contract import TaskArgs
+from bgq.contract import BULK, INTERACTIVE, TaskArgs
 from bgq.errors import InvalidImage, JobFailed
 from bgq.options import Options
 from bgq.store import FileStore
@@ -25,14 +25,16 @@ class Script:
     def task_meta(self, key: str) -> dict[str, Any]:
         return self.states.pop(0) if len(self.states) > 1 else self.states[0]
 
-    def requeue_if_lost(self, args: TaskArgs) -> bool:
-        self.requeued.append(args.key)
+    def requeue_if_lost(
+        self, args: TaskArgs, lane: str = INTERACTIVE, run: str | None = None
+    ) -> bool:
+        self.requeued.append(f"{args.key} {lane} {run}")
         return self.found
 
 
-def job_on(tracker: Tracker, store: FileStore) -> Job:
+def job_on(tracker: Tracker, store: FileStore, **lane: str) -> Job:
     args = TaskArgs.build("ab" * 32, "u2netp", Options())
-    return Job(args.key, False, store, tracker, args=args)
+    return Job(args.key, False, store, tracker, args=args, **lane)
 
 
 def test_a_job_waits_through_its_tracker(tmp_path: Path) -> None:
@@ -40,7 +42,14 @@ def test_a_job_waits_through_its_tracker(tmp_path: Path) -> None:
     tracker = Script({"status": "PENDING"}, {"status": "STARTED"}, {"status": "SUCCESS"})
     job = job_on(tracker, store)
     assert job.wait(timeout=5) == store.location(job.output)
-    assert tracker.requeued == [job.key]  # the pending poll asked whether it was lost
+    assert tracker.requeued == [f"{job.key} interactive None"]  # was the pending job lost?
+
+
+def test_a_bulk_job_is_requeued_in_its_lane_and_run(tmp_path: Path) -> None:
+    tracker = Script({"status": "PENDING"})
+    job = job_on(tracker, FileStore(tmp_path / "store"), lane=BULK, run="spring")
+    assert job.poll() is None
+    assert tracker.requeued == [f"{job.key} bulk spring"]
 
 
 def test_a_lost_job_found_in_the_store_is_done(tmp_path: Path) -> None:
