@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from bgq import defaults
 from bgq.errors import ConfigError, InvalidRequest
 from bgq.options import Options
+from producer.cli.common import shown_default
 
 # Per Options field: its short flag ("" for none) and its help (None for none).
 FLAGS: dict[str, tuple[str, str | None]] = {
@@ -30,7 +31,7 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "post_process_mask": ("-ppm", None),
     "bgcolor": ("-bgc", "Background colour R,G,B,A."),
     "format": ("", "png, webp or jpeg."),
-    "quality": ("", f"1-100 (webp, jpeg) [default: {defaults.QUALITY}]."),
+    "quality": ("", f"1-100 (webp, jpeg) {shown_default(str(defaults.QUALITY))}."),
     "crop": ("", "Crop to the subject."),
     "crop_margin": ("", "Margin around the cropped subject: 20px or 5%."),
     "canvas": ("", "Place the subject on a WxH canvas (1000x1000)."),
