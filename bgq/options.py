@@ -68,9 +68,13 @@ class Terms:
 # The HTTP API's (and Python callers') terms: "crop_margin: applies only with crop=true".
 FIELD_TERMS = Terms(
     name=str,
-    given=lambda field: f"{field}=true" if field == "crop" else f"a {field}",
+    given=lambda field: f"{field}=true" if _is_switch(field) else f"a {field}",
     between=": ",
 )
+
+
+def _is_switch(field: str) -> bool:
+    return Options.model_fields[field].annotation is bool
 
 
 class Conflict(ValueError):
