@@ -7,9 +7,12 @@ enters the cache key. Kept free of heavy imports, as the contract is.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
@@ -29,6 +32,72 @@ Position = Literal["center", "top", "bottom"]
 LENGTH_PATTERN = r"^(0|[1-9][0-9]{0,4})(px)?$|^(0|[1-9][0-9]?)(\.[0-9]{1,2})?%$|^100(\.0{1,2})?%$"
 JPEG_BACKGROUND = (255, 255, 255, 255)  # what a JPEG is flattened on when no bgcolor is set
 CANVAS_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"  # "WxH" in pixels
+
+
+# What each option must be: the one text of its per-field errors, on every surface.
+_BOOL = "must be true or false"
+_BYTES = "must be an integer from 0 to 255"
+_LENGTH = "must be pixels (such as 20px) or a percentage up to 100 (5%)"
+MUST = {
+    "alpha_matting": _BOOL,
+    "alpha_matting_foreground_threshold": _BYTES,
+    "alpha_matting_background_threshold": _BYTES,
+    "alpha_matting_erode_size": "must be an integer from 0 to 1000",
+    "only_mask": _BOOL,
+    "post_process_mask": _BOOL,
+    "bgcolor": "must be r,g,b,a: four integers from 0 to 255",
+    "format": "must be png, webp or jpeg",
+    "quality": "must be an integer from 1 to 100",
+    "crop": _BOOL,
+    "crop_margin": _LENGTH,
+    "canvas": "must be WIDTHxHEIGHT in pixels, such as 1000x1000",
+    "padding": _LENGTH,
+    "position": "must be center, top or bottom",
+}
+
+
+@dataclass(frozen=True)
+class Terms:
+    """How a surface names the options in its errors: the API by field, the CLI by flag."""
+
+    name: Callable[[str], str]  # an option as this surface names it
+    given: Callable[[str], str]  # an option turned on, as a rule across options asks for it
+    between: str  # what separates an option's name from what is wrong with it
+
+
+# The HTTP API's (and Python callers') terms: "crop_margin: applies only with crop=true".
+FIELD_TERMS = Terms(
+    name=str,
+    given=lambda field: f"{field}=true" if _is_switch(field) else f"a {field}",
+    between=": ",
+)
+
+
+def _is_switch(field: str) -> bool:
+    return Options.model_fields[field].annotation is bool
+
+
+class Conflict(ValueError):
+    """A rule across options broken: `template` says how, naming `other` as {given} or {other}."""
+
+    def __init__(self, field: str, template: str, other: str) -> None:
+        super().__init__(f"{field}: {template.format(given=other, other=other)}")
+        self.field, self.template, self.other = field, template, other
+
+    def describe(self, terms: Terms) -> str:
+        said = self.template.format(given=terms.given(self.other), other=terms.name(self.other))
+        return f"{terms.name(self.field)}{terms.between}{said}"
+
+
+def describe(error: ErrorDetails, terms: Terms) -> str:
+    """One validation error in a surface's terms: a per-option error says what the option
+    must be (MUST, or our validator's own words), a broken rule says which options it joins."""
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, Conflict):
+        return cause.describe(terms)
+    field = str(error["loc"][0]) if error["loc"] else ""
+    text = str(cause) if error["type"] == "value_error" else MUST.get(field, "is not an option")
+    return f"{terms.name(field)}{terms.between}{text}"
 
 
 def parse_length(text: str) -> tuple[float, bool]:
@@ -84,7 +153,7 @@ class Options(BaseModel):
     @classmethod
     def _parse_bool(cls, value: Any) -> Any:
         if isinstance(value, str) and value not in ("true", "false"):
-            raise ValueError("must be true or false")
+            raise ValueError(_BOOL)
         return value
 
     @field_validator("bgcolor", mode="before")
@@ -92,7 +161,7 @@ class Options(BaseModel):
     def _parse_bgcolor(cls, value: Any) -> Any:
         if isinstance(value, str):
             if not re.fullmatch(BGCOLOR_PATTERN, value):
-                raise ValueError("must be r,g,b,a: four integers from 0 to 255")
+                raise ValueError(MUST["bgcolor"])
             return tuple(part.strip(" ") for part in value.split(","))
         return value
 
@@ -102,32 +171,32 @@ class Options(BaseModel):
         if value is None:
             return None
         if not re.fullmatch(CANVAS_PATTERN, value):
-            raise ValueError("must be WIDTHxHEIGHT in pixels, such as 1000x1000")
+            raise ValueError(MUST["canvas"])
         if max(parse_canvas(value)) > defaults.CANVAS_MAX_SIDE:
-            raise ValueError(f"each side must be at most {defaults.CANVAS_MAX_SIDE} px")
+            raise ValueError(f"must have each side at most {defaults.CANVAS_MAX_SIDE} px")
         return value
 
     @field_validator("crop_margin", "padding")
     @classmethod
     def _check_length(cls, value: str) -> str:
         if not re.fullmatch(LENGTH_PATTERN, value):
-            raise ValueError("must be pixels (such as 20px) or a percentage up to 100 (5%)")
+            raise ValueError(_LENGTH)
         return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Options:
         if parse_length(self.crop_margin)[0] and not self.crop:
-            raise ValueError("crop_margin: applies only with crop=true")
+            raise Conflict("crop_margin", "applies only with {given}", "crop")
         if self.canvas is None:
             if parse_length(self.padding)[0]:
-                raise ValueError("padding: applies only with a canvas")
+                raise Conflict("padding", "applies only with {given}", "canvas")
             if self.position != "center":
-                raise ValueError("position: applies only with a canvas")
+                raise Conflict("position", "applies only with {given}", "canvas")
             return self
         width, height = parse_canvas(self.canvas)
         value, percent = parse_length(self.padding)
         if (value >= 50) if percent else (2 * value >= min(width, height)):
-            raise ValueError("padding: must be under half the canvas side")
+            raise Conflict("padding", "must be under half the {other} side", "canvas")
         return self
 
     @property
@@ -140,19 +209,13 @@ class Options(BaseModel):
         return self.quality if self.quality is not None else defaults.QUALITY
 
     @classmethod
-    def parse(cls, values: dict[str, Any] | None = None) -> Options:
-        """Validate user-supplied options; a bad one raises InvalidRequest naming it."""
+    def parse(cls, values: dict[str, Any] | None = None, terms: Terms = FIELD_TERMS) -> Options:
+        """Validate user-supplied options; a bad one raises InvalidRequest naming it in `terms`."""
         try:
             return cls(**(values or {}))
         except ValidationError as exc:
-            problems = "; ".join(
-                ": ".join(
-                    [".".join(str(p) for p in e["loc"])] * bool(e["loc"])
-                    + [e["msg"].removeprefix("Value error, ")]
-                )
-                for e in exc.errors()
-            )
-            raise InvalidRequest(f"invalid options: {problems}") from None
+            problems = dict.fromkeys(describe(error, terms) for error in exc.errors())
+            raise InvalidRequest(f"invalid options: {'; '.join(problems)}") from None
 
     def canonical(self) -> dict[str, Any]:
         """The options that can change the output, as they enter the cache key.

@@ -207,14 +207,26 @@ def _manifest_item(base: Path, row: Row, ext: str) -> Item:
     if "\x00" in row.path:
         return Item(source=row.where, output=None, id=ident, error="path contains NUL")
     source = base / row.path  # an absolute path stays as it is
-    try:
-        if ident is not None:
+    if ident is not None:
+        try:
             return Item(str(source), str(safe_relative(ident, "id")) + ext, ident)
-        rel = os.path.relpath(os.path.normpath(source), base)
+        except ValueError as exc:
+            return Item(source=str(source), output=None, id=ident, error=str(exc))
+    rel = os.path.relpath(os.path.normpath(source), base)
+    try:
         return Item(str(source), str(safe_relative(rel, "path")), None)
-    except ValueError as exc:
-        hint = "" if ident is not None else "; give the row an `id`"
-        return Item(source=str(source), output=None, id=ident, error=f"{exc}{hint}")
+    except ValueError:  # named after its place under the manifest's folder, it has none
+        return Item(str(source), None, None, _outside(row.path, base, ext))
+
+
+def _outside(written: str, base: Path, ext: str) -> str:
+    """Why a row without an id whose file is not under the manifest's folder fails (its output
+    is named after its path inside that folder), and what to do."""
+    return (
+        f"path {written!r} is outside the manifest's folder ({base}), and a row without an `id` "
+        f"is named after its path inside that folder: give the row an `id` (the output is then "
+        f"ID{ext}), or put the file in the manifest's folder"
+    )
 
 
 def _url_item(url: str, ident: str | None, ext: str) -> Item:

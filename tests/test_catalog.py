@@ -17,6 +17,7 @@ from producer.catalog import (
     safe_relative,
     url_stem,
 )
+from tests.helpers import SAMPLES
 
 # Every naming rule holds for each output format's extension.
 EXTS = pytest.mark.parametrize("ext", [".png", ".webp", ".jpg"])
@@ -109,8 +110,35 @@ def test_a_csv_manifest_with_ids_and_paths(tmp_path: Path, ext: str) -> None:
     ]
     assert items[0].source == str(tmp_path / "imgs" / "1.jpg")  # relative to the manifest
     assert items[2].source == "/abs/3.jpg"
-    assert "leave the output folder" in (items[3].error or "") and "id" in (items[3].error or "")
+    assert (items[3].error or "").startswith("path '../outside.jpg' is outside the manifest's")
     assert "leave the output folder" in (items[4].error or "")
+
+
+@EXTS
+def test_a_row_outside_the_manifests_folder_without_an_id_says_what_to_do(
+    tmp_path: Path, ext: str
+) -> None:
+    """Named after its path inside the manifest's folder, such a row has no name: the error
+    quotes the path as written and says what to do."""
+    sample = SAMPLES / "car-1.jpg"  # an absolute path outside the manifest's folder
+    touch(tmp_path / "cat" / "imgs" / "1.jpg")
+    manifest = tmp_path / "cat" / "list.csv"
+    inside = tmp_path / "cat" / "imgs" / "1.jpg"
+    manifest.write_text(f"path\n{sample}\n../elsewhere/2.jpg\n{inside}\n")
+    items = read_manifest(manifest, ext)
+    for item, written in zip(items[:2], [str(sample), "../elsewhere/2.jpg"], strict=True):
+        assert item.output is None
+        assert item.error == (
+            f"path {written!r} is outside the manifest's folder ({tmp_path / 'cat'}), and a row "
+            f"without an `id` is named after its path inside that folder: give the row an `id` "
+            f"(the output is then ID{ext}), or put the file in the manifest's folder"
+        )
+    assert items[2].output == f"imgs/1{ext}"  # an absolute path inside the folder is named by it
+    with_id = tmp_path / "cat" / "ids.csv"
+    with_id.write_text(f"id,path\ncar,{sample}\n")
+    assert [(i.source, i.output) for i in read_manifest(with_id, ext)] == [
+        (str(sample), f"car{ext}")
+    ]
 
 
 def test_a_jsonl_manifest_reports_bad_lines_as_failed_inputs(tmp_path: Path) -> None:

@@ -161,3 +161,17 @@ def test_worker_reads_the_queues_it_will_consume(args: list[str], queues: set[st
 def test_every_output_option_has_one_flag_entry() -> None:
     """The flags come from Options' fields; FLAGS adds only each one's short flag and help."""
     assert set(FLAGS) == set(Options.model_fields)
+
+
+def test_offline_models_fetch_names_where_the_weights_go(env: dict[str, str]) -> None:
+    """Without the internet, fetching a model other than u2netp fails naming the file's path,
+    for a copy made by other means (an unreachable proxy stands in for no network)."""
+    proxy = "http://127.0.0.1:9"  # the discard port: nothing listens
+    offline = {**env, "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    offline["BGQ_MODELS_DIR"] = env["BGQ_HOME"]
+    result = bgq("models", "fetch", "silueta", env=offline, timeout=120)
+    path = Path(env["BGQ_HOME"]) / "models" / "silueta" / "silueta.onnx"
+    assert result.returncode == 2, result.stderr
+    assert "this needs internet access" in result.stderr, result.stderr
+    assert result.stderr.strip().endswith(f"or the file copied by other means to {path}")
+    assert not path.exists()

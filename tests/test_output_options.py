@@ -4,8 +4,10 @@ shaped result end to end per surface, on real Redis and prefork workers."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,19 +21,102 @@ from bench.s3server import S3Server
 from bgq.options import Options
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
+from producer.cli.options import flag_name
 from producer.ingest import run_ingest
 from tests.helpers import BGQ, JPEG, ApiServer, bgq_in_process, sample_bytes, variant
 
-# Invalid options, each with the option its error must name.
-INVALID = [
-    ({"canvas": "0x10"}, "canvas"),
-    ({"canvas": "100000x100"}, "canvas"),
-    ({"canvas": "100x100", "padding": "50px"}, "padding"),
-    ({"format": "gif"}, "format"),
-    ({"quality": "0"}, "quality"),
-    ({"crop_margin": "5%"}, "crop_margin"),
-    ({"position": "top"}, "position"),
+# Invalid options, each with its error as the API words it (by field) and as the CLI does (by
+# flag; None where the CLI's flag parser refuses the value before Options sees it: a switch takes
+# no value). Together they break every option and every rule across options (checked below).
+INVALID: list[tuple[dict[str, str], str, str | None]] = [
+    ({"alpha_matting": "perhaps"}, "alpha_matting: must be true or false", None),
+    (
+        {"alpha_matting_foreground_threshold": "256"},
+        "alpha_matting_foreground_threshold: must be an integer from 0 to 255",
+        "--alpha-matting-foreground-threshold must be an integer from 0 to 255",
+    ),
+    (
+        {"alpha_matting_background_threshold": "-1"},
+        "alpha_matting_background_threshold: must be an integer from 0 to 255",
+        "--alpha-matting-background-threshold must be an integer from 0 to 255",
+    ),
+    (
+        {"alpha_matting_erode_size": "1001"},
+        "alpha_matting_erode_size: must be an integer from 0 to 1000",
+        "--alpha-matting-erode-size must be an integer from 0 to 1000",
+    ),
+    ({"only_mask": "yes"}, "only_mask: must be true or false", None),
+    ({"post_process_mask": "1"}, "post_process_mask: must be true or false", None),
+    (
+        {"bgcolor": "1,2,3"},
+        "bgcolor: must be r,g,b,a: four integers from 0 to 255",
+        "--bgcolor must be r,g,b,a: four integers from 0 to 255",
+    ),
+    ({"format": "gif"}, "format: must be png, webp or jpeg", "--format must be png, webp or jpeg"),
+    (
+        {"quality": "0"},
+        "quality: must be an integer from 1 to 100",
+        "--quality must be an integer from 1 to 100",
+    ),
+    ({"crop": "maybe"}, "crop: must be true or false", None),
+    (
+        {"crop": "true", "crop_margin": "5cm"},
+        "crop_margin: must be pixels (such as 20px) or a percentage up to 100 (5%)",
+        "--crop-margin must be pixels (such as 20px) or a percentage up to 100 (5%)",
+    ),
+    (
+        {"canvas": "0x10"},
+        "canvas: must be WIDTHxHEIGHT in pixels, such as 1000x1000",
+        "--canvas must be WIDTHxHEIGHT in pixels, such as 1000x1000",
+    ),
+    (
+        {"canvas": "10000x100"},
+        "canvas: must have each side at most 8000 px",
+        "--canvas must have each side at most 8000 px",
+    ),
+    (
+        {"canvas": "100x100", "padding": "-5px"},
+        "padding: must be pixels (such as 20px) or a percentage up to 100 (5%)",
+        "--padding must be pixels (such as 20px) or a percentage up to 100 (5%)",
+    ),
+    (
+        {"canvas": "100x100", "position": "left"},
+        "position: must be center, top or bottom",
+        "--position must be center, top or bottom",
+    ),
+    # The rules across options.
+    (
+        {"crop_margin": "5%"},
+        "crop_margin: applies only with crop=true",
+        "--crop-margin applies only with --crop",
+    ),
+    (
+        {"padding": "5px"},
+        "padding: applies only with a canvas",
+        "--padding applies only with --canvas",
+    ),
+    (
+        {"position": "top"},
+        "position: applies only with a canvas",
+        "--position applies only with --canvas",
+    ),
+    (
+        {"canvas": "100x100", "padding": "50px"},
+        "padding: must be under half the canvas side",
+        "--padding must be under half the --canvas side",
+    ),
 ]
+# The CLI's switches: a bad value for one never reaches Options (`--crop=maybe` is a usage error).
+SWITCHES = {name for name, field in Options.model_fields.items() if field.annotation is bool}
+
+
+def test_the_invalid_options_break_every_option_and_every_rule() -> None:
+    broken = {next(iter(error.split(":"))) for _, error, _ in INVALID}
+    assert broken == set(Options.model_fields)
+    on_the_cli = {next(iter(error.split(" "))) for _, _, error in INVALID if error}
+    assert on_the_cli == {flag_name(name) for name in set(Options.model_fields) - SWITCHES}
+    rules = [error for _, error, _ in INVALID if "only with" in error or "under half" in error]
+    assert len(rules) == len(re.findall(r"raise Conflict\(", inspect.getsource(Options)))
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +132,15 @@ def http(base: str) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.mark.parametrize(("fields", "option"), INVALID)
+INTEGERS = {"quality", "alpha_matting_erode_size"} | {
+    k for k in Options.model_fields if "threshold" in k
+}
+
+
+@pytest.mark.parametrize(("fields", "error", "_flag_error"), INVALID)
 @pytest.mark.parametrize("where", ["query", "form", "json"])
-def test_api_refuses_invalid_options_naming_them(
-    http: httpx.Client, fields: dict[str, str], option: str, where: str
+def test_api_refuses_invalid_options_naming_the_fields(
+    http: httpx.Client, fields: dict[str, str], error: str, _flag_error: str | None, where: str
 ) -> None:
     data = sample_bytes("car-1.jpg")
     if where == "query":
@@ -58,11 +148,18 @@ def test_api_refuses_invalid_options_naming_them(
     elif where == "form":
         answer = http.post("/v1/jobs", data=fields, files={"file": ("a.jpg", data)})
     else:
-        typed = {k: int(v) if k == "quality" else v for k, v in fields.items()}
+        typed: dict[str, Any] = {k: int(v) if k in INTEGERS else v for k, v in fields.items()}
+        typed |= {k: True for k, v in fields.items() if v == "true"}
         answer = http.post("/v1/jobs", json={"image_url": "http://127.0.0.1/a.jpg", **typed})
     assert answer.status_code == 422, answer.text
-    error = answer.json()["error"]
-    assert error["code"] == "invalid_request" and f"{option}:" in error["message"], error
+    refusal = answer.json()["error"]
+    assert refusal["code"] == "invalid_request", refusal
+    switch = next((k for k, v in fields.items() if k in SWITCHES and v != "true"), None)
+    if where == "json" and switch:  # JSON's own types are checked first, by field too
+        error = f"{switch}: must be a JSON boolean"
+    else:
+        error = f"invalid options: {error}"
+    assert refusal["message"] == error and "--" not in refusal["message"], refusal
 
 
 def test_api_options_may_be_split_between_query_and_form(http: httpx.Client) -> None:
@@ -136,18 +233,26 @@ def test_bgq_submit_writes_the_formats_extension(stack: LocalStack, tmp_path: Pa
     assert decoded(out.read_bytes()).format == "WEBP"
 
 
-@pytest.mark.parametrize(("fields", "option"), INVALID)
-def test_cli_refuses_invalid_options_naming_them(
-    env: dict[str, str], tmp_path: Path, fields: dict[str, str], option: str
+@pytest.mark.parametrize(("fields", "_field_error", "error"), INVALID)
+def test_cli_refuses_invalid_options_naming_the_flags(
+    env: dict[str, str],
+    tmp_path: Path,
+    fields: dict[str, str],
+    _field_error: str,
+    error: str | None,
 ) -> None:
     image = tmp_path / "a.jpg"
     image.write_bytes(b"never read")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in fields.items()]
-    flags = [f if f != "--crop=true" else "--crop" for f in flags]
+    flags = [f"{flag_name(k)}={v}" if v != "true" else flag_name(k) for k, v in fields.items()]
     for args in (["submit", str(image)], ["ingest", str(tmp_path), "--out", "o"]):
         result = bgq_in_process(*args, *flags, env=env)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
-        assert f"{option}:" in result.stderr and "Traceback" not in result.stderr
+        assert "Traceback" not in result.stderr
+        if error is None:  # a switch given a value: the flag parser's usage error names it
+            assert flags[0].split("=")[0] in result.stderr, result.stderr
+            continue
+        assert f"bgq: invalid options: {error}" in result.stderr, result.stderr
+        assert not any(f"{name}:" in result.stderr for name in fields), result.stderr
 
 
 def test_ingest_usage_errors_for_fetch_concurrency(env: dict[str, str], tmp_path: Path) -> None:

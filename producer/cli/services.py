@@ -20,7 +20,7 @@ from bgq.stack import LocalStack, flower_command, flower_env, worker_command
 from bgq.store import open_store
 from bgq.units import format_duration
 from bgq.urls import safe_url
-from producer.cli.common import app, check_store, handle_errors
+from producer.cli.common import app, check_store, handle_errors, shown_default
 from producer.cli.models import ensure_model
 from producer.client import Producer
 
@@ -43,7 +43,7 @@ def stop_on_signals() -> threading.Event:
 @handle_errors
 def up(
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes [default: BGQ_CONCURRENCY].")
+        int | None, typer.Option(help=f"Worker processes {shown_default('BGQ_CONCURRENCY')}.")
     ] = None,
     flower: Annotated[bool, typer.Option(help="Also run Flower on 127.0.0.1.")] = False,
     flower_port: Annotated[int, typer.Option(help="Flower's port.")] = defaults.FLOWER_PORT,
