@@ -128,12 +128,18 @@ def view(
     )
 
 
+def finished_at(meta: dict[str, Any]) -> str | None:
+    """When Celery stored the task's final state (its `date_done`): the one clock of a job's
+    end, read by `GET /v1/jobs/{id}` and by the worker that builds the webhook body alike."""
+    return iso(meta["date_done"]) if meta.get("date_done") else None
+
+
 def describe(
     key: str, record: dict[str, str], meta: dict[str, Any], store: Store
 ) -> JobView | None:
     """The job's view from its record, Celery's state and the store; None if it is unknown."""
     state = meta.get("status")
-    done_at = iso(meta["date_done"]) if meta.get("date_done") else None
+    done_at = finished_at(meta)
     fmt = _recorded_format(record)
     entry = store.stat(RESULTS, contract.result_name(key, fmt)) if fmt else store.find_output(key)
     if entry is not None:

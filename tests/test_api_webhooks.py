@@ -102,6 +102,8 @@ def test_webhook_signed_and_retried_after_a_500(
         assert payload["id"] == job["id"] and payload["status"] == "done"
         assert payload["result_url"] == job["result_url"] and payload["model"] == "u2netp"
         assert h2[webhooks.EVENT_HEADER] == "job.done"
+        # The body is the GET's JSON, finished_at included: one clock (Celery's date_done).
+        assert payload == client.job(job["id"]) and payload["finished_at"]
         assert client.result(job["id"])[:4] == b"\x89PNG"
         # A callback on a job that is already done is delivered at once.
         late = receiver()
@@ -124,8 +126,9 @@ def test_webhook_of_a_failed_job(base: str, receiver: Callable[..., Receiver]) -
     with HttpClient(base) as client:
         job = client.submit(truncated, callback_url=hook.url)
         wait_for(lambda: hook.received, timeout=90, what="the failure webhook")
-    headers, body = hook.received[0]
-    payload = signed_job(headers, body)
+        headers, body = hook.received[0]
+        payload = signed_job(headers, body)
+        assert payload == client.job(job["id"]) and payload["finished_at"]  # the GET's JSON
     assert payload["id"] == job["id"] and payload["status"] == "failed"
     assert "truncated" in payload["error"] and headers[webhooks.EVENT_HEADER] == "job.failed"
 

@@ -179,13 +179,16 @@ class RemovalTask(Task):
             self._notify(task_id, status, retval, [u.decode() for u in urls])
 
     def _notify(self, task_id: str, status: str, retval: Any, urls: list[str]) -> None:
-        """Queue this run's webhooks, now that its final state is stored."""
+        """Queue this run's webhooks, now that its final state is stored: their body's
+        finished_at is that state's date_done, read back, as `GET /v1/jobs/{id}` shows it."""
         try:
             record = jobs.read_record(app.backend.client, task_id)
+            stored = app.backend.get_task_meta(task_id, cache=False)
+            done_at = jobs.finished_at(stored) or jobs.iso()  # no state stored: now
             job = (
-                jobs.view(task_id, "done", record, finished_at=jobs.iso())
+                jobs.view(task_id, "done", record, finished_at=done_at)
                 if status == "SUCCESS"
-                else jobs.view(task_id, "failed", record, jobs.error_line(retval), jobs.iso())
+                else jobs.view(task_id, "failed", record, jobs.error_line(retval), done_at)
             )
             jobs.send_webhooks(app, urls, job)
         except Exception:

@@ -13,6 +13,7 @@ import bgq
 from bgq import defaults, quotas
 from bgq.settings import Settings, load_settings
 from producer.api import jobs, ops
+from producer.api.apidocs import install_apidocs
 from producer.api.errors import install_error_handlers
 from producer.api.limits import BodyLimit
 from producer.api.metrics import Metrics, MetricsMiddleware
@@ -34,7 +35,14 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     retry = min(settings.broker_retry_seconds, defaults.API_BROKER_RETRY_SECONDS)
     producer = producer or Producer(settings, retry_seconds=retry)
     metrics = Metrics()
-    app = FastAPI(lifespan=lifespan, title="bgq", version=bgq.__version__, description=DESCRIPTION)
+    app = FastAPI(
+        lifespan=lifespan,
+        title="bgq",
+        version=bgq.__version__,
+        description=DESCRIPTION,
+        docs_url=None,  # /docs comes from producer.api.apidocs, with no CDN
+        redoc_url=None,  # off: ReDoc's bundle loads its logo from a CDN
+    )
     app.state.settings = settings
     app.state.producer = producer
     app.state.metrics = metrics
@@ -47,6 +55,7 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     app.include_router(jobs.router)
     install_page(app, settings, producer.store)
     app.include_router(ops.router)
+    install_apidocs(app)
     return app
 
 

@@ -44,6 +44,9 @@ class ApiError(Exception):
 
 
 RETRY_LATER = {"Retry-After": str(defaults.API_RETRY_AFTER)}  # with every 503
+# The codes of the framework's own HTTP errors (a route or a method that is not there).
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+OTHER_HTTP_CODE = "http_error"  # any other status Starlette raises
 
 
 def error_response(
@@ -104,7 +107,7 @@ async def on_redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
 
 
 async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = HTTP_CODES.get(exc.status_code, OTHER_HTTP_CODE)
     return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
 
