@@ -14,7 +14,9 @@ What a block runs with, and the only changes made to its text:
   (`bench/photoserver.py`), so every stack runs with `BGQ_FETCH_ALLOW_PRIVATE=true`;
 - paths: `.venv/bin/` becomes this venv's `bin/`, which also leads PATH (for plain `bgq`);
 - files: the folder holds the files the examples name, made from `samples/`: photo.jpg,
-  shoe.jpg, a.jpg, b.webp, a folder catalog/, products.csv and urls.csv;
+  shoe.jpg, a.jpg, b.webp, a folder catalog/, products.csv and urls.csv; the buckets they name
+  (`s3://photos`, `s3://shop`) are on the session's local S3 server (moto, bench/s3server.py),
+  which BGQ_S3_ENDPOINT_URL points at;
 - environment: BGQ_HOME (one per group) and BGQ_MODELS_DIR (the provisioned weights), nothing
   else of bgq's; `curl` is a wrapper that adds `--fail-with-body` unless the block says `-f`,
   so an HTTP error fails the block instead of printing a JSON error nobody reads.
@@ -43,6 +45,7 @@ import yaml
 from PIL import Image
 
 from bench.photoserver import PhotoServer
+from bench.s3server import S3Server
 from bgq import quotas
 from bgq.process import free_port
 from bgq.settings import Settings
@@ -94,12 +97,12 @@ def test_testing_md_counts_the_blocks() -> None:
     runnable = [b for b in BLOCKS if b.lang in docblocks.RUNNABLE]
     run = [b for b in runnable if b.fate != "skip-run"]
     text = (ROOT / "docs" / "testing.md").read_text()
-    stated = re.search(r"\*\*(\d+) of the (\d+) shell and Python blocks\*\*", text)
+    stated = re.search(r"\*\*(\d+) of the (\d+) shell and Python\s+blocks\*\*", text)
     assert stated, "docs/testing.md no longer states how many blocks run"
     assert (int(stated[1]), int(stated[2])) == (len(run), len(runnable))
-    skipped = re.search(r"The (\d+) not run here", text)
+    skipped = re.search(r"The (\d+) not run\s+here", text)
     assert skipped and int(skipped[1]) == len(runnable) - len(run)
-    others = re.search(r"The other (\d+) blocks", text)
+    others = re.search(r"The other (\d+)\s+blocks", text)
     assert others and int(others[1]) == len(BLOCKS) - len(runnable)
 
 
@@ -132,7 +135,10 @@ def test_data_blocks_parse(block: Block) -> None:
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_the_examples_run(
-    group: str, model_home: Path, tmp_path_factory: pytest.TempPathFactory
+    group: str,
+    model_home: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Start the group's servers as its `start` blocks say, run its blocks in reading order in
     one folder, check the files they say they write, stop everything."""
@@ -141,6 +147,10 @@ def test_the_examples_run(
     photos = folder / "cdn"
     example_files(folder, photos)
     env = block_env(folder, model_home)
+    buckets = None
+    if any("s3://photos" in b.text for b in members):
+        buckets = example_buckets(request.getfixturevalue("s3_server"))
+        env["BGQ_S3_ENDPOINT_URL"] = buckets.url
     with PhotoServer(photos) as server, contextlib.ExitStack() as running:
         (folder / "urls.csv").write_text(f"id,url\nshoe,{server.url}/shoe.jpg\n")
         swap = substitutions(api=f"http://127.0.0.1:{free_port()}", photos=server.url)
@@ -154,6 +164,25 @@ def test_the_examples_run(
                 run_block(block, text, folder, env)
     missing = [name for name in WRITES.get(group, []) if not (folder / name).exists()]
     assert not missing, f"the {group} examples did not write {missing}"
+    if buckets is not None:
+        written = buckets.client().list_objects_v2(Bucket="shop", Prefix="cutouts/")
+        assert {o["Key"] for o in written.get("Contents", ())} == {
+            "cutouts/car.png",
+            "cutouts/shoes/anime.png",
+        }
+
+
+def example_buckets(server: S3Server) -> S3Server:
+    """The buckets the examples name, on the session's S3 server: s3://photos/catalog/ holds
+    the photos of catalog/, s3://shop is empty."""
+    client = server.client()
+    for bucket in ("photos", "shop"):
+        client.create_bucket(Bucket=bucket)
+        server.empty(bucket)
+    car, anime = SAMPLES / "car-1.jpg", SAMPLES / "anime-girl-1.jpg"
+    client.put_object(Bucket="photos", Key="catalog/car.jpg", Body=car.read_bytes())
+    client.put_object(Bucket="photos", Key="catalog/shoes/anime.jpg", Body=anime.read_bytes())
+    return server
 
 
 def example_files(folder: Path, photos: Path) -> None:
