@@ -6,8 +6,10 @@ A real API under uvicorn on loopback and a real redis-server; no worker is neede
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -16,6 +18,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sy
 
 from bgq.settings import Settings
 from producer.api import apidocs
+from producer.api.apidocs import ASSETS
 from tests.browser import CHROMIUM_FLAGS, WAIT, chromium_path
 from tests.helpers import ApiServer
 
@@ -118,3 +121,20 @@ def test_redoc_is_off(base: str) -> None:
 def operation_count(base: str) -> int:
     paths = httpx.get(base + "/openapi.json").json()["paths"]
     return sum(1 for ops in paths.values() for verb in ops if verb != "parameters")
+
+
+SWAGGER_UI = {  # swagger-ui-dist 5.32.6 on npm: the files whose licence bgq carries
+    "swagger-ui-bundle.js": "4b5a9b35a1adf37f00d39c0bae23cdb37007e2946240ef035137cc85b4d55349",
+    "swagger-ui.css": "ca238f7d7c2cf4480c1e77a9c3b9da915ab216e96ffd354e69076560c650c6de",
+}
+
+
+def test_the_swagger_ui_files_are_those_whose_licence_is_carried() -> None:
+    """fastapi-offline ships Swagger UI (Apache-2.0) without its licence files; bgq carries
+    them (producer/api/static/vendor/swagger-ui*.LICENSE.txt) for exactly these bytes. A new
+    fastapi-offline with another Swagger UI fails here: update the licence files with it."""
+    for name, digest in SWAGGER_UI.items():
+        assert hashlib.sha256((ASSETS / name).read_bytes()).hexdigest() == digest, name
+    vendor = Path(apidocs.__file__).parent / "static" / "vendor"
+    assert "Apache License" in (vendor / "swagger-ui.LICENSE.txt").read_text()
+    assert "MIT License" in (vendor / "swagger-ui-bundle.js.LICENSE.txt").read_text()

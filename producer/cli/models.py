@@ -30,7 +30,8 @@ def models_fetch(
         str | None, typer.Argument(help=f"Model name {shown_default('BGQ_MODEL')}.")
     ] = None,
 ) -> None:
-    """Put a model's weights where rembg looks for them (under BGQ_HOME) and verify them."""
+    """Put a model's weights where rembg looks for them, BGQ_MODELS_DIR/models/NAME/NAME.onnx,
+    and check them."""
     from workers import models, session  # the workers' code, loaded only when this runs
 
     session.defer_rembg_extras()  # rembg's model table, without compiling pymatting's numba code
