@@ -1,17 +1,24 @@
-"""The fenced code blocks of README.md and docs/*.md, each with the fate its marker decides.
+"""The fenced code blocks of README.md, docs/*.md and deploy/README.md, each with the fate its
+marker decides.
 
 A marker is an HTML comment on the last non-blank line before a fence (readers never see it):
 
     <!-- doc-test: start group=NAME -->     start group NAME's servers in the background (sh)
     <!-- doc-test: run group=NAME -->       run in the group's folder, against them (sh, python)
-    <!-- doc-test: env group=NAME -->       sets BGQ_* variables: run; bgq's settings parse them
+    <!-- doc-test: env group=NAME -->       sets BGQ_* variables: run; bgq's settings load them
+    <!-- doc-test: services group=NAME -->  long-running commands, one a line (sh; `export` lines
+                                            set their environment): each started, waited for
+                                            until it answers, stopped with SIGTERM, exit 0
     <!-- doc-test: skip-run reason=WHY -->  not runnable here (WHY); syntax checked only
 
-A group's blocks run in reading order (README.md, then docs/*.md by name), each in a new shell
-or Python process, in one folder and with one environment.
+A group's blocks run in reading order (README.md, then docs/*.md by name, then
+deploy/README.md), each in a new shell or Python process, in one folder and with one
+environment.
 
 Shell and Python blocks need one; blocks in other languages (text, json, yaml, http) are
-checked for what their language allows and carry none. Every fence names its language.
+checked for what their language allows and carry none. Every fence names its language. Only
+three-backtick fences are read: a `~~~` fence, a longer backtick fence or an opening fence
+with more than a language after it fails the extraction instead of hiding a block.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNNABLE = {"sh", "python"}  # what a reader can paste and run
 CHECKED = {"text", "json", "yaml", "http"}  # what a reader reads
-FATES = {"run", "start", "env", "skip-run"}
+FATES = {"run", "start", "env", "services", "skip-run"}
 
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)\s*$")
+# Any other line that opens a fence: a style this module does not read.
+OTHER_FENCE = re.compile(r"^ *(~{3,}|`{3,})")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<fate>[\w-]+)(?P<args>.*?)-->\s*$")
 
 
@@ -45,11 +54,15 @@ class Block:
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
-    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [
+        root / "README.md",
+        *sorted((root / "docs").glob("*.md")),
+        root / "deploy" / "README.md",
+    ]
 
 
 def blocks(root: Path = ROOT) -> list[Block]:
-    """Every fenced block of README.md and docs/*.md, in reading order."""
+    """Every fenced block of README.md, docs/*.md and deploy/README.md, in reading order."""
     found: list[Block] = []
     for path in doc_files(root):
         found.extend(_blocks_of(path.relative_to(root).as_posix(), path.read_text()))
@@ -62,6 +75,11 @@ def _blocks_of(name: str, doc: str) -> list[Block]:
     while i < len(lines):
         fence = FENCE.match(lines[i])
         if not fence:
+            if OTHER_FENCE.match(lines[i]):
+                raise ValueError(
+                    f"{name}:{i + 1}: a fence tests/docblocks.py does not read "
+                    f"({lines[i].strip()!r}): use ``` and a language"
+                )
             i += 1
             continue
         indent, end = len(fence["indent"]), i + 1
@@ -110,8 +128,8 @@ def problems(found: list[Block]) -> list[str]:
             )
         elif block.fate == "skip-run" and not block.reason:
             bad.append(f"{block.where}: skip-run without a reason=")
-        elif block.fate in {"run", "start", "env"} and not block.group:
+        elif block.fate in {"run", "start", "env", "services"} and not block.group:
             bad.append(f"{block.where}: {block.fate} without a group=")
-        elif block.fate in {"start", "env"} and block.lang != "sh":
+        elif block.fate in {"start", "env", "services"} and block.lang != "sh":
             bad.append(f"{block.where}: {block.fate} is for sh blocks")
     return bad

@@ -1,15 +1,21 @@
-"""Docs that cannot rot: every code block of README.md and docs/*.md runs here, or says why not.
+"""Docs that cannot rot: every code block of README.md, docs/*.md and deploy/README.md runs
+here, or says why not.
 
 Each block's fate is its marker (tests/docblocks.py). A group's `start` blocks bring up a real
 stack as the docs do (`bgq up`, `bgq api`: real processes, an embedded Redis, the u2netp
 model), its `run` blocks then run in order in one temporary folder, each with a bounded time,
-and the stack is stopped. `skip-run` blocks (Docker, Kubernetes, a cloud bucket, cron, the
-suite itself) and json/yaml/http blocks are checked for syntax.
+and the stack is stopped. A group with no `start` block (the cluster examples of
+docs/operations.md) runs against an embedded Redis of its own, as a cluster's Redis; its
+`services` blocks start each long-running command (Celery workers) as its own process, wait
+until each answers a ping by its node name, stop it with SIGTERM and require exit code 0.
+`skip-run` blocks (Docker, the internet, a full `make`) are checked with `bash -n`;
+json/yaml/http blocks are parsed.
 
 What a block runs with, and the only changes made to its text:
 
 - hosts and ports: `http://127.0.0.1:8000` and `http://bgq:8000` become the group's API on a free
-  loopback port, as does `--port 8000`; image URLs (`https://cdn.example/NAME`,
+  loopback port, as does `--port 8000`; `redis://redis.internal:6379/0` the group's own Redis;
+  image URLs (`https://cdn.example/NAME`,
   `https://shop.example/p/NAME`) become a loopback photo server serving the sample photos
   (`bench/photoserver.py`), so every stack runs with `BGQ_FETCH_ALLOW_PRIVATE=true`;
 - paths: `.venv/bin/` becomes this venv's `bin/`, which also leads PATH (for plain `bgq`);
@@ -17,9 +23,12 @@ What a block runs with, and the only changes made to its text:
   shoe.jpg, a.jpg, b.webp, a folder catalog/, products.csv and urls.csv; the buckets they name
   (`s3://photos`, `s3://shop`) are on the session's local S3 server (moto, bench/s3server.py),
   which BGQ_S3_ENDPOINT_URL points at;
-- environment: BGQ_HOME (one per group) and BGQ_MODELS_DIR (the provisioned weights), nothing
-  else of bgq's; `curl` is a wrapper that adds `--fail-with-body` unless the block says `-f`,
-  so an HTTP error fails the block instead of printing a JSON error nobody reads.
+- paths: `/mnt/bgq` and `/mnt/shared/bgq` (a cluster's shared BGQ_HOME) become the group's BGQ_HOME;
+- environment: BGQ_HOME (one per group) and BGQ_MODELS_DIR (the provisioned weights), and for a
+  group with its own Redis BGQ_REDIS_URL (as a cluster's hosts have it) and BGQ_CONCURRENCY=1
+  (its workers run side by side on a small machine), nothing else of bgq's; `curl` is a
+  wrapper that adds `--fail-with-body` unless the block says `-f`, so an HTTP error fails the
+  block instead of printing a JSON error nobody reads.
 
 Callback URLs are left as written: `shop.example` does not resolve, which the API accepts
 (docs/service.md, webhooks). Output that other work may reword (CLI messages, the /docs page)
@@ -32,23 +41,28 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
 import yaml
+from celery import Celery
+from celery.utils.nodenames import host_format
 from PIL import Image
 
+import celeryconfig
 from bench.photoserver import PhotoServer
 from bench.s3server import S3Server
-from bgq import quotas
 from bgq.process import free_port
-from bgq.settings import Settings
+from bgq.redis_server import EmbeddedRedis
+from bgq.settings import Settings, load_settings
 from tests import docblocks
 from tests.docblocks import Block
 from tests.helpers import BGQ, ROOT, SAMPLES, processes_mentioning, wait_for
@@ -63,6 +77,9 @@ WRITES = {
     "cli": ["photo.out.png", "white.png", "cutouts"],
     "service": ["shoe.png", "white.png", "shoe.webp", "shoe-85.jpg", "a.png"],
 }
+
+# What each group's examples say a browser opens, once its stack runs: an HTML page.
+OPENS = {"page": ["/"]}
 
 CURL = """#!/bin/sh
 # the docs tests' curl: an HTTP error answer fails the block (unless it asks for -f itself)
@@ -90,6 +107,36 @@ def test_the_markers_are_read() -> None:
         (10, "run", "g", None, "1\n"),
     ]
     assert len(docblocks.problems(found)) == 1  # the unmarked `ls`
+    for fence in ("~~~sh", "````sh", "```sh {.x}"):
+        with pytest.raises(ValueError, match=r"x\.md:2: a fence tests/docblocks\.py does not read"):
+            docblocks._blocks_of("x.md", f"text\n{fence}\nls\n{fence[:4]}\n")
+
+
+def test_crontab_lines_run_as_their_commands() -> None:
+    """A crontab line (a text block: cron runs it, not a shell) runs a command that a run block
+    runs, its variable assignments aside."""
+    cron = re.compile(r"^(?:[\d*/,-]+\s+){5}(?P<command>.+)$")
+    run = {
+        without_assignments(line)
+        for b in BLOCKS
+        if b.lang == "sh" and b.fate == "run"
+        for line in b.text.splitlines()
+    }
+    lines = [
+        m["command"]
+        for b in BLOCKS
+        if b.lang == "text"
+        for m in map(cron.match, b.text.splitlines())
+        if m
+    ]
+    assert len(lines) >= 2
+    assert [c for c in lines if without_assignments(c) not in run] == []
+
+
+def without_assignments(line: str) -> str:
+    """A command line without its leading `NAME=value` words and its comment."""
+    line = re.sub(r"^(\s*[A-Z_]+=\S*\s+)*", "", line)
+    return re.sub(r"\s+#.*$", "", line).strip()
 
 
 def test_testing_md_counts_the_blocks() -> None:
@@ -152,16 +199,28 @@ def test_the_examples_run(
         buckets = example_buckets(request.getfixturevalue("s3_server"))
         env["BGQ_S3_ENDPOINT_URL"] = buckets.url
     with PhotoServer(photos) as server, contextlib.ExitStack() as running:
+        redis_url = None
+        if not any(b.fate == "start" for b in members):  # a cluster's Redis
+            redis_url = running.enter_context(EmbeddedRedis.start(folder / "redis")).url
+            env.update(BGQ_REDIS_URL=redis_url, BGQ_CONCURRENCY="1")
         (folder / "urls.csv").write_text(f"id,url\nshoe,{server.url}/shoe.jpg\n")
-        swap = substitutions(api=f"http://127.0.0.1:{free_port()}", photos=server.url)
+        api = f"http://127.0.0.1:{free_port()}"
+        swap = substitutions(api, server.url, redis=redis_url, home=env["BGQ_HOME"])
         for block in members:
             text = substitute(block.text, swap)
             if block.fate == "start":
                 running.enter_context(started(block, text, folder, env))
             elif block.fate == "env":
                 check_settings(block, text, folder, env)
+            elif block.fate == "services":
+                run_services(block, text, folder, env)
             else:
                 run_block(block, text, folder, env)
+        for path in OPENS.get(group, []):
+            page = httpx.get(api + path, timeout=30)
+            assert page.status_code == 200, f"GET {path}: {page.status_code}"
+            assert page.headers["content-type"].startswith("text/html"), page.headers
+            assert "<html" in page.text.lower(), page.text[:200]
     missing = [name for name in WRITES.get(group, []) if not (folder / name).exists()]
     assert not missing, f"the {group} examples did not write {missing}"
     if buckets is not None:
@@ -218,15 +277,22 @@ def block_env(folder: Path, model_home: Path) -> dict[str, str]:
     }
 
 
-def substitutions(api: str, photos: str) -> list[tuple[str, str]]:
+def substitutions(
+    api: str, photos: str, redis: str | None = None, home: str | None = None
+) -> list[tuple[str, str]]:
     port = api.rsplit(":", 1)[1]
-    return [
+    swap = [
         (r"http://(127\.0\.0\.1|bgq):8000", api),
         (r"--port 8000\b", f"--port {port}"),
         (r"https://cdn\.example/", f"{photos}/"),
         (r"https://shop\.example/p/", f"{photos}/p/"),
         (r"(?<![\w/])\.venv/bin/", f"{BIN}/"),
     ]
+    if redis:
+        swap.append((r"redis://redis\.internal:6379/0\b", redis))
+    if home:
+        swap.append((r"(?<![\w/])/mnt/(shared/)?bgq\b", home))
+    return swap
 
 
 def substitute(text: str, swap: list[tuple[str, str]]) -> str:
@@ -236,17 +302,21 @@ def substitute(text: str, swap: list[tuple[str, str]]) -> str:
 
 
 def test_substitution_changes_only_hosts_ports_and_paths() -> None:
-    swap = substitutions("http://127.0.0.1:4321", "http://127.0.0.1:999")
+    swap = substitutions(
+        "http://127.0.0.1:4321", "http://127.0.0.1:999", "redis://127.0.0.1:77/0", "/tmp/h"
+    )
     text = (
         "curl http://bgq:8000/v1/remove 'http://127.0.0.1:8000/x?image_url=https://cdn.example/s.jpg'"
         " && bgq api --port 8000 && .venv/bin/bgq submit https://shop.example/p/1.jpg"
-        " https://shop.example/hooks/bgq"
+        " https://shop.example/hooks/bgq\n"
+        "export BGQ_REDIS_URL=redis://redis.internal:6379/0 BGQ_HOME=/mnt/shared/bgq X=/mnt/bgq"
     )
     assert substitute(text, swap) == (
         "curl http://127.0.0.1:4321/v1/remove "
         "'http://127.0.0.1:4321/x?image_url=http://127.0.0.1:999/s.jpg'"
         f" && bgq api --port 4321 && {BIN}/bgq submit http://127.0.0.1:999/p/1.jpg"
-        " https://shop.example/hooks/bgq"
+        " https://shop.example/hooks/bgq\n"
+        "export BGQ_REDIS_URL=redis://127.0.0.1:77/0 BGQ_HOME=/tmp/h X=/tmp/h"
     )
 
 
@@ -262,8 +332,8 @@ def run_block(block: Block, text: str, folder: Path, env: dict[str, str]) -> Non
     )
 
 
-def check_settings(block: Block, text: str, folder: Path, env: dict[str, str]) -> None:
-    """Run a block of variable assignments; bgq's settings must know and parse each BGQ_* one."""
+def environment_after(block: Block, text: str, folder: Path, env: dict[str, str]) -> dict[str, str]:
+    """The environment that shell text (assignments, `export`s) leaves, starting from `env`."""
     done = subprocess.run(
         ["bash", "-e", "-c", f"set -a\n{text}\nenv -0"],
         cwd=folder,
@@ -273,13 +343,108 @@ def check_settings(block: Block, text: str, folder: Path, env: dict[str, str]) -
         timeout=BLOCK_TIMEOUT,
     )
     assert done.returncode == 0, f"{block.where}: {done.stderr}"
-    after = dict(item.split("=", 1) for item in done.stdout.split("\0") if "=" in item)
+    return dict(item.split("=", 1) for item in done.stdout.split("\0") if "=" in item)
+
+
+def settings_in(env: dict[str, str]) -> Settings:
+    """bgq's settings as a process with exactly `env` loads them (a bad value: ConfigError)."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return load_settings()
+
+
+def check_settings(block: Block, text: str, folder: Path, env: dict[str, str]) -> None:
+    """Run a block of variable assignments over the group's environment: each BGQ_* variable it
+    sets must be a setting, and bgq.settings.load_settings must load the result, so every
+    BGQ_* value is parsed and the rules across settings hold (a key id of BGQ_API_LIMITS must
+    be a key's of BGQ_API_KEYS). The values are not given to the group's stack, already
+    running: its other examples send no key."""
+    after = environment_after(block, text, folder, env)
     assigned = {k: v for k, v in after.items() if k.startswith("BGQ_") and env.get(k) != v}
     assert assigned, f"{block.where} sets no BGQ_* variable"
-    for name, value in assigned.items():
-        assert name.removeprefix("BGQ_").lower() in Settings.model_fields, name
-        if name == "BGQ_API_LIMITS":
-            assert quotas.parse_limits(value)
+    unknown = [k for k in assigned if k.removeprefix("BGQ_").lower() not in Settings.model_fields]
+    assert unknown == [], f"{block.where}: no such setting {unknown}"
+    settings = settings_in(after)
+    for name in assigned:
+        assert getattr(settings, name.removeprefix("BGQ_").lower()) is not None, name
+
+
+def run_services(block: Block, text: str, folder: Path, env: dict[str, str]) -> None:
+    """Start each command of a services block as its own process (its `export` lines set their
+    environment), wait until every one answers, stop each with SIGTERM (as a service manager
+    does) and require exit code 0 and no process left. The commands are Celery workers: one
+    answers when a ping reaches its node name (`-n`, else bgq's `bgq@%h` or Celery's)."""
+    exports, commands = [], []
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words and words[0] == "export":
+            exports.append(line)
+        elif words:
+            commands.append(words)
+    assert commands, f"{block.where}: no command"
+    service_env = environment_after(block, "\n".join(exports), folder, env)
+    names = [node_name(block, words) for words in commands]
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [folder / f"services-{block.line}-{n}.log" for n in range(len(commands))]
+    app = celery_app(settings_in(service_env))
+    try:
+        for words, log in zip(commands, logs, strict=True):
+            with open(log, "wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        words,
+                        cwd=folder,
+                        env=service_env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+
+        def answering() -> bool:
+            for proc, log in zip(procs, logs, strict=True):
+                assert proc.poll() is None, f"{proc.args} exited: {log.read_text()}"
+            replies = app.control.ping(destination=names, timeout=1) or []
+            return {name for reply in replies for name in reply} >= set(names)
+
+        wait_for(answering, timeout=120, what=f"{block.where}'s workers {names} to answer")
+    finally:
+        app.close()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+        home = service_env["BGQ_HOME"]
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not processes_mentioning(home), timeout=60, what="the workers to stop")
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    codes = {
+        shlex.join(words): proc.returncode for words, proc in zip(commands, procs, strict=True)
+    }
+    assert set(codes.values()) == {0}, f"{block.where}: exit codes {codes} (logs: {logs})"
+    assert processes_mentioning(home) == [], f"{block.where} left processes (logs: {logs})"
+
+
+def node_name(block: Block, words: list[str]) -> str:
+    program = Path(words[0]).name
+    assert program in {"bgq", "celery"} and "worker" in words, (
+        f"{block.where}: {shlex.join(words)}: a services block runs bgq or Celery workers"
+    )
+    for flag in ("-n", "--hostname"):
+        if flag in words:
+            return host_format(words[words.index(flag) + 1])
+    return host_format(f"{program}@%h")
+
+
+def celery_app(settings: Settings) -> Celery:
+    """A Celery app on bgq's broker, to ping workers."""
+    app = Celery("bgq-docs", set_as_current=False)
+    app.conf.update(celeryconfig.build(settings))
+    return app
 
 
 @contextlib.contextmanager
