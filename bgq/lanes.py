@@ -184,13 +184,15 @@ def dispatch(client: redis.Redis) -> int:
     return int(client.eval(DISPATCH, len(keys), *keys, *argv))
 
 
-def sweep(client: redis.Redis) -> list[str]:
+def sweep(client: redis.Redis, now: bool = False) -> list[str]:
     """Admit the runs whose list holds jobs but which are not in the ring (a producer died
     between its publish and the admission, or a failover lost the admission); the runs found.
 
     One worker sweeps at a time, at most once per SWEEP_INTERVAL: a SCAN of the keyspace.
+    `now`: sweep whatever the interval (a worker that starts, perhaps after a crash of the
+    whole stack, finds such runs at once rather than up to a minute later).
     """
-    if not client.set(SWEEP_KEY, "1", nx=True, ex=defaults.SWEEP_INTERVAL):
+    if not client.set(SWEEP_KEY, "1", nx=not now, ex=defaults.SWEEP_INTERVAL) and not now:
         return []
     prefix = contract.run_queue("")
     runs = []

@@ -195,6 +195,8 @@ def test_a_sweep_admits_a_run_whose_admission_was_lost(
     assert client.llen(contract.run_queue("orphan")) == 1  # never let in
     assert lanes.sweep(client) == ["orphan"]
     assert lanes.sweep(client) == []  # one sweep per interval, cluster-wide
+    client.delete(lanes.RUNS_KEY, lanes.RING_KEY)  # lost again, say: a worker starting sweeps
+    assert lanes.sweep(client, now=True) == ["orphan"]
     lanes.dispatch(client)
     assert client.llen(contract.BULK_QUEUE) == 1 and not client.exists(contract.run_queue("orphan"))
 

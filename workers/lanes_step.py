@@ -39,12 +39,13 @@ class LaneBeat(bootsteps.StartStopStep):
         self.tref: Any = None
 
     def start(self, worker: WorkController) -> None:
-        self.beat(worker)
+        self.beat(worker, sweep_now=True)
         self.tref = worker.timer.call_repeatedly(defaults.WORKER_BEAT, self.beat, (worker,))
 
-    def beat(self, worker: WorkController) -> None:
-        """Renew this worker's entry; let bulk jobs in; sweep (best effort: the next beat
-        retries). A worker of webhooks or maintenance only serves no lane: its entry says so."""
+    def beat(self, worker: WorkController, sweep_now: bool = False) -> None:
+        """Renew this worker's entry; let bulk jobs in; sweep (at start, whatever the
+        interval); best effort: the next beat retries. A worker of webhooks or maintenance only
+        serves no lane: its entry says so."""
         served = served_lanes(list(worker.app.amqp.queues.consume_from))
         client = worker.app.backend.client
         try:
@@ -53,7 +54,7 @@ class LaneBeat(bootsteps.StartStopStep):
                 if contract.BULK in served:
                     lanes.dispatch_on(pipe)
                 pipe.execute()
-            if contract.BULK in served and lanes.sweep(client):
+            if contract.BULK in served and lanes.sweep(client, now=sweep_now):
                 lanes.dispatch(client)
         except redis.RedisError as exc:
             log.warning("cannot renew this worker's lane entry: %s", exc)
