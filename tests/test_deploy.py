@@ -258,8 +258,11 @@ def test_worker_scales_and_beat_does_not() -> None:
     worker = SERVICES["worker"]
     for key in ("container_name", "hostname", "ports"):
         assert key not in worker, f"worker sets {key}: `--scale worker=N` needs unique ones"
-    check = " ".join(worker["healthcheck"]["test"])
-    assert "--destination bgq@$$HOSTNAME" in check
+    # The node bgq@<container hostname> (`bgq worker`'s default name, `bgq probe`'s default).
+    for name in ("worker", "webhooks"):
+        assert SERVICES[name]["healthcheck"]["test"] == ["CMD", "bgq", "probe", "ready"], name
+        parse_bgq(SERVICES[name]["healthcheck"]["test"][1:])
+        assert not any(a in SERVICES[name]["command"] for a in ("-n", "--hostname")), name
     assert SERVICES["beat"].get("deploy", {}).get("replicas", 1) == 1
 
 
