@@ -71,6 +71,7 @@ BULK_MIN_READY = 2
 BULK_DISPATCH_STEPS = 1000
 WORKER_BEAT = 5  # seconds between a worker's capacity entries (and scheduling passes)
 WORKER_ENTRY_TTL = 20  # seconds a worker's capacity entry counts without a new one
+WORKER_ALIVE_STALE = 60  # seconds without a beat after which `bgq probe alive` may fail
 SWEEP_INTERVAL = 60  # seconds between sweeps for bulk runs lost from the scheduler's ring
 RESULT_TTL = 86400  # seconds Celery keeps a task's result/state in Redis
 TASK_TIME_LIMIT = 600  # seconds one task may run before its pool process is killed (fails it)

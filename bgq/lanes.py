@@ -24,6 +24,8 @@ from kombu.utils.scheduling import priority_cycle
 from bgq import contract, defaults
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import redis
 
 RING_KEY = f"{defaults.KEY_PREFIX}bulk:ring"  # list: runs with waiting jobs, rotated
@@ -213,6 +215,12 @@ def register_worker(pipe: Any, node: str, lanes: list[str], processes: int) -> N
     code = "".join(lane[0] for lane in lanes) or "-"
     entry = f"{code}:{processes}"
     pipe.eval(REGISTER, 2, CAPACITY_KEY, SLOTS_KEY, node, entry, defaults.WORKER_ENTRY_TTL)
+
+
+def beat_file(run_dir: Path, node: str) -> Path:
+    """The file a worker node's main process touches at each beat, Redis or not: what
+    `bgq probe alive` reads (a stale one means its loop is stuck)."""
+    return run_dir / f"beat-{node}"
 
 
 def unregister_worker(client: redis.Redis, node: str) -> None:

@@ -30,9 +30,15 @@ DEPLOYMENT_SETTINGS = (
     "BGQ_CONCURRENCY", "BGQ_ORT_THREADS", "BGQ_MODEL", "BGQ_API_KEYS", "BGQ_WEBHOOK_SECRET",
     "BGQ_FLOWER_BASIC_AUTH", "BGQ_MAX_UPLOAD_MB", "BGQ_MAX_MEGAPIXELS", "BGQ_CACHE_MAX_AGE",
     "BGQ_CACHE_MAX_SIZE", "BGQ_PNG_ENCODER", "BGQ_MAX_TASKS_PER_CHILD",
-    "BGQ_MAX_MEMORY_PER_CHILD_MB", "BGQ_ORT_ARENA",
+    "BGQ_MAX_MEMORY_PER_CHILD_MB", "BGQ_ORT_ARENA", "BGQ_SHUTDOWN_GRACE",
 )  # fmt: skip
 
+
+# Settings of issue 23 that another branch adds to bgq.settings (BGQ_SHUTDOWN_GRACE: helper B's):
+# until the merge, the only names allowed outside it. Empty once merged.
+PENDING = frozenset(
+    {"BGQ_SHUTDOWN_GRACE"} - {ENV_PREFIX + f.upper() for f in Settings.model_fields}
+)
 
 # Variables the example shows that are not bgq's own: the AWS chain and MinIO's login.
 NOT_BGQ = frozenset(
@@ -252,8 +258,11 @@ def test_worker_scales_and_beat_does_not() -> None:
     worker = SERVICES["worker"]
     for key in ("container_name", "hostname", "ports"):
         assert key not in worker, f"worker sets {key}: `--scale worker=N` needs unique ones"
-    check = " ".join(worker["healthcheck"]["test"])
-    assert "--destination bgq@$$HOSTNAME" in check
+    # The node bgq@<container hostname> (`bgq worker`'s default name, `bgq probe`'s default).
+    for name in ("worker", "webhooks"):
+        assert SERVICES[name]["healthcheck"]["test"] == ["CMD", "bgq", "probe", "ready"], name
+        parse_bgq(SERVICES[name]["healthcheck"]["test"][1:])
+        assert not any(a in SERVICES[name]["command"] for a in ("-n", "--hostname")), name
     assert SERVICES["beat"].get("deploy", {}).get("replicas", 1) == 1
 
 
@@ -285,7 +294,7 @@ def test_env_example_documents_real_settings() -> None:
     assert len(names) == len(set(names)), "a setting is listed twice"
     missing = sorted(set(DEPLOYMENT_SETTINGS) - set(names))
     assert not missing, f"undocumented in {ENV_EXAMPLE.name}: {missing}"
-    unknown = sorted(set(names) - settings - NOT_BGQ)
+    unknown = sorted(set(names) - settings - NOT_BGQ - PENDING)
     assert not unknown, f"not settings of bgq.settings (bgq would ignore them): {unknown}"
 
 

@@ -5,6 +5,8 @@ then sweep for bulk runs lost from the scheduler's ring (bgq.lanes.sweep).
 Every WORKER_BEAT seconds, on the worker's own timer; an entry not renewed for
 WORKER_ENTRY_TTL seconds stops counting, so a worker that dies uncleanly drops out by itself.
 The lanes are read again at every beat: `add_consumer` and `cancel_consumer` change them.
+Each beat also touches a file under BGQ_HOME/run first, Redis or not: `bgq probe alive` (a
+liveness probe) reads it to tell a stuck main loop from a Redis outage.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import redis
 from celery import bootsteps
 
 from bgq import contract, defaults, lanes
+from bgq.settings import load_settings
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
@@ -37,8 +40,10 @@ class LaneBeat(bootsteps.StartStopStep):
     def __init__(self, worker: WorkController, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.tref: Any = None
+        self.beat_file = lanes.beat_file(load_settings().run_dir, worker.hostname)
 
     def start(self, worker: WorkController) -> None:
+        self.beat_file.parent.mkdir(parents=True, exist_ok=True)
         self.beat(worker, sweep_now=True)
         self.tref = worker.timer.call_repeatedly(defaults.WORKER_BEAT, self.beat, (worker,))
 
@@ -46,6 +51,10 @@ class LaneBeat(bootsteps.StartStopStep):
         """Renew this worker's entry; let bulk jobs in; sweep (at start, whatever the
         interval); best effort: the next beat retries. A worker of webhooks or maintenance only
         serves no lane: its entry says so."""
+        try:
+            self.beat_file.touch()
+        except OSError as exc:
+            log.warning("cannot touch %s (`bgq probe alive` reads it): %s", self.beat_file, exc)
         served = served_lanes(list(worker.app.amqp.queues.consume_from))
         client = worker.app.backend.client
         try:
@@ -67,6 +76,7 @@ class LaneBeat(bootsteps.StartStopStep):
                 lanes.unregister_worker(worker.app.backend.client, worker.hostname)
             except redis.RedisError as exc:
                 log.warning("cannot remove this worker's lane entry (it expires): %s", exc)
+            self.beat_file.unlink(missing_ok=True)
 
     def shutdown(self, worker: WorkController) -> None:
         self.stop(worker)

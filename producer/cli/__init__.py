@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from producer.cli import images, services  # noqa: F401  (they register commands)
+from producer.cli import images, probe, services  # noqa: F401  (they register commands)
 from producer.cli.cache import cache_app
 from producer.cli.common import app
 from producer.cli.models import models_app

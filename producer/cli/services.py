@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -75,7 +76,11 @@ def up(
 
 @app.command()
 @handle_errors
-def status() -> None:
+def status(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object (docs/kubernetes.md names its fields).")
+    ] = False,
+) -> None:
     """Print the broker, the store, the lanes (jobs waiting and running, the oldest wait), the
     bulk runs waiting and the workers online with their pool processes; exit 1 if none is up."""
     producer = Producer()
@@ -84,15 +89,49 @@ def status() -> None:
     client = celery_app.backend.client
     names = producer.workers_online()
     snapshot = lane_stats(client, time.time())
-    depths = [f"{client.llen(queue)} ({queue})" for queue in contract.IMAGE_QUEUES]
-    typer.echo(f"broker:      {safe_url(celery_app.conf.broker_url)}")
-    typer.echo(f"store:       {producer.store.url}")
-    typer.echo(f"queue depth: {', '.join(depths)}")
-    for line in lane_lines(snapshot):
-        typer.echo(line)
-    typer.echo(worker_lines(names, snapshot))
+    depths = {queue: int(client.llen(queue)) for queue in contract.IMAGE_QUEUES}
+    broker, store = safe_url(celery_app.conf.broker_url), producer.store.url
+    if as_json:
+        typer.echo(json.dumps(status_document(broker, store, depths, snapshot, names), indent=2))
+    else:
+        queued = ", ".join(f"{n} ({queue})" for queue, n in depths.items())
+        typer.echo(f"broker:      {broker}")
+        typer.echo(f"store:       {store}")
+        typer.echo(f"queue depth: {queued}")
+        for line in lane_lines(snapshot):
+            typer.echo(line)
+        typer.echo(worker_lines(names, snapshot))
     if not names:
         raise typer.Exit(1)
+
+
+def status_document(
+    broker: str, store: str, depths: dict[str, int], snapshot: Snapshot, names: list[str]
+) -> dict[str, object]:
+    """`bgq status --json`: stable field names, as docs/kubernetes.md documents them."""
+    lanes = {
+        lane: {
+            "waiting": stats.waiting,
+            "running": stats.running,
+            "oldest_wait_seconds": stats.oldest,
+            "workers": stats.workers,
+            "pool_processes": stats.processes,
+        }
+        for lane, stats in snapshot.lanes.items()
+    }
+    nodes = {}
+    for name in names:
+        served, processes = snapshot.workers.get(name, ([], 0))
+        nodes[name] = {"lanes": served, "pool_processes": processes}
+    return {
+        "broker": broker,
+        "store": store,
+        "queues": depths,
+        "lanes": lanes,
+        "bulk_runs": snapshot.runs,
+        "workers_online": len(names),
+        "workers": nodes,
+    }
 
 
 STATUS_RUNS = 5  # bulk runs `bgq status` names, the most jobs waiting first
