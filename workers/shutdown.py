@@ -1,0 +1,148 @@
+"""Graceful scale-down: SIGTERM (or SIGINT) makes a worker take no new job at once, lets the
+running ones finish for up to BGQ_SHUTDOWN_GRACE seconds, then hands every unfinished one back
+to the head of its queue and exits 0; it exits as soon as nothing runs.
+
+A consumer bootstep of the main process, replacing Celery's own SIGTERM handling (a warm
+shutdown waits for every task, with no bound but the time limit; its soft shutdown sleeps the
+whole timeout and exits 1: docs/operations.md "Scaling down"). The signal handler only notes
+the time; the work is done on the worker's event loop, by a check every DRAIN_TICK seconds:
+
+1. at the first signal: cancel the task consumer (no new message is taken) and hand back the
+   messages held for a countdown (ETA), which would otherwise start during the grace;
+2. while a job runs and the grace lasts: nothing (a job that ends is acknowledged as usual);
+3. at the end of the grace, or at a second signal: kill the pool processes of the jobs still
+   running (Celery's `Request.cancel`: the main process sees `Terminated`, never
+   `WorkerLostError`) and hand their messages back; then stop the worker, exit code 0.
+
+Handing back is kombu's own restore of one delivery (`QoS.restore_by_tag`): one Redis
+transaction moves the message from the `unacked` hash to the head of its queue, where the next
+BRPOP of any worker takes it. If Redis cannot be reached the message stays in `unacked`, where
+the broker's redelivery (its lease, or the visibility timeout) finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from celery import bootsteps, platforms
+from celery.worker import state
+
+from bgq import defaults
+from bgq.settings import load_settings
+
+if TYPE_CHECKING:
+    from celery.worker.consumer import Consumer
+    from celery.worker.request import Request
+
+log = logging.getLogger(__name__)
+
+HANDLED = ("SIGTERM", "SIGINT")
+
+
+def hand_back(request: Request) -> bool:
+    """Put a job's message back at the head of its queue, now; False if Redis refused."""
+    message = request._message
+    if message.acknowledged:
+        return True
+    try:
+        message.channel.qos.restore_by_tag(message.delivery_tag)
+    except Exception as exc:  # any broker error: the broker's redelivery takes it
+        log.warning("could not hand back %s now (%s): redelivered later", request.id, exc)
+        return False
+    message.ack()  # only this worker's record: Redis no longer holds the delivery
+    request.acknowledged = True  # nothing else acknowledges or rejects it
+    state.task_ready(request)
+    return True
+
+
+def unfinished() -> list[Request]:
+    """The jobs this worker holds that have not ended: running or waiting for a pool process."""
+    held = set(state.active_requests) | set(state.reserved_requests)
+    return [r for r in held if not r.acknowledged and r.id not in state.successful_requests]
+
+
+class GracefulShutdown(bootsteps.StartStopStep):
+    """SIGTERM/SIGINT: stop consuming, wait for running jobs up to the grace, hand back the rest."""
+
+    requires: ClassVar = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, consumer: Consumer, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
+        self.grace = load_settings().shutdown_grace
+        self.signalled: float | None = None  # monotonic time of the first signal
+        self.deadline: float | None = None
+        self.draining = False
+        self.done = False
+        self.tref: Any = None
+
+    def start(self, consumer: Consumer) -> None:
+        for name in HANDLED:  # after Celery's own handlers, which Worker.on_start installed
+            platforms.signals[name] = self.on_signal
+        if self.tref is None:
+            self.tref = consumer.timer.call_repeatedly(
+                defaults.DRAIN_TICK, self.tick, (consumer,), priority=0
+            )
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        """Note the time (the event loop does the work); a second signal ends the grace now."""
+        now = time.monotonic()
+        if self.signalled is None:
+            self.signalled, self.deadline = now, now + self.grace
+        else:
+            self.deadline = now
+        platforms.signals[signal.Signals(signum).name] = self.on_signal
+
+    def tick(self, consumer: Consumer) -> None:
+        if self.deadline is None or self.done:
+            return
+        if not self.draining:
+            self.draining = True
+            self.begin(consumer)
+        running = unfinished()
+        if running and time.monotonic() < self.deadline:
+            return
+        if running:
+            self.give_up(consumer, running)
+        assert self.signalled is not None
+        log.warning(
+            "graceful shutdown: stopping %.1f s after the signal (%d job(s) handed back)",
+            time.monotonic() - self.signalled, len(running),
+        )  # fmt: skip
+        self.done = True
+        state.should_stop = platforms.EX_OK  # the event loop raises WorkerShutdown(0)
+
+    def begin(self, consumer: Consumer) -> None:
+        """Take no new message; hand back those held for a countdown."""
+        log.warning(
+            "graceful shutdown: taking no new jobs; %d running may finish within %g s "
+            "(a second SIGTERM or Ctrl-C hands them back now)", len(unfinished()), self.grace,
+        )  # fmt: skip
+        if consumer.task_consumer is not None:
+            try:
+                consumer.task_consumer.cancel()
+            except Exception as exc:  # the connection's close stops it as well
+                log.warning("could not cancel the task consumer: %s", exc)
+        for request in tuple(state.scheduled_requests):
+            entry = request._eta_timer_entry
+            if entry is not None:
+                consumer.timer.cancel(entry)
+            if hand_back(request):
+                state.scheduled_requests.discard(request)
+
+    def give_up(self, consumer: Consumer, running: list[Request]) -> None:
+        """The grace is over: kill the jobs' pool processes and hand their messages back."""
+        for request in running:
+            if request.time_start:  # a pool process runs it (else the pool's flush drops it)
+                request.cancel(consumer.pool, signal=signal.SIGKILL, emit_retry=False)
+            hand_back(request)
+
+    def stop(self, consumer: Consumer) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def shutdown(self, consumer: Consumer) -> None:
+        self.stop(consumer)
