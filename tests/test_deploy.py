@@ -11,6 +11,7 @@ import pytest
 import typer
 import yaml
 
+from bgq import defaults
 from bgq.settings import ENV_PREFIX, Settings
 from producer.cli import app
 
@@ -255,6 +256,24 @@ def test_worker_scales_and_beat_does_not() -> None:
     check = " ".join(worker["healthcheck"]["test"])
     assert "--destination bgq@$$HOSTNAME" in check
     assert SERVICES["beat"].get("deploy", {}).get("replicas", 1) == 1
+
+
+def seconds(period: str) -> float:
+    """A Compose duration such as `30s` or `1m30s`, in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", period)
+    assert parts and "".join(n + u for n, u in parts) == period, period
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("name", ["worker", "webhooks"])
+def test_workers_stop_on_sigterm_with_the_grace_and_a_margin(name: str) -> None:
+    """`docker compose stop` waits the worker's BGQ_SHUTDOWN_GRACE plus the margin to hand the
+    rest back (workers/shutdown.py) before its SIGKILL."""
+    service = SERVICES[name]
+    assert service.get("stop_signal", "SIGTERM") == "SIGTERM", name
+    wanted = defaults.SHUTDOWN_GRACE + defaults.SHUTDOWN_MARGIN
+    assert seconds(service["stop_grace_period"]) >= wanted, name
 
 
 def strings(node: object) -> list[str]:
