@@ -23,7 +23,7 @@ from bgq.contract import MASKS, TaskArgs, input_digest
 from bgq.fileio import is_temporary
 from bgq.options import Options
 from bgq.settings import Settings, settings_env
-from bgq.stack import LocalStack
+from bgq.stack import LocalStack, worker_command
 from bgq.store import FileStore, open_store
 from producer import Producer
 from tests.helpers import BGQ, Gate, assert_same_pixels, pixels, variant, wait_for
@@ -178,6 +178,53 @@ def test_held_countdown_messages_go_back_at_once_and_an_idle_worker_exits_at_onc
         (raw,) = cluster.client.lrange(contract.QUEUE, 0, -1)
         assert json.loads(raw)["headers"]["eta"], "the countdown was lost"
     finally:
+        producer.close()
+
+
+class Prefetching(LocalStack):
+    """A stack whose worker prefetches twice its pool's size (`--prefetch-multiplier 2`, as a
+    `bgq worker` command line may say): a job then waits in the worker for a free process."""
+
+    def _start_worker(self) -> None:
+        extra = ["--without-mingle", "--without-gossip", "--prefetch-multiplier", "2"]
+        self.worker = self._spawn(worker_command(self.workers, self.hostname, *extra), {})
+        self._wait_ready()
+
+
+def test_a_prefetched_job_goes_back_at_once_and_the_running_one_finishes(
+    cluster: Cluster, reference: Callable[..., bytes]
+) -> None:
+    """One pool process, two jobs taken: one runs (held), one waits for the process. At SIGTERM
+    the waiting one is back in its queue at once, untouched; the running one, let through,
+    finishes in the grace, and the worker exits 0 without waiting for the rest of the grace."""
+    settings = cluster.settings.model_copy(update={"concurrency": 1, "shutdown_grace": GRACE})
+    stack = Prefetching(settings, log=settings.home / "prefetching.log")
+    cluster.stacks.append(stack)
+    stack.start()
+    store = open_store(settings)
+    assert isinstance(store, FileStore)
+    running, waiting = image(6), image(7)
+    (gate,) = held_gates(store, running)
+    producer = Producer(settings)
+    try:
+        jobs = [producer.submit_data(d, "u2netp", Options()) for d in (running, waiting)]
+        gate.wait_for_reader()
+        wait_for(lambda: taken(cluster.client) == {j.key for j in jobs}, 30, "the prefetch")
+        sent = terminate(stack)
+        wait_for(lambda: queued(cluster.client) == [jobs[1].key], 10, "the waiting job's return")
+        back = time.monotonic() - sent
+        assert taken(cluster.client) == {jobs[0].key}
+        gate.remove()
+        assert_same_pixels(jobs[0].read(timeout=60), reference(running))
+        assert stack.worker is not None
+        assert stack.worker.wait(timeout=30) == 0
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM, one prefetched: back after {back:.2f} s, exit after {exited:.2f} s")
+        assert back < 2 and exited < GRACE, (back, exited)
+        assert not taken(cluster.client) and queued(cluster.client) == [jobs[1].key]
+        assert not store.has_output(jobs[1].output)
+    finally:
+        gate.remove()
         producer.close()
 
 

@@ -4,11 +4,12 @@ to the head of its queue and exits 0; it exits as soon as nothing runs.
 
 A consumer bootstep of the main process, replacing Celery's own SIGTERM handling (a warm
 shutdown waits for every task, with no bound but the time limit; its soft shutdown sleeps the
-whole timeout and exits 1: docs/operations.md "Scaling down"). The signal handler only notes
-the time; the work is done on the worker's event loop, by a check every DRAIN_TICK seconds:
+whole timeout in the signal handler: docs/architecture.md "Scaling down"). The signal
+handler only notes the time; the worker's event loop does the work, every DRAIN_TICK seconds:
 
 1. at the first signal: cancel the task consumer (no new message is taken) and hand back the
-   messages held for a countdown (ETA), which would otherwise start during the grace;
+   messages held for a countdown (ETA) or waiting for a free pool process (prefetched), which
+   would otherwise start during the grace;
 2. while a job runs and the grace lasts: nothing (a job that ends is acknowledged as usual);
 3. at the end of the grace, or at a second signal: kill the pool processes of the jobs still
    running (Celery's `Request.cancel`: the main process sees `Terminated`, never
@@ -22,12 +23,13 @@ the broker's redelivery (its lease, or the visibility timeout) finds it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from celery import bootsteps, platforms
+from celery import bootsteps, platforms, signals
 from celery.worker import state
 
 from bgq import defaults
@@ -52,9 +54,31 @@ def hand_back(request: Request) -> bool:
     except Exception as exc:  # any broker error: the broker's redelivery takes it
         log.warning("could not hand back %s now (%s): redelivered later", request.id, exc)
         return False
-    message.ack()  # only this worker's record: Redis no longer holds the delivery
+    with contextlib.suppress(Exception):  # only this worker's record now: Redis has it queued
+        message.ack()
     request.acknowledged = True  # nothing else acknowledges or rejects it
     state.task_ready(request)
+    return True
+
+
+def withdraw(consumer: Consumer, request: Request) -> bool:
+    """Take back a job that waits for a free pool process (prefetched past the pool's size):
+    in the worker's semaphore, or in the pool's buffer; False once a process may have it.
+    What Celery's own `Consumer.on_close` does to all of them (`semaphore.clear()`, `flush()`)."""
+    waiting: Any = getattr(getattr(consumer.controller, "semaphore", None), "_waiting", ())
+    for waiter in tuple(waiting):
+        if any(arg is request for arg in waiter[1]):  # (callback, args, kwargs)
+            waiting.remove(waiter)
+            return True
+    job = request._apply_result() if request._apply_result is not None else None
+    buffer = getattr(getattr(consumer.pool, "_pool", None), "outbound_buffer", None)
+    if job is None or buffer is None or job._accepted or job._scheduled_for is not None:
+        return False
+    try:
+        buffer.remove(job)
+    except ValueError:  # already taken from the buffer
+        return False
+    job.discard()
     return True
 
 
@@ -81,6 +105,8 @@ class GracefulShutdown(bootsteps.StartStopStep):
     def start(self, consumer: Consumer) -> None:
         for name in HANDLED:  # after Celery's own handlers, which Worker.on_start installed
             platforms.signals[name] = self.on_signal
+        if self.draining:  # the consumer restarted (a lost connection) during the grace
+            self.stop_intake(consumer)
         if self.tref is None:
             self.tref = consumer.timer.call_repeatedly(
                 defaults.DRAIN_TICK, self.tick, (consumer,), priority=0
@@ -93,7 +119,6 @@ class GracefulShutdown(bootsteps.StartStopStep):
             self.signalled, self.deadline = now, now + self.grace
         else:
             self.deadline = now
-        platforms.signals[signal.Signals(signum).name] = self.on_signal
 
     def tick(self, consumer: Consumer) -> None:
         if self.deadline is None or self.done:
@@ -108,29 +133,41 @@ class GracefulShutdown(bootsteps.StartStopStep):
             self.give_up(consumer, running)
         assert self.signalled is not None
         log.warning(
-            "graceful shutdown: stopping %.1f s after the signal (%d job(s) handed back)",
+            "graceful shutdown: stopping %.1f s after the signal (%d running job(s) handed back)",
             time.monotonic() - self.signalled, len(running),
         )  # fmt: skip
         self.done = True
         state.should_stop = platforms.EX_OK  # the event loop raises WorkerShutdown(0)
 
     def begin(self, consumer: Consumer) -> None:
-        """Take no new message; hand back those held for a countdown."""
-        log.warning(
-            "graceful shutdown: taking no new jobs; %d running may finish within %g s "
-            "(a second SIGTERM or Ctrl-C hands them back now)", len(unfinished()), self.grace,
-        )  # fmt: skip
-        if consumer.task_consumer is not None:
-            try:
-                consumer.task_consumer.cancel()
-            except Exception as exc:  # the connection's close stops it as well
-                log.warning("could not cancel the task consumer: %s", exc)
+        """Take no new message; hand back those held for a countdown or a free pool process."""
+        signals.worker_shutting_down.send(
+            sender=consumer.hostname, sig="SIGTERM", how="Graceful", exitcode=platforms.EX_OK
+        )
+        self.stop_intake(consumer)
+        waiting = 0
         for request in tuple(state.scheduled_requests):
             entry = request._eta_timer_entry
             if entry is not None:
                 consumer.timer.cancel(entry)
             if hand_back(request):
                 state.scheduled_requests.discard(request)
+                waiting += 1
+        for request in tuple(state.reserved_requests - state.active_requests):
+            if withdraw(consumer, request) and hand_back(request):
+                waiting += 1
+        log.warning(
+            "graceful shutdown: taking no new jobs; %d waiting job(s) handed back, %d running "
+            "may finish within %g s (a second SIGTERM or Ctrl-C hands them back now)",
+            waiting, len(unfinished()), self.grace,
+        )  # fmt: skip
+
+    def stop_intake(self, consumer: Consumer) -> None:
+        if consumer.task_consumer is not None:
+            try:
+                consumer.task_consumer.cancel()
+            except Exception as exc:  # the connection's close stops it as well
+                log.warning("could not cancel the task consumer: %s", exc)
 
     def give_up(self, consumer: Consumer, running: list[Request]) -> None:
         """The grace is over: kill the jobs' pool processes and hand their messages back."""
