@@ -129,7 +129,7 @@ def test_sigterm_finishes_what_fits_the_grace_and_hands_back_the_rest_at_once(
         print(f"\nSIGTERM (grace {GRACE:g} s): back after {back:.2f} s, exit after {exited:.2f} s")
         assert code == 0
         assert GRACE <= back < GRACE + 2, back
-        assert exited < GRACE + 3, exited
+        assert exited < GRACE + 4, exited
         # The held job went to the head (the next taken), before the job queued meanwhile.
         assert queued(cluster.client) == [late.key, jobs[1].key]
         assert not taken(cluster.client)
@@ -173,7 +173,7 @@ def test_held_countdown_messages_go_back_at_once_and_an_idle_worker_exits_at_onc
         exited = time.monotonic() - sent
         print(f"\nSIGTERM, one countdown held: back after {back:.2f} s, exit after {exited:.2f} s")
         assert code == 0
-        assert back < 2 and exited < 3, (back, exited)
+        assert back < 2 and exited < 4, (back, exited)
         assert not taken(cluster.client)
         (raw,) = cluster.client.lrange(contract.QUEUE, 0, -1)
         assert json.loads(raw)["headers"]["eta"], "the countdown was lost"
@@ -283,7 +283,7 @@ def test_an_ingest_completes_when_one_of_two_workers_is_scaled_down(
     print(f"\nscale-down mid-ingest: worker exit {exited:.2f} s, ingest done {finished:.2f} s")
     assert ingest.returncode == 0, stdout + stderr
     assert "6 inputs" in stdout and "0 failed" in stdout, stdout
-    assert exited < 5, exited
+    assert exited < 2 + 4, exited  # the grace, then about 1.5 s
     assert finished < 45, finished  # no lease, no visibility timeout waited for
     assert sorted(p.name for p in out.glob("*.png")) == sorted(images)
     for name, data in images.items():
@@ -319,7 +319,7 @@ def test_a_second_sigterm_hands_running_jobs_back_now(cluster: Cluster) -> None:
         assert stack.worker.wait(timeout=10) == 0
         exited = time.monotonic() - sent
         print(f"\nsecond SIGTERM: back after {back:.2f} s, exit after {exited:.2f} s")
-        assert back < 2 and exited < 4, (back, exited)
+        assert back < 2 and exited < 5, (back, exited)
         assert not taken(cluster.client)
     finally:
         gate.remove()
