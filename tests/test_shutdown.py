@@ -27,6 +27,7 @@ from bgq.stack import LocalStack, worker_command
 from bgq.store import FileStore, open_store
 from producer import Producer
 from tests.helpers import BGQ, Gate, assert_same_pixels, pixels, variant, wait_for
+from tests.redis_servers import Servers
 
 GRACE = 10.0  # seconds: the issue's target
 
@@ -324,3 +325,32 @@ def test_a_second_sigterm_hands_running_jobs_back_now(cluster: Cluster) -> None:
     finally:
         gate.remove()
         producer.close()
+
+
+def test_sigterm_while_the_broker_is_down_still_stops_the_worker(
+    tmp_path: Path, model_home: Path
+) -> None:
+    """Redis gone, the worker retrying its connection (no event loop runs): SIGTERM stops it
+    as Celery's own handler would, exit 0; what it had taken stays in Redis for redelivery."""
+    group = Servers(tmp_path / "redis")
+    server = group.start("broker")
+    home = tmp_path / "home"
+    settings = Settings(  # type: ignore[call-arg]
+        home=home, models_dir=model_home, concurrency=1,
+        redis_url=f"redis://127.0.0.1:{server.port}/0",
+    )  # fmt: skip
+    stack = LocalStack(settings, log=home / "worker.log")
+    try:
+        stack.start()
+        server.kill()
+        log = home / "worker.log"
+        wait_for(lambda: "Cannot connect" in log.read_text(), 60, "the worker to retry")
+        sent = terminate(stack)
+        assert stack.worker is not None
+        assert stack.worker.wait(timeout=30) == 0
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM, broker down: exit after {exited:.2f} s")
+        assert exited < 5, exited
+    finally:
+        stack.stop()
+        group.stop()

@@ -113,7 +113,11 @@ class GracefulShutdown(bootsteps.StartStopStep):
             )
 
     def on_signal(self, signum: int, _frame: object) -> None:
-        """Note the time (the event loop does the work); a second signal ends the grace now."""
+        """Note the time (the event loop does the work); a second signal ends the grace now.
+        With no event loop running (the consumer reconnecting to the broker), stop as Celery
+        would: its connection retries check the flag, and Redis keeps what it holds."""
+        if self.tref is None:
+            state.should_stop = platforms.EX_OK
         now = time.monotonic()
         if self.signalled is None:
             self.signalled, self.deadline = now, now + self.grace
