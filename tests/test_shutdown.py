@@ -97,6 +97,13 @@ def terminate(stack: LocalStack) -> float:
     return sent
 
 
+def drained(stack: LocalStack) -> None:
+    """Until the worker has taken in the signal: its intake is stopped (its log says so)."""
+    log = stack.log
+    assert log is not None
+    wait_for(lambda: "taking no new jobs" in log.read_text(), 30, "the worker to stop its intake")
+
+
 def held_gates(store: FileStore, *data: bytes) -> list[Gate]:
     return [Gate(store.path(MASKS, job_args(d).masks)) for d in data]
 
@@ -120,6 +127,7 @@ def test_sigterm_finishes_what_fits_the_grace_and_hands_back_the_rest_at_once(
             gate.wait_for_reader()
         sent = terminate(stack)
         late = producer.submit_data(third, "u2netp", Options())  # queued after the signal
+        drained(stack)  # before a process is free to take it
         gates[0].remove()
         jobs[0].wait(timeout=60)
         wait_for(lambda: jobs[1].key in queued(cluster.client), 30, "the held job's return")
@@ -308,9 +316,7 @@ def test_a_second_sigterm_hands_running_jobs_back_now(cluster: Cluster) -> None:
         job = producer.submit_data(data, "u2netp", Options())
         gate.wait_for_reader()
         terminate(stack)
-        assert stack.log is not None
-        log = stack.log
-        wait_for(lambda: "taking no new jobs" in log.read_text(), 30, "the drain")
+        drained(stack)
         assert taken(cluster.client) == {job.key} and stack.worker is not None
         assert stack.worker.poll() is None
         sent = time.monotonic()
