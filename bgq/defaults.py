@@ -86,7 +86,12 @@ RETRY_BACKOFF_BASE = 1  # seconds, first backoff before jitter
 
 # Local stack.
 WORKER_READY_TIMEOUT = 120  # seconds `bgq up` waits for its worker to answer a ping
-WORKER_STOP_TIMEOUT = 30  # seconds a stopping worker may finish its tasks before it is killed
+WORKER_STOP_TIMEOUT = 30  # seconds a stopping Flower may take before it is killed
+
+# Graceful scale-down (workers/shutdown.py).
+SHUTDOWN_GRACE = 25.0  # seconds running jobs may finish after SIGTERM (Kubernetes waits 30)
+SHUTDOWN_MARGIN = 5.0  # seconds past the grace to hand jobs back and exit, before a SIGKILL
+DRAIN_TICK = 0.2  # seconds between a stopping worker's checks of its running jobs
 REDIS_READY_TIMEOUT = 10  # seconds to wait for an embedded redis-server to answer
 
 # Redis connections (bgq.connections).

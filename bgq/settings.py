@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     ort_threads: Annotated[int, Field(ge=1)] = defaults.ORT_THREADS
     ort_arena: bool = defaults.ORT_ARENA
     max_tasks_per_child: Annotated[int, Field(ge=1)] = defaults.MAX_TASKS_PER_CHILD
+    shutdown_grace: Annotated[float, Field(ge=0)] = defaults.SHUTDOWN_GRACE  # seconds (SIGTERM)
     max_memory_per_child_mb: Annotated[int, Field(ge=64)] = defaults.MAX_MEMORY_PER_CHILD_MB
     max_megapixels: Annotated[float, Field(gt=0)] = defaults.MAX_MEGAPIXELS
     png_encoder: Literal["fast", "pillow"] = defaults.PNG_ENCODER

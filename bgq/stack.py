@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -158,16 +160,24 @@ class LocalStack:
             app.close()
 
     def stop(self) -> None:
-        """Warm-stop the worker (running tasks finish), kill what remains, then stop Redis."""
+        """SIGTERM the worker (running jobs get BGQ_SHUTDOWN_GRACE seconds, then go back to their
+        queue: workers/shutdown.py), kill what remains after a margin, then stop Redis."""
         if self.flower is not None:
             stop_group(self.flower, defaults.WORKER_STOP_TIMEOUT)
             self.flower = None
         if self.worker is not None:
-            stop_group(self.worker, defaults.WORKER_STOP_TIMEOUT)
+            stop_group(self.worker, self.settings.shutdown_grace + defaults.SHUTDOWN_MARGIN)
             self.worker = None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+    def hurry(self) -> None:
+        """A second SIGTERM to a stopping worker: it hands its running jobs back now."""
+        worker = self.worker
+        if worker is not None and worker.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.send_signal(signal.SIGTERM)
 
     def __enter__(self) -> LocalStack:
         return self.start()

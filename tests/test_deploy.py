@@ -11,6 +11,7 @@ import pytest
 import typer
 import yaml
 
+from bgq import defaults
 from bgq.settings import ENV_PREFIX, Settings
 from producer.cli import app
 
@@ -33,12 +34,6 @@ DEPLOYMENT_SETTINGS = (
     "BGQ_MAX_MEMORY_PER_CHILD_MB", "BGQ_ORT_ARENA", "BGQ_SHUTDOWN_GRACE",
 )  # fmt: skip
 
-
-# Settings of issue 23 that another branch adds to bgq.settings (BGQ_SHUTDOWN_GRACE: helper B's):
-# until the merge, the only names allowed outside it. Empty once merged.
-PENDING = frozenset(
-    {"BGQ_SHUTDOWN_GRACE"} - {ENV_PREFIX + f.upper() for f in Settings.model_fields}
-)
 
 # Variables the example shows that are not bgq's own: the AWS chain and MinIO's login.
 NOT_BGQ = frozenset(
@@ -266,6 +261,24 @@ def test_worker_scales_and_beat_does_not() -> None:
     assert SERVICES["beat"].get("deploy", {}).get("replicas", 1) == 1
 
 
+def seconds(period: str) -> float:
+    """A Compose duration such as `30s` or `1m30s`, in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", period)
+    assert parts and "".join(n + u for n, u in parts) == period, period
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("name", ["worker", "webhooks"])
+def test_workers_stop_on_sigterm_with_the_grace_and_a_margin(name: str) -> None:
+    """`docker compose stop` waits the worker's BGQ_SHUTDOWN_GRACE plus the margin to hand the
+    rest back (workers/shutdown.py) before its SIGKILL."""
+    service = SERVICES[name]
+    assert service.get("stop_signal", "SIGTERM") == "SIGTERM", name
+    wanted = defaults.SHUTDOWN_GRACE + defaults.SHUTDOWN_MARGIN
+    assert seconds(service["stop_grace_period"]) >= wanted, name
+
+
 def strings(node: object) -> list[str]:
     """Every string in a parsed YAML document, keys included."""
     if isinstance(node, dict):
@@ -294,7 +307,7 @@ def test_env_example_documents_real_settings() -> None:
     assert len(names) == len(set(names)), "a setting is listed twice"
     missing = sorted(set(DEPLOYMENT_SETTINGS) - set(names))
     assert not missing, f"undocumented in {ENV_EXAMPLE.name}: {missing}"
-    unknown = sorted(set(names) - settings - NOT_BGQ - PENDING)
+    unknown = sorted(set(names) - settings - NOT_BGQ)
     assert not unknown, f"not settings of bgq.settings (bgq would ignore them): {unknown}"
 
 

@@ -25,7 +25,6 @@ from producer.api.ops import router
 from tests.test_deploy import (
     COMPOSE,
     DEPLOYMENT_SETTINGS,
-    PENDING,
     S3_OVERRIDE,
     env_example_names,
     parse_bgq,
@@ -43,10 +42,7 @@ DOCS: list[tuple[str, dict[str, Any]]] = [
 KUSTOMIZATION: dict[str, Any] = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
 
 SETTINGS = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
-# BGQ_SHUTDOWN_GRACE lands from another branch of issue 23: until the merge, the one name allowed
-# outside bgq.settings (tests/test_deploy.py's PENDING), with that branch's default, 25 s.
-GRACE_FIELD = Settings.model_fields.get("shutdown_grace")
-SHUTDOWN_GRACE = float(GRACE_FIELD.default) if GRACE_FIELD is not None else 25.0
+SHUTDOWN_GRACE = float(Settings.model_fields["shutdown_grace"].default)
 MIN_MARGIN = 10  # seconds past the grace for the hand-back and the pool's exit, before SIGKILL
 MAIN_PROCESS_MIB = 160  # a worker's main process (docs/memory.md, "Sizing")
 PROBES_MIB = 128  # two `bgq probe` processes at once (about 61 MiB each, measured)
@@ -188,13 +184,12 @@ def test_every_container_reads_the_settings_and_the_secret() -> None:
 
 def test_every_setting_named_is_a_bgq_setting() -> None:
     named_settings = {n for n in settings_map() if n.startswith(ENV_PREFIX)}
-    unknown = sorted(named_settings - SETTINGS - PENDING)
+    unknown = sorted(named_settings - SETTINGS)
     assert not unknown, f"not settings of bgq.settings (bgq would ignore them): {unknown}"
     assert {n for n in settings_map() if not n.startswith(ENV_PREFIX)} <= {
         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
     }  # fmt: skip
     config = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in settings_map().items() if v}
-    config = {k: v for k, v in config.items() if ENV_PREFIX + k.upper() not in PENDING}
     Settings(**config)  # the values are valid too (placeholders included)
 
 

@@ -14,7 +14,7 @@ from bgq import contract
 from bgq.errors import BgqError
 from bgq.settings import load_settings
 from bgq.store import Store, open_store
-from workers import lanes_step, session
+from workers import lanes_step, session, shutdown
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
@@ -26,6 +26,7 @@ settings = load_settings()
 app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maintenance"])
 app.conf.update(celeryconfig.build(settings))
 app.steps["worker"].add(lanes_step.LaneBeat)
+app.steps["consumer"].add(shutdown.GracefulShutdown)
 
 
 _store: Store | None = None

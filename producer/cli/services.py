@@ -68,7 +68,13 @@ def up(
         while not stopping.is_set() and stack.worker.poll() is None:
             stopping.wait(0.2)
         crashed = not stopping.is_set()
-        typer.echo("bgq: stopping...", err=True)
+        typer.echo(
+            f"bgq: stopping: running jobs get up to {settings.shutdown_grace:g} s to finish "
+            "(Ctrl-C again hands them back now)...",
+            err=True,
+        )
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the second one: cut the grace short
+            signal.signal(signum, lambda *_: stack.hurry())
     if crashed:
         raise ConfigError("the worker exited unexpectedly; everything was stopped")
     typer.echo("bgq: stopped.", err=True)

@@ -1,0 +1,362 @@
+"""Graceful scale-down (workers/shutdown.py): SIGTERM to a real prefork worker on a real Redis.
+
+Jobs are held in their model run by a Gate on their stored-masks lookup (past their Redis
+calls); a worker that takes such a job again after a hand-back blocks there again, until the
+test removes the gate (end of file: no stored masks, so the job runs the model).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from kombu.transport.redis import Channel
+
+from bgq import contract
+from bgq.contract import MASKS, TaskArgs, input_digest
+from bgq.fileio import is_temporary
+from bgq.options import Options
+from bgq.settings import Settings, settings_env
+from bgq.stack import LocalStack, worker_command
+from bgq.store import FileStore, open_store
+from producer import Producer
+from tests.helpers import BGQ, Gate, assert_same_pixels, pixels, variant, wait_for
+from tests.redis_servers import Servers
+
+GRACE = 10.0  # seconds: the issue's target
+
+
+def image(i: int) -> bytes:
+    """A small photo no other test submits."""
+    x = 4 * i
+    return variant("plants-1.jpg", (x, 20, x + 200, 180))
+
+
+def job_args(data: bytes) -> TaskArgs:
+    return TaskArgs.build(input_digest(data), "u2netp", Options())
+
+
+def queued(client: redis.Redis, queue: str = contract.QUEUE) -> list[str]:
+    """The task ids waiting in a queue, the next to be taken last (BRPOP takes the right end)."""
+    return [json.loads(raw)["headers"]["id"] for raw in client.lrange(queue, 0, -1)]
+
+
+def taken(client: redis.Redis) -> set[str]:
+    """The task ids that a worker holds (kombu's `unacked` hash)."""
+    return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals(Channel.unacked_key)}
+
+
+def temporaries(store: FileStore) -> list[Path]:
+    return [p for p in store.root.rglob("*") if is_temporary(p.name)]
+
+
+class Cluster:
+    """Local stacks (one worker each) on the test Redis, sharing one home and so one store."""
+
+    def __init__(self, redis_url: str, home: Path, model_home: Path) -> None:
+        self.settings = Settings(home=home, redis_url=redis_url, models_dir=model_home)  # type: ignore[call-arg]
+        self.stacks: list[LocalStack] = []
+        self.client = redis.Redis.from_url(redis_url)
+
+    def start(self, concurrency: int, grace: float = GRACE) -> LocalStack:
+        settings = self.settings.model_copy(
+            update={"concurrency": concurrency, "shutdown_grace": grace}
+        )
+        log = settings.home / f"worker{len(self.stacks)}.log"
+        stack = LocalStack(settings, log=log)
+        self.stacks.append(stack)
+        return stack.start()
+
+    def stop(self) -> None:
+        for stack in self.stacks:
+            stack.stop()
+        self.client.flushdb()
+        self.client.close()
+
+
+@pytest.fixture
+def cluster(redis_url: str, tmp_path: Path, model_home: Path) -> Iterator[Cluster]:
+    group = Cluster(redis_url, tmp_path / "home", model_home)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def terminate(stack: LocalStack) -> float:
+    """SIGTERM the stack's worker (its Celery main process); the monotonic time it was sent."""
+    assert stack.worker is not None
+    sent = time.monotonic()
+    stack.worker.send_signal(signal.SIGTERM)
+    return sent
+
+
+def drained(stack: LocalStack) -> None:
+    """Until the worker has taken in the signal: its intake is stopped (its log says so)."""
+    log = stack.log
+    assert log is not None
+    wait_for(lambda: "taking no new jobs" in log.read_text(), 30, "the worker to stop its intake")
+
+
+def held_gates(store: FileStore, *data: bytes) -> list[Gate]:
+    return [Gate(store.path(MASKS, job_args(d).masks)) for d in data]
+
+
+def test_sigterm_finishes_what_fits_the_grace_and_hands_back_the_rest_at_once(
+    cluster: Cluster, reference: Callable[..., bytes]
+) -> None:
+    """Two jobs run, SIGTERM: the worker takes no new job; the one let through during the
+    grace is written and acknowledged; the one still held is back at the head of its queue
+    within about a second of the grace's end, the worker exits 0 just after, and a new worker
+    runs it; nothing is left in `unacked`, no temporary file in the store."""
+    stack = cluster.start(concurrency=2)
+    store = open_store(cluster.settings)
+    assert isinstance(store, FileStore)
+    first, second, third = image(1), image(2), image(3)
+    gates = held_gates(store, first, second)
+    producer = Producer(cluster.settings)
+    jobs = [producer.submit_data(d, "u2netp", Options()) for d in (first, second)]
+    try:
+        for gate in gates:
+            gate.wait_for_reader()
+        sent = terminate(stack)
+        late = producer.submit_data(third, "u2netp", Options())  # queued after the signal
+        drained(stack)  # before a process is free to take it
+        gates[0].remove()
+        jobs[0].wait(timeout=60)
+        wait_for(lambda: jobs[1].key in queued(cluster.client), 30, "the held job's return")
+        back = time.monotonic() - sent
+        assert stack.worker is not None
+        code = stack.worker.wait(timeout=30)
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM (grace {GRACE:g} s): back after {back:.2f} s, exit after {exited:.2f} s")
+        assert code == 0
+        assert GRACE <= back < GRACE + 2, back
+        assert exited < GRACE + 4, exited
+        # The held job went to the head (the next taken), before the job queued meanwhile.
+        assert queued(cluster.client) == [late.key, jobs[1].key]
+        assert not taken(cluster.client)
+        assert not store.has_output(jobs[1].output) and not store.has_output(late.output)
+        gates[1].close()  # its reader was killed; the next one opens it anew
+        cluster.start(concurrency=1)
+        gates[1].wait_for_reader()
+        gates[1].remove()
+        for job, data in zip((jobs[0], jobs[1], late), (first, second, third), strict=True):
+            assert_same_pixels(job.read(timeout=120), reference(data))
+    finally:
+        for gate in gates:
+            gate.remove()
+        producer.close()
+    wait_for(lambda: not taken(cluster.client), 30, "the acknowledgements")
+    assert not temporaries(store)
+
+
+def test_held_countdown_messages_go_back_at_once_and_an_idle_worker_exits_at_once(
+    cluster: Cluster,
+) -> None:
+    """A retry waiting out its countdown is held by the worker (in `unacked`, not queued): at
+    SIGTERM it is back in its queue, countdown and all, and the worker, running nothing,
+    exits 0 well before the grace."""
+    stack = cluster.start(concurrency=1)
+    producer = Producer(cluster.settings)
+    data = image(4)
+    args = job_args(data)
+    try:
+        producer.store.put_input(args.input_sha256, data)
+        producer.app.send_task(
+            contract.TASK_NAME, kwargs=args.to_kwargs(), task_id=args.key, countdown=600
+        )
+        wait_for(lambda: taken(cluster.client) == {args.key}, 30, "the worker to take it")
+        assert queued(cluster.client) == []
+        sent = terminate(stack)
+        wait_for(lambda: queued(cluster.client) == [args.key], 10, "its return")
+        back = time.monotonic() - sent
+        assert stack.worker is not None
+        code = stack.worker.wait(timeout=10)
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM, one countdown held: back after {back:.2f} s, exit after {exited:.2f} s")
+        assert code == 0
+        assert back < 2 and exited < 4, (back, exited)
+        assert not taken(cluster.client)
+        (raw,) = cluster.client.lrange(contract.QUEUE, 0, -1)
+        assert json.loads(raw)["headers"]["eta"], "the countdown was lost"
+    finally:
+        producer.close()
+
+
+class Prefetching(LocalStack):
+    """A stack whose worker prefetches twice its pool's size (`--prefetch-multiplier 2`, as a
+    `bgq worker` command line may say): a job then waits in the worker for a free process."""
+
+    def _start_worker(self) -> None:
+        extra = ["--without-mingle", "--without-gossip", "--prefetch-multiplier", "2"]
+        self.worker = self._spawn(worker_command(self.workers, self.hostname, *extra), {})
+        self._wait_ready()
+
+
+def test_a_prefetched_job_goes_back_at_once_and_the_running_one_finishes(
+    cluster: Cluster, reference: Callable[..., bytes]
+) -> None:
+    """One pool process, two jobs taken: one runs (held), one waits for the process. At SIGTERM
+    the waiting one is back in its queue at once, untouched; the running one, let through,
+    finishes in the grace, and the worker exits 0 without waiting for the rest of the grace."""
+    settings = cluster.settings.model_copy(update={"concurrency": 1, "shutdown_grace": GRACE})
+    stack = Prefetching(settings, log=settings.home / "prefetching.log")
+    cluster.stacks.append(stack)
+    stack.start()
+    store = open_store(settings)
+    assert isinstance(store, FileStore)
+    running, waiting = image(6), image(7)
+    (gate,) = held_gates(store, running)
+    producer = Producer(settings)
+    try:
+        jobs = [producer.submit_data(d, "u2netp", Options()) for d in (running, waiting)]
+        gate.wait_for_reader()
+        wait_for(lambda: taken(cluster.client) == {j.key for j in jobs}, 30, "the prefetch")
+        sent = terminate(stack)
+        wait_for(lambda: queued(cluster.client) == [jobs[1].key], 10, "the waiting job's return")
+        back = time.monotonic() - sent
+        assert taken(cluster.client) == {jobs[0].key}
+        gate.remove()
+        assert_same_pixels(jobs[0].read(timeout=60), reference(running))
+        assert stack.worker is not None
+        assert stack.worker.wait(timeout=30) == 0
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM, one prefetched: back after {back:.2f} s, exit after {exited:.2f} s")
+        assert back < 2 and exited < GRACE, (back, exited)
+        assert not taken(cluster.client) and queued(cluster.client) == [jobs[1].key]
+        assert not store.has_output(jobs[1].output)
+    finally:
+        gate.remove()
+        producer.close()
+
+
+def holder(stacks: list[LocalStack], gate: Gate) -> LocalStack:
+    """The stack whose worker has a pool process at the gate."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for stack in stacks:
+            assert stack.worker is not None
+            if gate._holder(stack.worker.pid) is not None:
+                return stack
+        time.sleep(0.05)
+    raise AssertionError(f"no worker has {gate.path} open")
+
+
+def test_an_ingest_completes_when_one_of_two_workers_is_scaled_down(
+    cluster: Cluster, tmp_path: Path, env: dict[str, str], reference: Callable[..., bytes]
+) -> None:
+    """Two single-process workers share an ingest; the one holding a job mid-run gets SIGTERM
+    (grace 2 s): the job goes back at once, the other worker runs it, and the ingest finishes
+    with every output identical to rembg's, long before any lease or visibility timeout."""
+    stacks = [cluster.start(concurrency=1, grace=2), cluster.start(concurrency=1, grace=2)]
+    store = open_store(cluster.settings)
+    assert isinstance(store, FileStore)
+    images = {f"{i}.png": image(10 + i) for i in range(6)}
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name, data in images.items():
+        (src / name.replace(".png", ".jpg")).write_bytes(data)
+    (gate,) = held_gates(store, images["2.png"])
+    env = {**env, **settings_env(cluster.settings)}
+    ingest = subprocess.Popen(
+        [BGQ, "ingest", str(src), "--out", str(out), "--window", "4"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        gate.wait_for_reader()
+        leaving = holder(stacks, gate)
+        staying = stacks[1 - stacks.index(leaving)]
+        sent = terminate(leaving)
+        assert leaving.worker is not None
+        assert leaving.worker.wait(timeout=30) == 0
+        exited = time.monotonic() - sent
+        gate.close()
+        gate.wait_for_reader()
+        assert staying.worker is not None
+        gate.reader(staying.worker.pid, timeout=30)  # the other worker has it now
+        gate.remove()
+        stdout, stderr = ingest.communicate(timeout=120)
+        finished = time.monotonic() - sent
+    finally:
+        gate.remove()
+        if ingest.poll() is None:
+            ingest.kill()
+            ingest.communicate()
+    print(f"\nscale-down mid-ingest: worker exit {exited:.2f} s, ingest done {finished:.2f} s")
+    assert ingest.returncode == 0, stdout + stderr
+    assert "6 inputs" in stdout and "0 failed" in stdout, stdout
+    assert exited < 2 + 4, exited  # the grace, then about 1.5 s
+    assert finished < 45, finished  # no lease, no visibility timeout waited for
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(images)
+    for name, data in images.items():
+        mode, got = pixels(out / name)
+        want_mode, want = pixels(reference(data))
+        assert mode == want_mode and (got == want).all(), name
+    assert not temporaries(store)
+
+
+def test_a_second_sigterm_hands_running_jobs_back_now(cluster: Cluster) -> None:
+    """Grace 300 s, one job held: the first SIGTERM only stops the intake (the job stays held),
+    a second (what `bgq up` sends at a second Ctrl-C: LocalStack.hurry) hands it back at once
+    and the worker exits 0."""
+    stack = cluster.start(concurrency=1, grace=300)
+    store = open_store(cluster.settings)
+    assert isinstance(store, FileStore)
+    data = image(5)
+    (gate,) = held_gates(store, data)
+    producer = Producer(cluster.settings)
+    try:
+        job = producer.submit_data(data, "u2netp", Options())
+        gate.wait_for_reader()
+        terminate(stack)
+        drained(stack)
+        assert taken(cluster.client) == {job.key} and stack.worker is not None
+        assert stack.worker.poll() is None
+        sent = time.monotonic()
+        stack.hurry()
+        wait_for(lambda: queued(cluster.client) == [job.key], 10, "its return")
+        back = time.monotonic() - sent
+        assert stack.worker.wait(timeout=10) == 0
+        exited = time.monotonic() - sent
+        print(f"\nsecond SIGTERM: back after {back:.2f} s, exit after {exited:.2f} s")
+        assert back < 2 and exited < 5, (back, exited)
+        assert not taken(cluster.client)
+    finally:
+        gate.remove()
+        producer.close()
+
+
+def test_sigterm_while_the_broker_is_down_still_stops_the_worker(
+    tmp_path: Path, model_home: Path
+) -> None:
+    """Redis gone, the worker retrying its connection (no event loop runs): SIGTERM stops it
+    as Celery's own handler would, exit 0; what it had taken stays in Redis for redelivery."""
+    group = Servers(tmp_path / "redis")
+    server = group.start("broker")
+    home = tmp_path / "home"
+    settings = Settings(  # type: ignore[call-arg]
+        home=home, models_dir=model_home, concurrency=1,
+        redis_url=f"redis://127.0.0.1:{server.port}/0",
+    )  # fmt: skip
+    stack = LocalStack(settings, log=home / "worker.log")
+    try:
+        stack.start()
+        server.kill()
+        log = home / "worker.log"
+        wait_for(lambda: "Cannot connect" in log.read_text(), 60, "the worker to retry")
+        sent = terminate(stack)
+        assert stack.worker is not None
+        assert stack.worker.wait(timeout=30) == 0
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM, broker down: exit after {exited:.2f} s")
+        assert exited < 5, exited
+    finally:
+        stack.stop()
+        group.stop()
