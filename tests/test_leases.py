@@ -253,18 +253,19 @@ def test_a_store_that_cannot_be_written_never_fails_the_job(
 def test_redis_gone_at_the_retry_never_fails_the_job(
     cluster: Cluster, producer: Producer, reference: Callable[..., bytes]
 ) -> None:
-    """Redis stops while a job runs: the task cannot take its masks' lock, nor publish its
-    retry (Celery would reject it for good and store FAILURE): the message stays in Redis, and
-    once Redis is back (same data) the lease brings the job back; it completes."""
+    """Redis stops while a job runs, and the store refuses its write: the task cannot publish
+    its retry (Celery would then reject it for good and store FAILURE). Its worker requeues it
+    instead, or, Redis being still gone, leaves it to the lease: once Redis is back (same data)
+    and the store writable, the job completes."""
     held = HeldJob(cluster, producer, (0, 0, 340, 260))
     holder = held.holder()
+    results = cluster.store.root / RESULTS
+    results.write_bytes(b"not a folder")
     cluster.stop_redis()
     held.release()
-    wait_for(
-        lambda: "its lease will requeue it" in log_of(holder) or "lost the lease" in log_of(holder),
-        120,
-        "the failed retry handed to the lease",
-    )
+    rejected = f"Task {contract.TASK_NAME}[{held.job.key}] reject requeue=True"
+    wait_for(lambda: rejected in log_of(holder), 120, "the retry's publish to fail")
+    results.unlink()
     cluster.start_redis()
     assert_same_pixels(held.job.read(timeout=180), reference(held.data))
     assert Counter.FAILED not in stats(cluster.client)
