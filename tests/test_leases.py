@@ -105,12 +105,18 @@ def cluster(tmp_path: Path, model_home: Path) -> Iterator[Cluster]:
 class HeldJob:
     """A job whose pool process is held at its input (a Gate) until `release()`."""
 
-    def __init__(self, cluster: Cluster, producer: Producer, box: tuple[int, int, int, int]):
+    def __init__(
+        self,
+        cluster: Cluster,
+        producer: Producer,
+        box: tuple[int, int, int, int],
+        lane: str = contract.INTERACTIVE,
+    ) -> None:
         self.cluster = cluster
         self.data = variant("car-1.jpg", box)
         self.path = cluster.store.path(INPUTS, contract.input_digest(self.data))
         self.gate = Gate(self.path)
-        self.job: Job = producer.submit(self.data)
+        self.job: Job = producer.submit(self.data, lane=lane)
         self.gate.wait_for_reader()
 
     def holder(self, timeout: float = 60, among: list[LocalStack] | None = None) -> LocalStack:
@@ -143,13 +149,15 @@ def other(cluster: Cluster, stack: LocalStack) -> LocalStack:
     return next(s for s in cluster.workers if s is not stack)
 
 
+@pytest.mark.parametrize("lane", contract.LANES)
 def test_a_lost_workers_job_runs_on_another_within_the_lease(
-    cluster: Cluster, producer: Producer, reference: Callable[..., bytes]
+    cluster: Cluster, producer: Producer, reference: Callable[..., bytes], lane: str
 ) -> None:
     """SIGKILL of a whole worker (main process and pool: a host lost) holding a job: the
     other worker, idle on the same Redis, runs it within the lease and a sweep; the death of a
-    whole worker is not a pool-process death (poison counter untouched)."""
-    held = HeldJob(cluster, producer, (0, 0, 300, 220))
+    whole worker is not a pool-process death (poison counter untouched). In either lane: a
+    bulk job goes back to the bulk queue it was let into."""
+    held = HeldJob(cluster, producer, (0, 0, 300, 220), lane)
     lost = held.holder()
     signal_group(lost, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -247,7 +255,10 @@ def test_a_store_that_cannot_be_written_never_fails_the_job(
     assert producer.task_meta(job.key)["status"] != "FAILURE"
     results.unlink()
     assert_same_pixels(job.read(timeout=180), reference(data))
+    wait_for(lambda: stats(cluster.client).get(Counter.COMPUTED) == 1, 30, "the count")
     assert Counter.FAILED not in stats(cluster.client)
+    # Counted under the enqueue's guard token: the retries kept the task's headers.
+    assert (cluster.client.get(contract.counted_key(job.key)) or b"").startswith(b"interactive:")
 
 
 def test_redis_gone_at_the_retry_never_fails_the_job(

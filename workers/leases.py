@@ -226,11 +226,11 @@ class LeaseBeat(bootsteps.StartStopStep):
     def beat(self, worker: WorkController) -> None:
         """One renewal; best effort: a failed one is retried at the next beat."""
         consumer = getattr(worker, "consumer", None)
-        task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is None:
-            return
+        channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+        if channel is None:
+            return  # not consuming yet, or reconnecting
         try:
-            holder.renew(task_consumer.channel)
+            holder.renew(channel)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not renew this worker's leases: %s", exc)
 
