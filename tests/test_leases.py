@@ -214,21 +214,19 @@ def test_a_holder_back_after_its_lease_was_taken_changes_nothing(
         new = held.holder(timeout=TAKEOVER, among=[other(cluster, old)])
         assert new.worker is not None
         waiting = held.gate.reader(new.worker.pid)
-        waiting.suspend()  # the new holder's pool process waits; its main process renews
+        signal_group(new, signal.SIGSTOP)  # the new holder waits (well within its lease)
+        wait_for(lambda: waiting.status() == psutil.STATUS_STOPPED, 10, "the new holder stopped")
         signal_group(old, signal.SIGCONT)
         held.gate.let_through(held.data)  # only the old holder's reads: it gets the bytes
         wait_for(lambda: stats(cluster.client).get(Counter.COMPUTED) == 1, 60, "the old run")
         wait_for(lambda: "lost the lease" in log_of(old), 30, "the old holder's fence")
         assert cluster.client.hlen("unacked") == 1  # the new holder's record is still there
         held.gate.wait_for_reader()  # the new holder's pool process still holds the pipe
-        waiting.resume()
+        signal_group(new, signal.SIGCONT)
         held.gate.let_through(held.data)
     finally:
         for stack in cluster.workers:
             signal_group(stack, signal.SIGCONT)
-            assert stack.worker is not None
-            for child in psutil.Process(stack.worker.pid).children():
-                child.resume()
     assert_same_pixels(held.job.read(timeout=120), reference(held.data))
     wait_for(lambda: not cluster.client.hlen("unacked"), 60, "the new holder's ack")
     counts = stats(cluster.client)
