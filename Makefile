@@ -12,7 +12,7 @@ UV := $(TOOLS)/bin/uv
 # One environment with every extra (test, bench): `uv sync` removes what it was not asked for.
 SYNC := $(UV) sync --locked --quiet --all-extras --python $(PYTHON)
 
-.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api bench-lanes profile lint format lock floors clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api bench-lanes bench-elastic profile lint format lock floors clean
 
 setup: $(STAMP) models
 
@@ -83,6 +83,11 @@ bench-api: setup $(NUMBA_CACHE)
 # two catalogs; with lanes and without, side by side (6 minutes on 2 cores, a fast host).
 bench-lanes: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.lanes
+
+# Elastic workers: a worker host lost mid-ingest, one cut off from the network for 5 minutes
+# (network namespaces: root and iproute2), duplicate work over 200 images (about 10 minutes).
+bench-elastic: setup
+	$(BIN)/python -m bench.elastic
 
 profile: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.profile

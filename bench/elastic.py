@@ -1,0 +1,174 @@
+"""`make bench-elastic`: elastic workers' figures, side by side (figures, not tests).
+
+A worker host lost mid-ingest (every process SIGKILLed), a worker host cut off from the network
+for 5 minutes (network namespaces: bench/partition.py), and duplicate work over a 200-image
+ingest on two workers with one job held past twice the lease. tests/test_elastic.py and
+tests/test_partition.py run the same scenarios and assert on their figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from bench.catalog import build
+from bench.workers import (
+    Hold,
+    Loss,
+    ingest_cmd,
+    kill_group,
+    killed_at_end,
+    poll,
+    small_catalog,
+    spawn,
+    started_on,
+    stats_of,
+    watch,
+    worker_cmd,
+    worker_env,
+)
+from bgq import contract, defaults
+from bgq.contract import INPUTS
+from bgq.redis_server import EmbeddedRedis
+from bgq.settings import Settings, load_settings
+from bgq.stack import LocalStack
+from bgq.store import FileStore
+from workers.models import fetch
+
+LEASE = float(getattr(defaults, "LEASE_TTL", 30.0))  # s: a holder's lease (issue 23's leases)
+HOLD = 2 * LEASE + 5  # s a job is held at its input in the duplicates scenario
+FORMER_WAIT = 1800  # s: before leases, a lost job waited for Celery's visibility timeout
+
+
+@dataclass
+class Cluster:
+    """An embedded Redis, a file store, the local stack's worker (w1) and a second worker (w2)."""
+
+    settings: Settings
+    client: redis.Redis
+    tmp: Path
+    first: LocalStack
+    second: str  # w2's node name, before @host
+    w2: subprocess.Popen[bytes]
+
+    def env(self, name: str) -> dict[str, str]:
+        return worker_env(self.settings, self.tmp / name)
+
+
+@contextlib.contextmanager
+def cluster(tmp: Path, model_home: Path) -> Iterator[Cluster]:
+    """Two single-process workers on one Redis and one store; everything stopped after."""
+    with contextlib.ExitStack() as stack:
+        server = EmbeddedRedis.start(tmp / "redis")
+        stack.callback(server.stop)
+        settings = Settings(
+            home=tmp / "w1",
+            redis_url=server.url,
+            models_dir=model_home,
+            concurrency=1,
+            store_url=str(tmp / "store"),
+        )
+        first = LocalStack(settings, log=tmp / "w1.log").start()
+        stack.callback(first.stop)
+        second = f"w2-{os.getpid()}"
+        proc = spawn(worker_cmd(second), worker_env(settings, tmp / "w2"), tmp / "w2.log")
+        stack.enter_context(killed_at_end(proc))
+        client = redis.Redis.from_url(server.url)
+        stack.callback(client.close)
+        poll(lambda: online(first, second), 120, f"{second} to answer a ping")
+        yield Cluster(settings, client, tmp, first, second, proc)
+
+
+def online(stack: LocalStack, name: str) -> bool:
+    from producer import Producer
+
+    return any(n.startswith(name + "@") for n in Producer(stack.settings).workers_online())
+
+
+def host_loss(tmp: Path, model_home: Path, images: int = 24) -> tuple[Loss, Path]:
+    """A 1080p ingest on two workers; w2's whole process group SIGKILLed once it has a job."""
+    src, out = tmp / "src", tmp / "out"
+    build(src, images)
+    with cluster(tmp, model_home) as made:
+        ingest = spawn(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
+        with killed_at_end(ingest):
+            poll(lambda: started_on(made.client, made.second), 120, "w2 to start a job")
+            kill_group(made.w2)
+            lost_at = time.monotonic()
+            return watch(ingest, out, images, lost_at), out
+
+
+@dataclass
+class Duplicates:
+    images: int
+    held: float  # s the long job was held at its input
+    readers: int  # processes that had the held job's input open at once (1: never handed twice)
+    stats: dict[str, int]
+    exit_code: int | None
+    seconds: float
+
+    def line(self) -> str:
+        s = self.stats
+        return (
+            f"{self.images} distinct inputs, one held {self.held:.0f} s (lease {LEASE:.0f} s): "
+            f"model runs {s.get('inferences', 0)}, computed {s.get('computed', 0)}, "
+            f"skipped {s.get('skipped', 0)}, failed {s.get('failed', 0)}; "
+            f"holders of the held job {self.readers}; ingest exit {self.exit_code} "
+            f"in {self.seconds:.1f} s"
+        )
+
+
+def duplicates(tmp: Path, model_home: Path, images: int = 200, hold: float = HOLD) -> Duplicates:
+    """`images` small inputs on two workers, one of them held at its input for `hold` s."""
+    src, out = tmp / "src", tmp / "out"
+    paths = small_catalog(src, images)
+    with cluster(tmp, model_home) as made:
+        data = paths[0].read_bytes()
+        gate = Hold(FileStore(tmp / "store").path(INPUTS, contract.input_digest(data)))
+        started = time.monotonic()
+        ingest = spawn(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
+        with killed_at_end(ingest):
+            gate.wait_for_reader(120)
+            held_from = time.monotonic()
+            readers = 1
+            while time.monotonic() - held_from < hold:  # the job outlives its lease meanwhile
+                roots = [made.first.worker.pid, made.w2.pid]  # type: ignore[union-attr]
+                readers = max(readers, len(gate.readers(roots)))
+                time.sleep(0.5)
+            held = time.monotonic() - held_from
+            gate.release(data)
+            ingest.wait(timeout=600)
+            seconds = time.monotonic() - started
+            stats = stats_of(made.client)
+            return Duplicates(images, held, readers, stats, ingest.returncode, seconds)
+
+
+def main() -> None:
+    from bench.partition import partition
+
+    models = load_settings().model_home
+    fetch("u2netp", models)
+    with tempfile.TemporaryDirectory() as tmp:
+        loss, _ = host_loss(Path(tmp) / "loss", models)
+    print(f"host loss (SIGKILL of w2's processes): {loss.line()}")
+    print(f"  before issue 23: the lost job waited for the {FORMER_WAIT} s visibility timeout")
+    with tempfile.TemporaryDirectory() as tmp:
+        cut = partition(Path(tmp), models, images=16)
+    print(f"partition (w2's link down 300 s): {cut.loss.line()}")
+    print(f"  after the link came back: {cut.after_line()}")
+    print("  before issue 23: the job failed for good (Reject, requeue=False), ingest exit 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        dup = duplicates(Path(tmp), models)
+    print(f"duplicates: {dup.line()}")
+
+
+if __name__ == "__main__":
+    main()
