@@ -151,9 +151,10 @@ class Loss:
         return LOSS_BOUND + self.remaining
 
     def line(self) -> str:
-        ended = f"done in {self.finished:.1f} s"
         if self.finished is None:
             ended = f"not finished in {self.waited:.0f} s"
+        else:
+            ended = f"done in {self.finished:.1f} s"
         return (
             f"{self.images} images, {self.done_at_loss} done at the loss; after it: {ended} "
             f"(exit {self.exit_code}), remaining work {self.remaining:.1f} s "
