@@ -61,17 +61,38 @@ def sentinel_kwargs() -> dict[str, float]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
+def lease_options(lease: int) -> dict[str, Any]:
+    """kombu's unacked restore as bgq's leases (workers/leases.py renews them): a message not
+    renewed for `lease` seconds is swept back to the head of its queue by any live worker, which
+    looks every lease/6 s; a sweeper killed mid-sweep holds the sweep mutex LEASE_MUTEX_EXPIRE s."""
+    return {
+        "visibility_timeout": lease,
+        "unacked_restore_interval": renew_interval(lease),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": min(defaults.LEASE_MUTEX_EXPIRE, lease),
+    }
+
+
+def renew_interval(lease: float) -> int:
+    """Seconds between a worker's lease renewals, and between its sweeps: a sixth of the lease."""
+    return max(1, int(lease // 6))
+
+
 def celery_connection(settings: Settings) -> dict[str, Any]:
     """The broker and result-backend entries of the Celery config (URL, TLS, Sentinel)."""
     url = broker_url(settings)
     broker_options: dict[str, Any] = {
-        "visibility_timeout": defaults.VISIBILITY_TIMEOUT,
+        **lease_options(settings.lease),
         # Lanes: a worker tries its queues strictly in contract.CONSUME_ORDER (interactive
         # first; kombu's default round-robin would alternate with bulk), and a message's
         # priority is ignored: with one priority step every message lands in its queue's one
         # list, so no priority can reorder the lanes (on Redis 0 is the highest: it would).
         "queue_order_strategy": "bgq.lanes:LaneOrder",
         "priority_steps": [0],
+        # A Redis gone without closing the connection (a network cut) must not hang a worker's
+        # loop (its acks, lease renewals, sweeps) until TCP gives up: kombu waits forever.
+        "socket_timeout": defaults.REDIS_SOCKET_TIMEOUT,
+        "socket_connect_timeout": defaults.REDIS_CONNECT_TIMEOUT,
     }
     backend_options: dict[str, Any] = {}
     if is_sentinel(url):

@@ -137,8 +137,20 @@ def mask_lock_key(name: str) -> str:
 
 
 def attempts_key(key: str) -> str:
-    """Redis key counting a job's deliveries that started, to stop jobs that crash workers."""
+    """Redis key counting the pool processes a job killed, to stop jobs that crash workers."""
     return f"{defaults.KEY_PREFIX}attempts:{key}"
+
+
+def starts_key(key: str) -> str:
+    """Redis key counting a job's starts since it last finished (whole hosts lost with it)."""
+    return f"{defaults.KEY_PREFIX}starts:{key}"
+
+
+def counted_key(key: str) -> str:
+    """Redis key naming the enqueue (guard token) whose end was last counted: a run that
+    finishes the same enqueue again (a holder back after its lease was taken over) counts
+    nothing."""
+    return f"{defaults.KEY_PREFIX}counted:{key}"
 
 
 def job_key(key: str) -> str:

@@ -77,7 +77,11 @@ TASK_TIME_LIMIT = 600  # seconds one task may run before its pool process is kil
 MASK_LOCK_TTL = 120  # seconds a model run may hold its mask's lock (then others go ahead too)
 MASK_WAIT = 120  # seconds a task waits for another process's model run of the mask it needs
 MASK_POLL = 0.1  # seconds between its tries of the lock meanwhile
-VISIBILITY_TIMEOUT = 1800  # seconds before an unacknowledged task is redelivered (> 2 x limit)
+# Leases (workers/leases.py): a job a worker holds is renewed every LEASE/6 s while it lives;
+# one not renewed for LEASE seconds goes back to the head of its queue (any live worker sweeps).
+LEASE = 30  # seconds (BGQ_LEASE); must be the same on every worker of a Redis
+LEASE_MUTEX_EXPIRE = 20  # seconds a sweeper killed while sweeping blocks other sweeps at most
+MAX_STARTS = 10  # starts of a job without a finish (whole hosts lost) before it fails for good
 
 # Retries of transient errors: exponential backoff with full jitter.
 RETRY_BACKOFF_MAX = 60  # seconds, cap of one backoff

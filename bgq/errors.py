@@ -55,6 +55,10 @@ class StoreError(TransientError):
     """Reading or writing the shared store failed (I/O error, input blob not visible yet)."""
 
 
+class NotInStore(StoreError):
+    """The object is not in the store (yet: a shared filesystem may show it late)."""
+
+
 class JobFailed(BgqError):
     """A job ended in failure; `error` is the worker's one-line reason."""
 

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     concurrency: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
     ort_threads: Annotated[int, Field(ge=1)] = defaults.ORT_THREADS
     ort_arena: bool = defaults.ORT_ARENA
+    lease: Annotated[int, Field(ge=6)] = defaults.LEASE  # s; the same on every worker
     max_tasks_per_child: Annotated[int, Field(ge=1)] = defaults.MAX_TASKS_PER_CHILD
     max_memory_per_child_mb: Annotated[int, Field(ge=64)] = defaults.MAX_MEMORY_PER_CHILD_MB
     max_megapixels: Annotated[float, Field(gt=0)] = defaults.MAX_MEGAPIXELS

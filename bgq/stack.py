@@ -51,9 +51,11 @@ RESTORE_LIMIT = 1_000_000  # messages requeued at most when a stack starts
 
 
 def restore_unacked(url: str) -> None:
-    """Requeue every message a dead worker had taken but not finished (no visibility wait).
+    """Requeue every message a dead worker had taken but not finished, at once: kombu's lease
+    sweep (workers/leases.py) with a lease of 0, so the stack's jobs need not wait a lease.
 
-    Only safe on a Redis no running worker uses: the embedded one a stack has just started.
+    Only safe on a Redis no running worker uses (none holds a lease): the embedded one a stack
+    has just started.
     """
     from kombu import Connection
 

@@ -18,7 +18,7 @@ from bgq.contract import Counter
 from bgq.errors import JobFailed
 from bgq.stack import LocalStack
 from producer import Producer
-from tests.helpers import settle, stats, variant
+from tests.helpers import settle, stats, variant, wait_for
 from tests.stacks import StackFactory, both_stores
 
 
@@ -62,12 +62,18 @@ def test_job_that_kills_its_worker_fails_for_good(
     job = producer.submit(variant("cloth-1.jpg", (0, 0, 739, 1134)), lane=lane, alpha_matting=True)
     client = redis.Redis.from_url(stack.url)
     killed: set[int] = set()
-    for delivery in range(1, defaults.MAX_DELIVERIES + 1):
+    for death in range(1, defaults.MAX_DELIVERIES + 1):
         pid = _active_pid(app, stack, job.key, killed)
-        while int(client.get(contract.attempts_key(job.key)) or 0) < delivery:
-            time.sleep(0.01)  # kill only once this delivery has been counted
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)
+        if death == defaults.MAX_DELIVERIES:
+            break  # the next start fails the job and clears the counter
+        # The worker's main process counts the death (before it requeues the job).
+        wait_for(
+            lambda death=death: int(client.get(contract.attempts_key(job.key)) or 0) == death,
+            timeout=30,
+            what=f"death {death} counted",
+        )
     with pytest.raises(JobFailed, match="died 3 times") as failure:
         job.wait(timeout=120)
     assert failure.value.permanent

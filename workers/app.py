@@ -14,7 +14,7 @@ from bgq import contract
 from bgq.errors import BgqError
 from bgq.settings import load_settings
 from bgq.store import Store, open_store
-from workers import lanes_step, session
+from workers import lanes_step, leases, session
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
@@ -23,9 +23,14 @@ log = logging.getLogger(__name__)
 
 session.defer_rembg_extras()  # before anything imports rembg
 settings = load_settings()
-app = Celery("bgq", include=["workers.tasks", "workers.webhooks", "workers.maintenance"])
+app = Celery(
+    "bgq",
+    include=["workers.tasks", "workers.webhooks", "workers.maintenance"],
+    task_cls=leases.LeasedTask,  # every task's message is held under a lease
+)
 app.conf.update(celeryconfig.build(settings))
 app.steps["worker"].add(lanes_step.LaneBeat)
+app.steps["worker"].add(leases.LeaseBeat)
 
 
 _store: Store | None = None

@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Task
+from celery.exceptions import Reject
 
 from bgq import contract, defaults, jobs, lanes
 from bgq.contract import Counter, TaskArgs
-from bgq.errors import BrokerError, OutOfMemory, TransientError, WorkerCrashed
+from bgq.errors import BrokerError, NotInStore, OutOfMemory, TransientError, WorkerCrashed
 from workers import imaging, masks, session, shaping
 from workers.app import app, app_store, settings
+from workers.leases import LeasedTask
 from workers.retry import backoff
 
 log = logging.getLogger(__name__)
@@ -72,22 +74,27 @@ def process(args: TaskArgs) -> dict[str, Any]:
     }
 
 
-def _count_delivery(key: str) -> None:
-    """Refuse a job that already killed its worker MAX_DELIVERIES times (no crash loops).
-
-    The counter is cleared whenever the task ends normally, so only deaths accumulate.
-    """
+def _check_starts(key: str) -> None:
+    """Refuse a job that killed its pool process MAX_DELIVERIES times (counted by the worker's
+    main process, workers/leases.py), or that started MAX_STARTS times without finishing (its
+    whole worker lost each time, which no process lived to count). Both clear at its end."""
     try:
         with app.backend.client.pipeline() as pipe:
-            pipe.incr(contract.attempts_key(key))
-            pipe.expire(contract.attempts_key(key), defaults.RESULT_TTL)
-            deliveries = int(pipe.execute()[0])
+            pipe.incr(contract.starts_key(key))
+            pipe.expire(contract.starts_key(key), defaults.RESULT_TTL)
+            pipe.get(contract.attempts_key(key))
+            starts, _, deaths = pipe.execute()
     except redis.RedisError as exc:
         raise BrokerError(f"cannot count deliveries: {exc}") from exc
-    if deliveries > defaults.MAX_DELIVERIES:
+    if int(deaths or 0) >= defaults.MAX_DELIVERIES:
         raise WorkerCrashed(
-            f"the worker process died {deliveries - 1} times on this job "
+            f"the worker process died {int(deaths)} times on this job "
             "(crash or out of memory); not trying again"
+        )
+    if int(starts) > defaults.MAX_STARTS:
+        raise WorkerCrashed(
+            f"this job started {int(starts) - 1} times without finishing (its worker was lost "
+            "each time: host gone, or the whole worker killed); not trying again"
         )
 
 
@@ -127,8 +134,37 @@ def observe_stages(pipe: Any, seconds: dict[str, float]) -> None:
         pipe.hincrby(key, "count", 1)
 
 
-class RemovalTask(Task):
+# KEYS: counted mark, guard, stats, callbacks[, input refs]; ARGV: this run's enqueue token ('' if
+# none), its outcome (a stats field), the task id, the mark's TTL. Counts a job's end once per
+# enqueue: a second run of the same enqueue (a holder back after its lease was taken over)
+# counts nothing. Releases the guard if it is still this enqueue's (a promotion or a newer
+# enqueue may own it), and takes this run's webhooks. Returns them; false if counted before.
+FINISH = """
+if ARGV[1] ~= '' then
+  if redis.call('GET', KEYS[1]) == ARGV[1] then return false end
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+end
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+if ARGV[1] == '' or redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+local urls = redis.call('SMEMBERS', KEYS[4])
+redis.call('DEL', KEYS[4])
+if KEYS[5] then redis.call('SREM', KEYS[5], ARGV[3]) end
+return urls
+"""
+
+
+def enqueue_token(request: Any) -> str:
+    """The guard token of the enqueue that sent this task ('' for a task sent otherwise)."""
+    token = request.get(contract.GUARD_HEADER) or (request.headers or {}).get(contract.GUARD_HEADER)
+    return token if isinstance(token, str) else ""
+
+
+class RemovalTask(LeasedTask):
     """Records each outcome once Celery has stored the task's state."""
+
+    counts_deaths = True  # a pool process that dies with this task counts against the job
 
     def after_return(
         self,
@@ -139,44 +175,54 @@ class RemovalTask(Task):
         kwargs: dict[str, Any],
         einfo: Any,
     ) -> None:
-        """Clear the delivery counter; on a final state also count it and release the guard.
+        """Clear the death and start counters; on a final state also count it once and release
+        the guard.
 
         Running after the state is stored means that a producer which wins the guard next can
         never be answered by this run's state.
         """
         outcome: Counter | None = None  # RETRY: the job goes on, keep the guard
-        urls: list[bytes] = []
-        callbacks_at = -1  # index of the callbacks' SMEMBERS reply in the pipeline
         if status == "SUCCESS":
             outcome = Counter.COMPUTED if retval.get("computed") else Counter.SKIPPED
         elif status == "FAILURE":
             outcome = Counter.FAILED
+        urls: list[bytes] | None = None
         try:
-            with app.backend.client.pipeline() as pipe:
-                pipe.delete(contract.attempts_key(task_id))
-                if outcome:
-                    pipe.hincrby(contract.STATS_KEY, outcome, 1)
-                    pipe.delete(contract.guard_key(task_id))
-                    # This run's webhooks, taken with the guard's release: once a new run can
-                    # start, callbacks registered for it are no longer this run's to send.
-                    callbacks_at = len(pipe)
-                    pipe.smembers(contract.callbacks_key(task_id))
-                    pipe.delete(contract.callbacks_key(task_id))
-                    if isinstance(kwargs.get("input_sha256"), str):
-                        pipe.srem(contract.input_refs_key(kwargs["input_sha256"]), task_id)
-                if outcome == Counter.COMPUTED:
+            client = app.backend.client
+            client.delete(contract.attempts_key(task_id), contract.starts_key(task_id))
+            if outcome:
+                urls = self._finish(client, task_id, kwargs, outcome)
+            if urls is not None and outcome == Counter.COMPUTED:
+                with client.pipeline(transaction=False) as pipe:
                     observe_stages(pipe, retval.get("seconds", {}))
                     if retval.get("inferred"):
                         pipe.hincrby(contract.STATS_KEY, Counter.INFERENCES, 1)
-                replies = pipe.execute()
-            if callbacks_at >= 0:
-                urls = sorted(replies[callbacks_at])
+                    pipe.execute()
         except redis.RedisError as exc:
             log.warning(
                 "could not record %s of %s (the guard expires by itself): %s", status, task_id, exc
             )
         if urls:
-            self._notify(task_id, status, retval, [u.decode() for u in urls])
+            self._notify(task_id, status, retval, sorted(u.decode() for u in urls))
+
+    def _finish(
+        self, client: redis.Redis, task_id: str, kwargs: dict[str, Any], outcome: Counter
+    ) -> list[bytes] | None:
+        """Count this end (FINISH); its webhooks' URLs, or None if it was counted before."""
+        sha = kwargs.get("input_sha256")
+        keys = [
+            contract.counted_key(task_id),
+            contract.guard_key(task_id),
+            contract.STATS_KEY,
+            contract.callbacks_key(task_id),
+        ]
+        if isinstance(sha, str):
+            keys.append(contract.input_refs_key(sha))
+        token = enqueue_token(self.request)
+        urls = client.eval(FINISH, len(keys), *keys, token, outcome, task_id, defaults.RESULT_TTL)
+        if urls is None:
+            log.info("%s was counted already (run twice: a lease was taken over)", task_id)
+        return urls
 
     def _notify(self, task_id: str, status: str, retval: Any, urls: list[str]) -> None:
         """Queue this run's webhooks, now that its final state is stored: their body's
@@ -195,27 +241,45 @@ class RemovalTask(Task):
             log.exception("could not queue the webhooks of %s", task_id)
 
 
+# Connectivity to Redis (the guard, the masks' lock, counters) raised by redis-py as is.
+REDIS_FAULTS = (redis.ConnectionError, redis.TimeoutError)
+
+
 @app.task(
     name=contract.TASK_NAME,
     base=RemovalTask,
     bind=True,
-    max_retries=defaults.TASK_MAX_RETRIES,
+    max_retries=None,  # infrastructure faults retry until they clear (retry_later)
 )
 def remove_background(self: Task, **kwargs: Any) -> dict[str, Any]:
     """Remove the background of the input blob named by the (JSON) task arguments."""
     _started(self.request)
     try:
         args = TaskArgs.from_kwargs(kwargs)
-        _count_delivery(args.key)
+        _check_starts(args.key)
         return process(args)
-    except TransientError as exc:
-        if self.request.retries >= self.max_retries:
+    except NotInStore as exc:
+        # Its input may never appear (pruned, or never written): bounded, then the job fails.
+        if self.request.retries >= defaults.TASK_MAX_RETRIES:
             raise
-        log.warning("transient failure of %s, retrying: %s", kwargs.get("key"), exc)
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+        retry_later(self, exc)
+    except (TransientError, *REDIS_FAULTS) as exc:
+        retry_later(self, exc)  # the store or Redis is out of reach: never the job's fault
     except MemoryError:
         # Raised as is, Celery would treat it as unrecoverable and stop the whole worker.
         raise OutOfMemory(
             "ran out of memory processing this image; lower BGQ_MAX_MEGAPIXELS or "
             "BGQ_CONCURRENCY, or give the workers more memory"
         ) from None
+
+
+def retry_later(task: Task, exc: Exception) -> NoReturn:
+    """Retry after a capped, jittered backoff. If the retry cannot be published (Redis out of
+    reach), Celery would reject the message for good and store FAILURE: requeue it instead
+    (if even that cannot reach Redis, the message stays unacknowledged and its lease brings
+    it back)."""
+    log.warning("transient failure of %s, retrying: %s", task.request.id, exc)
+    try:
+        raise task.retry(exc=exc, countdown=backoff(task.request.retries))
+    except Reject as rejected:
+        raise Reject(rejected.reason, requeue=True) from exc

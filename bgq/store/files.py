@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bgq import defaults
 from bgq.contract import RESULTS, object_name
-from bgq.errors import ConfigError, StoreError
+from bgq.errors import ConfigError, NotInStore, StoreError
 from bgq.fileio import atomic_write, is_temporary, link_or_copy
 from bgq.store.base import Entry, Store
 
@@ -51,7 +51,7 @@ class FileStore(Store):
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"{path} not found in the store") from None
+            raise NotInStore(f"{path} not found in the store") from None
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
 
@@ -98,7 +98,7 @@ class FileStore(Store):
         try:
             link_or_copy(self.path(RESULTS, name), dest)
         except FileNotFoundError:
-            raise StoreError(f"{self.path(RESULTS, name)} not found in the store") from None
+            raise NotInStore(f"{self.path(RESULTS, name)} not found in the store") from None
         except OSError as exc:
             raise StoreError(f"cannot write {dest}: {exc}") from exc
 

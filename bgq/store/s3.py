@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from bgq import defaults
 from bgq.contract import INPUTS, RESULTS, media_type, object_name
-from bgq.errors import ConfigError, StoreError
+from bgq.errors import ConfigError, NotInStore, StoreError
 from bgq.store.base import Entry, Store
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class S3Store(Store):
             yield from body.iter_chunks(defaults.STORE_STREAM_CHUNK)
         except ClientError as exc:
             if s3_error_code(exc) == "NoSuchKey":
-                raise StoreError(f"{where} not found in the store") from None
+                raise NotInStore(f"{where} not found in the store") from None
             raise_s3_error(exc, "read", where)
         except BotoCoreError as exc:
             raise_s3_error(exc, "read", where)
