@@ -43,8 +43,7 @@ from bgq.stack import LocalStack
 from bgq.store import FileStore
 from workers.models import fetch
 
-LEASE = float(getattr(defaults, "LEASE_TTL", 30.0))  # s: a holder's lease (issue 23's leases)
-HOLD = 2 * LEASE + 5  # s a job is held at its input in the duplicates scenario
+LEASE = defaults.LEASE  # s: a holder's lease (BGQ_LEASE), the default a user gets
 FORMER_WAIT = 1800  # s: before leases, a lost job waited for Celery's visibility timeout
 
 
@@ -64,7 +63,7 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(tmp: Path, model_home: Path) -> Iterator[Cluster]:
+def cluster(tmp: Path, model_home: Path, lease: int = LEASE) -> Iterator[Cluster]:
     """Two single-process workers on one Redis and one store; everything stopped after."""
     with contextlib.ExitStack() as stack:
         server = EmbeddedRedis.start(tmp / "redis")
@@ -75,6 +74,7 @@ def cluster(tmp: Path, model_home: Path) -> Iterator[Cluster]:
             models_dir=model_home,
             concurrency=1,
             store_url=str(tmp / "store"),
+            lease=lease,
         )
         first = LocalStack(settings, log=tmp / "w1.log").start()
         stack.callback(first.stop)
@@ -109,6 +109,7 @@ def host_loss(tmp: Path, model_home: Path, images: int = 24) -> tuple[Loss, Path
 @dataclass
 class Duplicates:
     images: int
+    lease: int  # s (BGQ_LEASE of both workers)
     held: float  # s the long job was held at its input
     readers: int  # processes that had the held job's input open at once (1: never handed twice)
     stats: dict[str, int]
@@ -118,7 +119,7 @@ class Duplicates:
     def line(self) -> str:
         s = self.stats
         return (
-            f"{self.images} distinct inputs, one held {self.held:.0f} s (lease {LEASE:.0f} s): "
+            f"{self.images} distinct inputs, one held {self.held:.0f} s (lease {self.lease} s): "
             f"model runs {s.get('inferences', 0)}, computed {s.get('computed', 0)}, "
             f"skipped {s.get('skipped', 0)}, failed {s.get('failed', 0)}; "
             f"holders of the held job {self.readers}; ingest exit {self.exit_code} "
@@ -126,11 +127,13 @@ class Duplicates:
         )
 
 
-def duplicates(tmp: Path, model_home: Path, images: int = 200, hold: float = HOLD) -> Duplicates:
-    """`images` small inputs on two workers, one of them held at its input for `hold` s."""
+def duplicates(tmp: Path, model_home: Path, images: int = 200, lease: int = LEASE) -> Duplicates:
+    """`images` small inputs on two workers, one of them held at its input for twice the
+    lease and 5 s more."""
+    hold = 2 * lease + 5
     src, out = tmp / "src", tmp / "out"
     paths = small_catalog(src, images)
-    with cluster(tmp, model_home) as made:
+    with cluster(tmp, model_home, lease) as made:
         data = paths[0].read_bytes()
         gate = Hold(FileStore(tmp / "store").path(INPUTS, contract.input_digest(data)))
         started = time.monotonic()
@@ -148,7 +151,7 @@ def duplicates(tmp: Path, model_home: Path, images: int = 200, hold: float = HOL
             ingest.wait(timeout=600)
             seconds = time.monotonic() - started
             stats = stats_of(made.client)
-            return Duplicates(images, held, readers, stats, ingest.returncode, seconds)
+            return Duplicates(images, lease, held, readers, stats, ingest.returncode, seconds)
 
 
 def main() -> None:
