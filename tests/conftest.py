@@ -62,6 +62,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = first + [item for item in items if item.path.name not in FIRST_MODULES]
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadscope, but FIRST_MODULES handed out before the rest: pytest-xdist orders the
+    modules by their number of tests, biggest first, whatever the collection's order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # only when xdist runs the session
+
+    class FirstModulesFirst(LoadScopeScheduling):
+        def _assign_work_unit(self, node: Any) -> None:
+            for scope in [s for s in self.workqueue if s.rpartition("/")[2] in FIRST_MODULES]:
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return FirstModulesFirst(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def clean_environment() -> Iterator[None]:
     """No BGQ_* variable of the developer's shell leaks into tests; no process outlives them."""
