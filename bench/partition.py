@@ -50,6 +50,7 @@ class Partition:
     after: dict[str, str] = field(default_factory=dict)  # the same once w2 has settled
     stats: dict[str, int] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # task ids in state FAILURE
+    leftovers: list[str] = field(default_factory=list)  # namespaces left after the teardown
 
     def after_line(self) -> str:
         back = "never" if self.reconnected is None else f"{self.reconnected:.1f} s"
@@ -131,35 +132,42 @@ class Hosts:
 
 
 def partition(tmp: Path, model_home: Path, images: int = 16, cut_for: float = 300) -> Partition:
-    """Cut w2's link once it has started a job, for `cut_for` s; then restore it and wait."""
+    """Cut w2's link once it has started a job, for `cut_for` s; then restore it and wait.
+    Every process and namespace is gone when it returns, whatever happened."""
     net = Network()
     try:
-        hosts = Hosts(net, tmp, model_home)
-        hosts.start_servers()
-        hosts.start_workers()
-        src, out = tmp / "src", tmp / "out"
-        small_catalog(src, images, (480, 360))
-        ingest = hosts.prod.popen(ingest_cmd(src, out), hosts.env("prod"), tmp / "ingest.log")
-        w2 = hosts.names[hosts.w2]
-        poll(lambda: hosts.client_call(started_on, w2), 120, "w2 to start a job")
-        hosts.w2.cut()
-        lost_at = time.monotonic()
-        result = Partition(watch(ingest, out, images, lost_at), out)
-        result.before = hosts.snapshot()
-        time.sleep(max(0.0, lost_at + cut_for - time.monotonic()))  # the cut lasts cut_for s
-        hosts.w2.restore()
-        restored_at = time.monotonic()
-        try:
-            poll(hosts.settled, SETTLE, "w2 to reconnect and settle")
-            result.reconnected = time.monotonic() - restored_at
-        except AssertionError:
-            pass  # reported: reconnected stays None
-        result.after = hosts.snapshot()
-        result.stats = hosts.client_call(stats_of)
-        result.failed = hosts.client_call(failed_tasks)
-        return result
+        result = cut_and_restore(Hosts(net, tmp, model_home), images, cut_for)
     finally:
         net.close()
+    result.leftovers = net.leftovers()
+    return result
+
+
+def cut_and_restore(hosts: Hosts, images: int, cut_for: float) -> Partition:
+    tmp = hosts.tmp
+    hosts.start_servers()
+    hosts.start_workers()
+    src, out = tmp / "src", tmp / "out"
+    small_catalog(src, images, (480, 360))
+    ingest = hosts.prod.popen(ingest_cmd(src, out), hosts.env("prod"), tmp / "ingest.log")
+    w2 = hosts.names[hosts.w2]
+    poll(lambda: hosts.client_call(started_on, w2), 120, "w2 to start a job")
+    hosts.w2.cut()
+    lost_at = time.monotonic()
+    result = Partition(watch(ingest, out, images, lost_at), out)
+    result.before = hosts.snapshot()
+    time.sleep(max(0.0, lost_at + cut_for - time.monotonic()))  # the cut lasts cut_for s
+    hosts.w2.restore()
+    restored_at = time.monotonic()
+    try:
+        poll(hosts.settled, SETTLE, "w2 to reconnect and settle")
+        result.reconnected = time.monotonic() - restored_at
+    except AssertionError:
+        pass  # reported: reconnected stays None
+    result.after = hosts.snapshot()
+    result.stats = hosts.client_call(stats_of)
+    result.failed = hosts.client_call(failed_tasks)
+    return result
 
 
 def answers(address: str, port: int) -> bool:

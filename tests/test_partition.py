@@ -37,3 +37,4 @@ def test_a_worker_cut_off_for_five_minutes_fails_nothing_and_changes_nothing(
     stats = result.stats
     assert stats.get("computed", 0) + stats.get("skipped", 0) == 16, result.after_line()
     assert stats.get("failed", 0) == 0 and result.failed == [], result.after_line()
+    assert result.leftovers == []  # every namespace and link deleted (processes: conftest)
