@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -63,8 +64,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(tmp: Path, model_home: Path, lease: int = LEASE) -> Iterator[Cluster]:
-    """Two single-process workers on one Redis and one store; everything stopped after."""
+def cluster(tmp: Path, model_home: Path, lease: int = LEASE, **w2_env: str) -> Iterator[Cluster]:
+    """Two single-process workers on one Redis and one store (`w2_env`: more of the second
+    worker's environment); everything stopped after."""
     with contextlib.ExitStack() as stack:
         server = EmbeddedRedis.start(tmp / "redis")
         stack.callback(server.stop)
@@ -79,7 +81,8 @@ def cluster(tmp: Path, model_home: Path, lease: int = LEASE) -> Iterator[Cluster
         first = LocalStack(settings, log=tmp / "w1.log").start()
         stack.callback(first.stop)
         second = f"w2-{os.getpid()}"
-        proc = spawn(worker_cmd(second), worker_env(settings, tmp / "w2"), tmp / "w2.log")
+        env = {**worker_env(settings, tmp / "w2"), **w2_env}
+        proc = spawn(worker_cmd(second), env, tmp / "w2.log")
         stack.enter_context(killed_at_end(proc))
         client = redis.Redis.from_url(server.url)
         stack.callback(client.close)
@@ -104,6 +107,41 @@ def host_loss(tmp: Path, model_home: Path, images: int = 24) -> tuple[Loss, Path
             kill_group(made.w2)
             lost_at = time.monotonic()
             return watch(ingest, out, images, lost_at), out
+
+
+def scale_down(tmp: Path, model_home: Path, images: int = 24, grace: int = 10) -> ScaleDown:
+    """A 1080p ingest on two workers; SIGTERM to w2's main process once it has a job, with
+    BGQ_SHUTDOWN_GRACE=`grace` (a setting of issue 23's graceful scale-down)."""
+    src, out = tmp / "src", tmp / "out"
+    build(src, images)
+    with cluster(tmp, model_home, BGQ_SHUTDOWN_GRACE=str(grace)) as made:
+        ingest = spawn(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
+        with killed_at_end(ingest):
+            poll(lambda: started_on(made.client, made.second), 120, "w2 to start a job")
+            made.w2.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            made.w2.wait(timeout=grace + 120)
+            exited = time.monotonic() - sent
+            loss = watch(ingest, out, images, sent)
+            partial = [p for p in (tmp / "store").rglob("*") if p.name.startswith(".")]
+            partial += [p for p in out.rglob("*") if p.suffix not in (".png", ".jsonl")]
+            partial = [p for p in partial if p.is_file()]
+            return ScaleDown(grace, exited, made.w2.returncode, loss, len(partial))
+
+
+@dataclass
+class ScaleDown:
+    grace: int
+    exited: float  # s from the SIGTERM until the worker's main process exited
+    exit_code: int | None
+    loss: Loss  # the ingest after the SIGTERM
+    partial: int  # temporary or partial files left in the store and the output folder
+
+    def line(self) -> str:
+        return (
+            f"w2 exited {self.exited:.1f} s after SIGTERM (code {self.exit_code}, grace "
+            f"{self.grace} s), partial files {self.partial}; ingest: {self.loss.line()}"
+        )
 
 
 @dataclass
@@ -171,6 +209,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dup = duplicates(Path(tmp), models)
     print(f"duplicates: {dup.line()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        down = scale_down(Path(tmp), models)
+    print(f"scale-down (SIGTERM, BGQ_SHUTDOWN_GRACE=10): {down.line()}")
 
 
 if __name__ == "__main__":
