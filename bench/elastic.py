@@ -1,8 +1,9 @@
 """`make bench-elastic`: elastic workers' figures, side by side (figures, not tests).
 
 A worker host lost mid-ingest (every process SIGKILLed), a worker host cut off from the network
-for 5 minutes (network namespaces: bench/partition.py), and duplicate work over a 200-image
-ingest on two workers with one job held past twice the lease. tests/test_elastic.py and
+for 5 minutes (network namespaces: bench/partition.py), duplicate work over a 200-image ingest
+on two workers with one job held past twice the lease, and SIGTERM with a 10 s grace to a worker
+holding a job that cannot end within it. tests/test_elastic.py and
 tests/test_partition.py run the same scenarios and assert on their figures.
 """
 
@@ -42,6 +43,7 @@ from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings, load_settings
 from bgq.stack import LocalStack
 from bgq.store import FileStore
+from producer import Producer
 from workers.models import fetch
 
 LEASE = defaults.LEASE  # s: a holder's lease (BGQ_LEASE), the default a user gets
@@ -91,8 +93,6 @@ def cluster(tmp: Path, model_home: Path, lease: int = LEASE, **w2_env: str) -> I
 
 
 def online(stack: LocalStack, name: str) -> bool:
-    from producer import Producer
-
     return any(n.startswith(name + "@") for n in Producer(stack.settings).workers_online())
 
 
@@ -110,37 +110,63 @@ def host_loss(tmp: Path, model_home: Path, images: int = 24) -> tuple[Loss, Path
 
 
 def scale_down(tmp: Path, model_home: Path, images: int = 24, grace: int = 10) -> ScaleDown:
-    """A 1080p ingest on two workers; SIGTERM to w2's main process once it has a job, with
-    BGQ_SHUTDOWN_GRACE=`grace` (a setting of issue 23's graceful scale-down)."""
+    """A 1080p ingest on two workers, w2 holding a job longer than the grace (its input a
+    named pipe: w1's intake paused until w2 has it); then SIGTERM to w2's main process, with
+    BGQ_SHUTDOWN_GRACE=`grace` (issue 23's graceful scale-down)."""
     src, out = tmp / "src", tmp / "out"
-    build(src, images)
+    data = build(src, images)[0].read_bytes()
     with cluster(tmp, model_home, BGQ_SHUTDOWN_GRACE=str(grace)) as made:
+        gate = Hold(FileStore(tmp / "store").path(INPUTS, contract.input_digest(data)))
+        consuming(made, False)
         ingest = spawn(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
         with killed_at_end(ingest):
-            poll(lambda: started_on(made.client, made.second), 120, "w2 to start a job")
+            gate.wait_for_reader(300)  # w2 has the held job: it cannot end on its own
+            consuming(made, True)
             made.w2.send_signal(signal.SIGTERM)
             sent = time.monotonic()
-            made.w2.wait(timeout=grace + 120)
-            exited = time.monotonic() - sent
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                made.w2.wait(timeout=grace + 60)
+            exited = time.monotonic() - sent if made.w2.poll() is not None else None
+            w1 = made.first.worker.pid  # type: ignore[union-attr]
+            back: float | None = None
+            with contextlib.suppress(AssertionError):  # not handed back: w2 gets it
+                poll(lambda: gate.readers([w1]), 30, "w1 to take the handed-back job")
+                back = time.monotonic() - sent
+            gate.release(data)
             loss = watch(ingest, out, images, sent)
-            partial = [p for p in (tmp / "store").rglob("*") if p.name.startswith(".")]
-            partial += [p for p in out.rglob("*") if p.suffix not in (".png", ".jsonl")]
-            partial = [p for p in partial if p.is_file()]
-            return ScaleDown(grace, exited, made.w2.returncode, loss, len(partial))
+            return ScaleDown(grace, exited, back, made.w2.poll(), loss, len(partial(tmp, out)))
+
+
+def consuming(made: Cluster, on: bool) -> None:
+    """Start or stop w1 (the local stack's worker) taking jobs from the image queues."""
+    control = Producer(made.settings).app.control
+    for queue in contract.IMAGE_QUEUES:
+        change = control.add_consumer if on else control.cancel_consumer
+        change(queue, destination=[made.first.hostname], reply=True)
+
+
+def partial(tmp: Path, out: Path) -> list[Path]:
+    """Temporary or partial files in the store and the output folder."""
+    found = [p for p in (tmp / "store").rglob(".*") if p.is_file()]
+    return found + [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".png", ".jsonl")]
 
 
 @dataclass
 class ScaleDown:
     grace: int
-    exited: float  # s from the SIGTERM until the worker's main process exited
+    exited: float | None  # s from the SIGTERM until w2's main process exited (None: not yet)
+    back: float | None  # s from the SIGTERM until the held job was open on w1 (None: never)
     exit_code: int | None
     loss: Loss  # the ingest after the SIGTERM
     partial: int  # temporary or partial files left in the store and the output folder
 
     def line(self) -> str:
+        gone = "did not exit" if self.exited is None else f"exited {self.exited:.1f} s"
+        moved = "never" if self.back is None else f"{self.back:.1f} s after it"
         return (
-            f"w2 exited {self.exited:.1f} s after SIGTERM (code {self.exit_code}, grace "
-            f"{self.grace} s), partial files {self.partial}; ingest: {self.loss.line()}"
+            f"w2 (holding a job past the {self.grace} s grace) {gone} after SIGTERM (code "
+            f"{self.exit_code}); the job running on w1: {moved}; partial files "
+            f"{self.partial}; ingest: {self.loss.line()}"
         )
 
 
