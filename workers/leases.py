@@ -57,6 +57,13 @@ def lease_of(channel: Any) -> tuple[float, float] | None:
     return None if lease is None or every is None else (lease, every)
 
 
+def holds(message: Any) -> bool:
+    """Whether the message's channel still counts it as taken and not yet settled."""
+    qos = getattr(message.channel, "qos", None)
+    tag = message.delivery_tag
+    return qos is not None and qos._delivered.get(tag) is message and tag not in qos._dirty
+
+
 class LeasedRequest(Request):
     """A task message under a lease: acknowledged or rejected only while the lease is this
     worker's; a pool process that died with it is counted against the job (poison counter)."""
@@ -132,19 +139,15 @@ class Holder:
         tag = request.message.delivery_tag
         if self.requests.get(tag) is request:
             del self.requests[tag]
-        qos = request.message.channel.qos
-        if qos._delivered.get(tag) is request.message and tag not in qos._dirty:
-            del qos._delivered[tag]
+        if holds(request.message):
+            del request.message.channel.qos._delivered[tag]
             log.warning("could not settle %s in Redis: its lease will requeue it", request.id)
 
     def keeps(self, request: LeasedRequest, doing: str) -> bool:
         """Whether `request`'s lease is still this worker's; if it is not, forfeit it."""
-        message = request.message
-        qos = message.channel.qos
-        lease = lease_of(message.channel)
-        held = qos._delivered.get(message.delivery_tag) is message
+        lease = lease_of(request.message.channel)
         fresh = lease is None or time.monotonic() - request.lease_renewed < forfeit_after(*lease)
-        if request.lease_lost or not (held and fresh):
+        if request.lease_lost or not (holds(request.message) and fresh):
             self.forfeit(request, f"not doing its {doing}")
             return False
         return True
@@ -153,9 +156,8 @@ class Holder:
         """Forget a request whose lease may be another worker's now: never renew, settle or
         restore it again (the task itself may still finish: its result is idempotent)."""
         message = request.message
-        qos = message.channel.qos
-        if qos._delivered.get(message.delivery_tag) is message:
-            del qos._delivered[message.delivery_tag]
+        if holds(message):
+            del message.channel.qos._delivered[message.delivery_tag]
         if self.requests.get(message.delivery_tag) is request:
             del self.requests[message.delivery_tag]
         if not request.lease_lost:
@@ -163,18 +165,19 @@ class Holder:
         request.lease_lost = True
 
     def renew(self, channel: Any) -> None:
-        """Renew the leases of the requests `channel` still holds; forfeit the stale ones."""
+        """Renew the leases of the requests still held, through `channel` (the consumer's
+        current one; a request taken on a channel since replaced, after a reconnect, is renewed
+        while that channel still holds it); forfeit the stale ones."""
         lease = lease_of(channel)
         if lease is None:
             return
         give_up = forfeit_after(*lease)
-        qos = channel.qos
         now = time.monotonic()
         held: dict[str, LeasedRequest] = {}
         for tag, request in list(self.requests.items()):
-            if qos._delivered.get(tag) is not request.message or tag in qos._dirty:
-                continue  # another channel's (closed: restored), or being settled
-            if now - request.lease_renewed >= give_up:
+            if not holds(request.message):
+                del self.requests[tag]  # restored when its channel closed, or being settled
+            elif now - request.lease_renewed >= give_up:
                 self.forfeit(request, f"not renewed for {now - request.lease_renewed:.0f}s")
             else:
                 held[tag] = request
@@ -226,11 +229,11 @@ class LeaseBeat(bootsteps.StartStopStep):
     def beat(self, worker: WorkController) -> None:
         """One renewal; best effort: a failed one is retried at the next beat."""
         consumer = getattr(worker, "consumer", None)
-        task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is None:
-            return
+        channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+        if channel is None:
+            return  # not consuming yet, or reconnecting
         try:
-            holder.renew(task_consumer.channel)
+            holder.renew(channel)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not renew this worker's leases: %s", exc)
 
