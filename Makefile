@@ -12,7 +12,7 @@ UV := $(TOOLS)/bin/uv
 # One environment with every extra (test, bench): `uv sync` removes what it was not asked for.
 SYNC := $(UV) sync --locked --quiet --all-extras --python $(PYTHON)
 
-.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api bench-lanes bench-autoscale profile lint format lock floors clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api bench-lanes bench-autoscale bench-elastic profile lint format lock floors clean
 
 setup: $(STAMP) models
 
@@ -88,6 +88,11 @@ bench-lanes: setup $(NUMBA_CACHE)
 # 60-image ingest on 2 pool processes (docs/kubernetes.md).
 bench-autoscale: setup
 	$(BIN)/python -m bench.autoscale
+
+# Elastic workers: a worker host lost mid-ingest, one cut off from the network for 5 minutes
+# (network namespaces: root and iproute2), duplicate work over 200 images (about 10 minutes).
+bench-elastic: setup
+	$(BIN)/python -m bench.elastic
 
 profile: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.profile

@@ -24,6 +24,9 @@ from producer import Producer
 from tests.helpers import api_servers
 from tests.stacks import STORES, WEBHOOK_SECRET, StackFactory, s3_settings
 
+# Long and mostly idle (a 5-minute network cut): first, so an xdist process starts it at once.
+FIRST_MODULES = ("test_partition.py",)
+
 
 def store_rank(item: pytest.Item) -> int:
     """0 for a test on the "file" run of `both_stores`, 1 for a plain one, 2 for "s3"."""
@@ -43,7 +46,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """In each module, the tests on its store stack run "file" first (on a fresh stack, as they
     were written), then the plain ones on that same stack, then "s3" on a stack of its own:
-    one stack per store, not a second file stack for the plain tests.
+    one stack per store, not a second file stack for the plain tests. FIRST_MODULES go first.
 
     Done here, not after collection: pytest-xdist reads the order when collection finishes.
     """
@@ -55,6 +58,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         ordered = sorted((items[i] for i in indexes), key=store_rank)
         for index, item in zip(indexes, ordered, strict=True):
             items[index] = item
+    first = [item for item in items if item.path.name in FIRST_MODULES]
+    items[:] = first + [item for item in items if item.path.name not in FIRST_MODULES]
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadscope, but FIRST_MODULES handed out before the rest: pytest-xdist orders the
+    modules by their number of tests, biggest first, whatever the collection's order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # only when xdist runs the session
+
+    class FirstModulesFirst(LoadScopeScheduling):
+        def _assign_work_unit(self, node: Any) -> None:
+            for scope in [s for s in self.workqueue if s.rpartition("/")[2] in FIRST_MODULES]:
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return FirstModulesFirst(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
