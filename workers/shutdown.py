@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import psutil
 from celery import bootsteps, platforms, signals
 from celery.worker import state
 
@@ -184,6 +187,30 @@ class GracefulShutdown(bootsteps.StartStopStep):
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
+        if self.deadline is not None and not self.done:
+            # The consumer stopped mid-grace (its broker connection lost): no event loop ticks
+            # while it reconnects, perhaps never (the stack's Redis died with it). End the grace
+            # from a thread; a consumer back by then ticks again and this does nothing.
+            wait = max(0.0, self.deadline - time.monotonic())
+            log.warning("graceful shutdown: the broker is out of reach; %.1f s of grace left", wait)
+            timer = threading.Timer(wait, self.expire)
+            timer.daemon = True
+            timer.start()
+
+    def expire(self) -> None:
+        """The grace ended with no event loop running: exit now, running jobs' pool processes
+        killed first (nothing can be handed back with the broker out of reach: their leases
+        bring them back). Not through Celery's shutdown, which needs the pool's pipes served
+        by the event loop that is not running."""
+        if self.tref is not None or self.done:
+            return
+        self.done = True
+        log.warning("graceful shutdown: the grace ended with the broker out of reach; exiting")
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        logging.shutdown()
+        os._exit(platforms.EX_OK)
 
     def shutdown(self, consumer: Consumer) -> None:
         self.stop(consumer)
