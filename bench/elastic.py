@@ -30,7 +30,6 @@ from bench.workers import (
     killed_at_end,
     poll,
     small_catalog,
-    spawn,
     started_on,
     stats_of,
     watch,
@@ -39,6 +38,7 @@ from bench.workers import (
 )
 from bgq import contract, defaults
 from bgq.contract import INPUTS
+from bgq.process import spawn_group
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings, load_settings
 from bgq.stack import LocalStack
@@ -84,7 +84,7 @@ def cluster(tmp: Path, model_home: Path, lease: int = LEASE, **w2_env: str) -> I
         stack.callback(first.stop)
         second = f"w2-{os.getpid()}"
         env = {**worker_env(settings, tmp / "w2"), **w2_env}
-        proc = spawn(worker_cmd(second), env, tmp / "w2.log")
+        proc = spawn_group(worker_cmd(second), env, tmp / "w2.log")
         stack.enter_context(killed_at_end(proc))
         client = redis.Redis.from_url(server.url)
         stack.callback(client.close)
@@ -101,7 +101,7 @@ def host_loss(tmp: Path, model_home: Path, images: int = 24) -> tuple[Loss, Path
     src, out = tmp / "src", tmp / "out"
     build(src, images)
     with cluster(tmp, model_home) as made:
-        ingest = spawn(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
+        ingest = spawn_group(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
         with killed_at_end(ingest):
             poll(lambda: started_on(made.client, made.second), 120, "w2 to start a job")
             kill_group(made.w2)
@@ -118,7 +118,7 @@ def scale_down(tmp: Path, model_home: Path, images: int = 24, grace: int = 10) -
     with cluster(tmp, model_home, BGQ_SHUTDOWN_GRACE=str(grace)) as made:
         gate = Hold(FileStore(tmp / "store").path(INPUTS, contract.input_digest(data)))
         consuming(made, False)
-        ingest = spawn(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
+        ingest = spawn_group(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
         with killed_at_end(ingest):
             gate.wait_for_reader(300)  # w2 has the held job: it cannot end on its own
             consuming(made, True)
@@ -201,7 +201,7 @@ def duplicates(tmp: Path, model_home: Path, images: int = 200, lease: int = LEAS
         data = paths[0].read_bytes()
         gate = Hold(FileStore(tmp / "store").path(INPUTS, contract.input_digest(data)))
         started = time.monotonic()
-        ingest = spawn(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
+        ingest = spawn_group(ingest_cmd(src, out), made.env("producer"), tmp / "ingest.log")
         with killed_at_end(ingest):
             gate.wait_for_reader(120)
             held_from = time.monotonic()

@@ -23,13 +23,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from bgq.process import die_with_parent
+from bgq.process import spawn_group
 
 SUBNET = "10.231.0"  # /24 on the bridge; only the namespaces on it see it
 CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 _serial = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
+
+
+def network_tag(pid: int, serial: int) -> str:
+    """The 9-character prefix of a network's names: "b", the pid in 6 hex digits (Linux's
+    pid_max is at most 2**22), the serial in 2; fixed widths, so no two (pid, serial) meet."""
+    if not 0 <= pid < 16**6 or not 0 <= serial < 16**2:
+        raise ValueError(f"no network tag for pid {pid}, serial {serial}")
+    return f"b{pid:06x}{serial:02x}"
 
 
 def ip(*args: str, timeout: float = 20) -> str:
@@ -85,20 +93,7 @@ class Host:
         self, cmd: Sequence[str], env: dict[str, str], log: Path | None = None
     ) -> subprocess.Popen[bytes]:
         """Start `cmd` on this host in a process group of its own (killed by close())."""
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
-        try:
-            proc = subprocess.Popen(
-                self.command(cmd),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        finally:
-            if log:
-                out.close()  # type: ignore[union-attr]
+        proc = spawn_group(self.command(cmd), env, log)
         self.procs.append(proc)
         return proc
 
@@ -156,7 +151,7 @@ class Network:
     """A bridge in its own namespace, and the hosts on it."""
 
     def __init__(self) -> None:
-        self.tag = f"b{os.getpid()}{next(_serial)}"[:9]
+        self.tag = network_tag(os.getpid(), next(_serial))
         self.bridge_ns = f"{self.tag}-br"
         self.namespaces: list[str] = []
         self.hosts: dict[str, Host] = {}

@@ -21,7 +21,6 @@ import redis
 from PIL import Image, ImageOps
 
 from bgq.contract import STATS_KEY
-from bgq.process import die_with_parent
 from bgq.settings import Settings, settings_env
 
 BGQ = str(Path(sys.executable).with_name("bgq"))
@@ -59,20 +58,6 @@ def worker_cmd(name: str) -> list[str]:
 
 def ingest_cmd(src: Path, out: Path) -> list[str]:
     return [BGQ, "ingest", str(src), "--out", str(out)]
-
-
-def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`cmd` leading a process group of its own, its output appended to `log`."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -93,8 +93,10 @@ WORKER_READY_TIMEOUT = 120  # seconds `bgq up` waits for its worker to answer a 
 WORKER_STOP_TIMEOUT = 30  # seconds a stopping Flower may take before it is killed
 
 # Graceful scale-down (workers/shutdown.py).
-SHUTDOWN_GRACE = 25.0  # seconds running jobs may finish after SIGTERM (Kubernetes waits 30)
-SHUTDOWN_MARGIN = 5.0  # seconds past the grace to hand jobs back and exit, before a SIGKILL
+SHUTDOWN_GRACE = 25.0  # seconds running jobs may finish after SIGTERM
+# Seconds past the grace to hand jobs back and exit, before a SIGKILL: `bgq up` waits this,
+# deploy/ gives grace + this (40 s: Kubernetes' default 30 s is raised, docs/operations.md).
+SHUTDOWN_MARGIN = 15.0
 DRAIN_TICK = 0.2  # seconds between a stopping worker's checks of its running jobs
 REDIS_READY_TIMEOUT = 10  # seconds to wait for an embedded redis-server to answer
 

@@ -1,5 +1,5 @@
 """Child-process helpers for the local stack (and the tests' and benchmarks' servers): a free
-port to give a server, die with the parent, stop a whole group."""
+port to give a server, die with the parent, start and stop a whole group."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # prctl option: signal the child when its parent dies
 
@@ -26,6 +28,23 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_group(
+    cmd: Sequence[str], env: dict[str, str], log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`cmd` leading a process group of its own, dying with us, its output appended to `log`
+    (None: discarded)."""
+    with open(log, "ab") if log else open(os.devnull, "wb") as out:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:

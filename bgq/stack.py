@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import IO
 
+import redis
+
 from bgq import defaults
 from bgq.errors import ConfigError
 from bgq.process import die_with_parent, stop_group
@@ -52,17 +54,26 @@ def flower_env(settings: Settings) -> dict[str, str]:
 RESTORE_LIMIT = 1_000_000  # messages requeued at most when a stack starts
 
 
-def restore_unacked(url: str) -> None:
+def restore_unacked(url: str) -> bool:
     """Requeue every message a dead worker had taken but not finished, at once: kombu's lease
     sweep (workers/leases.py) with a lease of 0, so the stack's jobs need not wait a lease.
+    Returns whether it did.
 
     Only safe on a Redis no running worker uses (none holds a lease): the embedded one a stack
-    has just started.
+    has just started, while no other client is connected to it. A `bgq worker` connected to
+    the stack's Redis may be running the jobs it holds: then nothing is requeued here, and the
+    lease sweep requeues whatever a holder stops renewing. (Workers' capacity entries would
+    not tell: a killed worker's entry outlives it by up to WORKER_ENTRY_TTL in the AOF.)
     """
     from kombu import Connection
 
+    with redis.Redis.from_url(url, single_connection_client=True) as client:
+        own = client.client_id()
+        if any(int(other["id"]) != own for other in client.client_list()):
+            return False
     with Connection(url, transport_options={"visibility_timeout": 0}) as conn:
         conn.default_channel.qos.restore_visible(num=RESTORE_LIMIT)
+    return True
 
 
 class LocalStack:

@@ -43,7 +43,6 @@ KUSTOMIZATION: dict[str, Any] = yaml.safe_load((KUBE / "kustomization.yaml").rea
 
 SETTINGS = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
 SHUTDOWN_GRACE = float(Settings.model_fields["shutdown_grace"].default)
-MIN_MARGIN = 10  # seconds past the grace for the hand-back and the pool's exit, before SIGKILL
 MAIN_PROCESS_MIB = 160  # a worker's main process (docs/memory.md, "Sizing")
 PROBES_MIB = 128  # two `bgq probe` processes at once (about 61 MiB each, measured)
 # In docker-compose but not in deploy/kubernetes, and why.
@@ -211,12 +210,15 @@ def test_compose_and_manifests_name_the_same_settings() -> None:
 
 
 def test_grace_covers_the_shutdown_grace() -> None:
+    """The kubelet and Compose wait the grace plus bgq's one margin for the hand-back and the
+    pool's exit (defaults.SHUTDOWN_MARGIN, which `bgq up` waits too) before their SIGKILL."""
     grace = max(SHUTDOWN_GRACE, float(settings_map()["BGQ_SHUTDOWN_GRACE"]))
+    wanted = grace + defaults.SHUTDOWN_MARGIN
     for name in ("bgq-worker", "bgq-webhooks"):
-        assert pod_spec(name)["terminationGracePeriodSeconds"] >= grace + MIN_MARGIN, name
+        assert pod_spec(name)["terminationGracePeriodSeconds"] >= wanted, name
     for service in ("worker", "webhooks"):
         period = COMPOSE["services"][service]["stop_grace_period"]
-        assert period.endswith("s") and float(period[:-1]) >= grace + MIN_MARGIN, service
+        assert period.endswith("s") and float(period[:-1]) >= wanted, service
 
 
 def test_probes_check_something_and_are_no_sleeps() -> None:

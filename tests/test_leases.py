@@ -206,7 +206,12 @@ def test_a_holder_back_after_its_lease_was_taken_changes_nothing(
 ) -> None:
     """A holder paused (SIGSTOP: no renewals) past its lease: the other worker takes the job.
     Resumed, the old holder finishes first: it writes the same bytes, its acknowledgement does
-    not remove the new holder's record, and the job is counted once when both have ended."""
+    not remove the new holder's record, and the job is counted once when both have ended.
+
+    Only the new holder's pool process is paused meanwhile (so the old one reads the input):
+    its main process keeps renewing the lease, so however long the old run takes on a loaded
+    machine, no sweep takes the job from the new holder (a paused main process would lose it
+    after LEASE s)."""
     held = HeldJob(cluster, producer, (0, 0, 320, 240))
     old = held.holder()
     signal_group(old, signal.SIGSTOP)
@@ -214,15 +219,16 @@ def test_a_holder_back_after_its_lease_was_taken_changes_nothing(
         new = held.holder(timeout=TAKEOVER, among=[other(cluster, old)])
         assert new.worker is not None
         waiting = held.gate.reader(new.worker.pid)
-        signal_group(new, signal.SIGSTOP)  # the new holder waits (well within its lease)
-        wait_for(lambda: waiting.status() == psutil.STATUS_STOPPED, 10, "the new holder stopped")
+        waiting.suspend()  # the new holder's run waits; its main process renews its lease
+        wait_for(lambda: waiting.status() == psutil.STATUS_STOPPED, 10, "the new run stopped")
         signal_group(old, signal.SIGCONT)
         held.gate.let_through(held.data)  # only the old holder's reads: it gets the bytes
         wait_for(lambda: stats(cluster.client).get(Counter.COMPUTED) == 1, 60, "the old run")
         wait_for(lambda: "lost the lease" in log_of(old), 30, "the old holder's fence")
         assert cluster.client.hlen("unacked") == 1  # the new holder's record is still there
         held.gate.wait_for_reader()  # the new holder's pool process still holds the pipe
-        signal_group(new, signal.SIGCONT)
+        assert "lost the lease" not in log_of(new)  # renewed all along
+        waiting.resume()
         held.gate.let_through(held.data)
     finally:
         for stack in cluster.workers:

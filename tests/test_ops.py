@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,13 +19,15 @@ import pytest
 import redis
 from celery import Celery
 from celery.beat import PersistentScheduler
+from kombu import Connection
 
 from bgq import cache, contract, defaults
 from bgq.contract import INPUTS, MASKS, RESULTS, Counter
 from bgq.exporter import BgqCollector, Exporter
 from bgq.process import free_port
+from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
-from bgq.stack import LocalStack
+from bgq.stack import LocalStack, restore_unacked
 from bgq.store import Entry, FileStore, Store, open_store
 from bgq.units import parse_duration, parse_size
 from producer import Producer
@@ -101,6 +104,63 @@ def test_up_with_flower_shows_workers_and_tasks_behind_basic_auth(
 def test_flower_refuses_a_public_address_without_auth(redis_url: str, env: dict[str, str]) -> None:
     result = bgq("flower", "--address", "0.0.0.0", env={**env, "BGQ_REDIS_URL": redis_url})
     assert result.returncode == 2 and "BGQ_FLOWER_BASIC_AUTH" in result.stderr
+
+
+# -- bgq up's requeue at start ---------------------------------------------------------------
+
+# A worker that takes a message and holds it unacknowledged (kombu: in `unacked`), connected.
+HOLDER = """
+import sys, time
+from kombu import Connection
+
+with Connection(sys.argv[1]) as conn:
+    assert conn.default_channel.basic_get(sys.argv[2], no_ack=False) is not None
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def queued_and_held(url: str) -> tuple[int, int]:
+    """Messages in the `bgq` queue, and held (kombu's `unacked`), read on a connection closed
+    at once: `restore_unacked` counts any other client as a worker."""
+    with redis.Redis.from_url(url, single_connection_client=True) as client:
+        return client.llen(contract.QUEUE), client.hlen("unacked")
+
+
+def connections(url: str) -> int:
+    """The clients connected to Redis, this one included."""
+    with redis.Redis.from_url(url, single_connection_client=True) as client:
+        return len(client.client_list())
+
+
+def test_a_stack_requeues_at_once_only_what_no_connected_worker_holds(tmp_path: Path) -> None:
+    """`bgq up` requeues what its killed worker held without waiting a lease, but not while
+    another worker is connected to its Redis (a `bgq worker` on the stack's Redis may be
+    running it): that one is left to the lease; once the holder is gone, requeued at once."""
+    server = EmbeddedRedis.start(tmp_path / "run")
+    holder = None
+    try:
+        with Connection(server.url) as conn:
+            conn.SimpleQueue(contract.QUEUE).put({"job": 1})
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, server.url, contract.QUEUE],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert not restore_unacked(server.url)
+        assert queued_and_held(server.url) == (0, 1)
+        holder.kill()  # a host lost: no hand-back, its connection dropped
+        holder.wait()
+        holder.stdout.close()
+        wait_for(lambda: connections(server.url) == 1, 10, "the holder's connection to close")
+        assert restore_unacked(server.url)
+        assert queued_and_held(server.url) == (1, 0)
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        server.stop()
 
 
 # -- exporter ------------------------------------------------------------------------------

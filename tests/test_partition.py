@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import missing
+from bench.netns import missing, network_tag
 from bench.partition import partition
 from tests.test_elastic import assert_outputs
 
@@ -38,3 +38,14 @@ def test_a_worker_cut_off_for_five_minutes_fails_nothing_and_changes_nothing(
     assert stats.get("computed", 0) + stats.get("skipped", 0) == 16, result.after_line()
     assert stats.get("failed", 0) == 0 and result.failed == [], result.after_line()
     assert result.leftovers == []  # every namespace and link deleted (processes: conftest)
+
+
+def test_network_tags_never_collide() -> None:
+    """Fixed-width fields: 7-digit pids keep every serial, and pid 123 serial 45 is not pid
+    1234 serial 5; 9 characters, so a host's link name fits 15 with a 6-character name."""
+    pids = (1, 123, 1234, 32767, 1234567, 2**22 - 1)
+    tags = {network_tag(pid, serial) for pid in pids for serial in range(256)}
+    assert len(tags) == len(pids) * 256
+    assert {len(tag) for tag in tags} == {9}
+    with pytest.raises(ValueError):
+        network_tag(1234567, 256)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -127,3 +129,49 @@ def test_memory_error_fails_permanently_and_releases_the_guard(
     assert not client.exists(contract.guard_key(args.key))
     assert not client.exists(contract.attempts_key(args.key))
     assert int(client.hget(contract.STATS_KEY, Counter.FAILED) or 0) == 1
+
+
+# A delivery (a worker's pool process, as Celery's trace runs it) whose receiver refuses the
+# connection, on a worker whose Redis is out of reach: its retry cannot be published.
+UNPUBLISHED_RETRY = """
+import sys
+from celery._state import _set_task_join_will_block
+from celery.exceptions import Reject
+from workers.webhooks import deliver_webhook
+
+_set_task_join_will_block(True)  # as in a pool process: no result consumer to set up
+args = [sys.argv[1], '{"status": "done"}']
+deliver_webhook.push_request(id="hook-1", args=args, kwargs={}, retries=0, called_directly=False)
+try:
+    deliver_webhook.run(*args)
+except Reject as rejected:
+    print("requeue" if rejected.requeue else "dropped", rejected.reason)
+"""
+
+
+def test_a_webhook_whose_retry_cannot_be_published_is_requeued(tmp_path: Path) -> None:
+    """Celery's own retry would reject the message for good (FAILURE, the delivery dropped):
+    it is requeued instead, or left to its lease, as the image task's retries are."""
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        env = {
+            **os.environ,
+            "BGQ_HOME": str(tmp_path),
+            "BGQ_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "BGQ_WEBHOOK_SECRET": "a-secret",
+            "BGQ_WEBHOOK_ALLOW_PRIVATE": "true",
+        }
+        url = f"http://127.0.0.1:{port}/hooks"
+        run = subprocess.run(
+            [sys.executable, "-c", UNPUBLISHED_RETRY, url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("requeue "), run.stdout + run.stderr
+    assert "refused" in run.stdout, run.stdout  # the publish's own error, Redis's port
+    assert f"delivery to {url} failed" in run.stderr  # its own failure was logged, then retried

@@ -9,11 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject
 
 from bgq import contract, defaults, jobs, lanes
 from bgq.contract import Counter, TaskArgs
@@ -21,7 +20,7 @@ from bgq.errors import BrokerError, NotInStore, OutOfMemory, TransientError, Wor
 from workers import imaging, masks, session, shaping
 from workers.app import app, app_store, settings
 from workers.leases import LeasedTask
-from workers.retry import backoff
+from workers.retry import retry_later
 
 log = logging.getLogger(__name__)
 
@@ -271,15 +270,3 @@ def remove_background(self: Task, **kwargs: Any) -> dict[str, Any]:
             "ran out of memory processing this image; lower BGQ_MAX_MEGAPIXELS or "
             "BGQ_CONCURRENCY, or give the workers more memory"
         ) from None
-
-
-def retry_later(task: Task, exc: Exception) -> NoReturn:
-    """Retry after a capped, jittered backoff. If the retry cannot be published (Redis out of
-    reach), Celery would reject the message for good and store FAILURE: requeue it instead
-    (if even that cannot reach Redis, the message stays unacknowledged and its lease brings
-    it back)."""
-    log.warning("transient failure of %s, retrying: %s", task.request.id, exc)
-    try:
-        raise task.retry(exc=exc, countdown=backoff(task.request.retries))
-    except Reject as rejected:
-        raise Reject(rejected.reason, requeue=True) from exc

@@ -14,7 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from bgq import contract, defaults, fetch, webhooks
 from bgq.errors import PermanentError, TransientError
 from workers.app import app, settings
-from workers.retry import backoff
+from workers.retry import backoff, retry_or_requeue
 
 log = logging.getLogger(__name__)
 
@@ -73,4 +73,4 @@ def deliver_webhook(self: Task, url: str, body: str) -> dict[str, Any]:
     countdown = backoff(
         self.request.retries, defaults.WEBHOOK_BACKOFF_MAX, defaults.WEBHOOK_BACKOFF_BASE
     )
-    raise self.retry(exc=failure, countdown=countdown)
+    retry_or_requeue(self, failure, countdown)  # Redis out of reach: requeued, never dropped
