@@ -7,9 +7,12 @@ test removes the gate (end of file: no stored masks, so the job runs the model).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +53,45 @@ def queued(client: redis.Redis, queue: str = contract.QUEUE) -> list[str]:
 def taken(client: redis.Redis) -> set[str]:
     """The task ids that a worker holds (kombu's `unacked` hash)."""
     return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals(Channel.unacked_key)}
+
+
+class Monitor:
+    """Every command Redis runs while it is open (MONITOR, on a socket and a thread of its own)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        kwargs = client.connection_pool.connection_kwargs
+        self.sock = socket.create_connection((kwargs["host"], kwargs["port"]), timeout=10)
+        self.sock.sendall(b"MONITOR\r\n")
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.data.startswith(b"+OK"), 10, "MONITOR")
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(65536):
+                self.data += chunk
+
+    @property
+    def lines(self) -> list[str]:
+        return bytes(self.data).decode(errors="replace").splitlines()
+
+    def count(self, text: str) -> int:
+        """How many commands contain `text` (case aside: clients spell commands as they like)."""
+        return sum(text.lower() in line.lower() for line in self.lines)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        marker = f"end-of-monitor-{time.monotonic_ns()}"  # Redis echoes commands in order
+        self.client.echo(marker)
+        wait_for(lambda: marker.encode() in self.data, 10, "the monitor to catch up")
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        self.sock.close()
 
 
 def temporaries(store: FileStore) -> list[Path]:
@@ -326,15 +368,22 @@ def test_a_second_sigterm_hands_running_jobs_back_now(cluster: Cluster) -> None:
         drained(stack)
         assert taken(cluster.client) == {job.key} and stack.worker is not None
         assert stack.worker.poll() is None
-        sent = time.monotonic()
-        stack.hurry()
-        wait_for(lambda: queued(cluster.client) == [job.key], 10, "its return")
-        back = time.monotonic() - sent
-        assert stack.worker.wait(timeout=10) == 0
-        exited = time.monotonic() - sent
+        (tag,) = (t.decode() for t in cluster.client.hkeys(Channel.unacked_key))
+        with Monitor(cluster.client) as monitor:
+            sent = time.monotonic()
+            stack.hurry()
+            wait_for(lambda: queued(cluster.client) == [job.key], 10, "its return")
+            back = time.monotonic() - sent
+            assert stack.worker.wait(timeout=10) == 0
+            exited = time.monotonic() - sent
         print(f"\nsecond SIGTERM: back after {back:.2f} s, exit after {exited:.2f} s")
         assert back < 2 and exited < 5, (back, exited)
         assert not taken(cluster.client)
+        # Its record left `unacked` once, in the hand-back's transaction: no acknowledgement
+        # after it, which would delete the record of a worker that took the job meanwhile.
+        assert monitor.count(f'"hdel" "{Channel.unacked_key}" "{tag}"') == 1, monitor.lines
+        # A hand-back is no lost host: its start does not count towards MAX_STARTS.
+        assert int(cluster.client.get(contract.starts_key(job.key)) or 0) == 0
     finally:
         gate.remove()
         producer.close()
