@@ -19,7 +19,8 @@ import redis
 
 from bgq import contract
 from bgq.connections import renew_interval
-from bgq.contract import INPUTS, RESULTS, Counter
+from bgq.contract import INPUTS, RESULTS, Counter, TaskArgs
+from bgq.options import Options
 from bgq.process import free_port
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
@@ -36,8 +37,9 @@ TAKEOVER = LEASE + renew_interval(LEASE) + 8  # ... plus a margin for a loaded t
 class Cluster:
     """This module's Redis (restartable on its port), a shared store, and its workers."""
 
-    def __init__(self, root: Path, model_home: Path) -> None:
+    def __init__(self, root: Path, model_home: Path, lease: int = LEASE) -> None:
         self.root = root
+        self.lease = lease
         self.port = free_port()
         self.redis: EmbeddedRedis | None = EmbeddedRedis.start(root / "redis", port=self.port)
         self.url = self.redis.url
@@ -53,7 +55,7 @@ class Cluster:
             models_dir=self.model_home,
             store_url=str(self.store.root),
             concurrency=1,
-            lease=LEASE,
+            lease=self.lease,
         )
 
     def start_worker(self) -> LocalStack:
@@ -284,3 +286,125 @@ def test_redis_gone_at_the_retry_never_fails_the_job(
     cluster.start_redis()
     assert_same_pixels(held.job.read(timeout=180), reference(held.data))
     assert Counter.FAILED not in stats(cluster.client)
+
+
+def kill_connections(cluster: Cluster, stack: LocalStack) -> int:
+    """CLIENT KILL every Redis connection of a worker's main process (what a Sentinel failover,
+    a dropped half-open socket or a NAT reset looks like to it); how many were killed."""
+    assert stack.worker is not None
+    main = psutil.Process(stack.worker.pid)
+    killed = 0
+    for conn in main.net_connections(kind="tcp"):
+        if conn.raddr and conn.raddr.port == cluster.port:
+            killed += cluster.client.client_kill_filter(
+                _id=None, addr=f"{conn.laddr.ip}:{conn.laddr.port}"
+            )
+    return killed
+
+
+RECONNECTED = "Connection to broker lost"  # Celery's warning when its consumer reconnects
+
+
+def test_a_reconnect_keeps_the_running_job_and_its_lease(
+    cluster: Cluster, producer: Producer, reference: Callable[..., bytes]
+) -> None:
+    """The holder's connections are killed while Redis answers: its consumer reconnects, and
+    kombu's restore at channel close (off in workers) does not requeue the job it still runs;
+    the job's lease is renewed through the new channel (the other worker, idle, never gets it)
+    and its acknowledgement reaches Redis; started and counted once."""
+    held = HeldJob(cluster, producer, (0, 0, 350, 270))
+    holder = held.holder()
+    idle = other(cluster, holder)
+    assert kill_connections(cluster, holder) >= 1
+    wait_for(lambda: RECONNECTED in log_of(holder), 30, "the holder to reconnect")
+    assert cluster.client.hlen("unacked") == 1, "the running job was requeued at the reconnect"
+    score = cluster.client.zrange("unacked_index", 0, -1, withscores=True)[0][1]
+    started = time.monotonic()
+    while time.monotonic() - started < LEASE + renew_interval(LEASE) + 2:
+        assert idle.worker is not None and not held.gate._holder(idle.worker.pid)
+        assert not cluster.client.llen(contract.QUEUE), "the running job was requeued"
+        assert cluster.client.hlen("unacked") == 1
+        time.sleep(0.2)
+    [(_tag, renewed)] = cluster.client.zrange("unacked_index", 0, -1, withscores=True)
+    assert renewed > score + LEASE / 2, "not renewed after the reconnect"
+    held.release()
+    assert_same_pixels(held.job.read(timeout=120), reference(held.data))
+    wait_for(lambda: not cluster.client.hlen("unacked"), 30, "the acknowledgement")
+    wait_for(lambda: stats(cluster.client).get(Counter.COMPUTED) == 1, 30, "the count")
+    assert "lost the lease" not in log_of(holder) and "could not settle" not in log_of(holder)
+
+
+@pytest.fixture
+def long_lease(tmp_path: Path, model_home: Path) -> Iterator[Cluster]:
+    """One worker with a 30 s lease: a restart of Redis (seconds) expires none of its leases."""
+    cluster = Cluster(tmp_path, model_home, lease=30)
+    try:
+        cluster.start_worker()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_countdown_held_across_a_redis_restart_still_runs(long_lease: Cluster) -> None:
+    """A retry waiting out its countdown in a worker when Redis restarts: Celery drops it at the
+    reconnect (expecting a redelivery); its worker hands it back instead of renewing its lease
+    for ever, and the job runs once its countdown is over."""
+    cluster = long_lease
+    with Producer(cluster.settings("producer")) as producer:
+        countdown_across_a_restart(cluster, producer)
+
+
+def countdown_across_a_restart(cluster: Cluster, producer: Producer) -> None:
+    data = variant("car-1.jpg", (0, 0, 360, 280))
+    args = TaskArgs.build(contract.input_digest(data), "u2netp", Options())
+    producer.store.put_input(args.input_sha256, data)
+    producer.app.send_task(
+        contract.TASK_NAME, kwargs=args.to_kwargs(), task_id=args.key, countdown=COUNTDOWN
+    )
+    wait_for(lambda: cluster.client.hlen("unacked") == 1, 30, "a worker to take it")
+    assert not cluster.client.llen(contract.QUEUE)
+    cluster.stop_redis()
+    wait_for(lambda: any(RECONNECTED in log_of(s) for s in cluster.workers), 30, "a reconnect")
+    cluster.start_redis()
+    wait_for(lambda: producer.task_meta(args.key)["status"] == "SUCCESS", 90, "the job to run")
+    wait_for(lambda: not cluster.client.hlen("unacked"), 30, "the acknowledgement")
+
+
+COUNTDOWN = 8  # seconds: past the restart, and short of a test's patience
+
+
+def test_a_holder_scaled_down_after_losing_its_lease_hands_nothing_back(
+    cluster: Cluster, producer: Producer, reference: Callable[..., bytes]
+) -> None:
+    """A holder paused past its lease (the other worker took the job, same delivery tag), then
+    resumed and scaled down at once (SIGTERM, and a second one to end the grace): its hand-back
+    leaves the new holder's record alone (nothing requeued while the new holder runs it)."""
+    held = HeldJob(cluster, producer, (0, 0, 370, 290))
+    old = held.holder()
+    signal_group(old, signal.SIGSTOP)
+    new = held.holder(timeout=TAKEOVER, among=[other(cluster, old)])
+    assert old.worker is not None
+    signal_group(old, signal.SIGCONT)
+    old.worker.send_signal(signal.SIGTERM)
+    wait_for(lambda: "taking no new jobs" in log_of(old), 30, "the old holder to drain")
+    old.worker.send_signal(signal.SIGTERM)  # the grace is over: hand back what runs
+    assert old.worker.wait(timeout=30) == 0
+    old.worker = None
+    assert "lost the lease" in log_of(old)
+    assert not cluster.client.llen(contract.QUEUE), "the new holder's job was handed back"
+    assert cluster.client.hlen("unacked") == 1  # the new holder's record
+    [(_tag, score)] = cluster.client.zrange("unacked_index", 0, -1, withscores=True)
+    wait_for(lambda: renewed_since(cluster, score), 30, "the new holder's next renewal")
+    # Its record was there all along: it never found it gone, nor took the job a second time.
+    assert "lost the lease" not in log_of(new)
+    assert log_of(new).count(f"[{held.job.key}] received") == 1
+    assert new.worker is not None and held.gate._holder(new.worker.pid)
+    held.release()
+    assert_same_pixels(held.job.read(timeout=120), reference(held.data))
+    wait_for(lambda: not cluster.client.hlen("unacked"), 30, "the new holder's ack")
+    wait_for(lambda: stats(cluster.client).get(Counter.COMPUTED) == 1, 30, "the count")
+
+
+def renewed_since(cluster: Cluster, score: float) -> bool:
+    rows = cluster.client.zrange("unacked_index", 0, -1, withscores=True)
+    return any(row_score > score for _tag, row_score in rows)

@@ -31,6 +31,7 @@ app = Celery(
 app.conf.update(celeryconfig.build(settings))
 app.steps["worker"].add(lanes_step.LaneBeat)
 app.steps["worker"].add(leases.LeaseBeat)
+app.steps["consumer"].add(leases.LeaseChannel)
 app.steps["consumer"].add(shutdown.GracefulShutdown)
 
 

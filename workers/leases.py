@@ -9,26 +9,32 @@ running, or waiting for its countdown), in one script.
 
 A holder that could not renew for lease - lease/6 s (Redis unreachable, its loop stalled)
 assumes its jobs were taken over, since the tag of a message is the same for every delivery:
-it forgets them (`forfeit`), so neither its late acknowledgement or reject nor its
-channel-close restore can touch the record of the job's new holder. `LeasedRequest` also
-counts the deaths of pool processes (the poison counter), which only the main process sees.
+it forgets them (`forfeit`), so neither its late acknowledgement or reject nor its hand-back
+can touch the record of the job's new holder. kombu's restore of everything a channel held
+when it closes is off in workers (`LeaseChannel`): a reconnect keeps the running jobs held.
+`LeasedRequest` also counts the deaths of pool processes (the poison counter), which only the
+main process sees.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import redis
 from billiard.exceptions import WorkerLostError
 from celery import Task, bootsteps
+from celery.worker import state
 from celery.worker.request import Request
+from kombu.transport import virtual
 
 from bgq import contract, defaults
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
+    from celery.worker.consumer import Consumer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,12 @@ end
 return {tostring(now), lost}
 """
 
+# KEYS: a job's starts counter (workers/tasks.py): one start less, never below 0.
+UNSTART = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
+"""
+
 
 def lease_of(channel: Any) -> tuple[float, float] | None:
     """The channel's lease (kombu's visibility timeout) and renewal interval (its sweeps'
@@ -55,6 +67,16 @@ def lease_of(channel: Any) -> tuple[float, float] | None:
     lease = getattr(channel, "visibility_timeout", None)
     every = getattr(channel, "unacked_restore_interval", None)
     return None if lease is None or every is None else (lease, every)
+
+
+def drop(qos: Any, tag: str) -> None:
+    """kombu's acknowledgement (or reject) of `tag` in Redis."""
+    qos._remove_from_indices(tag).execute()
+
+
+def to_tail(qos: Any, tag: str) -> None:
+    """kombu's requeue of `tag` (a reject with requeue): to the tail of its queue."""
+    qos.restore_by_tag(tag, leftmost=True)
 
 
 def holds(message: Any) -> bool:
@@ -78,13 +100,22 @@ class LeasedRequest(Request):
 
     def acknowledge(self) -> None:
         if not self.acknowledged and holder.keeps(self, "acknowledge"):
-            super().acknowledge()
+            if self.message.channel.closed:  # taken before a reconnect
+                holder.settle(self, "ACK", drop)
+            else:
+                super().acknowledge()
             holder.let_go(self)
         self.acknowledged = True
 
     def reject(self, requeue: bool = False) -> None:
         if not self.acknowledged and holder.keeps(self, "requeue" if requeue else "reject"):
-            super().reject(requeue=requeue)
+            if self.message.channel.closed:  # taken before a reconnect
+                holder.settle(self, *(("REQUEUED", to_tail) if requeue else ("REJECTED", drop)))
+                self.send_event("task-rejected", requeue=requeue)
+            else:
+                super().reject(requeue=requeue)
+            if requeue:  # this start was no host lost (the requeue itself runs soon after)
+                unstart(self)
             holder.let_go(self)
         self.acknowledged = True
 
@@ -109,6 +140,7 @@ class LeasedTask(Task):
 
     Request = "workers.leases:LeasedRequest"
     counts_deaths = False  # the image task counts its pool processes' deaths (poison jobs)
+    counts_starts = False  # ... and its starts (workers/tasks.py); a requeue takes one back
 
 
 def count_death(client: redis.Redis, key: str) -> None:
@@ -123,25 +155,81 @@ def count_death(client: redis.Redis, key: str) -> None:
         log.warning("could not count the death of a pool process running %s: %s", key, exc)
 
 
+def unstart(request: Request) -> None:
+    """A started job goes back to its queue (handed back, or requeued) with its worker alive:
+    that start was no lost host, so it does not count towards MAX_STARTS. Best effort."""
+    if not (getattr(request.task, "counts_starts", False) and request.time_start):
+        return
+    try:
+        request.task.backend.client.eval(UNSTART, 1, contract.starts_key(request.id))
+    except redis.RedisError as exc:
+        log.warning("could not uncount a start of %s: %s", request.id, exc)
+
+
 class Holder:
     """The main process's requests under lease, by delivery tag (one event loop: no locks)."""
 
     def __init__(self) -> None:
         self.requests: dict[str, LeasedRequest] = {}
         self.skewed = False
+        self.channel: Any = None  # the consumer's current channel (LeaseChannel)
 
     def take(self, request: LeasedRequest) -> None:
         self.requests[request.message.delivery_tag] = request
 
     def let_go(self, request: LeasedRequest) -> None:
-        """The request is acknowledged or rejected. If Redis refused that, kombu still counts
-        the message as held: forget it, so it is not renewed and the lease brings it back."""
+        """The request is acknowledged or rejected (Celery sends that to Redis from its event
+        loop, just after): renew it no more. If Redis refuses, Celery logs it and the message's
+        lease brings it back."""
         tag = request.message.delivery_tag
         if self.requests.get(tag) is request:
             del self.requests[tag]
-        if holds(request.message):
-            del request.message.channel.qos._delivered[tag]
-            log.warning("could not settle %s in Redis: its lease will requeue it", request.id)
+
+    def through(self, message: Any) -> Any:
+        """The channel to reach Redis through for `message`: its own, or, if a reconnect closed
+        that one, the consumer's current one (same Redis, same keys)."""
+        current = self.channel
+        if message.channel.closed and current is not None and not current.closed:
+            return current
+        return message.channel
+
+    def settle(self, request: LeasedRequest, outcome: str, op: Callable[[Any, str], Any]) -> None:
+        """Settle a message whose channel a reconnect closed: `op(qos, tag)` in Redis through
+        the current channel, then only locally on its own (kombu's mark of a settled tag)."""
+        message = request.message
+        try:
+            op(self.through(message).qos, message.delivery_tag)
+        except Exception as exc:  # any broker error: let_go leaves it to the lease
+            log.warning("could not settle %s (%s)", request.id, exc)
+            return
+        virtual.QoS.ack(message.channel.qos, message.delivery_tag)
+        message._state = outcome
+
+    def hand_back(self, request: Request) -> bool:
+        """Put a job this worker holds back at the head of its queue now (kombu's
+        `restore_by_tag`: one transaction, out of `unacked`, RPUSH); False if Redis refused
+        (its lease brings it back). Settled only locally after: kombu's ack would delete in
+        Redis the record of the worker that took it meanwhile (the same tag). A job whose lease
+        is no longer this worker's is left to its new holder."""
+        message = request.message
+        if message.acknowledged:
+            return True
+        if isinstance(request, LeasedRequest) and not self.keeps(request, "hand back"):
+            request.acknowledged = True
+            return True
+        tag = message.delivery_tag
+        try:
+            self.through(message).qos.restore_by_tag(tag)
+        except Exception as exc:  # any broker error: its lease brings it back
+            log.warning("could not hand back %s now (%s): redelivered later", request.id, exc)
+            return False
+        virtual.QoS.ack(message.channel.qos, tag)  # local only: Redis has it queued
+        message._state = "REQUEUED"
+        request.acknowledged = True  # nothing else acknowledges or rejects it
+        if isinstance(request, LeasedRequest):
+            self.let_go(request)
+        unstart(request)
+        return True
 
     def keeps(self, request: LeasedRequest, doing: str) -> bool:
         """Whether `request`'s lease is still this worker's; if it is not, forfeit it."""
@@ -174,13 +262,19 @@ class Holder:
         give_up = forfeit_after(*lease)
         now = time.monotonic()
         held: dict[str, LeasedRequest] = {}
+        dropped: list[LeasedRequest] = []
         for tag, request in list(self.requests.items()):
             if not holds(request.message):
-                del self.requests[tag]  # restored when its channel closed, or being settled
+                del self.requests[tag]  # being settled
             elif now - request.lease_renewed >= give_up:
                 self.forfeit(request, f"not renewed for {now - request.lease_renewed:.0f}s")
+            elif state.requests.get(request.id) is not request:
+                dropped.append(request)
             else:
                 held[tag] = request
+        for request in dropped:  # left at a reconnect (Celery's on_close): an ETA or prefetched job
+            if self.hand_back(request):
+                log.info("handed back %s, dropped by Celery at a reconnect", request.id)
         if not held:
             return
         with channel.conn_or_acquire() as client:
@@ -210,6 +304,23 @@ def forfeit_after(lease: float, every: float) -> float:
 
 
 holder = Holder()
+
+
+class LeaseChannel(bootsteps.StartStopStep):
+    """At each (re)connection: the consumer's channel must not restore what it holds when it
+    closes (kombu's `do_restore`). On a reconnect with Redis answering, that restore would
+    requeue every running job while this worker still runs it. Leases make it needless: a
+    closed channel's jobs still running are renewed and settled through the new channel, those
+    Celery dropped (ETA, prefetched) are handed back by the next renewal, and a worker that
+    stops hands back explicitly (workers/shutdown.py); what none of these reaches, its lease
+    brings back."""
+
+    requires: ClassVar = {"celery.worker.consumer.tasks:Tasks"}
+
+    def start(self, consumer: Consumer) -> None:
+        channel = consumer.task_consumer.channel
+        channel.do_restore = False
+        holder.channel = channel
 
 
 class LeaseBeat(bootsteps.StartStopStep):

@@ -15,15 +15,15 @@ handler only notes the time; the worker's event loop does the work, every DRAIN_
    running (Celery's `Request.cancel`: the main process sees `Terminated`, never
    `WorkerLostError`) and hand their messages back; then stop the worker, exit code 0.
 
-Handing back is kombu's own restore of one delivery (`QoS.restore_by_tag`): one Redis
-transaction moves the message from the `unacked` hash to the head of its queue, where the next
-BRPOP of any worker takes it. If Redis cannot be reached the message stays in `unacked`, where
-the broker's redelivery (its lease, or the visibility timeout) finds it.
+Handing back is kombu's own restore of one delivery (`QoS.restore_by_tag`, through
+`leases.Holder.hand_back`): one Redis transaction moves the message from the `unacked` hash to
+the head of its queue, where the next BRPOP of any worker takes it; the message is then settled
+only in this process. A job whose lease this worker lost is left alone (its new holder runs
+it). If Redis cannot be reached the message stays in `unacked`, where its lease finds it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -37,6 +37,7 @@ from celery.worker import state
 
 from bgq import defaults
 from bgq.settings import load_settings
+from workers import leases
 
 if TYPE_CHECKING:
     from celery.worker.consumer import Consumer
@@ -49,17 +50,8 @@ HANDLED = ("SIGTERM", "SIGINT")
 
 def hand_back(request: Request) -> bool:
     """Put a job's message back at the head of its queue, now; False if Redis refused."""
-    message = request._message
-    if message.acknowledged:
-        return True
-    try:
-        message.channel.qos.restore_by_tag(message.delivery_tag)
-    except Exception as exc:  # any broker error: the broker's redelivery takes it
-        log.warning("could not hand back %s now (%s): redelivered later", request.id, exc)
+    if not leases.holder.hand_back(request):
         return False
-    with contextlib.suppress(Exception):  # only this worker's record now: Redis has it queued
-        message.ack()
-    request.acknowledged = True  # nothing else acknowledges or rejects it
     state.task_ready(request)
     return True
 

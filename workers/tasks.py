@@ -164,6 +164,7 @@ class RemovalTask(LeasedTask):
     """Records each outcome once Celery has stored the task's state."""
 
     counts_deaths = True  # a pool process that dies with this task counts against the job
+    counts_starts = True  # _check_starts
 
     def after_return(
         self,
