@@ -24,6 +24,7 @@ it). If Redis cannot be reached the message stays in `unacked`, where its lease 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
