@@ -333,7 +333,7 @@ def test_an_ingest_completes_when_one_of_two_workers_is_scaled_down(
         gate.remove()
         if ingest.poll() is None:
             ingest.kill()
-            ingest.communicate()
+        ingest.communicate()  # closes its pipes, whichever way the test went
     print(
         f"\nscale-down mid-ingest: worker exit {exited:.2f} s, job on the other worker "
         f"{reached:.2f} s, ingest done {finished:.2f} s"
