@@ -166,6 +166,16 @@ def unstart(request: Request) -> None:
         log.warning("could not uncount a start of %s: %s", request.id, exc)
 
 
+def tracked(request: Any) -> bool:
+    """Whether Celery still holds `request` itself: running, reserved or waiting for its
+    countdown. By identity: `state.requests` is keyed by task id, which a retry reuses, so a
+    retry taken by this worker would make the run before it look dropped."""
+    return any(
+        request in held
+        for held in (state.active_requests, state.reserved_requests, state.scheduled_requests)
+    )
+
+
 class Holder:
     """The main process's requests under lease, by delivery tag (one event loop: no locks)."""
 
@@ -218,6 +228,7 @@ class Holder:
             request.acknowledged = True
             return True
         tag = message.delivery_tag
+        unstart(request)  # before the restore: the next holder's start counts after it
         try:
             self.through(message).qos.restore_by_tag(tag)
         except Exception as exc:  # any broker error: its lease brings it back
@@ -228,7 +239,6 @@ class Holder:
         request.acknowledged = True  # nothing else acknowledges or rejects it
         if isinstance(request, LeasedRequest):
             self.let_go(request)
-        unstart(request)
         return True
 
     def keeps(self, request: LeasedRequest, doing: str) -> bool:
@@ -268,7 +278,7 @@ class Holder:
                 del self.requests[tag]  # being settled
             elif now - request.lease_renewed >= give_up:
                 self.forfeit(request, f"not renewed for {now - request.lease_renewed:.0f}s")
-            elif state.requests.get(request.id) is not request:
+            elif not tracked(request):
                 dropped.append(request)
             else:
                 held[tag] = request

@@ -101,8 +101,13 @@ class GracefulShutdown(bootsteps.StartStopStep):
     def start(self, consumer: Consumer) -> None:
         for name in HANDLED:  # after Celery's own handlers, which Worker.on_start installed
             platforms.signals[name] = self.on_signal
-        if self.draining:  # the consumer restarted (a lost connection) during the grace
-            self.stop_intake(consumer)
+        if self.draining:  # the consumer restarted (a lost connection) during the grace:
+            # cancel intake once its event loop has subscribed the queues again (it does, after
+            # every step has started), before the loop's first BRPOP
+            if consumer.hub is not None:
+                consumer.hub.call_soon(self.stop_intake, consumer)
+            else:  # no event loop (not the prefork pool): nothing re-subscribes after us
+                self.stop_intake(consumer)
         if self.tref is None:
             self.tref = consumer.timer.call_repeatedly(
                 defaults.DRAIN_TICK, self.tick, (consumer,), priority=0
@@ -112,13 +117,14 @@ class GracefulShutdown(bootsteps.StartStopStep):
         """Note the time (the event loop does the work); a second signal ends the grace now.
         With no event loop running (the consumer reconnecting to the broker), stop as Celery
         would: its connection retries check the flag, and Redis keeps what it holds."""
-        if self.tref is None:
-            state.should_stop = platforms.EX_OK
         now = time.monotonic()
         if self.signalled is None:
             self.signalled, self.deadline = now, now + self.grace
         else:
             self.deadline = now
+        if self.tref is None:
+            state.should_stop = platforms.EX_OK
+            self.arm_expiry()  # Celery's warm stop would wait for running jobs unbounded
 
     def tick(self, consumer: Consumer) -> None:
         if self.deadline is None or self.done:
@@ -184,11 +190,16 @@ class GracefulShutdown(bootsteps.StartStopStep):
             # The consumer stopped mid-grace (its broker connection lost): no event loop ticks
             # while it reconnects, perhaps never (the stack's Redis died with it). End the grace
             # from a thread; a consumer back by then ticks again and this does nothing.
-            wait = max(0.0, self.deadline - time.monotonic())
-            log.warning("graceful shutdown: the broker is out of reach; %.1f s of grace left", wait)
-            timer = threading.Timer(wait, self.expire)
-            timer.daemon = True
-            timer.start()
+            self.arm_expiry()
+
+    def arm_expiry(self) -> None:
+        """End the grace from a thread: no event loop ticks while the consumer reconnects."""
+        assert self.deadline is not None
+        wait = max(0.0, self.deadline - time.monotonic())
+        log.warning("graceful shutdown: the broker is out of reach; %.1f s of grace left", wait)
+        timer = threading.Timer(wait, self.expire)
+        timer.daemon = True
+        timer.start()
 
     def expire(self) -> None:
         """The grace ended with no event loop running: exit now, running jobs' pool processes
