@@ -66,6 +66,7 @@ def test_image_url_in_query_form_or_json_is_the_uploaded_images_job(
     answers = [
         http.post("/v1/remove", params={"image_url": url}),
         http.post("/v1/remove", files={"image_url": (None, url)}),  # a multipart form field
+        http.post("/v1/remove", data={"image_url": url}),  # a urlencoded form field
         http.post("/v1/remove", json={"image_url": url}),
         http.post("/v1/remove", json={"image_url": photos.photo("car-1.jpg", "alias")}),
     ]
@@ -108,9 +109,17 @@ def test_fetch_failures_answer_422_fetch_failed(apis: tuple[str, str], photos: I
         {"data": {"image_url": "http://127.0.0.1/x.jpg"}, "files": {"file": ("a.jpg", b"x")}},
         {},
         {"files": {"format": (None, "png")}},
+        {"data": {"format": "png"}},
         {"json": {"format": "png"}},
     ],
-    ids=["query-and-body", "form-file-and-url", "nothing", "form-without-either", "json-without"],
+    ids=[
+        "query-and-body",
+        "form-file-and-url",
+        "nothing",
+        "form-without-either",
+        "urlencoded-without",
+        "json-without",
+    ],
 )
 def test_exactly_one_of_image_and_image_url(
     http: httpx.Client, request_args: dict[str, Any]

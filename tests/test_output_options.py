@@ -138,7 +138,7 @@ INTEGERS = {"quality", "alpha_matting_erode_size"} | {
 
 
 @pytest.mark.parametrize(("fields", "error", "_flag_error"), INVALID)
-@pytest.mark.parametrize("where", ["query", "form", "json"])
+@pytest.mark.parametrize("where", ["query", "form", "urlencoded", "json"])
 def test_api_refuses_invalid_options_naming_the_fields(
     http: httpx.Client, fields: dict[str, str], error: str, _flag_error: str | None, where: str
 ) -> None:
@@ -147,6 +147,8 @@ def test_api_refuses_invalid_options_naming_the_fields(
         answer = http.post("/v1/jobs", params=fields, content=data, headers=JPEG)
     elif where == "form":
         answer = http.post("/v1/jobs", data=fields, files={"file": ("a.jpg", data)})
+    elif where == "urlencoded":
+        answer = http.post("/v1/jobs", data={"image_url": "http://127.0.0.1/a.jpg", **fields})
     else:
         typed: dict[str, Any] = {k: int(v) if k in INTEGERS else v for k, v in fields.items()}
         typed |= {k: True for k, v in fields.items() if v == "true"}

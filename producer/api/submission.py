@@ -1,5 +1,6 @@
-"""A submission to `bgq api`: its fields (query string, then form or JSON fields) and image
-bytes, uploaded or fetched from `image_url`.
+"""A submission to `bgq api`: its fields (query string, then multipart, urlencoded or JSON
+fields) and image bytes, uploaded or fetched from `image_url`; `read_fields` reads a body's
+fields for any route.
 
 Every field is checked where it was sent, so a valid form field never hides a bad query one:
 a request the OpenAPI schema calls invalid is refused, whichever part carries the fault.
@@ -10,12 +11,12 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Mapping
 
 import anyio
 from fastapi import Request
 from pydantic import ValidationError
 from python_multipart.exceptions import ParseError
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from bgq import contract, defaults, webhooks
@@ -27,6 +28,14 @@ from producer.api.openapi import IMAGE_URL_PATTERN, json_types
 
 REQUEST_FIELDS = ("model", "lane", "wait", "callback_url", "image_url")  # besides rembg's options
 ONE_IMAGE = "send exactly one of image (a multipart `file` or the body) and image_url"
+MULTIPART, URLENCODED, JSON = (
+    "multipart/form-data",
+    "application/x-www-form-urlencoded",
+    "application/json",
+)
+FIELD_BODIES = (MULTIPART, URLENCODED, JSON)  # the bodies `read_fields` reads
+FILE = "file"  # the one file part of bgq's own routes
+MAX_FIELDS = 32  # multipart fields in one body
 
 
 def options_of(fields: dict[str, str], default_model: str) -> tuple[str, Options]:
@@ -122,53 +131,80 @@ def _fetch_limiter(request: Request) -> anyio.CapacityLimiter:
     return state.fetch_limiter
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters, in lower case ("" when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_parts(request: Request, default_model: str) -> tuple[dict[str, str], bytes | None]:
     """The fields (query, then form or JSON fields) and the uploaded image bytes, if any."""
     fields = dict(request.query_params)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        check_alone(fields, default_model)
-        return await read_form(request, fields)
-    if ctype == "application/json":
-        check_alone(fields, default_model)
-        return await read_json(request, fields), None
+    ctype = media_type(request)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return fields, await request.body()
     if ctype == "":
         return fields, await request.body() or None  # no type, no body: no image
+    if ctype not in FIELD_BODIES:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the image as multipart `file`, a raw image/* body or an image_url, not {ctype}",
+        )
+    check_alone(fields, default_model)
+    body, files = await read_fields(request, frozenset({FILE}))
+    return fields | body, files.get(FILE)
+
+
+async def read_fields(
+    request: Request, files: frozenset[str], types: Mapping[str, str] | None = None
+) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The body's fields and its file parts named in `files`: multipart, urlencoded or a JSON
+    object (each field of its JSON type in `types`, bgq's by default); the query is the caller's."""
+    ctype = media_type(request)
+    if ctype == JSON:
+        return await read_json(request, json_types() if types is None else types), {}
+    if ctype in (MULTIPART, URLENCODED):
+        return await read_form(request, files)
+    if ctype == "" and not await request.body():
+        return {}, {}
     raise ApiError(
         415,
         "unsupported_media_type",
-        f"send the image as multipart `file`, a raw image/* body or an image_url, not {ctype}",
+        f"send {', '.join(FIELD_BODIES)}, not {ctype or 'a body without a Content-Type'}",
     )
 
 
 async def read_form(
-    request: Request, fields: dict[str, str]
-) -> tuple[dict[str, str], bytes | None]:
-    """The multipart `file` part, if any, and the form fields over the query's."""
+    request: Request, files: frozenset[str]
+) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The fields and the file parts named in `files` of a multipart or urlencoded body."""
+    kind = "multipart" if media_type(request) == MULTIPART else "urlencoded"
     try:
-        form = await request.form(max_files=1, max_fields=32)
+        form = await request.form(max_files=max(1, len(files)), max_fields=MAX_FIELDS)
     except HTTPException as exc:  # Starlette's 400 for a malformed body
-        raise ApiError(422, "invalid_request", f"malformed multipart body: {exc.detail}") from None
+        raise ApiError(422, "invalid_request", f"malformed {kind} body: {exc.detail}") from None
     except ParseError as exc:  # the parser's own, which Starlette lets through (a bad header)
-        raise ApiError(422, "invalid_request", f"malformed multipart body: {exc}") from None
+        raise ApiError(422, "invalid_request", f"malformed {kind} body: {exc}") from None
     try:
-        upload = form.get("file")
+        fields: dict[str, str] = {}
+        uploads: dict[str, bytes] = {}
         for name, value in form.multi_items():
             if isinstance(value, str):
                 fields[name] = value
-            elif name != "file":
+            elif name not in files:
                 raise ApiError(422, "invalid_request", f"{name}: must be a field, not a file")
-        if "file" in fields:
-            raise ApiError(422, "invalid_request", "file: must be a file part")
-        return fields, await upload.read() if isinstance(upload, UploadFile) else None
+            else:
+                uploads[name] = await value.read()
+        misplaced = sorted(files & fields.keys())
+        if misplaced:
+            raise ApiError(422, "invalid_request", f"{misplaced[0]}: must be a file part")
+        return fields, uploads
     finally:
         await form.close()
 
 
-async def read_json(request: Request, fields: dict[str, str]) -> dict[str, str]:
-    """The fields of a JSON object body over the query's, each of its documented JSON type."""
+async def read_json(request: Request, types: Mapping[str, str]) -> dict[str, str]:
+    """The fields of a JSON object body, each of its JSON type in `types`, as text."""
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -177,7 +213,7 @@ async def read_json(request: Request, fields: dict[str, str]) -> dict[str, str]:
         raise ApiError(422, "invalid_request", "malformed JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object")
-    types = json_types()
+    fields: dict[str, str] = {}
     for name, value in body.items():
         kind = types.get(name)
         if kind is None:

@@ -1,0 +1,155 @@
+"""Form-encoded submissions (application/x-www-form-urlencoded) to bgq's own routes: image_url
+and the options as form fields, on real Redis, real prefork workers and the real model, with the
+photos on a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import requests
+
+from bgq.stack import LocalStack
+from producer.api.submission import ONE_IMAGE
+from tests.helpers import ApiServer, ImageServer, error_of, pixels, sample_bytes
+from tests.stacks import StackFactory
+
+WHITE = {"bgcolor": "255,255,255,255", "post_process_mask": "true"}  # as form fields
+WHITE_JSON = {"bgcolor": "255,255,255,255", "post_process_mask": True}  # the same, typed
+
+
+@pytest.fixture(scope="module")
+def photos() -> Iterator[ImageServer]:
+    server = ImageServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def url_stack(make_stack: StackFactory) -> LocalStack:
+    """Workers, and settings that let the API fetch from loopback."""
+    return make_stack(fetch_allow_private=True)
+
+
+@pytest.fixture(scope="module")
+def base(url_stack: LocalStack) -> Iterator[str]:
+    server = ApiServer(url_stack.settings.model_copy(update={"redis_url": url_stack.url})).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def http(base: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield client
+
+
+def encoded(encoding: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """httpx's arguments sending `fields` (text, as a form has them) in a body of `encoding`."""
+    if encoding == "urlencoded":
+        return {"data": fields}
+    if encoding == "multipart":
+        return {"files": {name: (None, value) for name, value in fields.items()}}
+    typed = {k: True if v == "true" else int(v) if v.isdigit() else v for k, v in fields.items()}
+    return {"json": typed}
+
+
+def test_a_form_encoded_image_url_is_removed_as_rembg_does_and_as_json_is(
+    http: httpx.Client, photos: ImageServer, reference: Callable[..., bytes]
+) -> None:
+    url = photos.photo("cloth-1.jpg")
+    form = http.post("/v1/remove", data={"image_url": url, **WHITE})
+    assert form.status_code == 200, form.text
+    assert form.headers["x-bgq-cached"] == "false"  # computed for this request
+    want = reference(
+        sample_bytes("cloth-1.jpg"), bgcolor=(255, 255, 255, 255), post_process_mask=True
+    )
+    assert (pixels(form.content)[1] == pixels(want)[1]).all()
+    by_json = http.post("/v1/remove", json={"image_url": url, **WHITE_JSON})
+    assert by_json.status_code == 200 and by_json.headers["x-bgq-cached"] == "true"
+    assert by_json.headers["x-bgq-job-id"] == form.headers["x-bgq-job-id"]
+    assert by_json.content == form.content
+    job = http.post("/v1/jobs", data={"image_url": url, "lane": "bulk", **WHITE})
+    assert job.status_code == 202, job.text
+    assert job.json()["id"] == form.headers["x-bgq-job-id"] and job.json()["status"] == "done"
+
+
+IMAGE_URL = "http://127.0.0.1:9/a.jpg"  # never fetched: each request is refused first
+
+
+@pytest.mark.parametrize("route", ["/v1/remove", "/v1/jobs"])
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"image_url": IMAGE_URL, "quality": "high"}, "invalid options: quality: "),
+        ({"image_url": IMAGE_URL, "crop": "True"}, "invalid options: crop: must be true or false"),
+        ({"image_url": IMAGE_URL, "size": "auto"}, "unknown field(s): size"),
+        ({"image_url": IMAGE_URL, "model": "u3net"}, "unknown model 'u3net'"),
+        ({"image_url": IMAGE_URL, "lane": "fast"}, "lane: must be one of"),
+        ({"image_url": "ftp://h/a.jpg"}, "image_url: must be an http"),
+        ({"image_url": IMAGE_URL, "file": "a.jpg"}, "file: must be a file part"),
+        ({"image_url": IMAGE_URL, "crop_margin": "5%"}, "crop_margin: applies only with crop"),
+        ({"format": "png"}, ONE_IMAGE),
+    ],
+    ids=[
+        "bad-option",
+        "bad-bool",
+        "unknown",
+        "model",
+        "lane",
+        "image-url",
+        "file-as-field",
+        "across",
+        "no-image",
+    ],
+)
+def test_a_bad_form_field_is_refused_naming_it(
+    http: httpx.Client, route: str, fields: dict[str, str], words: str
+) -> None:
+    answer = http.post(route, data=fields)
+    assert answer.status_code == 422, answer.text
+    error = error_of(answer)
+    assert error["code"] == "invalid_request" and words in error["message"], error
+
+
+@pytest.mark.parametrize("encoding", ["urlencoded", "multipart", "json"])
+def test_a_valid_body_field_never_hides_a_bad_query_one(http: httpx.Client, encoding: str) -> None:
+    body = encoded(encoding, {"image_url": IMAGE_URL, "quality": "80"})
+    answer = http.post("/v1/remove", params={"quality": "high"}, **body)
+    assert answer.status_code == 422, answer.text
+    assert error_of(answer)["message"].startswith("invalid options: quality: ")
+
+
+@pytest.mark.parametrize("encoding", ["urlencoded", "multipart", "json"])
+def test_body_fields_replace_and_complete_the_querys(
+    http: httpx.Client, photos: ImageServer, encoding: str
+) -> None:
+    url = photos.photo("car-1.jpg")
+    whole = http.post("/v1/jobs", json={"image_url": url, "canvas": "300x300", "padding": "10%"})
+    assert whole.status_code == 202, whole.text
+    body = encoded(encoding, {"image_url": url, "canvas": "300x300", "padding": "10%"})
+    query = {"canvas": "200x200", "position": "bottom"}  # canvas replaced, position added
+    split = http.post("/v1/jobs", params=query, **body)
+    assert split.status_code == 202, split.text
+    with_position = {"image_url": url, "canvas": "300x300", "padding": "10%", "position": "bottom"}
+    same = http.post("/v1/jobs", json=with_position).json()["id"]
+    assert split.json()["id"] == same != whole.json()["id"]
+
+
+def test_requests_data_and_curl_d_post_a_form(
+    base: str, photos: ImageServer, tmp_path: Path
+) -> None:
+    url = photos.photo("plants-1.jpg")
+    fields = {"image_url": url, "format": "jpeg", "quality": "85"}
+    by_requests = requests.post(f"{base}/v1/remove", data=fields, timeout=120)
+    assert by_requests.status_code == 200, by_requests.text
+    assert by_requests.headers["content-type"] == "image/jpeg"
+    out = tmp_path / "plants.jpg"
+    args = [f"-d{name}={value}" for name, value in fields.items()]
+    subprocess.run(["curl", "-sf", "-o", out, *args, f"{base}/v1/remove"], check=True, timeout=120)
+    assert out.read_bytes() == by_requests.content
+    assert by_requests.content[:3] == b"\xff\xd8\xff"  # a JPEG
