@@ -153,3 +153,12 @@ def test_requests_data_and_curl_d_post_a_form(
     subprocess.run(["curl", "-sf", "-o", out, *args, f"{base}/v1/remove"], check=True, timeout=120)
     assert out.read_bytes() == by_requests.content
     assert by_requests.content[:3] == b"\xff\xd8\xff"  # a JPEG
+
+
+def test_the_openapi_document_has_the_form_body_on_both_routes(http: httpx.Client) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    for path in ("/v1/remove", "/v1/jobs"):
+        content = paths[path]["post"]["requestBody"]["content"]
+        form = content["application/x-www-form-urlencoded"]["schema"]
+        assert form == content["application/json"]["schema"], path
+        assert "image_url" in form["properties"] and "file" not in form["properties"]

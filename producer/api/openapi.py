@@ -67,7 +67,10 @@ ERRORS = {
         "`payload_too_large`: body over BGQ_MAX_UPLOAD_MB; "
         "`image_too_large`: image over BGQ_MAX_MEGAPIXELS"
     ),
-    "415": error("`unsupported_media_type`: neither multipart nor an image body, or not an image"),
+    "415": error(
+        "`unsupported_media_type`: neither multipart, urlencoded, JSON nor an image body, "
+        "or not an image"
+    ),
     "422": error(
         "`invalid_request`: an unknown or invalid field, an invalid combination of options "
         "(crop_margin without crop, padding or position without canvas, padding of half the "
@@ -217,14 +220,16 @@ CALLBACK_URL = {
 
 def image_body(extra: list[dict[str, Any]]) -> dict[str, Any]:
     """The image as a multipart `file` (options as form fields too), as the raw body, or by
-    `image_url` in a JSON object of the same fields (or in the query, with no body)."""
+    `image_url` in a urlencoded form or a JSON object of the same fields (or in the query)."""
     fields = {p["name"]: p["schema"] for p in [*option_parameters(), IMAGE_URL, *extra]}
     raw = {"schema": {"type": "string", "format": "binary"}}
+    named = {"schema": {"type": "object", "properties": fields, "additionalProperties": False}}
     return {
         "required": True,
         "description": "Exactly one image: a multipart `file`, the raw body, or `image_url` "
-        "(a form field, a JSON field, or the query parameter, then with an empty JSON object "
-        "or no body at all).",
+        "(a multipart or urlencoded form field, a JSON field, or the query parameter, then with "
+        "an empty form or JSON object or no body at all). Booleans in a form are `true` or "
+        "`false`.",
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -234,9 +239,8 @@ def image_body(extra: list[dict[str, Any]]) -> dict[str, Any]:
                 },
                 "encoding": {"file": {"contentType": "image/*"}},
             },
-            "application/json": {
-                "schema": {"type": "object", "properties": fields, "additionalProperties": False}
-            },
+            "application/x-www-form-urlencoded": named,
+            "application/json": named,
             **{media_type: raw for media_type in IMAGE_TYPES},
         },
     }
