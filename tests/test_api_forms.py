@@ -1,6 +1,6 @@
 """Form-encoded submissions (application/x-www-form-urlencoded) to bgq's own routes: image_url
 and the options as form fields, on real Redis, real prefork workers and the real model, with the
-photos on a real HTTP server on loopback."""
+photos on a real HTTP server on loopback; and `read_fields`, the body reader any route may use."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import requests
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from bgq.stack import LocalStack
-from producer.api.submission import ONE_IMAGE
+from producer.api.errors import ApiError
+from producer.api.submission import ONE_IMAGE, read_fields
 from tests.helpers import ApiServer, ImageServer, error_of, pixels, sample_bytes
 from tests.stacks import StackFactory
 
@@ -162,3 +168,91 @@ def test_the_openapi_document_has_the_form_body_on_both_routes(http: httpx.Clien
         form = content["application/x-www-form-urlencoded"]["schema"]
         assert form == content["application/json"]["schema"], path
         assert "image_url" in form["properties"] and "file" not in form["properties"]
+
+
+PHOTO = ("a.jpg", b"\xff\xd8 a photo")
+
+
+async def echo_fields(request: Request) -> JSONResponse:
+    """What `read_fields` reads for a route with two file parts (as remove.bg's has)."""
+    types = {"size": "string"} if "typed" in request.query_params else None
+    try:
+        fields, files = await read_fields(
+            request, frozenset({"image_file", "bg_image_file"}), types
+        )
+    except ApiError as exc:
+        return JSONResponse({"status": exc.status, "message": exc.message})
+    return JSONResponse(
+        {"fields": fields, "files": {k: v.decode("latin-1") for k, v in files.items()}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_args", "want"),
+    [
+        (
+            {"files": {"image_file": PHOTO, "bg_image_file": PHOTO}, "data": {"size": "auto"}},
+            {
+                "fields": {"size": "auto"},
+                "files": dict.fromkeys(["image_file", "bg_image_file"], PHOTO[1].decode("latin-1")),
+            },
+        ),
+        (
+            {"data": {"image_url": "http://h/a.jpg", "size": "preview"}},
+            {"fields": {"image_url": "http://h/a.jpg", "size": "preview"}, "files": {}},
+        ),
+        (
+            {"params": {"typed": "1"}, "json": {"size": "full"}},
+            {"fields": {"size": "full"}, "files": {}},
+        ),
+        ({"json": {"size": "full"}}, {"status": 422, "message": "unknown field(s): size"}),
+        (
+            {"json": {"quality": "80"}},
+            {"status": 422, "message": "quality: must be a JSON integer"},
+        ),
+        (
+            {"files": {"file": PHOTO}},
+            {"status": 422, "message": "file: must be a field, not a file"},
+        ),
+        (
+            {"files": {"image_file": (None, "a.jpg")}},
+            {"status": 422, "message": "image_file: must be a file part"},
+        ),
+        (
+            {"data": {"bg_image_file": "a.jpg"}},
+            {"status": 422, "message": "bg_image_file: must be a file part"},
+        ),
+        (
+            {"content": b"a", "headers": {"Content-Type": "text/plain"}},
+            {
+                "status": 415,
+                "message": "send multipart/form-data, application/x-www-form-urlencoded, "
+                "application/json, not text/plain",
+            },
+        ),
+        ({}, {"fields": {}, "files": {}}),
+    ],
+    ids=[
+        "multipart-files",
+        "urlencoded",
+        "json-typed",
+        "json-bgqs-types",
+        "json-wrong-type",
+        "another-file",
+        "field-as-file-part",
+        "urlencoded-file-part",
+        "other-type",
+        "no-body",
+    ],
+)
+def test_read_fields_serves_any_routes_files_and_fields(
+    request_args: dict[str, Any], want: dict[str, Any]
+) -> None:
+    app = Starlette(routes=[Route("/", echo_fields, methods=["POST"])])
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return await client.post("/", **request_args)
+
+    assert anyio.run(post).json() == want
