@@ -55,7 +55,11 @@ MATTING_MIB_PER_MP = 420  # MiB per megapixel: alpha matting
 # per canvas megapixel on 64 MP canvases: png 6.4, png or jpeg with bgcolor 11, webp 25 (libwebp's
 # own buffers); webp of a 48 MP input 30.
 SHAPING_HELD_MIB_PER_MP = 4  # MiB per input megapixel: the RGBA cutout kept while shaping
-SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32}  # MiB per output megapixel, by format
+# MiB per output megapixel, by format (zip: its RGB copy, its alpha plane, the encoders')
+SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32, "zip": 12}
+# bg_image adds BACKGROUND_MIB_PER_MP x (background MP + output MP): the decoded background,
+# its RGB copy, Lanczos's intermediate rows, the covered frame and the composite (RGB each).
+BACKGROUND_MIB_PER_MP = 16  # MiB per megapixel of background and of output
 
 # Queue and keys.
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to
