@@ -4,20 +4,32 @@ an input gets, and the composite under rembg's cutouts of real photos."""
 from __future__ import annotations
 
 import io
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
-from bgq import defaults
-from bgq.contract import input_digest
-from bgq.errors import ImageTooLarge, InvalidImage
+from bgq import cache, contract, defaults
+from bgq.contract import INPUTS, input_digest
+from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
 from bgq.options import Options
+from bgq.stack import LocalStack
 from bgq.store import FileStore
-from tests.helpers import sample_bytes, variant
+from producer import Producer
+from tests.helpers import (
+    LocalStackControl,
+    sample_bytes,
+    settle,
+    settle_polls,
+    stale_leftovers,
+    variant,
+)
 from workers.backgrounds import composite, cover, cover_region, decoded, open_background
 from workers.imaging import check_memory, estimated_peak_mib
 from workers.shaping import render
@@ -246,3 +258,91 @@ def test_a_background_too_big_for_the_memory_limit_is_refused_before_decoding() 
     check_memory(small_input, options, defaults.MAX_MEMORY_PER_CHILD_MB)  # no background size
     with pytest.raises(ImageTooLarge, match="over a 7000x7000 bg_image"):
         check_memory(small_input, options, 1024, huge)
+
+
+# Through a real worker: Producer.put_image, the job, and the background's life in the store.
+
+
+def test_a_bg_image_job_composites_over_the_stored_background(
+    producer: Producer, reference: Callable[..., bytes]
+) -> None:
+    data = variant("cloth-1.jpg", (0, 0, 320, 400))
+    background = variant("car-1.jpg", (0, 0, 500, 300), "PNG")
+    digest = producer.put_image(background)
+    assert digest == input_digest(background)
+    job = producer.submit(data, bg_image=digest)
+    with Image.open(io.BytesIO(job.read(timeout=120))) as out:
+        out.load()
+    assert out.mode == "RGB" and out.size == (320, 400)  # opaque, the input's frame
+    cut = np.asarray(Image.open(io.BytesIO(reference(data))))
+    alpha, got = cut[..., 3], np.asarray(out)
+    want_bg = np.asarray(cover(decoded(opened(background)), out.size))
+    clear, solid = alpha == 0, alpha == 255
+    assert clear.any() and solid.any()
+    assert np.array_equal(got[clear], want_bg[clear])  # the background's pixels
+    assert np.array_equal(got[solid], cut[..., :3][solid])  # the subject's
+    assert producer.submit(data, bg_image=digest).cached
+    other = producer.put_image(variant("car-1.jpg", (50, 0, 550, 300), "PNG"))
+    assert producer.submit(data, bg_image=other).key != job.key
+
+
+def test_put_image_checks_the_background_as_an_input(producer: Producer) -> None:
+    with pytest.raises(InvalidImage, match="not a recognised image"):
+        producer.put_image(b"not an image")
+    with pytest.raises(ImageTooLarge, match="BGQ_MAX_MEGAPIXELS"):
+        producer.put_image(encoded(Image.new("1", (8000, 8000))))
+    missing = input_digest(b"never stored")
+    with pytest.raises(InvalidImage, match=f"bg_image: no image {missing} in the store"):
+        producer.submit(variant("car-1.jpg", (0, 0, 200, 200)), bg_image=missing)
+
+
+def test_a_background_the_worker_cannot_decode_fails_the_job_for_good(
+    producer: Producer,
+) -> None:
+    """Stored without put_image's check (straight into the store): the worker's own check
+    fails the job, permanently, naming bg_image."""
+    whole = encoded(Image.effect_noise((300, 200), 40).convert("RGB"))
+    truncated = whole[: len(whole) // 2]
+    producer.store.put_input(input_digest(truncated), truncated)
+    job = producer.submit(variant("car-1.jpg", (0, 0, 240, 200)), bg_image=input_digest(truncated))
+    with pytest.raises(JobFailed, match="bg_image: truncated or corrupt PNG") as failed:
+        job.wait(timeout=120)
+    assert failed.value.permanent
+
+
+def test_the_background_survives_a_prune_while_its_job_waits(
+    stack: LocalStack, producer: Producer, redis_client: redis.Redis
+) -> None:
+    """A job waits (its worker stopped consuming) while its background is older than prune's
+    grace: prune keeps it (the job's reference), and removes it once the job is done."""
+    store = producer.store
+    assert isinstance(store, FileStore)
+    data = variant("anime-girl-1.jpg", (0, 0, 300, 300))
+    digest = producer.put_image(variant("cloth-1.jpg", (0, 0, 300, 200), "PNG"))
+    path = store.path(INPUTS, digest)
+    control = LocalStackControl(stack)
+    control.pause()
+    try:
+        settle_polls(redis_client)  # no poll sent before the pause can take the job now
+        job = producer.submit(data, bg_image=digest)
+        assert producer.task_meta(job.key)["status"] == "PENDING"
+        assert redis_client.sismember(contract.input_refs_key(digest), job.key)
+        age(path)
+        stale, _ = stale_leftovers(store)  # an old input no job needs: this prune removes it
+        report = cache.prune(store, redis_client)
+        assert not stale.exists() and report.inputs_removed >= 1  # inputs were pruned
+        assert path.exists() and report.inputs_kept >= 1  # but not the background
+    finally:
+        control.resume()
+    assert Image.open(io.BytesIO(job.read(timeout=120))).mode == "RGB"
+    settle(redis_client, job.key)
+    assert not redis_client.exists(contract.input_refs_key(digest))  # the job's end released it
+    age(path)
+    cache.prune(store, redis_client)
+    assert not path.exists()  # no job needs it any more
+
+
+def age(path: Path) -> None:
+    """Make a stored input older than prune's grace period for unreferenced inputs."""
+    old = time.time() - 2 * defaults.PRUNE_INPUT_GRACE
+    os.utime(path, (old, old))
