@@ -59,6 +59,9 @@ SHAPING_HELD_MIB_PER_MP = 4  # MiB per input megapixel: the RGBA cutout kept whi
 SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32, "zip": 12}
 # bg_image adds BACKGROUND_MIB_PER_MP x (background MP + output MP): the decoded background,
 # its RGB copy, Lanczos's intermediate rows, the covered frame and the composite (RGB each).
+# Measured (peak RSS above the process before shaping, 12 MP output): an RGBA 48 MP background
+# 730 MiB (estimated 1,150 above POOL_BASE_MIB), RGB 48 MP on an 8000x8000 canvas 860 (2,600);
+# a zip 47 (190).
 BACKGROUND_MIB_PER_MP = 16  # MiB per megapixel of background and of output
 
 # Queue and keys.
