@@ -140,8 +140,8 @@ def parse_canvas(text: str) -> tuple[int, int]:
 class Options(BaseModel):
     """rembg.remove() options bgq supports (defaults are rembg's), and how the output is shaped.
 
-    Without crop or canvas and with png, the output is exactly rembg.remove()'s. The shaping
-    transforms are documented in docs/output.md.
+    Without crop, canvas or bg_image and with png, the output is exactly rembg.remove()'s. The
+    shaping transforms are documented in docs/output.md.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
