@@ -63,6 +63,7 @@ SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32, "zip": 12}
 # 730 MiB (estimated 1,150 above POOL_BASE_MIB), RGB 48 MP on an 8000x8000 canvas 860 (2,600);
 # a zip 47 (190).
 BACKGROUND_MIB_PER_MP = 16  # MiB per megapixel of background and of output
+BACKGROUND_ENCODED_MIB_PER_MP = 4  # MiB per background megapixel: its file, held during rembg
 
 # Queue and keys.
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to

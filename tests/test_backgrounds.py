@@ -251,6 +251,15 @@ def test_a_background_adds_its_pixels_and_the_outputs_to_the_estimate() -> None:
     ) == pytest.approx(defaults.BACKGROUND_MIB_PER_MP * 20)
 
 
+def test_a_backgrounds_file_counts_while_rembg_runs() -> None:
+    """Alpha matting peaks in rembg, not in shaping: the background's encoded bytes, read
+    before the input is decoded, are held through it."""
+    over = Options(bg_image="0" * 64, alpha_matting=True)
+    assert estimated_peak_mib(10.0, over, 5.0) - estimated_peak_mib(
+        10.0, Options(alpha_matting=True)
+    ) == pytest.approx(defaults.BACKGROUND_ENCODED_MIB_PER_MP * 5)
+
+
 def test_a_background_too_big_for_the_memory_limit_is_refused_before_decoding() -> None:
     small_input = Image.new("RGB", (100, 100))  # check_memory reads the sizes only
     huge = opened(encoded(Image.new("1", (7000, 7000))))  # its header: 49 MP

@@ -33,6 +33,8 @@ def estimated_peak_mib(megapixels: float, options: Options, background_mp: float
     peak = defaults.POOL_BASE_MIB + per_mp * megapixels
     if options.alpha_matting and not options.only_mask:
         peak += defaults.MATTING_MIB + defaults.MATTING_MIB_PER_MP * megapixels
+    if options.bg_image is not None:  # its encoded bytes wait while rembg runs
+        peak += defaults.BACKGROUND_ENCODED_MIB_PER_MP * background_mp
     if options.shaped or options.format != "png":
         peak = max(peak, shaping_peak_mib(megapixels, options, background_mp))
     return peak
