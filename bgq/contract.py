@@ -120,7 +120,7 @@ def name_digest(name: str) -> str:
 def object_name(kind: str, name: str) -> str:
     """Where an object lives in the store, relative to its root or prefix.
 
-    Inputs: `inputs/ab/cd/<sha256>`; results: `results/ab/cd/<key>.png` (or .webp, .jpg);
+    Inputs: `inputs/ab/cd/<sha256>`; results: `results/ab/cd/<key>.png` (or .webp, .jpg, .zip);
     masks: `masks/ab/cd/<sha256>-<model>-v<pipeline>.png`.
     """
     return f"{kind}/{name[:2]}/{name[2:4]}/{name}"
@@ -166,6 +166,14 @@ def callbacks_key(key: str) -> str:
 def input_refs_key(input_sha256: str) -> str:
     """Redis set of the job keys that still need an input blob (prune keeps it while non-empty)."""
     return f"{defaults.KEY_PREFIX}inputs:{input_sha256}"
+
+
+def needed_inputs(kwargs: dict[str, Any]) -> list[str]:
+    """The input digests a task's arguments name (its image, its bg_image's), read leniently:
+    the end of a malformed task still releases what it names."""
+    options = kwargs.get("options")
+    background = options.get("bg_image") if isinstance(options, dict) else None
+    return [sha for sha in (kwargs.get("input_sha256"), background) if isinstance(sha, str)]
 
 
 def stage_key(stage: str) -> str:
@@ -227,6 +235,11 @@ class TaskArgs(BaseModel):
     def output(self) -> str:
         """The result's name in the store."""
         return result_name(self.key, self.options.format)
+
+    @property
+    def inputs(self) -> list[str]:
+        """The input blobs the job reads: its image, and its bg_image's."""
+        return needed_inputs(self.to_kwargs())
 
     @property
     def masks(self) -> str:

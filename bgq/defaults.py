@@ -55,7 +55,15 @@ MATTING_MIB_PER_MP = 420  # MiB per megapixel: alpha matting
 # per canvas megapixel on 64 MP canvases: png 6.4, png or jpeg with bgcolor 11, webp 25 (libwebp's
 # own buffers); webp of a 48 MP input 30.
 SHAPING_HELD_MIB_PER_MP = 4  # MiB per input megapixel: the RGBA cutout kept while shaping
-SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32}  # MiB per output megapixel, by format
+# MiB per output megapixel, by format (zip: its RGB copy, its alpha plane, the encoders')
+SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32, "zip": 12}
+# bg_image adds BACKGROUND_MIB_PER_MP x (background MP + output MP): the decoded background,
+# its RGB copy, Lanczos's intermediate rows, the covered frame and the composite (RGB each).
+# Measured (peak RSS above the process before shaping, 12 MP output): an RGBA 48 MP background
+# 730 MiB (estimated 1,150 above POOL_BASE_MIB), RGB 48 MP on an 8000x8000 canvas 860 (2,600);
+# a zip 47 (190).
+BACKGROUND_MIB_PER_MP = 16  # MiB per megapixel of background and of output
+BACKGROUND_ENCODED_MIB_PER_MP = 4  # MiB per background megapixel: its file, held during rembg
 
 # Queue and keys.
 QUEUE = "bgq"  # Celery queue the workers consume and the producer publishes to

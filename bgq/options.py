@@ -23,21 +23,32 @@ _BYTE = " *(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]) *"  # 0-255: no sign, no 
 BGCOLOR_PATTERN = f"^{_BYTE},{_BYTE},{_BYTE},{_BYTE}$"
 
 
-# Output formats: file extension and content type. WebP keeps alpha; JPEG is flattened.
-FORMATS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
-CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-Format = Literal["png", "webp", "jpeg"]
+# Output formats: file extension and content type. WebP keeps alpha; JPEG is flattened; a zip
+# holds the colour as a JPEG and the alpha as a PNG (remove.bg's "zip").
+FORMATS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg", "zip": ".zip"}
+CONTENT_TYPES = {
+    "png": "image/png",
+    "webp": "image/webp",
+    "jpeg": "image/jpeg",
+    "zip": "application/zip",
+}
+Format = Literal["png", "webp", "jpeg", "zip"]
 Position = Literal["center", "top", "bottom"]
 # A length: "20px", "20" (pixels) or "5%", "2.5%" (of the subject's box, or of the canvas side).
 LENGTH_PATTERN = r"^(0|[1-9][0-9]{0,4})(px)?$|^(0|[1-9][0-9]?)(\.[0-9]{1,2})?%$|^100(\.0{1,2})?%$"
 JPEG_BACKGROUND = (255, 255, 255, 255)  # what a JPEG is flattened on when no bgcolor is set
 CANVAS_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"  # "WxH" in pixels
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"  # bg_image: the SHA-256 of an input in the store
+# Options that bgq's own HTTP API and CLI do not take as fields: bg_image names a stored input,
+# which Python callers store first (Producer.put_image) and the remove.bg route uploads.
+PYTHON_ONLY = frozenset({"bg_image"})
 
 
 # What each option must be: the one text of its per-field errors, on every surface.
 _BOOL = "must be true or false"
 _BYTES = "must be an integer from 0 to 255"
 _LENGTH = "must be pixels (such as 20px) or a percentage up to 100 (5%)"
+ZIP_HOLDS = "zip holds the subject's colours and alpha"
 MUST = {
     "alpha_matting": _BOOL,
     "alpha_matting_foreground_threshold": _BYTES,
@@ -46,13 +57,14 @@ MUST = {
     "only_mask": _BOOL,
     "post_process_mask": _BOOL,
     "bgcolor": "must be r,g,b,a: four integers from 0 to 255",
-    "format": "must be png, webp or jpeg",
+    "format": "must be png, webp, jpeg or zip",
     "quality": "must be an integer from 1 to 100",
     "crop": _BOOL,
     "crop_margin": _LENGTH,
     "canvas": "must be WIDTHxHEIGHT in pixels, such as 1000x1000",
     "padding": _LENGTH,
     "position": "must be center, top or bottom",
+    "bg_image": "must be the SHA-256 of a stored image: 64 lowercase hex digits",
 }
 
 
@@ -128,8 +140,8 @@ def parse_canvas(text: str) -> tuple[int, int]:
 class Options(BaseModel):
     """rembg.remove() options bgq supports (defaults are rembg's), and how the output is shaped.
 
-    Without crop or canvas and with png, the output is exactly rembg.remove()'s. The shaping
-    transforms are documented in docs/output.md.
+    Without crop, canvas or bg_image and with png, the output is exactly rembg.remove()'s. The
+    shaping transforms are documented in docs/output.md.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -148,6 +160,7 @@ class Options(BaseModel):
     canvas: str | None = None
     padding: str = "0"
     position: Position = "center"
+    bg_image: str | None = None  # an input's digest: the output composited over that image
 
     @field_validator("alpha_matting", "only_mask", "post_process_mask", "crop", mode="before")
     @classmethod
@@ -176,12 +189,35 @@ class Options(BaseModel):
             raise ValueError(f"must have each side at most {defaults.CANVAS_MAX_SIDE} px")
         return value
 
+    @field_validator("bg_image")
+    @classmethod
+    def _check_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(DIGEST_PATTERN, value):
+            raise ValueError(MUST["bg_image"])
+        return value
+
     @field_validator("crop_margin", "padding")
     @classmethod
     def _check_length(cls, value: str) -> str:
         if not re.fullmatch(LENGTH_PATTERN, value):
             raise ValueError(_LENGTH)
         return value
+
+    @model_validator(mode="after")
+    def _check_backgrounds(self) -> Options:
+        if self.format == "zip":
+            if self.bgcolor is not None:
+                raise Conflict("format", ZIP_HOLDS + ", not with {given}", "bgcolor")
+            if self.bg_image is not None:
+                raise Conflict("format", ZIP_HOLDS + ", not with {given}", "bg_image")
+            if self.only_mask:
+                raise Conflict("format", ZIP_HOLDS + ", not with {given}", "only_mask")
+        if self.bg_image is not None:
+            if self.bgcolor is not None:
+                raise Conflict("bg_image", "sets the background, so not with {given}", "bgcolor")
+            if self.only_mask:
+                raise Conflict("bg_image", "applies to a cutout, not with {given}", "only_mask")
+        return self
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Options:
@@ -201,8 +237,8 @@ class Options(BaseModel):
 
     @property
     def shaped(self) -> bool:
-        """True when the output is cropped or put on a canvas (not rembg's frame)."""
-        return self.crop or self.canvas is not None
+        """True when the output is cropped, put on a canvas or on a background image."""
+        return self.crop or self.canvas is not None or self.bg_image is not None
 
     @property
     def effective_quality(self) -> int:
@@ -251,6 +287,8 @@ class Options(BaseModel):
             out["canvas"] = self.canvas
             out["padding"] = canonical_length(self.padding)
             out["position"] = self.position
+        if self.bg_image is not None:
+            out["bg_image"] = self.bg_image
         return out
 
     def rembg_kwargs(self) -> dict[str, Any]:

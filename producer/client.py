@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults, lanes
 from bgq.connections import redis_client
-from bgq.contract import BULK, INTERACTIVE, Counter, TaskArgs
+from bgq.contract import BULK, INPUTS, INTERACTIVE, Counter, TaskArgs
 from bgq.errors import (
     BgqError,
     BrokerError,
@@ -117,6 +117,14 @@ class Producer:
             raise BrokerError(f"cannot ping workers: {exc}") from exc
         return sorted(name for reply in replies for name in reply)
 
+    def put_image(self, data: bytes) -> str:
+        """Store an image for `bg_image` (checked as an input is: a bad one raises its
+        PermanentError) and return its digest: `submit(..., bg_image=digest)`."""
+        probe(data, self.settings.max_megapixels)
+        digest = contract.input_digest(data)
+        self.store.put_input(digest, data)
+        return digest
+
     def submit(
         self,
         source: Source,
@@ -182,6 +190,7 @@ class Producer:
             return Job(args.key, True, self.store, self, args=args, lane=lane, run=run)
         try:
             probe(data, self.settings.max_megapixels)
+            self._check_background(options)
         except IMAGE_ERRORS as exc:
             if raise_bad_image:
                 raise
@@ -189,6 +198,13 @@ class Producer:
         self.store.put_input(args.input_sha256, data)
         self._enqueue(args, lane, run)
         return Job(args.key, False, self.store, self, args=args, lane=lane, run=run)
+
+    def _check_background(self, options: Options) -> None:
+        """bg_image names a stored input: stamped as used, so prune's grace covers this job."""
+        if options.bg_image is not None and not self.store.use(INPUTS, options.bg_image):
+            raise InvalidImage(
+                f"bg_image: no image {options.bg_image} in the store (Producer.put_image)"
+            )
 
     def _check_open(self) -> None:
         """A closed producer counts no more hits and starts no more timers: it refuses submits."""
@@ -198,8 +214,8 @@ class Producer:
     def _enqueue(self, args: TaskArgs, lane: str, run: str, miss: bool = True) -> None:
         """Publish the task unless an identical job is already queued or running.
 
-        One round trip takes the guard, marks the input blob as needed by this job (prune keeps
-        it), and adds this miss and the batched cache hits to the cluster's counters. Through a
+        One round trip takes the guard, marks the input blobs as needed by this job (prune keeps
+        them), and adds this miss and the batched cache hits to the cluster's counters. Through a
         broker outage the step is retried: the guard's token lets a retry win its own guard.
         An interactive job that finds an identical bulk one waiting promotes it.
         """

@@ -91,7 +91,6 @@ def publish(
     sent leaves a guard that soon expires, so a waiter for the job enqueues it again.
     """
     guard = contract.guard_key(args.key)
-    refs = contract.input_refs_key(args.input_sha256)
     client = app.backend.client
     with client.pipeline(transaction=False) as pipe:
         # Guard and forgetting an old run's state in one step, so no other submitter
@@ -99,8 +98,9 @@ def publish(
         state = app.backend.get_key_for_task(args.key)
         pipe.eval(TAKE_GUARD, 2, guard, state, defaults.GUARD_PUBLISH_TTL, token)
         pipe.get(guard)
-        pipe.sadd(refs, args.key)
-        pipe.expire(refs, 2 * defaults.GUARD_TTL)
+        for sha in args.inputs:  # prune keeps the image and its bg_image while the job needs them
+            pipe.sadd(contract.input_refs_key(sha), args.key)
+            pipe.expire(contract.input_refs_key(sha), 2 * defaults.GUARD_TTL)
         pipe.hincrby(contract.STATS_KEY, Counter.CACHE_MISSES, int(miss))
         pipe.hincrby(contract.STATS_KEY, Counter.CACHE_HITS, hits)
         won, holder = pipe.execute()[:2]

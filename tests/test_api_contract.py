@@ -32,8 +32,14 @@ UNDESCRIBABLE = {
 }
 # Nor can OpenAPI state rules across parameters, or across the query and the body: exactly one
 # image (a file, the body or image_url); crop_margin only with crop; padding and position only
-# with a canvas, padding under half of it. Such a refusal is `invalid_request` saying which rule.
-ACROSS_FIELDS = (ONE_IMAGE, "applies only with", "under half the canvas")
+# with a canvas, padding under half of it; format zip without bgcolor or only_mask. Such a
+# refusal is `invalid_request` saying which rule.
+ACROSS_FIELDS = (
+    ONE_IMAGE,
+    "applies only with",
+    "under half the canvas",
+    "zip holds the subject's colours and alpha, not with",
+)
 # Nor whether the key is over its limits (BGQ_API_LIMITS) at the time: 429, documented.
 POSITIVE_STATUSES = ["2xx", "3xx", "401", "404", "409", "413", "415", "422", "429"]
 KEY = "contract-test-key"

@@ -196,8 +196,23 @@ def test_output_name_is_sharded_by_key_with_the_format_extension() -> None:
     expected = f"results/{key[:2]}/{key[2:4]}/{key}.png"
     assert contract.object_name(contract.RESULTS, contract.result_name(key)) == expected
     assert contract.result_name(key, "jpeg") == f"{key}.jpg"
-    assert contract.result_names(key) == [f"{key}.png", f"{key}.webp", f"{key}.jpg"]
+    assert contract.result_names(key) == [
+        f"{key}{ext}" for ext in (".png", ".webp", ".jpg", ".zip")
+    ]
     assert contract.name_digest(f"{key}.webp") == key
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type"),
+    [
+        ("png", "image/png"),
+        ("webp", "image/webp"),
+        ("jpeg", "image/jpeg"),
+        ("zip", "application/zip"),
+    ],
+)
+def test_a_results_media_type_is_its_formats(fmt: str, media_type: str) -> None:
+    assert contract.media_type(contract.result_name(key_of({}), fmt)) == media_type
 
 
 def test_mask_name_names_input_model_and_pipeline() -> None:
@@ -217,6 +232,18 @@ def test_guard_key_is_prefixed() -> None:
 def good_kwargs() -> dict[str, Any]:
     args = TaskArgs.build(DIGEST, "u2netp", Options.parse({"bgcolor": "1,2,3,4"}))
     return json.loads(json.dumps(args.to_kwargs()))
+
+
+def test_a_jobs_inputs_are_its_image_and_its_background() -> None:
+    plain = TaskArgs.build(DIGEST, "u2netp", Options())
+    assert plain.inputs == [DIGEST]
+    over = TaskArgs.build(DIGEST, "u2netp", Options(bg_image=OTHER_DIGEST))
+    assert over.inputs == [DIGEST, OTHER_DIGEST]
+    assert contract.needed_inputs(over.to_kwargs()) == [DIGEST, OTHER_DIGEST]
+    # Read leniently: a malformed message's end still releases what it names.
+    assert contract.needed_inputs({"options": "?", "input_sha256": DIGEST}) == [DIGEST]
+    assert contract.needed_inputs({"options": {"bg_image": OTHER_DIGEST}}) == [OTHER_DIGEST]
+    assert contract.needed_inputs({}) == []
 
 
 def test_task_args_round_trip_through_json() -> None:
@@ -343,10 +370,75 @@ def test_equivalent_output_options_share_a_key(one: dict[str, Any], other: dict[
         {"canvas": "10x10"},
         {"canvas": "10x10", "position": "bottom"},
         {"format": "webp", "bgcolor": (255, 255, 255, 255)},
+        {"format": "zip"},
+        {"bg_image": OTHER_DIGEST},
+        {"bg_image": OTHER_DIGEST, "format": "jpeg"},
     ],
 )
 def test_each_output_variant_has_its_own_key(options: dict[str, Any]) -> None:
     assert key_of(options) != key_of({})
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ({"format": "zip"}, {"format": "zip", "quality": 80}),  # its color.jpg's quality
+        ({"format": "zip"}, {"format": "jpeg"}),
+        ({"bg_image": DIGEST}, {"bg_image": OTHER_DIGEST}),  # the background's digest
+        ({"bg_image": DIGEST}, {"bg_image": DIGEST, "crop": True}),
+    ],
+)
+def test_zip_and_bg_image_variants_have_their_own_keys(
+    one: dict[str, Any], other: dict[str, Any]
+) -> None:
+    assert key_of(one) != key_of(other)
+
+
+def test_zip_and_bg_image_enter_the_canonical_form_only_when_set() -> None:
+    assert "bg_image" not in Options().canonical()
+    plain = Options().canonical()
+    assert Options(format="zip").canonical() == {**plain, "format": "zip", "quality": 90}
+    assert Options(bg_image=OTHER_DIGEST).canonical() == {**plain, "bg_image": OTHER_DIGEST}
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"bg_image": DIGEST.upper()}, "bg_image: must be the SHA-256 of a stored image"),
+        ({"bg_image": DIGEST[:63]}, "bg_image: must be the SHA-256 of a stored image"),
+        ({"bg_image": "../" + DIGEST[3:]}, "bg_image: must be the SHA-256 of a stored image"),
+        ({"format": "tiff"}, "format: must be png, webp, jpeg or zip"),
+        (
+            {"format": "zip", "bgcolor": (1, 2, 3, 4)},
+            "format: zip holds the subject's colours and alpha, not with a bgcolor",
+        ),
+        (
+            {"format": "zip", "only_mask": True},
+            "format: zip holds the subject's colours and alpha, not with only_mask=true",
+        ),
+        (
+            {"format": "zip", "bg_image": DIGEST},
+            "format: zip holds the subject's colours and alpha, not with a bg_image",
+        ),
+        (
+            {"bg_image": DIGEST, "bgcolor": (1, 2, 3, 4)},
+            "bg_image: sets the background, so not with a bgcolor",
+        ),
+        (
+            {"bg_image": DIGEST, "only_mask": True},
+            "bg_image: applies to a cutout, not with only_mask=true",
+        ),
+    ],
+)
+def test_zip_and_bg_image_refusals_name_the_option(values: dict[str, Any], error: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        Options.parse(values)
+    assert str(refused.value).startswith(f"invalid options: {error}")
+
+
+def test_bg_image_is_shaped_and_zip_is_not() -> None:
+    """A background fills the final frame (rembg gets no bgcolor); a zip is an encoding."""
+    assert Options(bg_image=DIGEST).shaped and not Options(format="zip").shaped
 
 
 def test_a_percentage_is_at_most_100() -> None:

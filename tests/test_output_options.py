@@ -9,16 +9,19 @@ import io
 import json
 import re
 import subprocess
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from bench.s3server import S3Server
-from bgq.options import Options
+from bgq.errors import InvalidRequest
+from bgq.options import PYTHON_ONLY, Options
 from bgq.settings import settings_env
 from bgq.stack import LocalStack
 from producer.cli.options import flag_name
@@ -52,7 +55,11 @@ INVALID: list[tuple[dict[str, str], str, str | None]] = [
         "bgcolor: must be r,g,b,a: four integers from 0 to 255",
         "--bgcolor must be r,g,b,a: four integers from 0 to 255",
     ),
-    ({"format": "gif"}, "format: must be png, webp or jpeg", "--format must be png, webp or jpeg"),
+    (
+        {"format": "gif"},
+        "format: must be png, webp, jpeg or zip",
+        "--format must be png, webp, jpeg or zip",
+    ),
     (
         {"quality": "0"},
         "quality: must be an integer from 1 to 100",
@@ -105,6 +112,37 @@ INVALID: list[tuple[dict[str, str], str, str | None]] = [
         "padding: must be under half the canvas side",
         "--padding must be under half the --canvas side",
     ),
+    (
+        {"format": "zip", "bgcolor": "1,2,3,4"},
+        "format: zip holds the subject's colours and alpha, not with a bgcolor",
+        "--format zip holds the subject's colours and alpha, not with --bgcolor",
+    ),
+    (
+        {"format": "zip", "only_mask": "true"},
+        "format: zip holds the subject's colours and alpha, not with only_mask=true",
+        "--format zip holds the subject's colours and alpha, not with --only-mask",
+    ),
+]
+# The options only Python callers set (the API refuses them as unknown fields, the CLI has no
+# flag for them), each with its error as Options.parse words it.
+DIGEST = "0" * 64
+PYTHON_INVALID: list[tuple[dict[str, Any], str]] = [
+    (
+        {"bg_image": "0" * 63},
+        "bg_image: must be the SHA-256 of a stored image: 64 lowercase hex digits",
+    ),
+    (
+        {"format": "zip", "bg_image": DIGEST},
+        "format: zip holds the subject's colours and alpha, not with a bg_image",
+    ),
+    (
+        {"bg_image": DIGEST, "bgcolor": "1,2,3,4"},
+        "bg_image: sets the background, so not with a bgcolor",
+    ),
+    (
+        {"bg_image": DIGEST, "only_mask": True},
+        "bg_image: applies to a cutout, not with only_mask=true",
+    ),
 ]
 # The CLI's switches: a bad value for one never reaches Options (`--crop=maybe` is a usage error).
 SWITCHES = {name for name, field in Options.model_fields.items() if field.annotation is bool}
@@ -112,11 +150,21 @@ SWITCHES = {name for name, field in Options.model_fields.items() if field.annota
 
 def test_the_invalid_options_break_every_option_and_every_rule() -> None:
     broken = {next(iter(error.split(":"))) for _, error, _ in INVALID}
-    assert broken == set(Options.model_fields)
+    assert broken == set(Options.model_fields) - PYTHON_ONLY
+    assert {error.split(":")[0] for _, error in PYTHON_INVALID} >= PYTHON_ONLY
     on_the_cli = {next(iter(error.split(" "))) for _, _, error in INVALID if error}
-    assert on_the_cli == {flag_name(name) for name in set(Options.model_fields) - SWITCHES}
-    rules = [error for _, error, _ in INVALID if "only with" in error or "under half" in error]
+    flagged = set(Options.model_fields) - SWITCHES - PYTHON_ONLY
+    assert on_the_cli == {flag_name(name) for name in flagged}
+    errors = [error for _, error, _ in INVALID] + [error for _, error in PYTHON_INVALID]
+    rules = [e for e in errors if "only with" in e or "under half" in e or "not with" in e]
     assert len(rules) == len(re.findall(r"raise Conflict\(", inspect.getsource(Options)))
+
+
+@pytest.mark.parametrize(("fields", "error"), PYTHON_INVALID)
+def test_python_only_options_are_refused_naming_them(fields: dict[str, Any], error: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        Options.parse(fields)
+    assert str(refused.value) == f"invalid options: {error}"
 
 
 @pytest.fixture(scope="module")
@@ -219,20 +267,75 @@ def test_api_shaped_results_have_their_format_and_canvas(http: httpx.Client) -> 
     assert image.format == "JPEG" and image.size == (box[2] - box[0], box[3] - box[1])
 
 
+def test_api_zip_holds_the_pngs_alpha_and_its_colours(http: httpx.Client) -> None:
+    data = variant("anime-girl-1.jpg", (0, 0, 320, 300))
+    answer = http.post("/v1/remove", params={"format": "zip", "quality": "95"}, content=data)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+        assert archive.namelist() == ["color.jpg", "alpha.png"]
+        color, alpha = (decoded(archive.read(name)) for name in archive.namelist())
+    png = np.asarray(decoded(http.post("/v1/remove", content=data, headers=JPEG).content))
+    assert (color.mode, alpha.mode) == ("RGB", "L")
+    assert np.array_equal(np.asarray(alpha), png[..., 3])
+    assert np.abs(np.asarray(color).astype(int) - png[..., :3].astype(int)).mean() < 1
+    key = answer.headers["x-bgq-job-id"]
+    result = http.get(f"/v1/jobs/{key}/result")
+    assert result.headers["content-type"] == "application/zip" and result.content == answer.content
+
+
+@pytest.mark.parametrize("where", ["query", "form", "json"])
+def test_api_refuses_bg_image_as_an_unknown_field(http: httpx.Client, where: str) -> None:
+    """bg_image names a stored input: bgq's own API has no way to store one (the remove.bg
+    route does), so it is not one of its fields, however it is sent."""
+    fields = {"bg_image": "0" * 64}
+    data = sample_bytes("car-1.jpg")
+    if where == "query":
+        answer = http.post("/v1/jobs", params=fields, content=data, headers=JPEG)
+    elif where == "form":
+        answer = http.post("/v1/jobs", data=fields, files={"file": ("a.jpg", data)})
+    else:
+        answer = http.post("/v1/jobs", json={"image_url": "http://127.0.0.1/a.jpg", **fields})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["message"] == "unknown field(s): bg_image"
+
+
+def test_openapi_lists_zip_and_not_bg_image(http: httpx.Client) -> None:
+    document = http.get("/openapi.json").json()
+    remove = document["paths"]["/v1/remove"]["post"]
+    params = {p["name"]: p["schema"] for p in remove["parameters"]}
+    assert "zip" in params["format"]["enum"] and "bg_image" not in params
+    for media in remove["requestBody"]["content"].values():
+        assert "bg_image" not in media["schema"].get("properties", {})
+    assert "application/zip" in remove["responses"]["200"]["content"]
+
+
 def cli_env(stack: LocalStack) -> dict[str, str]:
     settings = stack.settings.model_copy(update={"redis_url": stack.url})
     return {"PATH": "/usr/bin:/bin", **settings_env(settings)}
 
 
-def test_bgq_submit_writes_the_formats_extension(stack: LocalStack, tmp_path: Path) -> None:
+def is_webp(data: bytes) -> bool:
+    return decoded(data).format == "WEBP"
+
+
+def is_zip(data: bytes) -> bool:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return archive.namelist() == ["color.jpg", "alpha.png"]
+
+
+@pytest.mark.parametrize(("fmt", "check"), [("webp", is_webp), ("zip", is_zip)])
+def test_bgq_submit_writes_the_formats_extension(
+    stack: LocalStack, tmp_path: Path, fmt: str, check: Callable[[bytes], bool]
+) -> None:
     image = tmp_path / "a.jpg"
     image.write_bytes(variant("car-1.jpg", (10, 10, 250, 200)))
-    args = [BGQ, "submit", str(image), "--format", "webp", "--crop", "--crop-margin", "4px"]
+    args = [BGQ, "submit", str(image), "--format", fmt, "--crop", "--crop-margin", "4px"]
     run = subprocess.run(args, env=cli_env(stack), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    out = tmp_path / "a.out.webp"
+    out = tmp_path / f"a.out.{fmt}"
     assert f"output: {out}" in run.stdout
-    assert decoded(out.read_bytes()).format == "WEBP"
+    assert check(out.read_bytes())
 
 
 @pytest.mark.parametrize(("fields", "_field_error", "error"), INVALID)
@@ -255,6 +358,13 @@ def test_cli_refuses_invalid_options_naming_the_flags(
             continue
         assert f"bgq: invalid options: {error}" in result.stderr, result.stderr
         assert not any(f"{name}:" in result.stderr for name in fields), result.stderr
+
+
+def test_cli_has_no_bg_image_flag(env: dict[str, str], tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"never read")
+    result = bgq_in_process("submit", str(image), "--bg-image", "0" * 64, env=env)
+    assert result.returncode == 2 and "--bg-image" in result.stderr, result.stderr
 
 
 def test_ingest_usage_errors_for_fetch_concurrency(env: dict[str, str], tmp_path: Path) -> None:

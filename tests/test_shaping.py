@@ -6,6 +6,7 @@ rembg runs once per photo (the session-scoped `reference`); `render` then runs m
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from bgq import defaults
 from bgq.errors import ImageTooLarge, UnsupportedImage
-from bgq.options import Options, length_pixels, parse_canvas
+from bgq.options import FORMATS, Options, length_pixels, parse_canvas
 from tests.helpers import sample_bytes
 from workers.imaging import check_memory, estimated_peak_mib
 from workers.shaping import render
@@ -185,7 +186,50 @@ def test_jpeg_is_flattened_on_bgcolor_or_white(
     assert empty and all(near(c, corner) for c in empty), corners(out)
 
 
-@pytest.mark.parametrize("fmt", ["webp", "jpeg"])
+def unzipped(data: bytes) -> list[tuple[zipfile.ZipInfo, Image.Image]]:
+    """A zip output's members, in order, each with its decoded image."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None  # every member's CRC checks
+        members = []
+        for info in archive.infolist():
+            with Image.open(io.BytesIO(archive.read(info))) as im:
+                im.load()
+                members.append((info, im))
+        return members
+
+
+@pytest.mark.parametrize("shaping", [{}, {"crop": True, "canvas": "600x600", "padding": "20px"}])
+@pytest.mark.parametrize("name", PHOTOS)
+def test_zip_holds_the_pngs_alpha_exactly_and_its_colours_closely(
+    cutouts: Cutouts, name: str, shaping: dict[str, Any]
+) -> None:
+    cutout = cutouts[name, False]
+    members = unzipped(render(cutout, Options(format="zip", **shaping), "fast", 6))
+    assert [info.filename for info, _ in members] == ["color.jpg", "alpha.png"]
+    (_, color), (_, alpha) = members
+    assert (color.format, color.mode, alpha.format, alpha.mode) == ("JPEG", "RGB", "PNG", "L")
+    png = np.asarray(shaped(cutout, **shaping))
+    assert color.size == alpha.size == (png.shape[1], png.shape[0])
+    assert np.array_equal(np.asarray(alpha), png[..., 3])  # exactly the PNG's alpha
+    diff = np.abs(np.asarray(color).astype(int) - png[..., :3].astype(int))
+    assert diff.mean() < 1  # the RGB channels as rendered, up to the JPEG's loss
+    opaque = png[..., 3] == 255
+    assert opaque.any() and diff[opaque].mean() < 5
+
+
+@pytest.mark.parametrize("encoder", ["fast", "pillow"])
+def test_zip_is_deterministic(cutouts: Cutouts, encoder: str) -> None:
+    """Fixed timestamps, modes and member order: the same pixels give the same bytes."""
+    cutout = cutouts["car-1.jpg", False]
+    first = render(cutout, Options(format="zip"), encoder, 6)
+    assert first == render(cutout.copy(), Options(format="zip"), encoder, 6)
+    for info, _ in unzipped(first):
+        assert info.date_time == (1980, 1, 1, 0, 0, 0)
+        assert info.compress_type == zipfile.ZIP_STORED  # its members are compressed already
+        assert info.external_attr >> 16 == 0o644 and info.create_system == 3
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpeg", "zip"])
 @pytest.mark.parametrize("name", PHOTOS)
 def test_quality_changes_the_size(cutouts: Cutouts, name: str, fmt: str) -> None:
     sizes = [
@@ -248,6 +292,10 @@ def test_a_canvas_adds_its_own_memory() -> None:
     webp = estimated_peak_mib(2.0, Options(canvas=largest, format="webp"))
     assert plain <= small < big < webp
     assert big - small == pytest.approx(defaults.SHAPING_MIB_PER_MP["png"] * 48)
+
+
+def test_every_format_has_its_memory_per_megapixel() -> None:
+    assert set(defaults.SHAPING_MIB_PER_MP) == set(FORMATS)
 
 
 def test_a_canvas_too_big_for_the_memory_limit_is_refused_before_decoding() -> None:

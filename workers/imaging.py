@@ -21,8 +21,9 @@ Image.MAX_IMAGE_PIXELS = None
 _EXIF_TURNS = range(2, 9)  # EXIF orientations that ImageOps.exif_transpose turns or flips
 
 
-def estimated_peak_mib(megapixels: float, options: Options) -> float:
-    """A pool process's peak resident MiB for one input, by the memory model in defaults."""
+def estimated_peak_mib(megapixels: float, options: Options, background_mp: float = 0.0) -> float:
+    """A pool process's peak resident MiB for one input (and its bg_image's `background_mp`
+    megapixels), by the memory model in defaults."""
     if options.post_process_mask:
         per_mp = defaults.POST_PROCESS_MIB_PER_MP
     elif options.only_mask:
@@ -32,27 +33,36 @@ def estimated_peak_mib(megapixels: float, options: Options) -> float:
     peak = defaults.POOL_BASE_MIB + per_mp * megapixels
     if options.alpha_matting and not options.only_mask:
         peak += defaults.MATTING_MIB + defaults.MATTING_MIB_PER_MP * megapixels
+    if options.bg_image is not None:  # its encoded bytes wait while rembg runs
+        peak += defaults.BACKGROUND_ENCODED_MIB_PER_MP * background_mp
     if options.shaped or options.format != "png":
-        peak = max(peak, shaping_peak_mib(megapixels, options))
+        peak = max(peak, shaping_peak_mib(megapixels, options, background_mp))
     return peak
 
 
-def shaping_peak_mib(megapixels: float, options: Options) -> float:
+def shaping_peak_mib(megapixels: float, options: Options, background_mp: float = 0.0) -> float:
     """The peak while shaping and encoding, after rembg (the input is freed by then)."""
     held = defaults.SHAPING_HELD_MIB_PER_MP * megapixels * (2 if options.crop else 1)
     output = megapixels
     if options.canvas is not None:
         width, height = parse_canvas(options.canvas)
         output = width * height / 1e6
+    if options.bg_image is not None:
+        held += defaults.BACKGROUND_MIB_PER_MP * (background_mp + output)
     return defaults.POOL_BASE_MIB + held + defaults.SHAPING_MIB_PER_MP[options.format] * output
 
 
-def check_memory(img: Image.Image, options: Options, max_memory_mb: float) -> None:
-    """Refuse, before decoding, an input that would take a pool process past its limit."""
-    peak = estimated_peak_mib(img.width * img.height / 1e6, options)
+def check_memory(
+    img: Image.Image, options: Options, max_memory_mb: float, background: Image.Image | None = None
+) -> None:
+    """Refuse, before decoding, an input (and its bg_image's header, if any) that would take a
+    pool process past its limit."""
+    background_mp = background.width * background.height / 1e6 if background else 0.0
+    peak = estimated_peak_mib(img.width * img.height / 1e6, options, background_mp)
     if peak > max_memory_mb:
         what = " with alpha matting" if options.alpha_matting and not options.only_mask else ""
         what += f" on a {options.canvas} canvas" if options.canvas else ""
+        what += f" over a {background.width}x{background.height} bg_image" if background else ""
         raise ImageTooLarge(
             f"{img.width}x{img.height}{what} would need about {peak:.0f} MiB in a worker "
             f"process, over the BGQ_MAX_MEMORY_PER_CHILD_MB limit of {max_memory_mb:g}"
@@ -60,14 +70,19 @@ def check_memory(img: Image.Image, options: Options, max_memory_mb: float) -> No
 
 
 def decode(
-    data: bytes, max_megapixels: float, options: Options, max_memory_mb: float | None = None
+    data: bytes,
+    max_megapixels: float,
+    options: Options,
+    max_memory_mb: float | None = None,
+    background: Image.Image | None = None,
 ) -> Image.Image:
-    """Check the header and the memory it needs, then decode every pixel; or a PermanentError."""
+    """Check the header and the memory it needs (with `background`, bg_image's opened image),
+    then decode every pixel; or a PermanentError."""
     img = open_header(data, max_megapixels)
     if options.alpha_matting and not options.only_mask and img.mode in NO_ALPHA_MATTING_MODES:
         raise UnsupportedImage(f"alpha matting does not support image mode {img.mode}")
     if max_memory_mb is not None:
-        check_memory(img, options, max_memory_mb)
+        check_memory(img, options, max_memory_mb, background)
     try:
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -17,7 +17,7 @@ from celery import Task
 from bgq import contract, defaults, jobs, lanes
 from bgq.contract import Counter, TaskArgs
 from bgq.errors import BrokerError, NotInStore, OutOfMemory, TransientError, WorkerCrashed
-from workers import imaging, masks, session, shaping
+from workers import backgrounds, imaging, masks, session, shaping
 from workers.app import app, app_store, settings
 from workers.leases import LeasedTask
 from workers.retry import retry_later
@@ -41,9 +41,14 @@ def process(args: TaskArgs) -> dict[str, Any]:
             clock = now
 
         data = store.read_input(args.input_sha256)
+        background = backgrounds.open_background(store, args.options, settings.max_megapixels)
         lap("read")
         img = imaging.decode(
-            data, settings.max_megapixels, args.options, settings.max_memory_per_child_mb
+            data,
+            settings.max_megapixels,
+            args.options,
+            settings.max_memory_per_child_mb,
+            background,
         )
         lap("decode")
         source = masks.MaskSource(
@@ -58,7 +63,7 @@ def process(args: TaskArgs) -> dict[str, Any]:
         inferred = source.inferred
         lap("inference")  # rembg.remove: masks (stored, or the model's), cutout
         data = shaping.render(
-            cutout, args.options, settings.png_encoder, settings.png_compress_level
+            cutout, args.options, settings.png_encoder, settings.png_compress_level, background
         )
         lap("encode")  # shaping and encoding
         store.put_output(args.output, data)
@@ -133,11 +138,12 @@ def observe_stages(pipe: Any, seconds: dict[str, float]) -> None:
         pipe.hincrby(key, "count", 1)
 
 
-# KEYS: counted mark, guard, stats, callbacks[, input refs]; ARGV: this run's enqueue token ('' if
-# none), its outcome (a stats field), the task id, the mark's TTL. Counts a job's end once per
-# enqueue: a second run of the same enqueue (a holder back after its lease was taken over)
-# counts nothing. Releases the guard if it is still this enqueue's (a promotion or a newer
-# enqueue may own it), and takes this run's webhooks. Returns them; false if counted before.
+# KEYS: counted mark, guard, stats, callbacks[, input refs...]; ARGV: this run's enqueue token
+# ('' if none), its outcome (a stats field), the task id, the mark's TTL. Counts a job's end
+# once per enqueue: a second run of the same enqueue (a holder back after its lease was taken
+# over) counts nothing. Releases the guard if it is still this enqueue's (a promotion or a newer
+# enqueue may own it), takes this run's webhooks, and drops the job from the reference sets of
+# the inputs it needed (its image, its bg_image). Returns the webhooks; false if counted before.
 FINISH = """
 if ARGV[1] ~= '' then
   if redis.call('GET', KEYS[1]) == ARGV[1] then return false end
@@ -149,7 +155,7 @@ if ARGV[1] == '' or redis.call('GET', KEYS[2]) == ARGV[1] then
 end
 local urls = redis.call('SMEMBERS', KEYS[4])
 redis.call('DEL', KEYS[4])
-if KEYS[5] then redis.call('SREM', KEYS[5], ARGV[3]) end
+for i = 5, #KEYS do redis.call('SREM', KEYS[i], ARGV[3]) end
 return urls
 """
 
@@ -209,15 +215,13 @@ class RemovalTask(LeasedTask):
         self, client: redis.Redis, task_id: str, kwargs: dict[str, Any], outcome: Counter
     ) -> list[bytes] | None:
         """Count this end (FINISH); its webhooks' URLs, or None if it was counted before."""
-        sha = kwargs.get("input_sha256")
         keys = [
             contract.counted_key(task_id),
             contract.guard_key(task_id),
             contract.STATS_KEY,
             contract.callbacks_key(task_id),
         ]
-        if isinstance(sha, str):
-            keys.append(contract.input_refs_key(sha))
+        keys += [contract.input_refs_key(sha) for sha in contract.needed_inputs(kwargs)]
         token = enqueue_token(self.request)
         urls = client.eval(FINISH, len(keys), *keys, token, outcome, task_id, defaults.RESULT_TTL)
         if urls is None:

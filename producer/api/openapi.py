@@ -74,7 +74,8 @@ ERRORS = {
     "422": error(
         "`invalid_request`: an unknown or invalid field, an invalid combination of options "
         "(crop_margin without crop, padding or position without canvas, padding of half the "
-        "canvas or more), not exactly one of image and image_url, a callback_url while "
+        "canvas or more, format zip with bgcolor or only_mask), not exactly one of image and "
+        "image_url, a callback_url while "
         "BGQ_WEBHOOK_SECRET is unset; `fetch_failed`: image_url could not be fetched or is "
         "not an image (the reason is in the message: DNS, a non-public address unless "
         "BGQ_FETCH_ALLOW_PRIVATE, an HTTP status, a timeout, over BGQ_MAX_UPLOAD_MB, too many "
@@ -134,6 +135,8 @@ def option_parameters() -> list[dict[str, Any]]:
     ]
     schema = options.Options.model_json_schema()["properties"]
     for name in options.Options.model_fields:
+        if name in options.PYTHON_ONLY:
+            continue  # not a field of this API (bgq.options.PYTHON_ONLY)
         prop = {k: v for k, v in schema[name].items() if k != "title"}
         if name == "bgcolor":
             prop = {
@@ -151,13 +154,17 @@ LENGTH = {"type": "string", "pattern": options.LENGTH_PATTERN, "default": "0"}
 # The shaping options as the server checks them (one field at a time; rules across fields are
 # in the 422's description).
 SHAPING: dict[str, dict[str, Any]] = {
-    "format": {"description": "output format: png, webp (keeps alpha) or jpeg (flattened)"},
+    "format": {
+        "description": "output format: png, webp (keeps alpha), jpeg (flattened) or zip "
+        "(application/zip: color.jpg, the RGB colours, and alpha.png, the alpha channel; "
+        "not with bgcolor or only_mask)"
+    },
     "quality": {
         "type": "integer",
         "minimum": 1,
         "maximum": 100,
         "default": defaults.QUALITY,
-        "description": "webp and jpeg quality; png ignores it",
+        "description": "webp, jpeg and zip (its color.jpg) quality; png ignores it",
     },
     "crop": {"description": "crop to the subject's bounding box"},
     "crop_margin": {

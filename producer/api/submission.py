@@ -21,12 +21,15 @@ from starlette.exceptions import HTTPException
 
 from bgq import contract, defaults, webhooks
 from bgq.fetch import fetch_setting_image
-from bgq.options import Options
+from bgq.options import PYTHON_ONLY, Options
 from bgq.settings import Settings
 from producer.api.errors import ApiError
 from producer.api.openapi import IMAGE_URL_PATTERN, json_types
 
 REQUEST_FIELDS = ("model", "lane", "wait", "callback_url", "image_url")  # besides rembg's options
+# The options a request may set as fields: bg_image names a stored input, which this API has
+# no way to upload (the remove.bg route's bg_image_url and bg_image_file do).
+OPTION_FIELDS = frozenset(Options.model_fields) - PYTHON_ONLY
 ONE_IMAGE = "send exactly one of image (a multipart `file` or the body) and image_url"
 MULTIPART, URLENCODED, JSON = (
     "multipart/form-data",
@@ -40,11 +43,11 @@ MAX_FIELDS = 32  # multipart fields in one body
 
 def options_of(fields: dict[str, str], default_model: str) -> tuple[str, Options]:
     """The model and rembg options of `fields`; anything unknown or invalid raises."""
-    unknown = set(fields) - set(REQUEST_FIELDS) - set(Options.model_fields)
+    unknown = set(fields) - set(REQUEST_FIELDS) - OPTION_FIELDS
     if unknown:
         raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
     model = contract.check_model(fields.get("model", default_model))
-    return model, Options.parse({k: v for k, v in fields.items() if k in Options.model_fields})
+    return model, Options.parse({k: v for k, v in fields.items() if k in OPTION_FIELDS})
 
 
 def lane_of(fields: dict[str, str]) -> str:
@@ -68,11 +71,11 @@ def wait_seconds(fields: dict[str, str]) -> float:
 def check_alone(fields: dict[str, str], default_model: str) -> None:
     """Check each of one part's fields by itself (the body's fields may replace or complete
     them: rules across fields, such as padding needing a canvas, apply to the merged fields)."""
-    unknown = set(fields) - set(REQUEST_FIELDS) - set(Options.model_fields)
+    unknown = set(fields) - set(REQUEST_FIELDS) - OPTION_FIELDS
     if unknown:
         raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}")
     contract.check_model(fields.get("model", default_model))
-    values = {k: v for k, v in fields.items() if k in Options.model_fields}
+    values = {k: v for k, v in fields.items() if k in OPTION_FIELDS}
     try:
         Options.model_validate(values)
     except ValidationError as exc:

@@ -1,9 +1,10 @@
 """The output flags of `bgq submit` and `bgq ingest`, declared once: derived from `Options`.
 
-Each field of `bgq.options.Options` is one flag: its name, type and default come from the field;
-its short flag and help text from FLAGS below (the HTTP API's OpenAPI schema describes the same
-fields in its own words). A command takes them as one `options: Options` parameter. Options'
-errors name the flags (FLAG_TERMS): `--crop-margin applies only with --crop`.
+Each field of `bgq.options.Options` is one flag (but PYTHON_ONLY's: bg_image names a stored
+input): its name, type and default come from the field; its short flag and help text from FLAGS
+below (the HTTP API's OpenAPI schema describes the same fields in its own words). A command
+takes them as one `options: Options` parameter. Options' errors name the flags (FLAG_TERMS):
+`--crop-margin applies only with --crop`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from bgq import defaults
 from bgq.errors import ConfigError, InvalidRequest
-from bgq.options import Options, Terms
+from bgq.options import PYTHON_ONLY, Options, Terms
 from producer.cli.common import shown_default
 
 # Per Options field: its short flag ("" for none) and its help (None for none).
@@ -31,8 +32,8 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "only_mask": ("-om", None),
     "post_process_mask": ("-ppm", None),
     "bgcolor": ("-bgc", "Background colour R,G,B,A."),
-    "format": ("", "png, webp or jpeg."),
-    "quality": ("", f"1-100 (webp, jpeg) {shown_default(str(defaults.QUALITY))}."),
+    "format": ("", "png, webp, jpeg or zip (color.jpg and alpha.png)."),
+    "quality": ("", f"1-100 (webp, jpeg, zip) {shown_default(str(defaults.QUALITY))}."),
     "crop": ("", "Crop to the subject."),
     "crop_margin": ("", "Margin around the cropped subject: 20px or 5%."),
     "canvas": ("", "Place the subject on a WxH canvas (1000x1000)."),
@@ -73,7 +74,9 @@ def flag(name: str, field: FieldInfo) -> inspect.Parameter:
     return inspect.Parameter(name, kind, default=field.default, annotation=annotation)
 
 
-PARAMETERS = [flag(name, field) for name, field in Options.model_fields.items()]
+PARAMETERS = [
+    flag(name, field) for name, field in Options.model_fields.items() if name not in PYTHON_ONLY
+]
 
 
 def parse_options(values: dict[str, Any]) -> Options:
