@@ -301,6 +301,11 @@ class Options(BaseModel):
         if self.format != "png":
             out["format"] = self.format
             out["quality"] = self.effective_quality
+        return out | self._canonical_layout()
+
+    def _canonical_layout(self) -> dict[str, Any]:
+        """Where the subject goes, as it enters the cache key: each option not at its default."""
+        out: dict[str, Any] = {}
         if self.roi is not None:
             out["roi"] = canonical_roi(self.roi)
         if self.crop:
