@@ -11,11 +11,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
+from bgq.lengths import (
+    CANVAS_PATTERN,
+    LENGTH_PATTERN,
+    MARGIN_PATTERN,
+    NUMBER_PATTERN,
+    POSITION_PATTERN,
+    ROI_PATTERN,
+    SCALE_PATTERN,
+    canonical_length,
+    canonical_margin,
+    canonical_position,
+    canonical_roi,
+    canonical_scale,
+    is_whole_image,
+    never_after,
+    parse_canvas,
+    parse_length,
+    parse_margin,
+    parse_roi,
+)
 
 Threshold = Annotated[int, Field(ge=0, le=255)]
 _BYTE = " *(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]) *"  # 0-255: no sign, no leading zero
@@ -33,11 +61,8 @@ CONTENT_TYPES = {
     "zip": "application/zip",
 }
 Format = Literal["png", "webp", "jpeg", "zip"]
-Position = Literal["center", "top", "bottom"]
-# A length: "20px", "20" (pixels) or "5%", "2.5%" (of the subject's box, or of the canvas side).
-LENGTH_PATTERN = r"^(0|[1-9][0-9]{0,4})(px)?$|^(0|[1-9][0-9]?)(\.[0-9]{1,2})?%$|^100(\.0{1,2})?%$"
 JPEG_BACKGROUND = (255, 255, 255, 255)  # what a JPEG is flattened on when no bgcolor is set
-CANVAS_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"  # "WxH" in pixels
+ROI_ORDER = "must have x2 greater than x1 and y2 greater than y1"  # roi's corners, in one unit
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"  # bg_image: the SHA-256 of an input in the store
 # Options that bgq's own HTTP API and CLI do not take as fields: bg_image names a stored input,
 # which Python callers store first (Producer.put_image) and the remove.bg route uploads.
@@ -60,10 +85,16 @@ MUST = {
     "format": "must be png, webp, jpeg or zip",
     "quality": "must be an integer from 1 to 100",
     "crop": _BOOL,
-    "crop_margin": _LENGTH,
+    "crop_margin": "must be one, two (TB LR) or four (T R B L) lengths: pixels (such as 20px) "
+    "or percentages up to 100 (5%), separated by single spaces",
     "canvas": "must be WIDTHxHEIGHT in pixels, such as 1000x1000",
     "padding": _LENGTH,
-    "position": "must be center, top or bottom",
+    "position": "must be center, top, bottom, X% or X% Y% (percentages up to 100)",
+    "roi": "must be x1 y1 x2 y2: four lengths, pixels (such as 20px) or percentages up to 100 "
+    "(5%), separated by single spaces",
+    "scale": "must be original or a percentage from 10% to 100%",
+    "fit_megapixels": "must be a number of megapixels over 0 and at most "
+    f"{defaults.FIT_MAX_MEGAPIXELS}",
     "bg_image": "must be the SHA-256 of a stored image: 64 lowercase hex digits",
 }
 
@@ -90,14 +121,17 @@ def _is_switch(field: str) -> bool:
 
 
 class Conflict(ValueError):
-    """A rule across options broken: `template` says how, naming `other` as {given} or {other}."""
+    """A rule across options broken: `template` says how, naming `other` as {given} or {other}
+    (and a third option, `also`, as {also})."""
 
-    def __init__(self, field: str, template: str, other: str) -> None:
-        super().__init__(f"{field}: {template.format(given=other, other=other)}")
-        self.field, self.template, self.other = field, template, other
+    def __init__(self, field: str, template: str, other: str, also: str = "") -> None:
+        super().__init__(f"{field}: {template.format(given=other, other=other, also=also)}")
+        self.field, self.template, self.other, self.also = field, template, other, also
 
     def describe(self, terms: Terms) -> str:
-        said = self.template.format(given=terms.given(self.other), other=terms.name(self.other))
+        said = self.template.format(
+            given=terms.given(self.other), other=terms.name(self.other), also=terms.name(self.also)
+        )
         return f"{terms.name(self.field)}{terms.between}{said}"
 
 
@@ -112,36 +146,12 @@ def describe(error: ErrorDetails, terms: Terms) -> str:
     return f"{terms.name(field)}{terms.between}{text}"
 
 
-def parse_length(text: str) -> tuple[float, bool]:
-    """(value, is_percent) of a length that matched LENGTH_PATTERN."""
-    if text.endswith("%"):
-        return float(text[:-1]), True
-    return float(text.removesuffix("px")), False
-
-
-def length_pixels(text: str, whole: int) -> int:
-    """A length in pixels: itself, or its percentage of `whole` (rounded)."""
-    value, percent = parse_length(text)
-    return round(whole * value / 100) if percent else int(value)
-
-
-def canonical_length(text: str) -> str:
-    """One spelling per length, for the cache key: "20px", "5%", "2.5%"; any zero is "0px"."""
-    value, percent = parse_length(text)
-    return f"{value:g}%" if percent and value else f"{value:g}px"
-
-
-def parse_canvas(text: str) -> tuple[int, int]:
-    """(width, height) of a canvas that matched CANVAS_PATTERN."""
-    width, height = text.split("x")
-    return int(width), int(height)
-
-
 class Options(BaseModel):
     """rembg.remove() options bgq supports (defaults are rembg's), and how the output is shaped.
 
-    Without crop, canvas or bg_image and with png, the output is exactly rembg.remove()'s. The
-    shaping transforms are documented in docs/output.md.
+    Without a shaping option (roi, crop, canvas, scale, fit_megapixels, bg_image) and with png,
+    the output is exactly rembg.remove()'s. The shaping transforms are documented in
+    docs/output.md.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -159,7 +169,10 @@ class Options(BaseModel):
     crop_margin: str = "0"
     canvas: str | None = None
     padding: str = "0"
-    position: Position = "center"
+    position: str = "center"
+    roi: str | None = None
+    scale: str | None = None
+    fit_megapixels: Annotated[float, Field(gt=0, le=defaults.FIT_MAX_MEGAPIXELS)] | None = None
     bg_image: str | None = None  # an input's digest: the output composited over that image
 
     @field_validator("alpha_matting", "only_mask", "post_process_mask", "crop", mode="before")
@@ -196,12 +209,52 @@ class Options(BaseModel):
             raise ValueError(MUST["bg_image"])
         return value
 
-    @field_validator("crop_margin", "padding")
+    @field_validator("padding")
     @classmethod
     def _check_length(cls, value: str) -> str:
         if not re.fullmatch(LENGTH_PATTERN, value):
             raise ValueError(_LENGTH)
         return value
+
+    @field_validator("crop_margin", "position", "scale")
+    @classmethod
+    def _check_pattern(cls, value: str | None, info: ValidationInfo) -> str | None:
+        pattern = {
+            "crop_margin": MARGIN_PATTERN,
+            "position": POSITION_PATTERN,
+            "scale": SCALE_PATTERN,
+        }[str(info.field_name)]
+        if value is not None and not re.fullmatch(pattern, value):
+            raise ValueError(MUST[str(info.field_name)])
+        return value
+
+    @field_validator("roi")
+    @classmethod
+    def _check_roi(cls, value: str | None) -> str | None:
+        """A valid roi; None for one that is surely the whole image (no roi at all)."""
+        if value is None:
+            return None
+        if not re.fullmatch(ROI_PATTERN, value):
+            raise ValueError(MUST["roi"])
+        x1, y1, x2, y2 = parse_roi(value)
+        if never_after(x1, x2) or never_after(y1, y2):
+            raise ValueError(ROI_ORDER)
+        return None if is_whole_image(value) else value
+
+    @field_validator("fit_megapixels", mode="before")
+    @classmethod
+    def _parse_number(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (
+            isinstance(value, str) and not re.fullmatch(NUMBER_PATTERN, value)
+        ):
+            raise ValueError(MUST["fit_megapixels"])
+        return value
+
+    @field_validator("fit_megapixels")
+    @classmethod
+    def _round_megapixels(cls, value: float | None) -> float | None:
+        """Six significant digits, as the cache key has them: one key, one output."""
+        return None if value is None else float(f"{value:g}")
 
     @model_validator(mode="after")
     def _check_backgrounds(self) -> Options:
@@ -221,13 +274,17 @@ class Options(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Options:
-        if parse_length(self.crop_margin)[0] and not self.crop:
+        if any(parse_length(side)[0] for side in parse_margin(self.crop_margin)) and not self.crop:
             raise Conflict("crop_margin", "applies only with {given}", "crop")
+        if self.scale is not None and self.canvas is not None:
+            raise Conflict(
+                "scale", "applies only without {given} (the canvas has padding for that)", "canvas"
+            )
         if self.canvas is None:
             if parse_length(self.padding)[0]:
                 raise Conflict("padding", "applies only with {given}", "canvas")
-            if self.position != "center":
-                raise Conflict("position", "applies only with {given}", "canvas")
+            if self.scale is None and canonical_position(self.position) != "center":
+                raise Conflict("position", "applies only with {given} or {also}", "canvas", "scale")
             return self
         width, height = parse_canvas(self.canvas)
         value, percent = parse_length(self.padding)
@@ -237,8 +294,10 @@ class Options(BaseModel):
 
     @property
     def shaped(self) -> bool:
-        """True when the output is cropped, put on a canvas or on a background image."""
-        return self.crop or self.canvas is not None or self.bg_image is not None
+        """True when the output is shaped after rembg: a roi, crop, canvas, scale, fit or a
+        background image."""
+        transforms = (self.roi, self.canvas, self.scale, self.fit_megapixels, self.bg_image)
+        return self.crop or any(value is not None for value in transforms)
 
     @property
     def effective_quality(self) -> int:
@@ -280,13 +339,25 @@ class Options(BaseModel):
         if self.format != "png":
             out["format"] = self.format
             out["quality"] = self.effective_quality
+        return out | self._canonical_layout()
+
+    def _canonical_layout(self) -> dict[str, Any]:
+        """Where the subject goes, as it enters the cache key: each option not at its default."""
+        out: dict[str, Any] = {}
+        if self.roi is not None:
+            out["roi"] = canonical_roi(self.roi)
         if self.crop:
             out["crop"] = True
-            out["crop_margin"] = canonical_length(self.crop_margin)
+            out["crop_margin"] = canonical_margin(self.crop_margin)
         if self.canvas is not None:
             out["canvas"] = self.canvas
             out["padding"] = canonical_length(self.padding)
-            out["position"] = self.position
+        if self.scale is not None:
+            out["scale"] = canonical_scale(self.scale)
+        if self.canvas is not None or self.scale is not None:
+            out["position"] = canonical_position(self.position)
+        if self.fit_megapixels is not None:
+            out["fit_megapixels"] = self.fit_megapixels
         if self.bg_image is not None:
             out["bg_image"] = self.bg_image
         return out

@@ -6,7 +6,7 @@ with HttpClient("http://bgq:8000", api_key="...") as bgq:
     job = bgq.submit(data, callback_url="https://shop.example/hooks/bgq")
 
 Options are the API's fields: model, the rembg options, format, quality, crop, crop_margin,
-canvas, padding, position.
+canvas, padding, position, roi, scale, fit_megapixels.
 """
 
 from __future__ import annotations

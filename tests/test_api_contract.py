@@ -13,6 +13,7 @@ import schemathesis
 from schemathesis.engine import Status, events, from_schema
 from schemathesis.engine.recorder import CheckNode
 
+from bgq.options import ROI_ORDER
 from producer.api.submission import ONE_IMAGE
 from tests.helpers import ApiServer
 from tests.stacks import StackFactory
@@ -31,14 +32,17 @@ UNDESCRIBABLE = {
     "fetch_failed",
 }
 # Nor can OpenAPI state rules across parameters, or across the query and the body: exactly one
-# image (a file, the body or image_url); crop_margin only with crop; padding and position only
-# with a canvas, padding under half of it; format zip without bgcolor or only_mask. Such a
-# refusal is `invalid_request` saying which rule.
+# image (a file, the body or image_url); crop_margin only with crop; padding only with a canvas,
+# under half of it; position only with a canvas or scale, scale only without a canvas ("applies
+# only without"); format zip without bgcolor or only_mask; nor compare numbers within one: a
+# roi's x2 past x1 and y2 past y1 when both are in one unit. Such a refusal is `invalid_request`
+# saying which rule.
 ACROSS_FIELDS = (
     ONE_IMAGE,
     "applies only with",
     "under half the canvas",
     "zip holds the subject's colours and alpha, not with",
+    ROI_ORDER,
 )
 # Nor whether the key is over its limits (BGQ_API_LIMITS) at the time: 429, documented.
 POSITIVE_STATUSES = ["2xx", "3xx", "401", "404", "409", "413", "415", "422", "429"]

@@ -50,7 +50,14 @@ GROUPS = sorted({b.group for b in BLOCKS if b.group})
 
 # What each group's examples say they write, relative to its folder.
 WRITES = {
-    "cli": ["photo.out.png", "white.png", "cutouts"],
+    "cli": [
+        "photo.out.png",
+        "white.png",
+        "cutouts",
+        "left-half.png",
+        "standing.png",
+        "preview.jpg",
+    ],
     "service": ["shoe.png", "white.png", "shoe.webp", "shoe-85.jpg", "a.png"],
 }
 

@@ -68,8 +68,10 @@ INVALID: list[tuple[dict[str, str], str, str | None]] = [
     ({"crop": "maybe"}, "crop: must be true or false", None),
     (
         {"crop": "true", "crop_margin": "5cm"},
-        "crop_margin: must be pixels (such as 20px) or a percentage up to 100 (5%)",
-        "--crop-margin must be pixels (such as 20px) or a percentage up to 100 (5%)",
+        "crop_margin: must be one, two (TB LR) or four (T R B L) lengths: pixels (such as 20px) "
+        "or percentages up to 100 (5%), separated by single spaces",
+        "--crop-margin must be one, two (TB LR) or four (T R B L) lengths: pixels (such as 20px) "
+        "or percentages up to 100 (5%), separated by single spaces",
     ),
     (
         {"canvas": "0x10"},
@@ -88,8 +90,30 @@ INVALID: list[tuple[dict[str, str], str, str | None]] = [
     ),
     (
         {"canvas": "100x100", "position": "left"},
-        "position: must be center, top or bottom",
-        "--position must be center, top or bottom",
+        "position: must be center, top, bottom, X% or X% Y% (percentages up to 100)",
+        "--position must be center, top, bottom, X% or X% Y% (percentages up to 100)",
+    ),
+    (
+        {"roi": "0 0 100%"},
+        "roi: must be x1 y1 x2 y2: four lengths, pixels (such as 20px) or percentages up to 100 "
+        "(5%), separated by single spaces",
+        "--roi must be x1 y1 x2 y2: four lengths, pixels (such as 20px) or percentages up to 100 "
+        "(5%), separated by single spaces",
+    ),
+    (
+        {"roi": "50% 0 40% 100%"},
+        "roi: must have x2 greater than x1 and y2 greater than y1",
+        "--roi must have x2 greater than x1 and y2 greater than y1",
+    ),
+    (
+        {"scale": "5%"},
+        "scale: must be original or a percentage from 10% to 100%",
+        "--scale must be original or a percentage from 10% to 100%",
+    ),
+    (
+        {"fit_megapixels": "0"},
+        "fit_megapixels: must be a number of megapixels over 0 and at most 1000",
+        "--fit-megapixels must be a number of megapixels over 0 and at most 1000",
     ),
     # The rules across options.
     (
@@ -104,8 +128,13 @@ INVALID: list[tuple[dict[str, str], str, str | None]] = [
     ),
     (
         {"position": "top"},
-        "position: applies only with a canvas",
-        "--position applies only with --canvas",
+        "position: applies only with a canvas or scale",
+        "--position applies only with --canvas or --scale",
+    ),
+    (
+        {"canvas": "100x100", "scale": "50%"},
+        "scale: applies only without a canvas (the canvas has padding for that)",
+        "--scale applies only without --canvas (the canvas has padding for that)",
     ),
     (
         {"canvas": "100x100", "padding": "50px"},
@@ -183,6 +212,7 @@ def http(base: str) -> Iterator[httpx.Client]:
 INTEGERS = {"quality", "alpha_matting_erode_size"} | {
     k for k in Options.model_fields if "threshold" in k
 }
+NUMBERS = {"fit_megapixels"}
 
 
 @pytest.mark.parametrize(("fields", "error", "_flag_error"), INVALID)
@@ -198,7 +228,10 @@ def test_api_refuses_invalid_options_naming_the_fields(
     elif where == "urlencoded":
         answer = http.post("/v1/jobs", data={"image_url": "http://127.0.0.1/a.jpg", **fields})
     else:
-        typed: dict[str, Any] = {k: int(v) if k in INTEGERS else v for k, v in fields.items()}
+        typed: dict[str, Any] = {
+            k: int(v) if k in INTEGERS else float(v) if k in NUMBERS else v
+            for k, v in fields.items()
+        }
         typed |= {k: True for k, v in fields.items() if v == "true"}
         answer = http.post("/v1/jobs", json={"image_url": "http://127.0.0.1/a.jpg", **typed})
     assert answer.status_code == 422, answer.text
@@ -308,6 +341,106 @@ def test_openapi_lists_zip_and_not_bg_image(http: httpx.Client) -> None:
     for media in remove["requestBody"]["content"].values():
         assert "bg_image" not in media["schema"].get("properties", {})
     assert "application/zip" in remove["responses"]["200"]["content"]
+
+
+Box = tuple[int, int, int, int]
+Geometry = tuple[tuple[int, int], Box, int]  # size, subject box, pixels the box may be off
+
+
+def alpha_box(image: Image.Image) -> Box:
+    found = image.getchannel("A").getbbox()
+    assert found is not None, "no subject"
+    return found
+
+
+def left_half(plain: Image.Image) -> Geometry:
+    """roi "0 0 50% 100%": the frame kept, the subject's part right of the middle gone."""
+    width, height = plain.size
+    return plain.size, alpha_box(plain.crop((0, 0, width // 2, height))), 0
+
+
+def left_half_cropped(plain: Image.Image) -> Geometry:
+    """roi "0 0 50% 100%", then crop: the left half's subject, to its edges."""
+    _, (left, top, right, bottom), _ = left_half(plain)
+    return (right - left, bottom - top), (0, 0, right - left, bottom - top), 0
+
+
+def margins_top_right(plain: Image.Image) -> Geometry:
+    """crop_margin "20px 5px 0 0" (top, right, bottom, left)."""
+    left, top, right, bottom = alpha_box(plain)
+    return (right - left + 5, bottom - top + 20), (0, 20, right - left, bottom - top + 20), 0
+
+
+def original_at_quarters(plain: Image.Image) -> Geometry:
+    """scale original at "25% 75%": the subject unscaled, a quarter into the free width and
+    three quarters into the free height (floored)."""
+    left, top, right, bottom = alpha_box(plain)
+    free_x, free_y = plain.width - (right - left), plain.height - (bottom - top)
+    x, y = free_x // 4, free_y * 3 // 4
+    return plain.size, (x, y, x + right - left, y + bottom - top), 0
+
+
+def half_bottom_left(plain: Image.Image) -> Geometry:
+    """scale 50% at "0% 100%": fitted into half the frame's width and height, bottom left."""
+    left, top, right, bottom = alpha_box(plain)
+    factor = min(plain.width / 2 / (right - left), plain.height / 2 / (bottom - top))
+    width, height = round((right - left) * factor), round((bottom - top) * factor)
+    return plain.size, (0, plain.height - height, width, plain.height), 2
+
+
+def canvas_a_quarter_in(plain: Image.Image) -> Geometry:
+    """canvas 100 px wider than the frame at "25% 75%": unscaled, 25 px in, its full height."""
+    left, top, right, bottom = alpha_box(plain)
+    return (plain.width + 100, plain.height), (left + 25, top, right + 25, bottom), 0
+
+
+def a_quarter_of_the_pixels(plain: Image.Image) -> Geometry:
+    """fit_megapixels of just over a quarter of the frame: each side halved (floored)."""
+    width, height = plain.width // 2, plain.height // 2
+    left, top, right, bottom = alpha_box(plain)
+    return (width, height), (left // 2, top // 2, right // 2, bottom // 2), 3
+
+
+GEOMETRY = [
+    ({"roi": "0 0 50% 100%"}, left_half),
+    ({"roi": "0 0 50% 100%", "crop": "true"}, left_half_cropped),
+    ({"crop": "true", "crop_margin": "20px 5px 0 0"}, margins_top_right),
+    ({"scale": "original", "position": "25% 75%"}, original_at_quarters),
+    ({"scale": "50%", "position": "0% 100%"}, half_bottom_left),
+    ({"canvas": "576x356", "position": "25% 75%"}, canvas_a_quarter_in),
+    ({"fit_megapixels": "0.04237"}, a_quarter_of_the_pixels),
+]
+
+
+@pytest.fixture(scope="module")
+def car(base: str) -> tuple[bytes, Image.Image]:
+    """A photo new to the cache, its subject clear of the edges, and rembg's cutout of it."""
+    data = variant("car-1.jpg", (2, 2, 478, 358))
+    answer = httpx.post(f"{base}/v1/remove", content=data, headers=JPEG, timeout=120)
+    plain = decoded(answer.content)
+    left, top, right, bottom = alpha_box(plain)
+    assert left > 0 and top > 20 and right + 5 < plain.width and bottom < plain.height
+    return data, plain
+
+
+@pytest.mark.parametrize(("fields", "expect"), GEOMETRY, ids=[str(f) for f, _ in GEOMETRY])
+def test_api_places_the_subject_as_the_new_options_say(
+    http: httpx.Client,
+    car: tuple[bytes, Image.Image],
+    fields: dict[str, str],
+    expect: Callable[[Image.Image], Geometry],
+) -> None:
+    """roi, scale, position, margins and fit on a real photo through a real worker."""
+    data, plain = car
+    answer = http.post("/v1/remove", params=fields, content=data, headers=JPEG)
+    assert answer.status_code == 200, answer.text
+    image = decoded(answer.content)
+    size, box, slack = expect(plain)
+    assert image.size == size
+    assert all(abs(got - want) <= slack for got, want in zip(alpha_box(image), box, strict=True)), (
+        alpha_box(image),
+        box,
+    )
 
 
 def cli_env(stack: LocalStack) -> dict[str, str]:

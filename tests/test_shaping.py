@@ -16,7 +16,8 @@ from PIL import Image
 
 from bgq import defaults
 from bgq.errors import ImageTooLarge, UnsupportedImage
-from bgq.options import FORMATS, Options, length_pixels, parse_canvas
+from bgq.lengths import length_pixels, parse_canvas
+from bgq.options import FORMATS, Options
 from tests.helpers import sample_bytes
 from workers.imaging import check_memory, estimated_peak_mib
 from workers.shaping import render

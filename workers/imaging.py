@@ -14,7 +14,8 @@ from PIL import ExifTags, Image
 from bgq import defaults
 from bgq.errors import BgqError, ImageTooLarge, InvalidImage, UnsupportedImage
 from bgq.imageinfo import NO_ALPHA_MATTING_MODES, open_header
-from bgq.options import Options, parse_canvas
+from bgq.lengths import parse_canvas
+from bgq.options import Options
 
 # Workers own their process: BGQ_MAX_MEGAPIXELS, checked on the header, replaces Pillow's limit.
 Image.MAX_IMAGE_PIXELS = None
@@ -42,14 +43,27 @@ def estimated_peak_mib(megapixels: float, options: Options, background_mp: float
 
 def shaping_peak_mib(megapixels: float, options: Options, background_mp: float = 0.0) -> float:
     """The peak while shaping and encoding, after rembg (the input is freed by then)."""
-    held = defaults.SHAPING_HELD_MIB_PER_MP * megapixels * (2 if options.crop else 1)
+    held = defaults.SHAPING_HELD_MIB_PER_MP * megapixels * held_frames(options)
     output = megapixels
     if options.canvas is not None:
         width, height = parse_canvas(options.canvas)
         output = width * height / 1e6
     if options.bg_image is not None:
         held += defaults.BACKGROUND_MIB_PER_MP * (background_mp + output)
+    if options.fit_megapixels is not None:  # the frame before fitting: premultiplied, a pass
+        held += defaults.SHAPING_HELD_MIB_PER_MP * output * defaults.FIT_FRAMES
     return defaults.POOL_BASE_MIB + held + defaults.SHAPING_MIB_PER_MP[options.format] * output
+
+
+def held_frames(options: Options) -> int:
+    """How many images up to the input's size shaping holds at once (workers/layout.py): the
+    cutout, the image of the step before, and those a step makes."""
+    before = int(options.roi is not None) + int(options.crop)  # made in turn, one kept
+    frames = 1 + before
+    if options.scale is not None:
+        made = defaults.SCALE_FRAMES if options.scale != "original" else 2  # the subject, a frame
+        frames = max(frames, 1 + min(before, 1) + made)
+    return frames
 
 
 def check_memory(

@@ -1,8 +1,9 @@
-"""Catalog-ready outputs: crop to the subject, place it on a canvas, put it on a background,
-encode as PNG, WebP, JPEG or a zip of colour and alpha.
+"""Catalog-ready outputs: rembg's cutout shaped (workers/layout.py), put on its background
+(a colour, or an image: workers/backgrounds.py), encoded as PNG, WebP, JPEG or a zip of colour
+and alpha.
 
 Every transform starts from rembg.remove()'s output (with bgcolor held back when the output is
-shaped) and is documented in docs/output.md: crop, scale to fit, place, background, encode.
+shaped) and is documented in docs/output.md: roi, crop, canvas or scale, fit, background, encode.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import zipfile
 from PIL import Image
 
 from bgq.errors import UnsupportedImage
-from bgq.options import JPEG_BACKGROUND, Options, length_pixels, parse_canvas
+from bgq.options import JPEG_BACKGROUND, Options
 from workers.backgrounds import composite
 from workers.imaging import encode_png
+from workers.layout import arrange
 
-Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
 WHITE = JPEG_BACKGROUND  # what JPEG, which has no alpha, flattens onto
 # WebP: lossy colour at the requested quality, the alpha plane compressed losslessly (100):
 # a cutout's value is its edge, and lossy alpha blurs it into halos for a few bytes saved.
@@ -41,67 +42,12 @@ def render(
     if not options.shaped and options.format == "png":
         return encode_png(cutout, png_encoder, png_level)  # rembg.remove()'s pixels, exactly
     img = cutout if cutout.mode in ("L", "RGBA") else cutout.convert("RGBA")
-    if options.crop:
-        img = img.crop(crop_box(img, options.crop_margin))
-    if options.canvas is not None:
-        img = place(img, options)
+    img = arrange(img, options)
     if options.shaped and options.bgcolor is not None and not options.only_mask:
         img = apply_bgcolor(img, options.bgcolor)
     if background is not None:
         img = composite(img, background)
     return encode(img, options, png_encoder, png_level)
-
-
-def subject_box(img: Image.Image) -> Box | None:
-    """The bounding box of the pixels with alpha (a mask's value) over 0; None if there are none."""
-    plane = img.getchannel("A") if img.mode == "RGBA" else img
-    return plane.getbbox()
-
-
-def crop_box(img: Image.Image, margin: str) -> Box:
-    """The subject's box grown by the margin (a % is of the box's own side), clipped to the image.
-
-    With no subject at all (every pixel transparent), the whole frame.
-    """
-    box = subject_box(img)
-    if box is None:
-        return (0, 0, *img.size)
-    left, top, right, bottom = box
-    dx = length_pixels(margin, right - left)
-    dy = length_pixels(margin, bottom - top)
-    return (
-        max(0, left - dx),
-        max(0, top - dy),
-        min(img.width, right + dx),
-        min(img.height, bottom + dy),
-    )
-
-
-def fit_size(size: tuple[int, int], room: tuple[int, int]) -> tuple[int, int]:
-    """`size` scaled up or down to fit inside `room`, keeping its aspect ratio (at least 1 px)."""
-    scale = min(room[0] / size[0], room[1] / size[1])
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
-
-def place(img: Image.Image, options: Options) -> Image.Image:
-    """The image scaled to fit the canvas less its padding, on an empty canvas at `position`."""
-    assert options.canvas is not None
-    width, height = parse_canvas(options.canvas)
-    pad_x = length_pixels(options.padding, width)
-    pad_y = length_pixels(options.padding, height)
-    room = (max(1, width - 2 * pad_x), max(1, height - 2 * pad_y))
-    size = fit_size(img.size, room)
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.LANCZOS)  # RGBA: Pillow premultiplies alpha
-    left = pad_x + (room[0] - size[0]) // 2
-    top = {
-        "center": pad_y + (room[1] - size[1]) // 2,
-        "top": pad_y,
-        "bottom": height - pad_y - size[1],
-    }[options.position]
-    canvas = Image.new(img.mode, (width, height), 0)  # transparent (0,0,0,0), or mask value 0
-    canvas.paste(img, (left, top))
-    return canvas
 
 
 def apply_bgcolor(img: Image.Image, color: tuple[int, int, int, int]) -> Image.Image:

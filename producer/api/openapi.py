@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from bgq import contract, defaults, options, webhooks
+from bgq import contract, defaults, lengths, options, webhooks
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 JOB = {"$ref": "#/components/schemas/Job"}
@@ -73,16 +73,17 @@ ERRORS = {
     ),
     "422": error(
         "`invalid_request`: an unknown or invalid field, an invalid combination of options "
-        "(crop_margin without crop, padding or position without canvas, padding of half the "
-        "canvas or more, format zip with bgcolor or only_mask), not exactly one of image and "
-        "image_url, a callback_url while "
-        "BGQ_WEBHOOK_SECRET is unset; `fetch_failed`: image_url could not be fetched or is "
-        "not an image (the reason is in the message: DNS, a non-public address unless "
-        "BGQ_FETCH_ALLOW_PRIVATE, an HTTP status, a timeout, over BGQ_MAX_UPLOAD_MB, too many "
-        "redirects); `callback_not_allowed`: the callback host resolves to "
-        "a non-public address (unless BGQ_WEBHOOK_ALLOW_PRIVATE); `unsupported_image`: rembg "
-        "cannot process the image's mode; `job_failed`: the worker failed on the image "
-        "(e.g. truncated)"
+        "(crop_margin without crop, padding without canvas, position without canvas or scale, "
+        "scale with canvas, padding of half the canvas or more, format zip with bgcolor or "
+        "only_mask, a roi whose x2 or y2 is not "
+        "past x1 or y1 in the same unit), not exactly one of image and image_url, a "
+        "callback_url while BGQ_WEBHOOK_SECRET is unset; `fetch_failed`: image_url could not "
+        "be fetched or is not an image (the reason is in the message: DNS, a non-public "
+        "address unless BGQ_FETCH_ALLOW_PRIVATE, an HTTP status, a timeout, over "
+        "BGQ_MAX_UPLOAD_MB, too many redirects); `callback_not_allowed`: the callback host "
+        "resolves to a non-public address (unless BGQ_WEBHOOK_ALLOW_PRIVATE); "
+        "`unsupported_image`: rembg cannot process the image's mode; `job_failed`: the worker "
+        "failed on the image (e.g. truncated)"
     ),
     "503": error(
         "`unavailable`: Redis or the store is unreachable; retry after `Retry-After` seconds",
@@ -150,7 +151,7 @@ def option_parameters() -> list[dict[str, Any]]:
     return params
 
 
-LENGTH = {"type": "string", "pattern": options.LENGTH_PATTERN, "default": "0"}
+LENGTH = {"type": "string", "pattern": lengths.LENGTH_PATTERN, "default": "0"}
 # The shaping options as the server checks them (one field at a time; rules across fields are
 # in the 422's description).
 SHAPING: dict[str, dict[str, Any]] = {
@@ -169,8 +170,9 @@ SHAPING: dict[str, dict[str, Any]] = {
     "crop": {"description": "crop to the subject's bounding box"},
     "crop_margin": {
         **LENGTH,
+        "pattern": lengths.MARGIN_PATTERN,
         "description": "margin kept around the subject with crop=true: pixels (20, 20px) or a "
-        "percentage of the subject's box (5%)",
+        "percentage of the subject's box (5%); one value, `TB LR` or `T R B L` (CSS order)",
     },
     "canvas": {
         "type": "string",
@@ -184,7 +186,35 @@ SHAPING: dict[str, dict[str, Any]] = {
         "description": "space between the subject and the canvas edge, with canvas: pixels "
         "or a percentage of the canvas side; under half the canvas",
     },
-    "position": {"description": "where the subject sits on the canvas, with canvas"},
+    "position": {
+        "type": "string",
+        "pattern": lengths.POSITION_PATTERN,
+        "default": "center",
+        "description": "where the subject sits in the free space, with canvas or scale: center, "
+        "top, bottom, `X%` (both axes) or `X% Y%` (0% left or top, 100% right or bottom)",
+    },
+    "roi": {
+        "type": "string",
+        "pattern": lengths.ROI_PATTERN,
+        "example": "10% 0% 90% 100%",
+        "description": "region of interest `x1 y1 x2 y2`: pixels (20, 20px) or percentages of "
+        "the image's width (x) and height (y); everything outside it becomes background. "
+        "x2 must be past x1 and y2 past y1",
+    },
+    "scale": {
+        "type": "string",
+        "pattern": lengths.SCALE_PATTERN,
+        "example": "80%",
+        "description": "the subject scaled to fit this share of the frame (10% to 100%), or "
+        "`original` (its own size), and put at `position`; not with canvas",
+    },
+    "fit_megapixels": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": defaults.FIT_MAX_MEGAPIXELS,
+        "example": 0.25,
+        "description": "the output scaled down (never up) to at most this many megapixels",
+    },
 }
 IMAGE_URL = {
     "name": "image_url",

@@ -35,10 +35,16 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "format": ("", "png, webp, jpeg or zip (color.jpg and alpha.png)."),
     "quality": ("", f"1-100 (webp, jpeg, zip) {shown_default(str(defaults.QUALITY))}."),
     "crop": ("", "Crop to the subject."),
-    "crop_margin": ("", "Margin around the cropped subject: 20px or 5%."),
+    "crop_margin": ("", "Margin around the cropped subject: 20px, 5%, 'TB LR' or 'T R B L'."),
     "canvas": ("", "Place the subject on a WxH canvas (1000x1000)."),
     "padding": ("", "Space between subject and canvas edge: 20px or 5%."),
-    "position": ("", "center, top or bottom."),
+    "position": (
+        "",
+        "Where the subject sits, with a canvas or scale: center, top, bottom, X% or 'X% Y%'.",
+    ),
+    "roi": ("", "Region of interest 'x1 y1 x2 y2' (px or %); outside it is background."),
+    "scale": ("", "Subject scaled to 10%-100% of the frame, or original (its own size)."),
+    "fit_megapixels": ("", "Scale the output down to at most this many megapixels."),
 }
 
 R = TypeVar("R")
