@@ -170,6 +170,7 @@ class Submission:
         self.limiter = limiter
         self.caller: str | None = request.state.caller  # the key's short id (require_key)
         self.limit_headers: dict[str, str] = {}
+        self.image: bytes | None = None  # the image as submitted (uploaded or fetched)
 
     async def submit(
         self,
@@ -184,6 +185,7 @@ class Submission:
         usages = await run_in_threadpool(self.limiter.count_request, self.caller, lane)
         self.limit_headers = ratelimit.headers(usages)
         data = await image_of(self.request, self.settings, fields, upload)  # after the count
+        self.image = data
         model, options = options_of(fields, self.settings.model)
         if callback is not None:
             await run_in_threadpool(check_callback, self.settings, callback)
