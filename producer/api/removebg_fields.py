@@ -55,6 +55,8 @@ PARAMETERS = frozenset(
         "position",
     ]
 )
+ONE_SOURCE = "send exactly one of image_file, image_file_b64 and image_url"
+ONE_BACKGROUND = "send at most one of bg_image_url and bg_image_file"
 HEX_COLOR = re.compile(r"#?([0-9a-fA-F]{3,4}|[0-9a-fA-F]{6}|[0-9a-fA-F]{8})")
 
 
@@ -118,10 +120,7 @@ def image_source(given: dict[str, str], files: frozenset[str]) -> Source:
     """Exactly one of image_file, image_file_b64 and image_url."""
     sent = [name for name in IMAGE_SOURCES if name in given or name in files]
     if len(sent) != 1:
-        raise RemoveBgError(
-            "send exactly one of image_file, image_file_b64 and image_url",
-            "missing_source" if not sent else "multiple_sources",
-        )
+        raise RemoveBgError(ONE_SOURCE, "missing_source" if not sent else "multiple_sources")
     if "image_file" in given:
         raise RemoveBgError("image_file: must be a file (multipart), or use image_file_b64")
     if sent[0] == "image_url":
@@ -135,7 +134,7 @@ def background_source(given: dict[str, str], files: frozenset[str]) -> Source | 
     """At most one of bg_image_url and bg_image_file."""
     sent = [name for name in BACKGROUND_SOURCES if name in given or name in files]
     if len(sent) > 1:
-        raise RemoveBgError("send at most one of bg_image_url and bg_image_file")
+        raise RemoveBgError(ONE_BACKGROUND)
     if "bg_image_file" in given:
         raise RemoveBgError("bg_image_file: must be a file (multipart)")
     if not sent:
