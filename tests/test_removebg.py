@@ -90,7 +90,6 @@ URL = "http://images.example/a.jpg"
             FILE,
             {},
         ),
-        ({"size": "auto", "bg_color": ""}, FILE, {}),  # an empty value is not sent
         ({"size": "auto", "bg_image_url": URL}, FILE, {"format": "jpeg"}),
         ({"size": "auto", "format": "png"}, FILE | {"bg_image_file"}, {}),
     ],
@@ -159,6 +158,8 @@ def test_mapping_names_the_sources() -> None:
         ({"channels": "rgb"}, FILE, "channels: must be rgba or alpha", "invalid_parameters"),
         ({"bg_color": "notacolour"}, FILE, "bg_color: must be a hex colour", "invalid_parameters"),
         ({"bg_color": "#12345"}, FILE, "bg_color", "invalid_parameters"),
+        ({"bg_color": ""}, FILE, "bg_color", "invalid_parameters"),
+        ({"image_url": ""}, FILE, "exactly one of image_file", "multiple_sources"),
     ],
 )
 def test_mapping_refuses_with_remove_bg_titles(
@@ -207,6 +208,7 @@ def servers(url_stack: LocalStack) -> Iterator[dict[str, str]]:
         "limited": ApiServer(
             settings.model_copy(update={"api_limits": "*: interactive.rpm=1"})
         ).start(),
+        "small": ApiServer(settings.model_copy(update={"max_upload_mb": 1})).start(),
         "down": ApiServer(
             settings.model_copy(update={"redis_url": down, "broker_retry_seconds": 0.5})
         ).start(),
@@ -226,6 +228,11 @@ def photos() -> Iterator[ImageServer]:
 @pytest.fixture
 def api(servers: dict[str, str]) -> str:
     return servers["api"]
+
+
+@pytest.fixture
+def serve_small(servers: dict[str, str]) -> str:
+    return servers["small"]
 
 
 @pytest.fixture
@@ -438,6 +445,21 @@ def test_too_large_an_image_is_a_400(http: httpx.Client) -> None:
     )
     assert answer.status_code == 400, answer.text
     assert errors_of(answer)["code"] == "resolution_too_high", answer.text
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_too_large_a_body_is_a_400(serve_small: str, declared: bool) -> None:
+    body = b"x" * (1024 * 1024 + 1)  # over BGQ_MAX_UPLOAD_MB=1
+    chunks = iter([body[:1000], body[1000:]])
+    content = body if declared else chunks  # without Content-Length: refused while read
+    answer = httpx.post(
+        serve_small + "/v1.0/removebg",
+        content=content,
+        headers={"X-Api-Key": KEY, "Content-Type": "application/x-www-form-urlencoded"},
+        timeout=60,
+    )
+    assert answer.status_code == 400 and errors_of(answer)["code"] == "file_too_large"
+    assert "BGQ_MAX_UPLOAD_MB" in errors_of(answer)["title"]
 
 
 def test_the_key_as_x_api_key_or_bearer(api: str) -> None:

@@ -34,7 +34,15 @@ from producer.api import ratelimit
 from producer.api.deps import LimiterDep, MetricsDep, ProducerDep, SettingsDep, match_key
 from producer.api.errors import RETRY_LATER, ApiError, BodyTooLarge, api_error
 from producer.api.jobs import Submission, wait_for
-from producer.api.removebg_fields import FILES, Mapped, RemoveBgError, Source, mapping
+from producer.api.removebg_fields import (
+    FILES,
+    PATHS,
+    Mapped,
+    RemoveBgError,
+    Source,
+    error_body,
+    mapping,
+)
 from producer.api.submission import image_of, options_of
 from producer.client import Producer
 from producer.job import Job
@@ -59,11 +67,6 @@ ERRORS = {
 # that no call runs down, for the clients that check it before calling.
 ACCOUNT_CREDITS = 1_000_000
 NO_SUBJECT = (0, 0, 0, 0)  # the foreground box of a result with no subject
-
-
-def error_body(title: str, code: str) -> dict[str, Any]:
-    """remove.bg's error shape."""
-    return {"errors": [{"title": title, "code": code}]}
 
 
 def error_answer(exc: Exception) -> JSONResponse:
@@ -140,9 +143,9 @@ router = APIRouter(
 )
 
 
-@router.post("/v1.0/removebg", summary="remove.bg's removebg", operation_id="removebg")
+@router.post(PATHS[0], summary="remove.bg's removebg", operation_id="removebg")
 @router.post(
-    "/api/removebg", summary="remove.bg's removebg (carvekit's path)", operation_id="removebg_api"
+    PATHS[1], summary="remove.bg's removebg (carvekit's path)", operation_id="removebg_api"
 )
 async def removebg(
     request: Request,

@@ -11,6 +11,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import ImageColor
 
@@ -57,6 +58,7 @@ PARAMETERS = frozenset(
 )
 ONE_SOURCE = "send exactly one of image_file, image_file_b64 and image_url"
 ONE_BACKGROUND = "send at most one of bg_image_url and bg_image_file"
+PATHS = ("/v1.0/removebg", "/api/removebg")  # where remove.bg's clients post
 HEX_COLOR = re.compile(r"#?([0-9a-fA-F]{3,4}|[0-9a-fA-F]{6}|[0-9a-fA-F]{8})")
 
 
@@ -66,6 +68,11 @@ class RemoveBgError(Exception):
     def __init__(self, title: str, code: str = "invalid_parameters", status: int = 400) -> None:
         super().__init__(title)
         self.title, self.code, self.status = title, code, status
+
+
+def error_body(title: str, code: str) -> dict[str, Any]:
+    """remove.bg's error shape."""
+    return {"errors": [{"title": title, "code": code}]}
 
 
 @dataclass(frozen=True)
@@ -88,11 +95,11 @@ class Mapped:
 
 
 def mapping(params: dict[str, str], files: frozenset[str] = frozenset()) -> Mapped:
-    """The bgq fields and sources of remove.bg's `params` (empty values count as not sent)."""
+    """The bgq fields and sources of remove.bg's `params`."""
     unknown = sorted((set(params) | files) - PARAMETERS)
     if unknown:
         raise RemoveBgError(f"unknown parameter(s): {', '.join(unknown)}", "unknown_parameters")
-    given = {name: value for name, value in params.items() if value != ""}
+    given = params
     for name, (default, why) in DEFAULT_ONLY.items():
         if given.get(name, default) != default:
             raise RemoveBgError(f"{name}: {why}", "unsupported_parameter")

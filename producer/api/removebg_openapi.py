@@ -120,12 +120,7 @@ def answers(secured: bool, limited: bool) -> dict[str, Any]:
             "content": content,
             "headers": headers,
         },
-        "400": error("Bad parameters or image; `title` says which"),
-        "413": {
-            "description": "`payload_too_large`: the body's Content-Length is over "
-            "BGQ_MAX_UPLOAD_MB (answered before the route, in bgq's own error shape)",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-        },
+        "400": error("Bad parameters or image (`file_too_large`: over BGQ_MAX_UPLOAD_MB)"),
         "503": error("Redis or the store is down, or no result within the wait", retry),
     }
     if secured:
