@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from bgq import contract, defaults
 from bgq.errors import BgqError
 from bgq.options import Options
+from bgq.settings import Settings
 from producer.api import ratelimit
 from producer.api.deps import LimiterDep, MetricsDep, ProducerDep, SettingsDep, match_key
 from producer.api.errors import RETRY_LATER, ApiError, BodyTooLarge, api_error
@@ -43,7 +44,7 @@ from producer.api.removebg_fields import (
     error_body,
     mapping,
 )
-from producer.api.submission import image_of, options_of
+from producer.api.submission import image_of
 from producer.client import Producer
 from producer.job import Job
 
@@ -158,14 +159,15 @@ async def removebg(
     mapped = mapping(params, frozenset(uploads))
     fields = dict(mapped.fields)
     probe = {"bg_image": "0" * 64} if mapped.background else {}
-    options_of(fields | probe, settings.model)  # refused before anything is fetched or stored
+    options_for(fields | probe, settings)  # refused before anything is fetched or stored
     upload = image_bytes(mapped.image, uploads)
     if mapped.image.kind == "url":
         fields["image_url"] = cast(str, mapped.image.url)
     if mapped.background is not None:
         fields["bg_image"] = await store_background(request, producer, mapped, uploads)
     sent = Submission(request, settings, producer, metrics, limiter)
-    job = await sent.submit(fields, upload, callback=None, record_hits=False)
+    parsed = options_for(fields, settings)
+    job = await sent.submit(fields, upload, callback=None, record_hits=False, parsed=parsed)
     await ready(request, job)
     data = await run_in_threadpool(producer.store.read_output, job.output)
     box = await foreground(request, sent, fields, data)
@@ -191,6 +193,12 @@ async def account() -> JSONResponse:
         "api": {"free_calls": ACCOUNT_CREDITS, "sizes": "all"},
     }
     return JSONResponse({"data": {"attributes": attributes}})
+
+
+def options_for(fields: dict[str, str], settings: Settings) -> tuple[str, Options]:
+    """The server's model and the mapped fields' options: bg_image too, which bgq's own API
+    does not take as a field (image_url is the image's, not an option)."""
+    return settings.model, Options.parse({k: v for k, v in fields.items() if k != "image_url"})
 
 
 def image_bytes(source: Source, uploads: dict[str, bytes]) -> bytes | None:
@@ -241,7 +249,7 @@ async def foreground(
     for an opaque result its transparent sibling's (the same job without background, as PNG:
     the same mask, no second inference)."""
     width, height, box = await run_in_threadpool(measure, data)
-    options = options_of(fields, sent.settings.model)[1]
+    options = options_for(fields, sent.settings)[1]
     if opaque(options, fields):
         plain = {k: v for k, v in fields.items() if k not in SIBLING_DROPS}
         sibling = await sibling_job(sent, plain)
@@ -261,7 +269,7 @@ async def foreground(
 
 async def sibling_job(sent: Submission, fields: dict[str, str]) -> Job:
     """The submission's image with other options, as part of the same request (not counted)."""
-    model, options = options_of(fields, sent.settings.model)
+    model, options = options_for(fields, sent.settings)
     submit = functools.partial(
         sent.producer.submit_data, lane=contract.INTERACTIVE, run=ratelimit.run_of(sent.caller)
     )

@@ -126,7 +126,15 @@ def answers(secured: bool, limited: bool) -> dict[str, Any]:
     if secured:
         out["403"] = error("`auth_failed`: X-Api-Key (or a bearer token) missing or wrong")
     if limited:
-        out["429"] = error("`rate_limit_exceeded`: over the key's BGQ_API_LIMITS", retry)
+        rates = {
+            "X-RateLimit-Limit": header("the key's requests a minute", False, pattern=COUNT),
+            "X-RateLimit-Remaining": header("what is left of them", False, pattern=COUNT),
+            "X-RateLimit-Reset": header("when one is free (Unix seconds)", False, pattern=COUNT),
+            "RateLimit-Policy": header("as on /v1/remove", False),
+            "RateLimit": header("as on /v1/remove", False),
+        }
+        out["200"]["headers"].update(rates)
+        out["429"] = error("`rate_limit_exceeded`: over the key's BGQ_API_LIMITS", retry | rates)
     return out
 
 
