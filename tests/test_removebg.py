@@ -478,6 +478,24 @@ def test_the_key_as_x_api_key_or_bearer(api: str) -> None:
     assert bearer.status_code == 200, bearer.text
 
 
+def test_the_document_has_the_routes_under_their_tag(api: str) -> None:
+    doc = httpx.get(api + "/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["removebgKey"]["name"] == "X-Api-Key"
+    for path in ("/v1.0/removebg", "/api/removebg"):
+        op = doc["paths"][path]["post"]
+        assert op["tags"] == ["remove.bg"]
+        assert op["security"] == [{"removebgKey": []}, {"bearer": []}]
+        assert set(op["responses"]) == {"200", "400", "403", "503"}  # no limits: no 429
+        assert "X-Foreground-Top" in op["responses"]["200"]["headers"]
+        assert "application/json" in op["responses"]["200"]["content"]
+        body = op["requestBody"]["content"]
+        assert "image_file" in body["multipart/form-data"]["schema"]["properties"]
+        assert "image_file" not in body["application/json"]["schema"]["properties"]
+        assert "size" in body["application/x-www-form-urlencoded"]["schema"]["properties"]
+    account = doc["paths"]["/v1.0/account"]["get"]
+    assert account["tags"] == ["remove.bg"] and set(account["responses"]) == {"200", "403"}
+
+
 def test_account_says_what_a_self_hosted_server_can(http: httpx.Client) -> None:
     attributes = http.get("/v1.0/account").json()["data"]["attributes"]
     assert attributes["credits"]["total"] > 0 and attributes["api"]["sizes"] == "all"
