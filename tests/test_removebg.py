@@ -347,6 +347,11 @@ def test_base64_in_json_answered_as_remove_bgs_json(http: httpx.Client) -> None:
             "image/png",
         ),
         ({"channels": "alpha"}, {"only_mask": "true"}, "image/png"),
+        (
+            {"channels": "alpha", "format": "webp"},
+            {"only_mask": "true", "format": "webp"},
+            "image/webp",
+        ),
     ],
 )
 def test_options_are_v1_removes_and_the_box_is_the_subjects(

@@ -169,7 +169,12 @@ async def removebg(
     parsed = options_for(fields, settings)
     job = await sent.submit(fields, upload, callback=None, record_hits=False, parsed=parsed)
     await ready(request, job)
-    data = await run_in_threadpool(producer.store.read_output, job.output)
+    return await answer(request, sent, job, fields)
+
+
+async def answer(request: Request, sent: Submission, job: Job, fields: dict[str, str]) -> Response:
+    """The result with remove.bg's headers: the image, or its JSON for Accept: application/json."""
+    data = await run_in_threadpool(sent.producer.store.read_output, job.output)
     box = await foreground(request, sent, fields, data)
     headers = {
         **box,
@@ -280,8 +285,8 @@ SIBLING_DROPS = ("bgcolor", "bg_image", "format", "quality")  # what makes a res
 
 
 def opaque(options: Options, fields: dict[str, str]) -> bool:
-    """Whether the result's own alpha cannot give the subject's box."""
-    if options.format == "jpeg":
+    """Whether the result's own alpha cannot give the subject's box (none, or a lossy mask)."""
+    if options.format == "jpeg" or (options.only_mask and options.format == "webp"):
         return True
     return not options.only_mask and ("bgcolor" in fields or "bg_image" in fields)
 
