@@ -650,7 +650,7 @@ def test_after_merge_size_roi_scale_position_zip_and_background(
         files={"image_file": data, "bg_image_file": background},
         data={"size": "auto", "bg_color": "red"},
     )
-    assert both.status_code == 400 and "bg_color" in errors_of(both)["title"]
+    assert both.status_code == 400 and "bgcolor" in errors_of(both)["title"]
     bad = http.post(
         "/v1.0/removebg",
         files={"image_file": data, "bg_image_file": b"not an image"},
