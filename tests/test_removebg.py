@@ -428,6 +428,17 @@ def errors_of(response: httpx.Response | requests.Response) -> dict[str, str]:
             "other: must be a field",
         ),
         (
+            {"json": {"size": 1, "image_url": "http://x"}},
+            "invalid_parameters",
+            "size: must be a JSON string",
+        ),
+        (
+            {"json": {"size": "auto", "image_url": "http://127.0.0.1:1/x.jpg", "crop": "yes"}},
+            "invalid_parameters",
+            "crop: must be a JSON boolean",
+        ),
+        ({"json": {"colour": "red"}}, "invalid_parameters", "unknown field(s): colour"),
+        (
             {"content": b"\xff\xd8", "headers": {"Content-Type": "image/jpeg"}},
             "invalid_file_type",
             "image/jpeg",

@@ -44,6 +44,7 @@ from producer.api.removebg_fields import (
     error_body,
     mapping,
 )
+from producer.api.removebg_openapi import json_types
 from producer.api.submission import image_of
 from producer.client import Producer
 from producer.job import Job
@@ -155,7 +156,8 @@ async def removebg(
     metrics: MetricsDep,
     limiter: LimiterDep,
 ) -> Response:
-    params, uploads = await read_fields(request, FILES)
+    body, uploads = await read_fields(request, FILES, json_types())
+    params = dict(request.query_params) | body
     mapped = mapping(params, frozenset(uploads))
     fields = dict(mapped.fields)
     probe = {"bg_image": "0" * 64} if mapped.background else {}
@@ -319,34 +321,36 @@ def json_result(data: bytes, box: dict[str, str]) -> dict[str, Any]:
 
 
 # -- the request's fields -----------------------------------------------------------------------
-# TODO-after-merge: swap for submission.read_fields (the "form" branch adds it, same signature).
+# TODO-after-merge: swap for submission.read_fields (the "form" branch adds it: the same
+# signature and behaviour, called as here with this API's JSON types).
 
 
 async def read_fields(
-    request: Request, files: frozenset[str]
+    request: Request, files: frozenset[str], types: Mapping[str, str]
 ) -> tuple[dict[str, str], dict[str, bytes]]:
-    """The fields (query, then a form, multipart or JSON body) and the files named `files`."""
-    fields = dict(request.query_params)
+    """The body's fields and its file parts named in `files`: multipart, urlencoded or a JSON
+    object (each field of its JSON type in `types`); the query is the caller's."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await read_form(request, fields, files)
+        return await read_form(request, files)
     if ctype == "application/json":
-        return await read_json_fields(request, fields), {}
+        return await read_json_fields(request, types), {}
     if ctype == "" and not await request.body():
-        return fields, {}
+        return {}, {}
     raise ApiError(
         415, "unsupported_media_type", f"send multipart, form-encoded or JSON fields, not {ctype}"
     )
 
 
 async def read_form(
-    request: Request, fields: dict[str, str], files: frozenset[str]
+    request: Request, files: frozenset[str]
 ) -> tuple[dict[str, str], dict[str, bytes]]:
-    """A form's fields over the query's, and its files (only those named `files`)."""
+    """A form's fields, and its files (only those named `files`)."""
     try:
         form = await request.form(max_files=len(files), max_fields=32)
     except (HTTPException, ParseError) as exc:
         raise ApiError(422, "invalid_request", f"malformed form body: {exc}") from None
+    fields: dict[str, str] = {}
     uploads: dict[str, bytes] = {}
     try:
         for name, value in form.multi_items():
@@ -361,19 +365,20 @@ async def read_form(
         await form.close()
 
 
-async def read_json_fields(request: Request, fields: dict[str, str]) -> dict[str, str]:
-    """A JSON object's fields over the query's: strings, numbers and booleans as form text."""
+async def read_json_fields(request: Request, types: Mapping[str, str]) -> dict[str, str]:
+    """A JSON object's fields, each of its JSON type (string or boolean), as form text."""
     try:
         body = json.loads(await request.body())
     except (ValueError, RecursionError):
         raise ApiError(422, "invalid_request", "malformed JSON body") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the JSON body must be an object")
+    fields: dict[str, str] = {}
     for name, value in body.items():
-        if isinstance(value, bool):
-            fields[name] = "true" if value else "false"
-        elif isinstance(value, int | float | str):
-            fields[name] = str(value)
-        else:
-            raise ApiError(422, "invalid_request", f"{name}: must be a string, number or boolean")
+        kind = types.get(name)
+        if kind is None:
+            raise ApiError(422, "invalid_request", f"unknown field(s): {name}")
+        if not isinstance(value, bool if kind == "boolean" else str):
+            raise ApiError(422, "invalid_request", f"{name}: must be a JSON {kind}")
+        fields[name] = ("true" if value else "false") if isinstance(value, bool) else value
     return fields

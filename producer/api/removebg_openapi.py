@@ -8,6 +8,7 @@ a field whose option this server lacks is left out (the route refuses it).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from fastapi import FastAPI
@@ -70,6 +71,12 @@ def fields() -> dict[str, dict[str, Any]]:
     if "scale" in has and position is not None:
         out["position"] = {"anyOf": [{"type": "string", "enum": ["original"]}, position]}
     return out
+
+
+@functools.cache
+def json_types() -> dict[str, str]:
+    """The JSON type of each field a JSON body may carry (a string unless the schema says)."""
+    return {name: schema.get("type", "string") for name, schema in fields().items()}
 
 
 def request_body() -> dict[str, Any]:
