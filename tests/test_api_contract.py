@@ -44,7 +44,15 @@ REMOVEBG_UNDESCRIBABLE = {
     "invalid_image",  # a job that failed on the image, or image_file_b64 not base64
     "failed_to_download",
 }
-REMOVEBG_ACROSS_FIELDS = (*ACROSS_FIELDS, ONE_SOURCE, ONE_BACKGROUND)
+# Its own rules (one image source, one background image), and bg_image's, which only it takes
+# as a field: one background (not with bg_color), on a cutout (not with channels=alpha).
+REMOVEBG_ACROSS_FIELDS = (
+    *ACROSS_FIELDS,
+    ONE_SOURCE,
+    ONE_BACKGROUND,
+    "sets the background, so not with",
+    "applies to a cutout, not with",
+)
 # Nor whether the key is over its limits (BGQ_API_LIMITS) at the time: 429, documented.
 POSITIVE_STATUSES = ["2xx", "3xx", "400", "401", "404", "409", "413", "415", "422", "429"]
 KEY = "contract-test-key"
