@@ -14,6 +14,7 @@ from schemathesis.engine import Status, events, from_schema
 from schemathesis.engine.recorder import CheckNode
 
 from bgq.options import ROI_ORDER
+from producer.api.removebg_fields import ONE_BACKGROUND, ONE_SOURCE
 from producer.api.submission import ONE_IMAGE
 from tests.helpers import ApiServer
 from tests.stacks import StackFactory
@@ -44,8 +45,26 @@ ACROSS_FIELDS = (
     "zip holds the subject's colours and alpha, not with",
     ROI_ORDER,
 )
+# The remove.bg routes answer such refusals 400 in remove.bg's shape, with their own codes.
+REMOVEBG_UNDESCRIBABLE = {
+    "file_too_large",
+    "resolution_too_high",
+    "invalid_file_type",
+    "unsupported_image",
+    "invalid_image",  # a job that failed on the image, or image_file_b64 not base64
+    "failed_to_download",
+}
+# Its own rules (one image source, one background image), and bg_image's, which only it takes
+# as a field: one background (not with bg_color), on a cutout (not with channels=alpha).
+REMOVEBG_ACROSS_FIELDS = (
+    *ACROSS_FIELDS,
+    ONE_SOURCE,
+    ONE_BACKGROUND,
+    "sets the background, so not with",
+    "applies to a cutout, not with",
+)
 # Nor whether the key is over its limits (BGQ_API_LIMITS) at the time: 429, documented.
-POSITIVE_STATUSES = ["2xx", "3xx", "401", "404", "409", "413", "415", "422", "429"]
+POSITIVE_STATUSES = ["2xx", "3xx", "400", "401", "404", "409", "413", "415", "422", "429"]
 KEY = "contract-test-key"
 # Submissions carry RateLimit fields in both lanes; bulk ones soon meet their 429.
 LIMITS = "*: interactive.rpm=100000 bulk.rpm=2 bulk.jobs=1"
@@ -58,7 +77,7 @@ CONFIG = {
     "checks": {"positive_data_acceptance": {"expected-statuses": POSITIVE_STATUSES}},
     "request-timeout": 60,
     "workers": 4,
-    "auth": {"openapi": {"bearer": {"bearer": KEY}}},
+    "auth": {"openapi": {"bearer": {"bearer": KEY}, "removebgKey": {"api_key": KEY}}},
 }
 PHASES = ("EXAMPLES", "COVERAGE", "FUZZING", "STATEFUL_TESTING")
 
@@ -77,6 +96,12 @@ def refused_only_for(
             rule in error["message"] for rule in ACROSS_FIELDS
         )
         assert error["code"] in UNDESCRIBABLE or across, (
+            f"schema-valid request refused: {response.text}"
+        )
+    if response.status_code == 400:  # only the remove.bg routes answer 400
+        error = response.json()["errors"][0]
+        across = any(rule in error["title"] for rule in REMOVEBG_ACROSS_FIELDS)
+        assert error["code"] in REMOVEBG_UNDESCRIBABLE or across, (
             f"schema-valid request refused: {response.text}"
         )
 

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 import bgq
 from bgq import defaults, quotas
 from bgq.settings import Settings, load_settings
-from producer.api import jobs, ops
+from producer.api import jobs, ops, removebg
 from producer.api.apidocs import install_apidocs
 from producer.api.errors import install_error_handlers
 from producer.api.limits import BodyLimit
@@ -20,6 +20,7 @@ from producer.api.metrics import Metrics, MetricsMiddleware
 from producer.api.openapi import install_openapi
 from producer.api.page import install_page
 from producer.api.ratelimit import Limiter
+from producer.api.removebg_openapi import install_removebg_openapi
 from producer.client import Producer
 
 DESCRIPTION = (
@@ -49,10 +50,12 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     app.state.api_keys = {quotas.key_id(k): k.encode() for k in settings.api_key_list}
     app.state.limiter = Limiter(settings.api_limit_table, producer, metrics)
     install_openapi(app, secured=bool(settings.api_key_list), limited=bool(settings.api_limits))
+    install_removebg_openapi(app, bool(settings.api_key_list), bool(settings.api_limits))
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(jobs.router)
+    app.include_router(removebg.router)
     install_page(app, settings, producer.store)
     app.include_router(ops.router)
     install_apidocs(app)

@@ -66,11 +66,9 @@ async def require_key(request: Request) -> None:
     if not keys:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = token.strip().encode()
-    # Every key is compared (in constant time), so the time taken says nothing of which matched.
-    matches = [caller for caller, key in keys.items() if hmac.compare_digest(given, key)]
-    if scheme.lower() == "bearer" and matches:
-        request.state.caller = matches[0]
+    caller = match_key(keys, token.strip())
+    if scheme.lower() == "bearer" and caller is not None:
+        request.state.caller = caller
         return
     raise ApiError(
         401,
@@ -78,3 +76,11 @@ async def require_key(request: Request) -> None:
         "missing or invalid API key: send `Authorization: Bearer <key>`",
         {"WWW-Authenticate": "Bearer"},
     )
+
+
+def match_key(keys: dict[str, bytes], given: str) -> str | None:
+    """The short id of the key `given` is, if any (every key compared, in constant time, so the
+    time taken says nothing of which matched)."""
+    token = given.encode()
+    matches = [caller for caller, key in keys.items() if hmac.compare_digest(token, key)]
+    return matches[0] if matches else None

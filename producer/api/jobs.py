@@ -170,6 +170,7 @@ class Submission:
         self.limiter = limiter
         self.caller: str | None = request.state.caller  # the key's short id (require_key)
         self.limit_headers: dict[str, str] = {}
+        self.image: bytes | None = None  # the image as submitted (uploaded or fetched)
 
     async def submit(
         self,
@@ -178,13 +179,16 @@ class Submission:
         *,
         callback: str | None,
         record_hits: bool,
+        parsed: tuple[str, Options] | None = None,
     ) -> Job:
-        """Count the request, read the image, then submit it as one of the caller's jobs."""
+        """Count the request, read the image, then submit it as one of the caller's jobs (with
+        the model and options of `fields`, or `parsed` where a route parsed its own)."""
         lane = lane_of(fields)
         usages = await run_in_threadpool(self.limiter.count_request, self.caller, lane)
         self.limit_headers = ratelimit.headers(usages)
         data = await image_of(self.request, self.settings, fields, upload)  # after the count
-        model, options = options_of(fields, self.settings.model)
+        self.image = data
+        model, options = parsed or options_of(fields, self.settings.model)
         if callback is not None:
             await run_in_threadpool(check_callback, self.settings, callback)
             if not self.settings.webhook_secret:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from producer.api import removebg_fields
 from producer.api.errors import BodyTooLarge, error_response
 
 
@@ -20,7 +22,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = error_response(413, "payload_too_large", too_large(self.max_bytes))
+                response = too_large_response(scope["path"], self.max_bytes)
                 await response(scope, receive, send)
                 return
         seen = 0
@@ -39,3 +41,11 @@ class BodyLimit:
 def too_large(max_bytes: int) -> str:
     """The 413's message: the limit in MiB, as BGQ_MAX_UPLOAD_MB sets it."""
     return f"request body over the BGQ_MAX_UPLOAD_MB limit of {max_bytes / 2**20:g} MiB"
+
+
+def too_large_response(path: str, max_bytes: int) -> JSONResponse:
+    """The 413, or remove.bg's 400 `file_too_large` on its routes."""
+    if path in removebg_fields.PATHS:
+        body = removebg_fields.error_body(too_large(max_bytes), "file_too_large")
+        return JSONResponse(body, status_code=400)
+    return error_response(413, "payload_too_large", too_large(max_bytes))
