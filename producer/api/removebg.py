@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import json
 import logging
 import time
 import zipfile
@@ -22,10 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from PIL import Image
-from python_multipart.exceptions import ParseError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
 from bgq import contract, defaults
 from bgq.errors import BgqError
@@ -45,7 +41,7 @@ from producer.api.removebg_fields import (
     mapping,
 )
 from producer.api.removebg_openapi import json_types
-from producer.api.submission import image_of
+from producer.api.submission import image_of, read_fields
 from producer.client import Producer
 from producer.job import Job
 
@@ -227,8 +223,7 @@ async def store_background(
             data = await image_of(request, settings, {"image_url": cast(str, source.url)}, None)
         else:
             data = uploads["bg_image_file"]
-        # TODO-after-merge: Producer.put_image comes with the shape2 branch.
-        digest: str = await run_in_threadpool(cast(Any, producer).put_image, data)
+        digest = await run_in_threadpool(producer.put_image, data)
     except BgqError as exc:
         err = api_error(exc)
         if err.status >= 500:
@@ -318,67 +313,3 @@ def json_result(data: bytes, box: dict[str, str]) -> dict[str, Any]:
     for side in ("top", "left", "width", "height"):
         result[f"foreground_{side}"] = int(box[f"X-Foreground-{side.capitalize()}"])
     return {"data": result}
-
-
-# -- the request's fields -----------------------------------------------------------------------
-# TODO-after-merge: swap for submission.read_fields (the "form" branch adds it: the same
-# signature and behaviour, called as here with this API's JSON types).
-
-
-async def read_fields(
-    request: Request, files: frozenset[str], types: Mapping[str, str]
-) -> tuple[dict[str, str], dict[str, bytes]]:
-    """The body's fields and its file parts named in `files`: multipart, urlencoded or a JSON
-    object (each field of its JSON type in `types`); the query is the caller's."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await read_form(request, files)
-    if ctype == "application/json":
-        return await read_json_fields(request, types), {}
-    if ctype == "" and not await request.body():
-        return {}, {}
-    raise ApiError(
-        415, "unsupported_media_type", f"send multipart, form-encoded or JSON fields, not {ctype}"
-    )
-
-
-async def read_form(
-    request: Request, files: frozenset[str]
-) -> tuple[dict[str, str], dict[str, bytes]]:
-    """A form's fields, and its files (only those named `files`)."""
-    try:
-        form = await request.form(max_files=len(files), max_fields=32)
-    except (HTTPException, ParseError) as exc:
-        raise ApiError(422, "invalid_request", f"malformed form body: {exc}") from None
-    fields: dict[str, str] = {}
-    uploads: dict[str, bytes] = {}
-    try:
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if name not in files:
-                    raise ApiError(422, "invalid_request", f"{name}: must be a field, not a file")
-                uploads[name] = await value.read()
-            else:
-                fields[name] = value
-        return fields, uploads
-    finally:
-        await form.close()
-
-
-async def read_json_fields(request: Request, types: Mapping[str, str]) -> dict[str, str]:
-    """A JSON object's fields, each of its JSON type (string or boolean), as form text."""
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, RecursionError):
-        raise ApiError(422, "invalid_request", "malformed JSON body") from None
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "the JSON body must be an object")
-    fields: dict[str, str] = {}
-    for name, value in body.items():
-        kind = types.get(name)
-        if kind is None:
-            raise ApiError(422, "invalid_request", f"unknown field(s): {name}")
-        if not isinstance(value, bool if kind == "boolean" else str):
-            raise ApiError(422, "invalid_request", f"{name}: must be a JSON {kind}")
-        fields[name] = ("true" if value else "false") if isinstance(value, bool) else value
-    return fields
