@@ -73,7 +73,7 @@ LIMITS = "*: interactive.rpm=100000 bulk.rpm=2 bulk.jobs=1"
 # stateful), positive and negative data; bounded and derandomised so a run is short and
 # repeatable.
 CONFIG = {
-    "generation": {"max-examples": 12, "deterministic": True, "database": "none"},
+    "generation": {"max-examples": 20, "deterministic": True, "database": "none"},
     "checks": {"positive_data_acceptance": {"expected-statuses": POSITIVE_STATUSES}},
     "request-timeout": 60,
     "workers": 4,
