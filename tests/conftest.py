@@ -21,7 +21,7 @@ from bgq.settings import Settings, default_home
 from bgq.stack import LocalStack
 from bgq.store import FileStore, Store, open_store
 from producer import Producer
-from tests.helpers import api_servers
+from tests.helpers import ImageServer, api_servers
 from tests.stacks import STORES, WEBHOOK_SECRET, StackFactory, s3_settings
 
 # Long and mostly idle (a 5-minute network cut): first, so an xdist process starts it at once.
@@ -275,6 +275,14 @@ def base(serve: Callable[..., str]) -> str:
 def http(base: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=base, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def photos() -> Iterator[ImageServer]:
+    """A loopback server of the sample photos (image_url, bg_image_url)."""
+    server = ImageServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

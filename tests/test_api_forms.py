@@ -29,13 +29,6 @@ WHITE_JSON = {"bgcolor": "255,255,255,255", "post_process_mask": True}  # the sa
 
 
 @pytest.fixture(scope="module")
-def photos() -> Iterator[ImageServer]:
-    server = ImageServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def url_stack(make_stack: StackFactory) -> LocalStack:
     """Workers, and settings that let the API fetch from loopback."""
     return make_stack(fetch_allow_private=True)
@@ -46,12 +39,6 @@ def base(url_stack: LocalStack) -> Iterator[str]:
     server = ApiServer(url_stack.settings.model_copy(update={"redis_url": url_stack.url})).start()
     yield server.url
     server.stop()
-
-
-@pytest.fixture
-def http(base: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base, timeout=120) as client:
-        yield client
 
 
 def encoded(encoding: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -203,12 +203,6 @@ def base(stack: LocalStack) -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture
-def http(base: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base, timeout=120) as client:
-        yield client
-
-
 INTEGERS = {"quality", "alpha_matting_erode_size"} | {
     k for k in Options.model_fields if "threshold" in k
 }
