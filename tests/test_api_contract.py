@@ -14,7 +14,7 @@ from schemathesis.engine import Status, events, from_schema
 from schemathesis.engine.recorder import CheckNode
 
 from bgq.options import ROI_ORDER
-from producer.api.removebg_fields import ONE_BACKGROUND, ONE_SOURCE
+from producer.api.removebg_fields import ONE_BACKGROUND, ONE_SOURCE, SCALED_ORIGINAL
 from producer.api.submission import ONE_IMAGE
 from tests.helpers import ApiServer
 from tests.stacks import StackFactory
@@ -49,17 +49,18 @@ ACROSS_FIELDS = (
 REMOVEBG_UNDESCRIBABLE = {
     "file_too_large",
     "resolution_too_high",
-    "invalid_file_type",
-    "unsupported_image",
-    "invalid_image",  # a job that failed on the image, or image_file_b64 not base64
-    "failed_to_download",
+    "failed_to_read_image",  # an image (or background) not read, or image_file_b64 not base64
+    "invalid_image",  # a job that failed on the image
+    "failed_image_download",
+    "failed_bg_download",
 }
-# Its own rules (one image source, one background image), and bg_image's, which only it takes
-# as a field: one background (not with bg_color), on a cutout (not with channels=alpha).
+# Its own rules (one image source, one background, no position=original with a scale), and
+# bg_image's, which only it takes as a field: on a cutout (not with channels=alpha).
 REMOVEBG_ACROSS_FIELDS = (
     *ACROSS_FIELDS,
     ONE_SOURCE,
     ONE_BACKGROUND,
+    SCALED_ORIGINAL,
     "sets the background, so not with",
     "applies to a cutout, not with",
 )

@@ -1,11 +1,12 @@
-"""remove.bg's API on bgq: the parameter mapping (pure), and remove.bg's own client code, a
-published client library and the error shapes against a real API on real prefork workers."""
+"""remove.bg's API on bgq: remove.bg's own client code, a published client library and the
+error shapes against a real API on real prefork workers (the pure mapping: test_removebg_fields)."""
 
 from __future__ import annotations
 
 import base64
 import importlib
 import io
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,179 +14,26 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import requests
 from PIL import Image
 
-from bgq import defaults
+from bgq import contract, defaults
 from bgq.process import free_port
 from bgq.stack import LocalStack
-from producer.api.removebg_fields import RemoveBgError, bgcolor, mapping
-from tests.helpers import ApiServer, ImageServer, LocalStackControl, pixels, sample_bytes, variant
+from producer.client import Producer
+from tests.helpers import (
+    ApiServer,
+    ImageServer,
+    LocalStackControl,
+    pixels,
+    sample_bytes,
+    settle_polls,
+    variant,
+)
 from tests.stacks import StackFactory
 
 KEY = "removebg-test-key"
-FILE = frozenset({"image_file"})
-URL = "http://images.example/a.jpg"
-
-
-# -- the mapping, as pure functions ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("params", "files", "fields"),
-    [
-        ({"size": "auto"}, FILE, {}),
-        ({"size": "full", "format": "png", "channels": "rgba"}, FILE, {}),
-        ({}, FILE, {"fit_megapixels": "0.25"}),  # remove.bg's default size: preview
-        ({"size": "regular"}, FILE, {"fit_megapixels": "0.25"}),
-        ({"size": "medium"}, FILE, {"fit_megapixels": "1.5"}),
-        ({"size": "hd"}, FILE, {"fit_megapixels": "4"}),
-        ({"size": "4k", "format": "jpg"}, FILE, {"format": "jpeg"}),
-        ({"size": "50MP", "format": "webp"}, FILE, {"format": "webp"}),
-        ({"size": "auto", "format": "zip"}, FILE, {"format": "zip"}),
-        ({"size": "auto", "channels": "alpha"}, FILE, {"only_mask": "true"}),
-        (
-            {"size": "auto", "bg_color": "81d4fa"},
-            FILE,
-            {"bgcolor": "129,212,250,255", "format": "jpeg"},
-        ),
-        ({"size": "auto", "bg_color": "#ff000080"}, FILE, {"bgcolor": "255,0,0,128"}),
-        ({"size": "auto", "bg_color": "red", "format": "png"}, FILE, {"bgcolor": "255,0,0,255"}),
-        (
-            {"size": "auto", "channels": "alpha", "bg_color": "fff"},
-            FILE,
-            {"only_mask": "true", "bgcolor": "255,255,255,255"},
-        ),
-        (
-            {"size": "auto", "crop": "true", "crop_margin": "10%"},
-            FILE,
-            {"crop": "true", "crop_margin": "10%"},
-        ),
-        (
-            {"size": "auto", "crop": "true", "crop_margin": "10px 20px"},
-            FILE,
-            {"crop": "true", "crop_margin": "10px 20px"},
-        ),
-        ({"size": "auto", "roi": "0% 0% 50% 50%"}, FILE, {"roi": "0% 0% 50% 50%"}),
-        ({"size": "auto", "scale": "original"}, FILE, {}),
-        ({"size": "auto", "scale": "80%"}, FILE, {"scale": "80%"}),
-        ({"size": "auto", "scale": "80%", "position": "original"}, FILE, {"scale": "80%"}),
-        (
-            {"size": "auto", "scale": "80%", "position": "center"},
-            FILE,
-            {"scale": "80%", "position": "center"},
-        ),
-        (
-            {"size": "auto", "position": "20% 70%"},
-            FILE,
-            {"scale": "original", "position": "20% 70%"},
-        ),
-        (
-            {
-                "size": "auto",
-                "type": "auto",
-                "type_level": "1",
-                "add_shadow": "false",
-                "semitransparency": "true",
-            },
-            FILE,
-            {},
-        ),
-        ({"size": "auto", "bg_image_url": URL}, FILE, {"format": "jpeg"}),
-        ({"size": "auto", "format": "png"}, FILE | {"bg_image_file"}, {}),
-    ],
-)
-def test_mapping_to_bgq_fields(
-    params: dict[str, str], files: frozenset[str], fields: dict[str, str]
-) -> None:
-    assert mapping(params, files).fields == fields
-
-
-def test_mapping_names_the_sources() -> None:
-    by_url = mapping({"image_url": URL, "bg_image_url": URL + "?bg"})
-    assert by_url.image.kind == "url" and by_url.image.url == URL
-    assert by_url.background is not None and by_url.background.url == URL + "?bg"
-    by_b64 = mapping({"image_file_b64": base64.b64encode(b"\x89PNG...").decode()})
-    assert by_b64.image.kind == "b64" and by_b64.image.data == b"\x89PNG..."
-    by_file = mapping({"format": "png"}, frozenset({"image_file", "bg_image_file"}))
-    assert by_file.image.kind == "file" and by_file.background is not None
-    assert by_file.background.kind == "file" and not by_file.auto_format
-
-
-@pytest.mark.parametrize(
-    ("params", "files", "title", "code"),
-    [
-        ({}, frozenset(), "exactly one of image_file", "missing_source"),
-        ({"image_url": URL}, FILE, "exactly one of image_file", "multiple_sources"),
-        (
-            {"image_url": URL, "image_file_b64": "aGk="},
-            frozenset(),
-            "exactly one",
-            "multiple_sources",
-        ),
-        ({"image_file": "x"}, frozenset(), "image_file: must be a file", "invalid_parameters"),
-        ({"image_file_b64": "not base64!"}, frozenset(), "image_file_b64", "invalid_image"),
-        (
-            {"bg_image_url": URL},
-            FILE | {"bg_image_file"},
-            "at most one of bg_image",
-            "invalid_parameters",
-        ),
-        (
-            {"colour": "red", "zize": "auto"},
-            FILE,
-            "unknown parameter(s): colour, zize",
-            "unknown_parameters",
-        ),
-        ({"type": "person"}, FILE, "type: bgq does not classify", "unsupported_parameter"),
-        ({"type": "anything"}, FILE, "type: bgq does not classify", "unsupported_parameter"),
-        ({"type_level": "latest"}, FILE, "type_level", "unsupported_parameter"),
-        ({"add_shadow": "true"}, FILE, "add_shadow: bgq adds no shadows", "unsupported_parameter"),
-        (
-            {"shadow_type": "drop"},
-            FILE,
-            "shadow_type: bgq adds no shadows",
-            "unsupported_parameter",
-        ),
-        ({"shadow_opacity": "50"}, FILE, "shadow_opacity", "unsupported_parameter"),
-        ({"semitransparency": "false"}, FILE, "semitransparency", "unsupported_parameter"),
-        ({"size": "huge"}, FILE, "size: must be one of", "invalid_parameters"),
-        (
-            {"format": "gif"},
-            FILE,
-            "format: must be auto, png, jpg, webp or zip",
-            "invalid_parameters",
-        ),
-        ({"channels": "rgb"}, FILE, "channels: must be rgba or alpha", "invalid_parameters"),
-        ({"bg_color": "notacolour"}, FILE, "bg_color: must be a hex colour", "invalid_parameters"),
-        ({"bg_color": "#12345"}, FILE, "bg_color", "invalid_parameters"),
-        ({"bg_color": ""}, FILE, "bg_color", "invalid_parameters"),
-        ({"image_url": ""}, FILE, "exactly one of image_file", "multiple_sources"),
-    ],
-)
-def test_mapping_refuses_with_remove_bg_titles(
-    params: dict[str, str], files: frozenset[str], title: str, code: str
-) -> None:
-    with pytest.raises(RemoveBgError) as refused:
-        mapping(params, files)
-    assert title in refused.value.title and refused.value.code == code
-    assert refused.value.status == 400
-
-
-@pytest.mark.parametrize(
-    ("text", "rgba"),
-    [
-        ("fff", "255,255,255,255"),
-        ("#000", "0,0,0,255"),
-        ("0f08", "0,255,0,136"),
-        ("#81D4FA", "129,212,250,255"),
-        ("81d4fa7f", "129,212,250,127"),
-        ("white", "255,255,255,255"),
-        ("RebeccaPurple", "102,51,153,255"),
-    ],
-)
-def test_bg_color_hex_and_names(text: str, rgba: str) -> None:
-    assert bgcolor(text) == rgba
 
 
 # -- the real stack ---------------------------------------------------------------------------
@@ -208,6 +56,9 @@ def servers(url_stack: LocalStack) -> Iterator[dict[str, str]]:
         "api": ApiServer(settings).start(),
         "limited": ApiServer(
             settings.model_copy(update={"api_limits": "*: interactive.rpm=1"})
+        ).start(),
+        "jobs": ApiServer(
+            settings.model_copy(update={"api_limits": "*: interactive.jobs=1"})
         ).start(),
         "small": ApiServer(settings.model_copy(update={"max_upload_mb": 1})).start(),
         "down": ApiServer(
@@ -410,17 +261,32 @@ def errors_of(response: httpx.Response | requests.Response) -> dict[str, str]:
         ),
         (
             {"data": {"size": "auto"}, "files": {"image_file": b"not an image"}},
-            "invalid_file_type",
+            "failed_to_read_image",
             "not an image",
         ),
         (
-            {"data": {"size": "auto", "crop_margin": "10px"}, "files": {"image_file": b"x"}},
-            "invalid_parameters",
-            "crop_margin: applies only with crop=true",
+            {"data": {"size": "auto", "crop_margin": "10 px"}, "files": {"image_file": b"x"}},
+            "invalid_crop_margin",
+            "crop_margin: must be",
+        ),
+        (
+            {"data": {"size": "auto", "scale": "50%", "position": "original"}},
+            "invalid_position",
+            "position: original cannot go with a scale",
+        ),
+        (
+            {"data": {"size": "auto", "roi": "0% 0%"}, "files": {"image_file": b"x"}},
+            "invalid_roi",
+            "roi:",
         ),
         (
             {"data": {"size": "auto", "image_url": "http://127.0.0.1:1/x.jpg"}},
-            "failed_to_download",
+            "failed_image_download",
+            "image_url",
+        ),
+        (
+            {"data": {"size": "auto", "image_url": "ftp://example.org/x.jpg"}},
+            "invalid_image_url",
             "image_url",
         ),
         (
@@ -430,7 +296,7 @@ def errors_of(response: httpx.Response | requests.Response) -> dict[str, str]:
         ),
         (
             {"json": {"size": 1, "image_url": "http://x"}},
-            "invalid_parameters",
+            "invalid_size",
             "size: must be a JSON string",
         ),
         (
@@ -438,10 +304,15 @@ def errors_of(response: httpx.Response | requests.Response) -> dict[str, str]:
             "invalid_parameters",
             "crop: must be a JSON boolean",
         ),
+        (
+            {"json": {"image_url": "http://127.0.0.1:1/x.jpg", "add_shadow": "false"}},
+            "invalid_parameters",
+            "add_shadow: must be a JSON boolean",
+        ),
         ({"json": {"colour": "red"}}, "invalid_parameters", "unknown field(s): colour"),
         (
             {"content": b"\xff\xd8", "headers": {"Content-Type": "image/jpeg"}},
-            "invalid_file_type",
+            "failed_to_read_image",
             "image/jpeg",
         ),
     ],
@@ -484,8 +355,9 @@ def test_the_key_as_x_api_key_or_bearer(api: str) -> None:
     for headers in ({}, {"X-Api-Key": "wrong"}, {"Authorization": "Basic " + KEY}):
         refused = httpx.post(api + "/v1.0/removebg", data=data, headers=headers, timeout=60)
         assert refused.status_code == 403 and errors_of(refused)["code"] == "auth_failed"
-    for route in ("/v1.0/account", "/v1.0/removebg"):
-        assert httpx.post(api + route).status_code in (403, 405)
+    for method, route in (("GET", "/v1.0/account"), ("POST", "/v1.0/removebg")):
+        refused = httpx.request(method, api + route)
+        assert refused.status_code == 403 and errors_of(refused)["code"] == "auth_failed"
     bearer = httpx.post(
         api + "/v1.0/removebg",
         data=data,
@@ -595,41 +467,58 @@ def test_a_published_client_library_unchanged_but_its_endpoint(
         assert img.format == "JPEG" and img.size == (500, 400)
 
 
-def test_size_roi_scale_position_zip_and_background(
-    http: httpx.Client, photos: ImageServer
+ANIME = "anime-girl-1.jpg"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize(("size", "megapixels"), [(None, 0.25), ("medium", 1.5), ("auto", None)])
+def test_size_is_a_megapixel_cap(
+    http: httpx.Client, size: str | None, megapixels: float | None
 ) -> None:
-    data = sample_bytes("anime-girl-1.jpg")
+    """The default is preview (at most 0.25 MP); medium 1.5 MP; auto the original."""
+    data = sample_bytes(ANIME)
     with Image.open(io.BytesIO(data)) as img:
         full = img.size
-    # size: the default is preview (at most 0.25 MP); medium 1.5 MP; auto the original.
-    for size, megapixels in ((None, 0.25), ("medium", 1.5), ("auto", None)):
-        params = {} if size is None else {"size": size}
-        answer = http.post("/v1.0/removebg", files={"image_file": data}, data=params)
-        assert answer.status_code == 200, answer.text
-        width, height = int(answer.headers["x-width"]), int(answer.headers["x-height"])
-        if megapixels is None:
-            assert (width, height) == full
-        else:
-            assert width * height <= megapixels * 1e6
-            assert ((width, height) == full) == (full[0] * full[1] <= megapixels * 1e6)
-    # roi, scale, position and a 2-value crop_margin: the same jobs as /v1/remove's.
-    bearer = {"Authorization": f"Bearer {KEY}"}
-    for params, native in (
+    params = {} if size is None else {"size": size}
+    answer = http.post("/v1.0/removebg", files={"image_file": data}, data=params)
+    assert answer.status_code == 200, answer.text
+    width, height = int(answer.headers["x-width"]), int(answer.headers["x-height"])
+    if megapixels is None:
+        assert (width, height) == full
+    else:
+        assert width * height <= megapixels * 1e6
+        assert ((width, height) == full) == (full[0] * full[1] <= megapixels * 1e6)
+
+
+@pytest.mark.parametrize(
+    ("params", "native"),
+    [
         ({"roi": "0% 0% 50% 100%"}, {"roi": "0% 0% 50% 100%"}),
         ({"scale": "50%"}, {"scale": "50%"}),
         ({"scale": "50%", "position": "0% 100%"}, {"scale": "50%", "position": "0% 100%"}),
         ({"position": "0% 0%"}, {"scale": "original", "position": "0% 0%"}),
         ({"crop": "true", "crop_margin": "10px 5%"}, {"crop": "true", "crop_margin": "10px 5%"}),
-    ):
-        answer = http.post(
-            "/v1.0/removebg", files={"image_file": data}, data={"size": "auto", **params}
-        )
-        same = http.post("/v1/remove", files={"file": data}, data=native, headers=bearer)
-        assert answer.headers["x-bgq-job-id"] == same.headers["x-bgq-job-id"], answer.text
-        assert headers_box(answer.headers) == alpha_box(answer.content)
-    # zip: color.jpg and alpha.png; the box from alpha.png.
+        ({"crop": "true", "crop_margin": "900px"}, {"crop": "true", "crop_margin": "500px"}),
+        ({"crop_margin": "10%"}, {}),  # only with crop=true, as remove.bg
+    ],
+)
+def test_shaping_options_are_v1_removes_jobs(
+    http: httpx.Client, params: dict[str, str], native: dict[str, str]
+) -> None:
+    data = sample_bytes(ANIME)
+    answer = http.post(
+        "/v1.0/removebg", files={"image_file": data}, data={"size": "auto", **params}
+    )
+    same = http.post("/v1/remove", files={"file": data}, data=native, headers=BEARER)
+    assert answer.headers["x-bgq-job-id"] == same.headers["x-bgq-job-id"], answer.text
+    assert headers_box(answer.headers) == alpha_box(answer.content)
+
+
+def test_zip_has_the_box_of_its_alpha(http: httpx.Client) -> None:
     zipped = http.post(
-        "/v1.0/removebg", files={"image_file": data}, data={"size": "auto", "format": "zip"}
+        "/v1.0/removebg",
+        files={"image_file": sample_bytes(ANIME)},
+        data={"size": "auto", "format": "zip"},
     )
     assert zipped.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(zipped.content)) as bundle:
@@ -637,32 +526,153 @@ def test_size_roi_scale_position_zip_and_background(
     with Image.open(io.BytesIO(alpha)) as mask:
         left, top, right, bottom = mask.getbbox() or (0, 0, 0, 0)
     assert headers_box(zipped.headers) == (left, top, right - left, bottom - top)
-    # A background image, uploaded or by URL: the same job, auto format is JPEG, opaque.
-    background = sample_bytes("plants-1.jpg")
+
+
+def test_a_background_image_uploaded_or_by_url(http: httpx.Client, photos: ImageServer) -> None:
+    """The same job either way; auto format is JPEG; the box is the transparent result's."""
+    data = sample_bytes(ANIME)
     by_file = http.post(
         "/v1.0/removebg",
-        files={"image_file": data, "bg_image_file": background},
+        files={"image_file": data, "bg_image_file": sample_bytes("plants-1.jpg")},
         data={"size": "auto"},
     )
     by_url = http.post(
         "/v1.0/removebg",
         files={"image_file": data},
-        data={"size": "auto", "bg_image_url": photos.photo("plants-1.jpg")},
+        data={"size": "auto", "bg_image_url": photos.photo("plants-1.jpg"), "image_url": ""},
     )
     assert by_file.status_code == by_url.status_code == 200, by_file.text
     assert by_file.headers["content-type"] == "image/jpeg"
     assert by_file.headers["x-bgq-job-id"] == by_url.headers["x-bgq-job-id"]
     plain = http.post("/v1.0/removebg", files={"image_file": data}, data={"size": "auto"})
     assert headers_box(by_file.headers) == alpha_box(plain.content)
-    both = http.post(
+
+
+@pytest.mark.parametrize(
+    ("files", "params", "code", "title"),
+    [
+        ({"bg_image_file": "plants-1.jpg"}, {"bg_color": "red"}, "multiple_bg_sources", "bg_color"),
+        ({"bg_image_file": None}, {}, "failed_to_read_image", "bg_image_file"),
+        ({}, {"bg_image_url": "http://127.0.0.1:1/bg.jpg"}, "failed_bg_download", "bg_image_url"),
+    ],
+)
+def test_background_refusals(
+    http: httpx.Client, files: dict[str, str | None], params: dict[str, str], code: str, title: str
+) -> None:
+    uploads = {k: sample_bytes(v) if v else b"not an image" for k, v in files.items()}
+    answer = http.post(
         "/v1.0/removebg",
-        files={"image_file": data, "bg_image_file": background},
-        data={"size": "auto", "bg_color": "red"},
+        files={"image_file": sample_bytes(ANIME), **uploads},
+        data={"size": "auto", **params},
     )
-    assert both.status_code == 400 and "bgcolor" in errors_of(both)["title"]
-    bad = http.post(
+    error = errors_of(answer)
+    assert answer.status_code == 400 and error["code"] == code and title in error["title"], error
+
+
+def test_json_booleans_and_nulls(http: httpx.Client) -> None:
+    """remove.bg's boolean fields as JSON booleans; a null is an absent field; type_level=none
+    sends no X-Type."""
+    b64 = base64.b64encode(sample_bytes(ANIME)).decode()
+    plain = http.post("/v1.0/removebg", json={"image_file_b64": b64, "size": "auto"})
+    typed = http.post(
         "/v1.0/removebg",
-        files={"image_file": data, "bg_image_file": b"not an image"},
-        data={"size": "auto"},
+        json={
+            "image_file_b64": b64,
+            "image_url": None,
+            "size": "auto",
+            "add_shadow": False,
+            "semitransparency": True,
+            "crop": False,
+            "bg_color": None,
+            "type_level": "none",
+        },
     )
-    assert bad.status_code == 400 and "bg_image_file" in errors_of(bad)["title"]
+    assert typed.status_code == 200, typed.text
+    assert typed.headers["x-bgq-job-id"] == plain.headers["x-bgq-job-id"]
+    assert "x-type" not in typed.headers and plain.headers["x-type"] == "other"
+
+
+def test_an_opaque_results_box_is_left_out_when_not_ready_in_time(
+    http: httpx.Client,
+    url_stack: LocalStack,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One API_MAX_WAIT for the result and its transparent sibling: a result in time is
+    answered, without X-Foreground-* when the sibling is not."""
+    data = variant("plants-1.jpg", (7, 7, 307, 307))
+    native = {"bgcolor": "129,212,250,255", "format": "jpeg"}
+    first = http.post("/v1/remove", files={"file": data}, data=native, headers=BEARER)
+    assert first.status_code == 200, first.text
+    monkeypatch.setattr(defaults, "API_MAX_WAIT", 0.5)  # the API runs in this process
+    control = LocalStackControl(url_stack)
+    control.pause()
+    settle_polls(redis_client)
+    try:
+        params = {"size": "auto", "bg_color": "81d4fa"}
+        answer = http.post("/v1.0/removebg", files={"image_file": data}, data=params)
+        as_json = http.post(
+            "/v1.0/removebg",
+            files={"image_file": data},
+            data=params,
+            headers={"Accept": "application/json"},
+        )
+    finally:
+        control.resume()
+    assert answer.status_code == 200 and answer.content == first.content, answer.text
+    assert answer.headers["x-width"] == "300" and "x-foreground-top" not in answer.headers
+    assert as_json.status_code == 200 and set(as_json.json()["data"]) == {"result_b64"}
+
+
+def test_the_request_is_counted_before_the_background_is_fetched_or_stored(
+    servers: dict[str, str], url_stack: LocalStack
+) -> None:
+    """Over the key's rate, a background upload is never stored (nor a URL fetched)."""
+    limited = httpx.Client(base_url=servers["limited"], headers={"X-Api-Key": KEY}, timeout=120)
+    files = {"image_file": sample_bytes("car-1.jpg")}
+    with limited:
+        first = limited.post("/v1.0/removebg", files=files, data={"size": "auto"})
+        assert first.status_code in (200, 429)  # rpm=1: the rate test may have spent it
+        background = variant("plants-1.jpg", (1, 2, 201, 202))
+        over = limited.post(
+            "/v1.0/removebg",
+            files={**files, "bg_image_file": background},
+            data={"size": "auto"},
+        )
+    assert over.status_code == 429 and errors_of(over)["code"] == "rate_limit_exceeded"
+    store = Producer(url_stack.settings.model_copy(update={"redis_url": url_stack.url})).store
+    assert store.stat(contract.INPUTS, contract.input_digest(background)) is None
+
+
+def test_a_jobs_limit_gives_remove_bgs_rate_fields(
+    servers: dict[str, str],
+    url_stack: LocalStack,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key with only a jobs-outstanding limit: X-RateLimit-* from it (Reset: Retry-After)."""
+    jobs = httpx.Client(base_url=servers["jobs"], headers={"X-Api-Key": KEY}, timeout=120)
+    monkeypatch.setattr(defaults, "API_MAX_WAIT", 0.5)
+    control = LocalStackControl(url_stack)
+    control.pause()
+    settle_polls(redis_client)
+    try:
+        with jobs:
+            late = jobs.post(
+                "/v1.0/removebg",
+                files={"image_file": variant("car-1.jpg", (4, 4, 304, 304))},
+                data={"size": "auto"},
+            )
+            over = jobs.post(
+                "/v1.0/removebg",
+                files={"image_file": variant("car-1.jpg", (5, 5, 305, 305))},
+                data={"size": "auto"},
+            )
+    finally:
+        control.resume()
+    assert late.status_code == 503, late.text
+    assert over.status_code == 429 and errors_of(over)["code"] == "rate_limit_exceeded"
+    assert over.headers["x-ratelimit-limit"] == "1"
+    assert over.headers["x-ratelimit-remaining"] == "0"
+    reset = int(over.headers["x-ratelimit-reset"]) - int(over.headers["retry-after"])
+    assert abs(reset - time.time()) < 30

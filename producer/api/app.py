@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None, producer: Producer | None = Non
     install_openapi(app, secured=bool(settings.api_key_list), limited=bool(settings.api_limits))
     install_removebg_openapi(app, bool(settings.api_key_list), bool(settings.api_limits))
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    too_large = {path: removebg.too_large_response for path in removebg.PATHS}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, responders=too_large)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(jobs.router)
     app.include_router(removebg.router)

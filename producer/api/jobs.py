@@ -171,6 +171,14 @@ class Submission:
         self.caller: str | None = request.state.caller  # the key's short id (require_key)
         self.limit_headers: dict[str, str] = {}
         self.image: bytes | None = None  # the image as submitted (uploaded or fetched)
+        self.usages: list[ratelimit.Usage] | None = None  # once counted
+
+    async def count(self, lane: str) -> list[ratelimit.Usage]:
+        """Count the request against the caller's limits in `lane` (429 over them), once: a
+        route that fetches or stores before submitting calls this first."""
+        self.usages = await run_in_threadpool(self.limiter.count_request, self.caller, lane)
+        self.limit_headers = ratelimit.headers(self.usages)
+        return self.usages
 
     async def submit(
         self,
@@ -181,11 +189,11 @@ class Submission:
         record_hits: bool,
         parsed: tuple[str, Options] | None = None,
     ) -> Job:
-        """Count the request, read the image, then submit it as one of the caller's jobs (with
-        the model and options of `fields`, or `parsed` where a route parsed its own)."""
+        """Count the request (unless `count` did), read the image, then submit it as one of the
+        caller's jobs (with the model and options of `fields`, or `parsed` where a route parsed
+        its own)."""
         lane = lane_of(fields)
-        usages = await run_in_threadpool(self.limiter.count_request, self.caller, lane)
-        self.limit_headers = ratelimit.headers(usages)
+        usages = self.usages if self.usages is not None else await self.count(lane)
         data = await image_of(self.request, self.settings, fields, upload)  # after the count
         self.image = data
         model, options = parsed or options_of(fields, self.settings.model)

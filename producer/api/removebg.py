@@ -7,8 +7,8 @@ The parameters are mapped by `removebg_fields`; the job goes through the same Su
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import functools
 import io
 import logging
 import time
@@ -27,12 +27,13 @@ from bgq import contract, defaults
 from bgq.errors import BgqError
 from bgq.options import Options
 from bgq.settings import Settings
-from producer.api import ratelimit
 from producer.api.deps import LimiterDep, MetricsDep, ProducerDep, SettingsDep, match_key
 from producer.api.errors import RETRY_LATER, ApiError, BodyTooLarge, api_error
 from producer.api.jobs import Submission, wait_for
 from producer.api.removebg_fields import (
+    CODES,
     FILES,
+    NAMES,
     PATHS,
     Mapped,
     RemoveBgError,
@@ -41,7 +42,7 @@ from producer.api.removebg_fields import (
     mapping,
 )
 from producer.api.removebg_openapi import json_types
-from producer.api.submission import image_of, read_fields
+from producer.api.submission import image_of, lane_of, read_fields
 from producer.client import Producer
 from producer.job import Job
 
@@ -53,9 +54,9 @@ ERRORS = {
     "rate_limited": (429, "rate_limit_exceeded"),
     "payload_too_large": (400, "file_too_large"),
     "image_too_large": (400, "resolution_too_high"),
-    "unsupported_media_type": (400, "invalid_file_type"),
-    "unsupported_image": (400, "unsupported_image"),
-    "fetch_failed": (400, "failed_to_download"),
+    "unsupported_media_type": (400, "failed_to_read_image"),
+    "unsupported_image": (400, "failed_to_read_image"),
+    "fetch_failed": (400, "failed_image_download"),
     "invalid_request": (400, "invalid_parameters"),
     "job_failed": (400, "invalid_image"),
     "unavailable": (503, "service_unavailable"),
@@ -82,23 +83,54 @@ def error_answer(exc: Exception) -> JSONResponse:
         log.error("internal error", exc_info=exc)
         exc = ApiError(500, "internal", "internal server error")
     status, code = ERRORS.get(exc.code, (400, "invalid_parameters"))
+    title = exc.message
+    if code == "invalid_parameters":
+        title, code = in_remove_bg_terms(title)
+    elif exc.code == "fetch_failed":
+        title, code = fetch_terms("image_url", title)
     headers = dict(exc.headers or {})
     if exc.status >= 500 and exc.code != "internal":
         status, code, headers = 503, "service_unavailable", {**headers, **RETRY_LATER}
     if status == 429:
         headers |= rate_headers(headers)
-    return JSONResponse(error_body(exc.message, code), status_code=status, headers=headers)
+    return JSONResponse(error_body(title, code), status_code=status, headers=headers)
+
+
+def fetch_terms(name: str, message: str) -> tuple[str, str]:
+    """A failed fetch ("cannot fetch image_url (reason): ...") titled with remove.bg's parameter
+    name, and its code: invalid_image_url for a malformed image_url, else a download's."""
+    rest = message.removeprefix("cannot fetch image_url").strip()
+    if name == "bg_image_url":
+        return f"{name}: cannot fetch {rest}", "failed_bg_download"
+    bad = rest.startswith("(bad_url)")
+    return f"{name}: cannot fetch {rest}", "invalid_image_url" if bad else "failed_image_download"
+
+
+def in_remove_bg_terms(title: str) -> tuple[str, str]:
+    """A bgq refusal ("bgcolor: ...") titled with remove.bg's parameter name, and its code."""
+    name, sep, rest = title.removeprefix("invalid options: ").partition(":")
+    if not sep or " " in name:
+        return title, "invalid_parameters"
+    name = NAMES.get(name, name)
+    return f"{name}:{rest}", CODES.get(name, "invalid_parameters")
+
+
+def too_large_response(message: str) -> JSONResponse:
+    """BodyLimit's answer on these routes: remove.bg's 400 `file_too_large`."""
+    return JSONResponse(error_body(message, "file_too_large"), status_code=400)
 
 
 def rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """remove.bg's X-RateLimit-* fields from bgq's RateLimit fields (its requests a minute)."""
+    """remove.bg's X-RateLimit-* fields from bgq's RateLimit fields: its requests a minute, or
+    without one its jobs outstanding (Reset: Retry-After's time)."""
     policy, left = headers.get("RateLimit-Policy", ""), headers.get("RateLimit", "")
-    if "-rpm" not in policy or "-rpm" not in left:
+    kind = next((k for k in ("-rpm", "-jobs") if k in policy and k in left), None)
+    if kind is None:
         return {}
-    quota = policy.split("-rpm")[1].split(";q=")[1].split(";")[0]
-    item = left.split("-rpm")[1].split(",")[0]
+    quota = policy.split(kind)[1].split(";q=")[1].split(";")[0]
+    item = left.split(kind)[1].split(",")[0]
     remaining = item.split(";r=")[1].split(";")[0]
-    reset = item.split(";t=")[1] if ";t=" in item else "0"
+    reset = item.split(";t=")[1] if ";t=" in item else headers.get("Retry-After", "0")
     return {
         "X-RateLimit-Limit": quota,
         "X-RateLimit-Remaining": remaining,
@@ -152,31 +184,40 @@ async def removebg(
     metrics: MetricsDep,
     limiter: LimiterDep,
 ) -> Response:
-    body, uploads = await read_fields(request, FILES, json_types())
+    body, uploads = await read_fields(request, FILES, json_types(), nullable=True)
     params = dict(request.query_params) | body
     mapped = mapping(params, frozenset(uploads))
     fields = dict(mapped.fields)
     probe = {"bg_image": "0" * 64} if mapped.background else {}
-    options_for(fields | probe, settings)  # refused before anything is fetched or stored
+    options_for(fields | probe, settings)  # refused before anything is counted or fetched
     upload = image_bytes(mapped.image, uploads)
     if mapped.image.kind == "url":
         fields["image_url"] = cast(str, mapped.image.url)
+    sent = Submission(request, settings, producer, metrics, limiter)
+    await sent.count(lane_of(fields))  # before the background is fetched or stored
     if mapped.background is not None:
         fields["bg_image"] = await store_background(request, producer, mapped, uploads)
-    sent = Submission(request, settings, producer, metrics, limiter)
     parsed = options_for(fields, settings)
     job = await sent.submit(fields, upload, callback=None, record_hits=False, parsed=parsed)
-    await ready(request, job)
-    return await answer(request, sent, job, fields)
+    deadline = asyncio.get_running_loop().time() + defaults.API_MAX_WAIT
+    await ready(request, job, deadline)
+    return await answer(request, sent, job, fields, deadline, mapped.classify)
 
 
-async def answer(request: Request, sent: Submission, job: Job, fields: dict[str, str]) -> Response:
+async def answer(
+    request: Request,
+    sent: Submission,
+    job: Job,
+    fields: dict[str, str],
+    deadline: float,
+    classify: bool,
+) -> Response:
     """The result with remove.bg's headers: the image, or its JSON for Accept: application/json."""
     data = await run_in_threadpool(sent.producer.store.read_output, job.output)
-    box = await foreground(request, sent, fields, data)
+    box = await foreground(request, sent, fields, data, deadline)
     headers = {
         **box,
-        "X-Type": "other",
+        **({"X-Type": "other"} if classify else {}),
         "X-Credits-Charged": "0",
         "X-Bgq-Job-Id": job.key,
         "X-Bgq-Cached": "true" if job.cached else "false",
@@ -229,13 +270,18 @@ async def store_background(
         if err.status >= 500:
             raise
         status, code = ERRORS.get(err.code, (400, "invalid_parameters"))
-        raise RemoveBgError(f"{name}: {err.message}", code, status) from None
+        title = f"{name}: {err.message}"
+        if err.code == "fetch_failed":
+            title, code = fetch_terms(name, err.message)
+        raise RemoveBgError(title, code, status) from None
     return digest
 
 
-async def ready(request: Request, job: Job) -> None:
-    """Wait for the job's result up to API_MAX_WAIT; past that, 503 (the job goes on)."""
-    if job.cached or await wait_for(request, job, defaults.API_MAX_WAIT):
+async def ready(request: Request, job: Job, deadline: float) -> None:
+    """Wait for the job's result until `deadline` (the loop's time, API_MAX_WAIT after the
+    submission); past that, 503 (the job goes on)."""
+    left = deadline - asyncio.get_running_loop().time()
+    if job.cached or await wait_for(request, job, max(0.0, left)):
         return
     raise ApiError(
         503,
@@ -245,23 +291,22 @@ async def ready(request: Request, job: Job) -> None:
 
 
 async def foreground(
-    request: Request, sent: Submission, fields: dict[str, str], data: bytes
+    request: Request, sent: Submission, fields: dict[str, str], data: bytes, deadline: float
 ) -> dict[str, str]:
     """X-Width, X-Height and X-Foreground-*: the subject's box is the result's alpha > 0, or
     for an opaque result its transparent sibling's (the same job without background, as PNG:
-    the same mask, no second inference)."""
+    the same mask, no second inference) if it is ready by `deadline`; else no box headers."""
     width, height, box = await run_in_threadpool(measure, data)
+    size = {"X-Width": str(width), "X-Height": str(height)}
     options = options_for(fields, sent.settings)[1]
     if opaque(options, fields):
         plain = {k: v for k, v in fields.items() if k not in SIBLING_DROPS}
-        sibling = await sibling_job(sent, plain)
-        await ready(request, sibling)
-        png = await run_in_threadpool(sent.producer.store.read_output, sibling.output)
-        box = (await run_in_threadpool(measure, png))[2]
+        ready_in_time, box = await sibling_box(request, sent, plain, deadline)
+        if not ready_in_time:
+            return size
     left, top, box_width, box_height = box or NO_SUBJECT
     return {
-        "X-Width": str(width),
-        "X-Height": str(height),
+        **size,
         "X-Foreground-Top": str(top),
         "X-Foreground-Left": str(left),
         "X-Foreground-Width": str(box_width),
@@ -269,13 +314,27 @@ async def foreground(
     }
 
 
-async def sibling_job(sent: Submission, fields: dict[str, str]) -> Job:
-    """The submission's image with other options, as part of the same request (not counted)."""
+Box = tuple[int, int, int, int] | None
+
+
+async def sibling_box(
+    request: Request, sent: Submission, fields: dict[str, str], deadline: float
+) -> tuple[bool, Box]:
+    """The subject's box in the transparent sibling, submitted as part of the same request
+    (through the caller's job limits, not counted again); False when it is refused or not
+    ready by `deadline` (with no box)."""
     model, options = options_for(fields, sent.settings)
-    submit = functools.partial(
-        sent.producer.submit_data, lane=contract.INTERACTIVE, run=ratelimit.run_of(sent.caller)
-    )
-    return await run_in_threadpool(submit, cast(bytes, sent.image), model, options)
+    image, usages = cast(bytes, sent.image), sent.usages or []
+    try:
+        job = await run_in_threadpool(sent.enqueue, image, model, options, lane_of(fields), usages)
+        await ready(request, job, deadline)
+    except ApiError as exc:
+        if exc.status not in (429, 503):
+            raise
+        log.info("no foreground box for %s: %s", sent.caller, exc.message)
+        return False, None
+    png = await run_in_threadpool(sent.producer.store.read_output, job.output)
+    return True, (await run_in_threadpool(measure, png))[2]
 
 
 SIBLING_DROPS = ("bgcolor", "bg_image", "format", "quality")  # what makes a result opaque
@@ -311,5 +370,6 @@ def json_result(data: bytes, box: dict[str, str]) -> dict[str, Any]:
     """remove.bg's JSON answer (`Accept: application/json`)."""
     result: dict[str, Any] = {"result_b64": base64.b64encode(data).decode()}
     for side in ("top", "left", "width", "height"):
-        result[f"foreground_{side}"] = int(box[f"X-Foreground-{side.capitalize()}"])
+        if f"X-Foreground-{side.capitalize()}" in box:  # absent: no sibling in time
+            result[f"foreground_{side}"] = int(box[f"X-Foreground-{side.capitalize()}"])
     return {"data": result}

@@ -15,6 +15,14 @@ from typing import Any
 
 from PIL import ImageColor
 
+from bgq.lengths import (
+    MARGIN_PATTERN,
+    canonical_length,
+    canonical_margin,
+    parse_length,
+    parse_margin,
+)
+
 FILES = frozenset({"image_file", "bg_image_file"})  # the parameters sent as multipart files
 IMAGE_SOURCES = ("image_file", "image_file_b64", "image_url")
 BACKGROUND_SOURCES = ("bg_image_url", "bg_image_file")
@@ -34,13 +42,41 @@ DEFAULT_SIZE = "preview"  # remove.bg's default
 FORMATS = {"png": "png", "jpg": "jpeg", "webp": "webp", "zip": "zip"}  # besides auto
 # The parameters bgq accepts at remove.bg's default value only, with what it cannot do instead.
 DEFAULT_ONLY = {
-    "type": ("auto", "bgq does not classify the foreground; only type=auto"),
-    "type_level": ("1", "bgq does not classify the foreground; only type_level=1"),
-    "add_shadow": ("false", "bgq adds no shadows; only add_shadow=false"),
-    "semitransparency": ("true", "bgq keeps the mask's semitransparency; only true"),
+    "type": (("auto",), "bgq does not classify the foreground; only type=auto"),
+    "type_level": (("1", "none"), "bgq does not classify the foreground; only 1 or none"),
+    "add_shadow": (("false",), "bgq adds no shadows; only add_shadow=false"),
+    "semitransparency": (
+        ("true",),
+        "only true: bgq has no car-window handling, so it cannot make windows opaque",
+    ),
+}
+# remove.bg's cap on each crop_margin side: 50% of the subject, or 500 pixels.
+MARGIN_CAP = {True: 50.0, False: 500.0}
+# remove.bg's error code for a bad value of each parameter (invalid_parameters otherwise).
+CODES = {
+    "size": "invalid_size",
+    "format": "invalid_format",
+    "channels": "invalid_channels",
+    "bg_color": "invalid_bg_color",
+    "crop_margin": "invalid_crop_margin",
+    "position": "invalid_position",
+    "roi": "invalid_roi",
+    "scale": "invalid_scale",
+    "image_url": "invalid_image_url",
+    "image_file_b64": "failed_to_read_image",
+    "image_file": "failed_to_read_image",
+    "bg_image_url": "failed_bg_download",
+    "bg_image_file": "failed_to_read_image",
+}
+# bgq's option names in remove.bg's terms (for the titles of bgq's own refusals).
+NAMES = {
+    "bgcolor": "bg_color",
+    "only_mask": "channels",
+    "fit_megapixels": "size",
+    "bg_image": "bg_image_url/bg_image_file",
 }
 SHADOW_ONLY = ("shadow_type", "shadow_opacity")  # refused whenever sent: bgq adds no shadows
-PASSED = ("crop", "crop_margin", "roi")  # the same meaning (and name) in bgq's options
+PASSED = ("crop", "crop_margin", "roi")  # the same name in bgq's options
 PARAMETERS = frozenset(
     [
         *IMAGE_SOURCES,
@@ -57,7 +93,8 @@ PARAMETERS = frozenset(
     ]
 )
 ONE_SOURCE = "send exactly one of image_file, image_file_b64 and image_url"
-ONE_BACKGROUND = "send at most one of bg_image_url and bg_image_file"
+SCALED_ORIGINAL = "original cannot go with a scale: bgq centres a scaled subject"
+ONE_BACKGROUND = "send at most one of bg_image_url, bg_image_file and bg_color"
 PATHS = ("/v1.0/removebg", "/api/removebg")  # where remove.bg's clients post
 HEX_COLOR = re.compile(r"#?([0-9a-fA-F]{3,4}|[0-9a-fA-F]{6}|[0-9a-fA-F]{8})")
 
@@ -68,6 +105,11 @@ class RemoveBgError(Exception):
     def __init__(self, title: str, code: str = "invalid_parameters", status: int = 400) -> None:
         super().__init__(title)
         self.title, self.code, self.status = title, code, status
+
+
+def invalid(name: str, why: str) -> RemoveBgError:
+    """A bad value of remove.bg's parameter `name`, with its code."""
+    return RemoveBgError(f"{name}: {why}", CODES.get(name, "invalid_parameters"))
 
 
 def error_body(title: str, code: str) -> dict[str, Any]:
@@ -92,35 +134,72 @@ class Mapped:
     image: Source
     background: Source | None = None
     auto_format: bool = False
+    classify: bool = True  # False for type_level=none: the answer has no X-Type
 
 
 def mapping(params: dict[str, str], files: frozenset[str] = frozenset()) -> Mapped:
-    """The bgq fields and sources of remove.bg's `params`."""
+    """The bgq fields and sources of remove.bg's `params` (an empty source counts as absent)."""
     unknown = sorted((set(params) | files) - PARAMETERS)
     if unknown:
         raise RemoveBgError(f"unknown parameter(s): {', '.join(unknown)}", "unknown_parameters")
-    given = params
-    for name, (default, why) in DEFAULT_ONLY.items():
-        if given.get(name, default) != default:
-            raise RemoveBgError(f"{name}: {why}", "unsupported_parameter")
-    for name in SHADOW_ONLY:
-        if name in given:
-            raise RemoveBgError(f"{name}: bgq adds no shadows", "unsupported_parameter")
+    sources = (*IMAGE_SOURCES, *BACKGROUND_SOURCES)
+    given = {k: v for k, v in params.items() if not (k in sources and v == "")}
+    refuse_unsupported(given)
     background = background_source(given, files)
     fields = size_fields(given.get("size", DEFAULT_SIZE))
-    fields |= {name: given[name] for name in PASSED if name in given}
-    fields |= placement_fields(given.get("scale", "original"), given.get("position", "original"))
+    fields |= crop_fields(given)
+    if "roi" in given:
+        fields["roi"] = given["roi"]
+    fields |= placement_fields(given.get("scale", "original"), given.get("position"))
     if given.get("channels", "rgba") not in ("rgba", "alpha"):
-        raise RemoveBgError("channels: must be rgba or alpha")
+        raise invalid("channels", "must be rgba or alpha")
     if given.get("channels") == "alpha":
         fields["only_mask"] = "true"
     if "bg_color" in given:
         fields["bgcolor"] = bgcolor(given["bg_color"])
+        if background is not None:
+            raise RemoveBgError(ONE_BACKGROUND, "multiple_bg_sources")
     fmt = given.get("format", "auto")
     if fmt != "auto" and fmt not in FORMATS:
-        raise RemoveBgError("format: must be auto, png, jpg, webp or zip")
+        raise invalid("format", "must be auto, png, jpg, webp or zip")
     fields |= format_fields(fmt, fields, background is not None)
-    return Mapped(fields, image_source(given, files), background, fmt == "auto")
+    classify = given.get("type_level") != "none"
+    return Mapped(fields, image_source(given, files), background, fmt == "auto", classify)
+
+
+def refuse_unsupported(given: dict[str, str]) -> None:
+    """What bgq cannot do, refused with a title naming the parameter."""
+    for name, (allowed, why) in DEFAULT_ONLY.items():
+        if given.get(name, allowed[0]) not in allowed:
+            raise RemoveBgError(f"{name}: {why}", "unsupported_parameter")
+    for name in SHADOW_ONLY:
+        if name in given:
+            raise RemoveBgError(f"{name}: bgq adds no shadows", "unsupported_parameter")
+
+
+def crop_fields(given: dict[str, str]) -> dict[str, str]:
+    """crop, and crop_margin (validated, each side capped at 50% or 500px) only with crop=true:
+    remove.bg's crop_margin has no effect otherwise."""
+    crop = given.get("crop", "false")
+    if crop not in ("true", "false"):
+        raise invalid("crop", "must be true or false")
+    fields = {"crop": crop} if "crop" in given else {}
+    if "crop_margin" not in given:
+        return fields
+    margin = given["crop_margin"]
+    if not re.fullmatch(MARGIN_PATTERN, margin):
+        raise invalid("crop_margin", "must be one, two or four lengths (20px or 10%)")
+    if crop == "true":
+        fields["crop_margin"] = canonical_margin(" ".join(map(capped, parse_margin(margin))))
+    return fields
+
+
+def capped(side: str) -> str:
+    """A crop_margin side at most remove.bg's cap: 50% of the subject, or 500 pixels."""
+    value, percent = parse_length(side)
+    if value <= MARGIN_CAP[percent]:
+        return canonical_length(side)
+    return f"{MARGIN_CAP[percent]:g}{'%' if percent else 'px'}"
 
 
 def image_source(given: dict[str, str], files: frozenset[str]) -> Source:
@@ -129,7 +208,7 @@ def image_source(given: dict[str, str], files: frozenset[str]) -> Source:
     if len(sent) != 1:
         raise RemoveBgError(ONE_SOURCE, "missing_source" if not sent else "multiple_sources")
     if "image_file" in given:
-        raise RemoveBgError("image_file: must be a file (multipart), or use image_file_b64")
+        raise invalid("image_file", "must be a file (multipart), or use image_file_b64")
     if sent[0] == "image_url":
         return Source("url", url=given["image_url"])
     if sent[0] == "image_file_b64":
@@ -141,9 +220,9 @@ def background_source(given: dict[str, str], files: frozenset[str]) -> Source | 
     """At most one of bg_image_url and bg_image_file."""
     sent = [name for name in BACKGROUND_SOURCES if name in given or name in files]
     if len(sent) > 1:
-        raise RemoveBgError(ONE_BACKGROUND)
+        raise RemoveBgError(ONE_BACKGROUND, "multiple_bg_sources")
     if "bg_image_file" in given:
-        raise RemoveBgError("bg_image_file: must be a file (multipart)")
+        raise invalid("bg_image_file", "must be a file (multipart)")
     if not sent:
         return None
     return Source("url", url=given["bg_image_url"]) if sent[0] == "bg_image_url" else Source("file")
@@ -154,23 +233,26 @@ def decode_b64(text: str) -> bytes:
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise RemoveBgError("image_file_b64: not valid base64", "invalid_image") from None
+        raise invalid("image_file_b64", "not valid base64") from None
 
 
 def size_fields(size: str) -> dict[str, str]:
     """`size` as bgq's fit_megapixels (none for the original resolution)."""
     if size not in SIZES:
-        raise RemoveBgError(f"size: must be one of {', '.join(SIZES)}")
+        raise invalid("size", f"must be one of {', '.join(SIZES)}")
     megapixels = SIZES[size]
     return {} if megapixels is None else {"fit_megapixels": f"{megapixels:g}"}
 
 
-def placement_fields(scale: str, position: str) -> dict[str, str]:
-    """scale and position: without a scale, a position moves the subject at its own size."""
+def placement_fields(scale: str, position: str | None) -> dict[str, str]:
+    """scale and position: without a scale, a position moves the subject at its own size; a
+    scaled subject is centred when position is absent (bgq cannot keep its place)."""
     if scale == "original":
-        return {} if position == "original" else {"scale": "original", "position": position}
-    if position == "original":
+        return {} if position in (None, "original") else {"scale": "original", "position": position}
+    if position is None:
         return {"scale": scale}  # bgq centres a scaled subject, as remove.bg does
+    if position == "original":
+        raise invalid("position", SCALED_ORIGINAL)
     return {"scale": scale, "position": position}
 
 
@@ -185,7 +267,7 @@ def bgcolor(text: str) -> str:
     elif text.lower() in ImageColor.colormap:
         channels = list(ImageColor.getrgb(text.lower()))
     else:
-        raise RemoveBgError("bg_color: must be a hex colour (81d4fa, #fff) or a colour name")
+        raise invalid("bg_color", "must be a hex colour (81d4fa, #fff) or a colour name")
     if len(channels) == 3:
         channels.append(255)
     return ",".join(str(c) for c in channels)

@@ -46,7 +46,7 @@ def fields() -> dict[str, dict[str, Any]]:
             "full/4k/50MP/auto: the original resolution (up to BGQ_MAX_MEGAPIXELS)",
         },
         "type": {"type": "string", "enum": ["auto"], "description": "bgq does not classify"},
-        "type_level": {"type": "string", "enum": ["1"]},
+        "type_level": {"type": "string", "enum": ["1", "none"], "description": "none: no X-Type"},
         "format": {"type": "string", "enum": ["auto", *(f for f in FORMATS if f != "zip")]},
         "channels": {"type": "string", "enum": ["rgba", "alpha"]},
         "bg_color": {
@@ -56,8 +56,12 @@ def fields() -> dict[str, dict[str, Any]]:
             ],
             "description": "hex (81d4fa, #fff, with alpha: 4 or 8 digits) or a colour name",
         },
-        "add_shadow": {"type": "string", "enum": ["false"], "description": "no shadows"},
-        "semitransparency": {"type": "string", "enum": ["true"]},
+        "add_shadow": {"type": "boolean", "enum": [False], "description": "no shadows"},
+        "semitransparency": {
+            "type": "boolean",
+            "enum": [True],
+            "description": "bgq has no car-window handling",
+        },
     }
     if "zip" in options.FORMATS:
         out["format"]["enum"].append("zip")
@@ -101,7 +105,7 @@ def request_body() -> dict[str, Any]:
 def answers(secured: bool, limited: bool) -> dict[str, Any]:
     """What POST /v1.0/removebg answers."""
     box = {
-        f"X-{name}": header(f"the {what} in pixels", pattern=COUNT)
+        f"X-{name}": header(f"the {what} in pixels", "Foreground" not in name, pattern=COUNT)
         for name, what in [
             ("Width", "result's width"),
             ("Height", "result's height"),
@@ -110,10 +114,10 @@ def answers(secured: bool, limited: bool) -> dict[str, Any]:
             ("Foreground-Width", "subject's width"),
             ("Foreground-Height", "subject's height"),
         ]
-    }
+    }  # X-Foreground-*: absent when an opaque result's box is not ready in time
     headers = {
         **box,
-        "X-Type": header("`other`: bgq does not classify the foreground", enum=["other"]),
+        "X-Type": header("`other` (none with type_level=none)", False, enum=["other"]),
         "X-Credits-Charged": header("`0`", enum=["0"]),
         "X-Bgq-Job-Id": header("the job id (the cache key)", pattern=KEY_PATTERN),
     }
@@ -134,7 +138,9 @@ def answers(secured: bool, limited: bool) -> dict[str, Any]:
         out["403"] = error("`auth_failed`: X-Api-Key (or a bearer token) missing or wrong")
     if limited:
         rates = {
-            "X-RateLimit-Limit": header("the key's requests a minute", False, pattern=COUNT),
+            "X-RateLimit-Limit": header(
+                "the key's requests a minute (else its jobs outstanding)", False, pattern=COUNT
+            ),
             "X-RateLimit-Remaining": header("what is left of them", False, pattern=COUNT),
             "X-RateLimit-Reset": header("when one is free (Unix seconds)", False, pattern=COUNT),
             "RateLimit-Policy": header("as on /v1/remove", False),
@@ -189,7 +195,7 @@ COMPONENTS = {
         "properties": {
             "data": {
                 "type": "object",
-                "required": ["result_b64", *(f"foreground_{s}" for s in SIDES)],
+                "required": ["result_b64"],  # no foreground_*: no box in time (docs/service.md)
                 "properties": {
                     "result_b64": {"type": "string"},
                     **{f"foreground_{s}": {"type": "integer", "minimum": 0} for s in SIDES},

@@ -159,13 +159,17 @@ async def read_parts(request: Request, default_model: str) -> tuple[dict[str, st
 
 
 async def read_fields(
-    request: Request, files: frozenset[str], types: Mapping[str, str] | None = None
+    request: Request,
+    files: frozenset[str],
+    types: Mapping[str, str] | None = None,
+    nullable: bool = False,
 ) -> tuple[dict[str, str], dict[str, bytes]]:
     """The body's fields and its file parts named in `files`: multipart, urlencoded or a JSON
-    object (each field of its JSON type in `types`, bgq's by default); the query is the caller's."""
+    object (each field of its JSON type in `types`, bgq's by default; with `nullable`, a null
+    is an absent field); the query is the caller's."""
     ctype = media_type(request)
     if ctype == JSON:
-        return await read_json(request, json_types() if types is None else types), {}
+        return await read_json(request, json_types() if types is None else types, nullable), {}
     if ctype in (MULTIPART, URLENCODED):
         return await read_form(request, files)
     if ctype == "" and not await request.body():
@@ -206,8 +210,11 @@ async def read_form(
         await form.close()
 
 
-async def read_json(request: Request, types: Mapping[str, str]) -> dict[str, str]:
-    """The fields of a JSON object body, each of its JSON type in `types`, as text."""
+async def read_json(
+    request: Request, types: Mapping[str, str], nullable: bool = False
+) -> dict[str, str]:
+    """The fields of a JSON object body, each of its JSON type in `types`, as text (a null
+    left out with `nullable`)."""
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -221,6 +228,8 @@ async def read_json(request: Request, types: Mapping[str, str]) -> dict[str, str
         kind = types.get(name)
         if kind is None:
             raise ApiError(422, "invalid_request", f"unknown field(s): {name}")
+        if value is None and nullable:
+            continue
         if not _is_json_type(value, kind):
             raise ApiError(422, "invalid_request", f"{name}: must be a JSON {kind}")
         fields[name] = _as_text(value, kind)
