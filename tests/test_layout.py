@@ -144,6 +144,30 @@ def test_a_keyword_and_its_percentages_place_alike(keyword: str, percent: str, c
     )
 
 
+KEYWORDS = {"center": "50% 50%", "top": "50% 0%", "bottom": "50% 100%"}  # and their percents
+# The boxes de89114's place gave for center, top and bottom: a keyword keeps its pixels (and its
+# key) where a percent padding rounds to half a side and leaves no room (20x6 at 49%) too.
+KEYWORD_BOXES = [
+    ((10, 10), "20x6", "49%", ((10, 3, 11, 4), (10, 3, 11, 4), (10, 2, 11, 3))),
+    ((10, 10), "6x20", "49%", ((3, 10, 4, 11), (3, 10, 4, 11), (3, 9, 4, 10))),
+    ((10, 10), "30x2", "49%", ((15, 1, 16, 2), (15, 1, 16, 2), (15, 0, 16, 1))),
+    ((7, 3), "40x12", "46%", ((19, 6, 21, 7), (19, 6, 21, 7), (19, 5, 21, 6))),
+    ((10, 6), "17x31", "2px", ((2, 11, 15, 19), (2, 2, 15, 10), (2, 21, 15, 29))),  # room left
+]
+
+
+@pytest.mark.parametrize(("size", "canvas", "padding", "boxes"), KEYWORD_BOXES, ids=str)
+def test_a_keyword_places_as_before_percent_positions(
+    size: tuple[int, int], canvas: str, padding: str, boxes: tuple[tuple[int, ...], ...]
+) -> None:
+    img = frame(size, (0, 0, *size))
+    for (keyword, percent), box in zip(KEYWORDS.items(), boxes, strict=True):
+        out = arranged(img, canvas=canvas, padding=padding, position=keyword)
+        assert subject(out) == box, keyword
+        same_key = arranged(img, canvas=canvas, padding=padding, position=percent)
+        assert same_key.tobytes() == out.tobytes(), percent  # one cache key, one output
+
+
 @pytest.mark.parametrize(
     ("size", "megapixels", "fitted"),
     [
