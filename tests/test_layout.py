@@ -205,6 +205,23 @@ def test_fit_megapixels_is_at_most_the_limit_keeping_the_aspect(
         assert width * height > megapixels * 1e6 * (1 - 2 / min(width, height))
 
 
+@pytest.mark.parametrize(
+    ("size", "asked", "fitted"),
+    [
+        ((1000, 1000), "0.2499999999", (499, 499)),  # 249,999.9999 px: 500x500 is over it
+        ((100, 1), "2.0999999e-05", (20, 1)),  # 20.999999 px: 21 is over it
+        ((1000, 1000), "0.2500005", (500, 500)),
+    ],
+)
+def test_fit_megapixels_never_goes_over_the_limit_asked(
+    size: tuple[int, int], asked: str, fitted: tuple[int, int]
+) -> None:
+    """The option keeps six significant digits: cut, not rounded up past what was asked."""
+    out = arranged(frame(size, (0, 0, *size)), fit_megapixels=asked)
+    assert out.size == fitted
+    assert out.width * out.height <= float(asked) * 1e6
+
+
 def test_fit_megapixels_comes_after_the_canvas_and_before_the_background() -> None:
     img = frame((100, 50), (10, 10, 90, 40))
     options = Options(canvas="2000x1000", fit_megapixels=0.5, bgcolor=(0, 0, 255, 255))
