@@ -219,6 +219,28 @@ class Counter(StrEnum):
 
 OUTCOMES = (Counter.COMPUTED, Counter.SKIPPED, Counter.FAILED)  # of a job, counted once it ends
 
+# The options of the release before roi, scale, fit_megapixels and bg_image, sent in every task
+# message; a later option is sent only when set, since an older worker refuses (for good) a
+# message with an option it does not know, and a rolling upgrade runs both releases at once.
+BASE_OPTIONS = frozenset(
+    {
+        "alpha_matting",
+        "alpha_matting_foreground_threshold",
+        "alpha_matting_background_threshold",
+        "alpha_matting_erode_size",
+        "only_mask",
+        "post_process_mask",
+        "bgcolor",
+        "format",
+        "quality",
+        "crop",
+        "crop_margin",
+        "canvas",
+        "padding",
+        "position",
+    }
+)
+
 
 class TaskArgs(BaseModel):
     """The JSON keyword arguments of the `bgq.remove_background` task."""
@@ -275,5 +297,10 @@ class TaskArgs(BaseModel):
         return args
 
     def to_kwargs(self) -> dict[str, Any]:
-        """JSON-serialisable keyword arguments for the task message."""
-        return self.model_dump(mode="json")
+        """JSON-serialisable keyword arguments for the task message: the options an older
+        worker knows, and each later one only when set (a worker fills in the defaults)."""
+        kwargs = self.model_dump(mode="json", exclude={"options"})
+        base = set(BASE_OPTIONS)
+        options = self.options.model_dump(mode="json", include=base)
+        later = self.options.model_dump(mode="json", exclude=base, exclude_defaults=True)
+        return kwargs | {"options": options | later}

@@ -64,7 +64,8 @@ SHAPING_MIB_PER_MP = {"png": 12, "jpeg": 12, "webp": 32, "zip": 12}
 # 730 MiB (estimated 1,150 above POOL_BASE_MIB), RGB 48 MP on an 8000x8000 canvas 860 (2,600);
 # a zip 47 (190).
 BACKGROUND_MIB_PER_MP = 16  # MiB per megapixel of background and of output
-BACKGROUND_ENCODED_MIB_PER_MP = 4  # MiB per background megapixel: its file, held during rembg
+# Its file counts at its exact size in both phases: read before the input and held while rembg
+# runs, then freed once the background is decoded (workers/backgrounds.py `decoded`).
 # Images up to the input's size that scale (workers/layout.py) makes at once, besides the
 # cutout and the step before's: the subject, its premultiplied copy, Lanczos's pass and result
 # (then the new frame); and those fit_megapixels adds per output megapixel (the frame's

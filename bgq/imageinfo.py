@@ -63,3 +63,29 @@ def probe(data: bytes, max_megapixels: float) -> ImageInfo:
     """Check an image's header; raise InvalidImage, ImageTooLarge or UnsupportedImage."""
     img = open_header(data, max_megapixels)
     return ImageInfo(img.format or "?", img.width, img.height, img.mode)
+
+
+def _streams(img: Image.Image) -> list[io.BytesIO]:
+    """The open in-memory files behind an image opened by open_header: Pillow keeps its file
+    after load() too (as `_fp`), and with it the bytes the file wraps."""
+    found = (getattr(img, "fp", None), getattr(img, "_fp", None))
+    streams = [stream for stream in found if isinstance(stream, io.BytesIO) and not stream.closed]
+    return list({id(stream): stream for stream in streams}.values())
+
+
+def file_mib(img: Image.Image) -> float:
+    """The size in MiB of the file an image opened by open_header reads its pixels from (0
+    once free_file has let it go)."""
+    for stream in _streams(img):
+        where = stream.tell()
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(where)
+        return size / 2**20
+    return 0.0
+
+
+def free_file(img: Image.Image) -> None:
+    """Let go of the bytes an image opened by open_header was read from, once it is loaded
+    (its pixels and info stay)."""
+    for stream in _streams(img):
+        stream.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import ROUND_DOWN, Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -253,8 +254,12 @@ class Options(BaseModel):
     @field_validator("fit_megapixels")
     @classmethod
     def _round_megapixels(cls, value: float | None) -> float | None:
-        """Six significant digits, as the cache key has them: one key, one output."""
-        return None if value is None else float(f"{value:g}")
+        """Six significant digits, as the cache key has them (one key, one output), cut and
+        never rounded up: the output stays within the limit asked for."""
+        if value is None:
+            return None
+        exact = Decimal(repr(value))  # the shortest decimal that is this float
+        return float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - 5), ROUND_DOWN))
 
     @model_validator(mode="after")
     def _check_backgrounds(self) -> Options:

@@ -119,7 +119,13 @@ class Producer:
 
     def put_image(self, data: bytes) -> str:
         """Store an image for `bg_image` (checked as an input is: a bad one raises its
-        PermanentError) and return its digest: `submit(..., bg_image=digest)`."""
+        PermanentError, as are bytes over BGQ_MAX_UPLOAD_MB) and return its digest:
+        `submit(..., bg_image=digest)`."""
+        if len(data) > self.settings.max_upload_bytes:
+            raise ImageTooLarge(
+                f"an image of {len(data)} bytes, over the BGQ_MAX_UPLOAD_MB limit of "
+                f"{self.settings.max_upload_mb:g} MiB ({self.settings.max_upload_bytes} bytes)"
+            )
         probe(data, self.settings.max_megapixels)
         digest = contract.input_digest(data)
         self.store.put_input(digest, data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from PIL import Image
+from PIL import ExifTags, Image
 
 from bgq import cache, contract, defaults
 from bgq.contract import INPUTS, input_digest
 from bgq.errors import ImageTooLarge, InvalidImage, JobFailed
+from bgq.imageinfo import file_mib, open_header
 from bgq.options import Options
 from bgq.stack import LocalStack
 from bgq.store import FileStore
@@ -31,7 +33,7 @@ from tests.helpers import (
     variant,
 )
 from workers.backgrounds import composite, cover, cover_region, decoded, open_background
-from workers.imaging import check_memory, estimated_peak_mib
+from workers.imaging import check_memory, estimated_peak_mib, shaping_peak_mib
 from workers.shaping import render
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -251,13 +253,49 @@ def test_a_background_adds_its_pixels_and_the_outputs_to_the_estimate() -> None:
     ) == pytest.approx(defaults.BACKGROUND_MIB_PER_MP * 20)
 
 
-def test_a_backgrounds_file_counts_while_rembg_runs() -> None:
-    """Alpha matting peaks in rembg, not in shaping: the background's encoded bytes, read
-    before the input is decoded, are held through it."""
-    over = Options(bg_image="0" * 64, alpha_matting=True)
-    assert estimated_peak_mib(10.0, over, 5.0) - estimated_peak_mib(
-        10.0, Options(alpha_matting=True)
-    ) == pytest.approx(defaults.BACKGROUND_ENCODED_MIB_PER_MP * 5)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"alpha_matting": True},  # peaks in rembg: the file, read before the input, is held
+        {"canvas": "4000x4000"},  # peaks in shaping: the file is held until it is decoded
+    ],
+)
+def test_a_backgrounds_file_counts_at_its_size_in_either_phase(options: dict[str, Any]) -> None:
+    """Not by its megapixels: a 16-bit PNG, or one with data after its end, is far larger."""
+    over = Options(bg_image="0" * 64, **options)
+    assert estimated_peak_mib(10.0, over, 5.0, 300.0) - estimated_peak_mib(
+        10.0, over, 5.0
+    ) == pytest.approx(300.0)
+    assert shaping_peak_mib(10.0, over, 5.0, 300.0) - shaping_peak_mib(
+        10.0, over, 5.0
+    ) == pytest.approx(300.0)
+
+
+def test_a_backgrounds_file_is_measured_to_the_byte() -> None:
+    """20 MiB after a small PNG's end: Pillow opens it, and the estimate counts each byte."""
+    small_input = Image.new("RGB", (100, 100))  # check_memory reads the sizes only
+    image = encoded(bands((100, 100), [RED, GREEN]))
+    padded = opened(image + bytes(20 * 2**20))
+    options = Options(bg_image="0" * 64)
+    assert file_mib(padded) == pytest.approx(20 + len(image) / 2**20)
+    check_memory(small_input, options, defaults.POOL_BASE_MIB + 10, opened(image))
+    with pytest.raises(ImageTooLarge, match=r"over a 100x100 bg_image \(a 20.0 MiB file\)"):
+        check_memory(small_input, options, defaults.POOL_BASE_MIB + 10, padded)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "WEBP"])
+def test_a_backgrounds_file_is_freed_once_decoded(fmt: str) -> None:
+    """Its bytes are not held through shaping: only its pixels are (turned by its EXIF,
+    which a TIFF's file holds)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # turned a quarter
+    data = encoded(bands((40, 30), [RED, GREEN]), fmt, exif=exif)
+    header = open_header(data, defaults.MAX_MEGAPIXELS)
+    held = sys.getrefcount(data)
+    out = decoded(header)
+    assert sys.getrefcount(data) == held - 1  # the file Pillow kept open on them is closed
+    assert file_mib(header) == 0
+    assert out.size == (30, 40) and out.mode == "RGB"
 
 
 def test_a_background_too_big_for_the_memory_limit_is_refused_before_decoding() -> None:
@@ -300,6 +338,13 @@ def test_put_image_checks_the_background_as_an_input(producer: Producer) -> None
         producer.put_image(b"not an image")
     with pytest.raises(ImageTooLarge, match="BGQ_MAX_MEGAPIXELS"):
         producer.put_image(encoded(Image.new("1", (8000, 8000))))
+    noise = encoded(Image.effect_noise((200, 200), 40))  # about 40 KB
+    tiny = encoded(Image.new("RGB", (20, 20)))
+    with Producer(producer.settings.model_copy(update={"max_upload_mb": 0.01})) as small:
+        with pytest.raises(ImageTooLarge, match=r"over the BGQ_MAX_UPLOAD_MB limit of 0.01 MiB"):
+            small.put_image(noise)
+        assert small.store.stat(INPUTS, input_digest(noise)) is None  # nothing stored
+        assert small.put_image(tiny) == input_digest(tiny)  # under the limit
     missing = input_digest(b"never stored")
     with pytest.raises(InvalidImage, match=f"bg_image: no image {missing} in the store"):
         producer.submit(variant("car-1.jpg", (0, 0, 200, 200)), bg_image=missing)

@@ -256,6 +256,46 @@ def test_task_args_round_trip_through_json() -> None:
     assert back.pipeline_version == contract.PIPELINE_VERSION
 
 
+# The options of the release before roi, scale, fit_megapixels and bg_image (de89114's Options).
+RELEASED_OPTIONS = {
+    "alpha_matting",
+    "alpha_matting_foreground_threshold",
+    "alpha_matting_background_threshold",
+    "alpha_matting_erode_size",
+    "only_mask",
+    "post_process_mask",
+    "bgcolor",
+    "format",
+    "quality",
+    "crop",
+    "crop_margin",
+    "canvas",
+    "padding",
+    "position",
+}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"canvas": "800x600", "padding": "5%", "position": "bottom", "crop": True}]
+)
+def test_a_job_without_the_new_options_sends_what_an_older_worker_takes(
+    options: dict[str, Any],
+) -> None:
+    """A rolling upgrade: an older worker refuses an option it does not know, even null."""
+    kwargs = TaskArgs.build(DIGEST, "u2netp", Options.parse(options)).to_kwargs()
+    assert set(kwargs["options"]) == RELEASED_OPTIONS
+    assert set(kwargs) == {"key", "input_sha256", "model", "options", "pipeline_version"}
+
+
+def test_a_job_with_the_new_options_sends_each_and_round_trips() -> None:
+    new = {"roi": "1 2 50% 60%", "scale": "80%", "fit_megapixels": 0.5, "bg_image": OTHER_DIGEST}
+    args = TaskArgs.build(DIGEST, "u2netp", Options.parse({**new, "position": "25% 100%"}))
+    kwargs = json.loads(json.dumps(args.to_kwargs()))
+    assert set(kwargs["options"]) == RELEASED_OPTIONS | set(new)
+    assert {name: kwargs["options"][name] for name in new} == new
+    assert TaskArgs.from_kwargs(kwargs) == args
+
+
 def test_build_rejects_an_unknown_model() -> None:
     with pytest.raises(InvalidRequest, match="unknown model"):
         TaskArgs.build(DIGEST, "nope", Options())

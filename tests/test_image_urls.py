@@ -149,12 +149,23 @@ def test_json_bodies_are_checked_like_forms(http: httpx.Client, body: Any, words
     assert answer.status_code == 422, answer.text
     error = error_of(answer)
     assert error["code"] == "invalid_request" and words in error["message"], error
-    malformed = http.post("/v1/remove", content=b"{", headers={"Content-Type": "application/json"})
-    assert error_of(malformed)["code"] == "invalid_request"
-    deep = http.post(
-        "/v1/remove", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
-    )
-    assert deep.status_code == 422 and "nested too deeply" in error_of(deep)["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"{", "Expecting property name"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"quality": ' + b"9" * 5000 + b"}", "a number of over 4300 digits"),
+        (b'{"image_url": "\xff"}', "can't decode byte 0xff"),
+    ],
+)
+def test_a_malformed_json_body_is_a_422(http: httpx.Client, body: bytes, words: str) -> None:
+    answer = http.post("/v1/remove", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    error = error_of(answer)
+    assert error["code"] == "invalid_request", error
+    assert error["message"].startswith("malformed JSON body: ") and words in error["message"]
 
 
 def cli_env(stack: LocalStack) -> dict[str, str]:

@@ -144,6 +144,30 @@ def test_a_keyword_and_its_percentages_place_alike(keyword: str, percent: str, c
     )
 
 
+KEYWORDS = {"center": "50% 50%", "top": "50% 0%", "bottom": "50% 100%"}  # and their percents
+# The boxes de89114's place gave for center, top and bottom: a keyword keeps its pixels (and its
+# key) where a percent padding rounds to half a side and leaves no room (20x6 at 49%) too.
+KEYWORD_BOXES = [
+    ((10, 10), "20x6", "49%", ((10, 3, 11, 4), (10, 3, 11, 4), (10, 2, 11, 3))),
+    ((10, 10), "6x20", "49%", ((3, 10, 4, 11), (3, 10, 4, 11), (3, 9, 4, 10))),
+    ((10, 10), "30x2", "49%", ((15, 1, 16, 2), (15, 1, 16, 2), (15, 0, 16, 1))),
+    ((7, 3), "40x12", "46%", ((19, 6, 21, 7), (19, 6, 21, 7), (19, 5, 21, 6))),
+    ((10, 6), "17x31", "2px", ((2, 11, 15, 19), (2, 2, 15, 10), (2, 21, 15, 29))),  # room left
+]
+
+
+@pytest.mark.parametrize(("size", "canvas", "padding", "boxes"), KEYWORD_BOXES, ids=str)
+def test_a_keyword_places_as_before_percent_positions(
+    size: tuple[int, int], canvas: str, padding: str, boxes: tuple[tuple[int, ...], ...]
+) -> None:
+    img = frame(size, (0, 0, *size))
+    for (keyword, percent), box in zip(KEYWORDS.items(), boxes, strict=True):
+        out = arranged(img, canvas=canvas, padding=padding, position=keyword)
+        assert subject(out) == box, keyword
+        same_key = arranged(img, canvas=canvas, padding=padding, position=percent)
+        assert same_key.tobytes() == out.tobytes(), percent  # one cache key, one output
+
+
 @pytest.mark.parametrize(
     ("size", "megapixels", "fitted"),
     [
@@ -179,6 +203,23 @@ def test_fit_megapixels_is_at_most_the_limit_keeping_the_aspect(
     if min(width, height) > 1:  # within a pixel of the aspect ratio, and of the limit
         assert abs(width / height - size[0] / size[1]) <= size[0] / size[1] / min(width, height)
         assert width * height > megapixels * 1e6 * (1 - 2 / min(width, height))
+
+
+@pytest.mark.parametrize(
+    ("size", "asked", "fitted"),
+    [
+        ((1000, 1000), "0.2499999999", (499, 499)),  # 249,999.9999 px: 500x500 is over it
+        ((100, 1), "2.0999999e-05", (20, 1)),  # 20.999999 px: 21 is over it
+        ((1000, 1000), "0.2500005", (500, 500)),
+    ],
+)
+def test_fit_megapixels_never_goes_over_the_limit_asked(
+    size: tuple[int, int], asked: str, fitted: tuple[int, int]
+) -> None:
+    """The option keeps six significant digits: cut, not rounded up past what was asked."""
+    out = arranged(frame(size, (0, 0, *size)), fit_megapixels=asked)
+    assert out.size == fitted
+    assert out.width * out.height <= float(asked) * 1e6
 
 
 def test_fit_megapixels_comes_after_the_canvas_and_before_the_background() -> None:

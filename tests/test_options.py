@@ -120,7 +120,12 @@ def test_each_new_variant_has_its_own_key() -> None:
         ({"scale": "80%", "position": "25%"}, "position", "25% 25%"),
         ({"canvas": "9x9", "position": "0% 100.0%"}, "position", "0% 100%"),
         ({"canvas": "9x9", "position": "33.33% 0%"}, "position", "33.33% 0%"),
-        ({"fit_megapixels": "0.1234567"}, "fit_megapixels", 0.123457),
+        ({"fit_megapixels": "0.1234567"}, "fit_megapixels", 0.123456),  # cut, never up
+        ({"fit_megapixels": "1.9999999"}, "fit_megapixels", 1.99999),
+        ({"fit_megapixels": 0.2500005}, "fit_megapixels", 0.25),
+        ({"fit_megapixels": "999.99999"}, "fit_megapixels", 999.999),
+        ({"fit_megapixels": 0.29}, "fit_megapixels", 0.29),  # its own decimal, not 0.289999
+        ({"fit_megapixels": "5e-324"}, "fit_megapixels", 5e-324),  # still over 0
         ({"fit_megapixels": "1e-05"}, "fit_megapixels", 1e-05),
         ({"fit_megapixels": 1000}, "fit_megapixels", 1000.0),
     ],
@@ -199,8 +204,10 @@ def test_only_real_transforms_are_shaped() -> None:
     assert not Options.parse({"roi": "0% 0% 100% 100%"}).shaped
     assert Options.parse({"roi": "0% 0% 100% 100%"}).roi is None
     assert not Options.parse({"position": "50% 50%"}).shaped
+    color = {"bgcolor": "1,2,3,255"}
+    assert Options.parse(color).rembg_kwargs()["bgcolor"] == (1, 2, 3, 255)  # rembg applies it
     for field, value in [("roi", "0 0 1 1"), ("scale", "original"), ("fit_megapixels", 1000)]:
-        options = Options.parse({field: value})
+        options = Options.parse({field: value, **color})
         assert options.shaped, field
         assert options.rembg_kwargs()["bgcolor"] is None  # applied after shaping
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from PIL import Image, ImageOps
 
 from bgq.errors import ImageTooLarge, InvalidImage, UnsupportedImage
-from bgq.imageinfo import open_header
+from bgq.imageinfo import free_file, open_header
 from bgq.options import JPEG_BACKGROUND, Options
 from bgq.store import Store
 
@@ -27,7 +27,8 @@ def open_background(store: Store, options: Options, max_megapixels: float) -> Im
 
 
 def decoded(background: Image.Image) -> Image.Image:
-    """The background's pixels, turned as its EXIF says, opaque: any transparency over white."""
+    """The background's pixels, turned as its EXIF says, opaque: any transparency over white;
+    its file's bytes are freed as soon as they are decoded."""
     try:
         background.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -35,6 +36,7 @@ def decoded(background: Image.Image) -> Image.Image:
         raise InvalidImage(corrupt) from None
     img = background
     ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+    free_file(img)  # after exif_transpose: a TIFF's EXIF is read from the file
     if img.mode in ("RGBA", "LA", "PA") or img.has_transparency_data:
         white = Image.new("RGBA", img.size, JPEG_BACKGROUND)
         return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")

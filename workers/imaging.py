@@ -13,7 +13,7 @@ from PIL import ExifTags, Image
 
 from bgq import defaults
 from bgq.errors import BgqError, ImageTooLarge, InvalidImage, UnsupportedImage
-from bgq.imageinfo import NO_ALPHA_MATTING_MODES, open_header
+from bgq.imageinfo import NO_ALPHA_MATTING_MODES, file_mib, open_header
 from bgq.lengths import parse_canvas
 from bgq.options import Options
 
@@ -22,9 +22,11 @@ Image.MAX_IMAGE_PIXELS = None
 _EXIF_TURNS = range(2, 9)  # EXIF orientations that ImageOps.exif_transpose turns or flips
 
 
-def estimated_peak_mib(megapixels: float, options: Options, background_mp: float = 0.0) -> float:
+def estimated_peak_mib(
+    megapixels: float, options: Options, background_mp: float = 0.0, background_mib: float = 0.0
+) -> float:
     """A pool process's peak resident MiB for one input (and its bg_image's `background_mp`
-    megapixels), by the memory model in defaults."""
+    megapixels, from a file of `background_mib`), by the memory model in defaults."""
     if options.post_process_mask:
         per_mp = defaults.POST_PROCESS_MIB_PER_MP
     elif options.only_mask:
@@ -34,22 +36,25 @@ def estimated_peak_mib(megapixels: float, options: Options, background_mp: float
     peak = defaults.POOL_BASE_MIB + per_mp * megapixels
     if options.alpha_matting and not options.only_mask:
         peak += defaults.MATTING_MIB + defaults.MATTING_MIB_PER_MP * megapixels
-    if options.bg_image is not None:  # its encoded bytes wait while rembg runs
-        peak += defaults.BACKGROUND_ENCODED_MIB_PER_MP * background_mp
+    if options.bg_image is not None:  # its file, read before the input, waits while rembg runs
+        peak += background_mib
     if options.shaped or options.format != "png":
-        peak = max(peak, shaping_peak_mib(megapixels, options, background_mp))
+        peak = max(peak, shaping_peak_mib(megapixels, options, background_mp, background_mib))
     return peak
 
 
-def shaping_peak_mib(megapixels: float, options: Options, background_mp: float = 0.0) -> float:
-    """The peak while shaping and encoding, after rembg (the input is freed by then)."""
+def shaping_peak_mib(
+    megapixels: float, options: Options, background_mp: float = 0.0, background_mib: float = 0.0
+) -> float:
+    """The peak while shaping and encoding, after rembg (the input is freed by then; the
+    background's file is freed once its pixels are decoded)."""
     held = defaults.SHAPING_HELD_MIB_PER_MP * megapixels * held_frames(options)
     output = megapixels
     if options.canvas is not None:
         width, height = parse_canvas(options.canvas)
         output = width * height / 1e6
     if options.bg_image is not None:
-        held += defaults.BACKGROUND_MIB_PER_MP * (background_mp + output)
+        held += background_mib + defaults.BACKGROUND_MIB_PER_MP * (background_mp + output)
     if options.fit_megapixels is not None:  # the frame before fitting: premultiplied, a pass
         held += defaults.SHAPING_HELD_MIB_PER_MP * output * defaults.FIT_FRAMES
     return defaults.POOL_BASE_MIB + held + defaults.SHAPING_MIB_PER_MP[options.format] * output
@@ -69,14 +74,17 @@ def held_frames(options: Options) -> int:
 def check_memory(
     img: Image.Image, options: Options, max_memory_mb: float, background: Image.Image | None = None
 ) -> None:
-    """Refuse, before decoding, an input (and its bg_image's header, if any) that would take a
-    pool process past its limit."""
+    """Refuse, before decoding, an input (and its bg_image's header and file, if any) that
+    would take a pool process past its limit."""
     background_mp = background.width * background.height / 1e6 if background else 0.0
-    peak = estimated_peak_mib(img.width * img.height / 1e6, options, background_mp)
+    background_mib = file_mib(background) if background else 0.0
+    peak = estimated_peak_mib(img.width * img.height / 1e6, options, background_mp, background_mib)
     if peak > max_memory_mb:
         what = " with alpha matting" if options.alpha_matting and not options.only_mask else ""
         what += f" on a {options.canvas} canvas" if options.canvas else ""
-        what += f" over a {background.width}x{background.height} bg_image" if background else ""
+        if background:
+            size = f"{background.width}x{background.height}"
+            what += f" over a {size} bg_image (a {background_mib:.1f} MiB file)"
         raise ImageTooLarge(
             f"{img.width}x{img.height}{what} would need about {peak:.0f} MiB in a worker "
             f"process, over the BGQ_MAX_MEMORY_PER_CHILD_MB limit of {max_memory_mb:g}"

@@ -11,6 +11,7 @@ import math
 from PIL import Image
 
 from bgq.lengths import (
+    POSITIONS,
     length_pixels,
     parse_canvas,
     parse_margin,
@@ -116,9 +117,12 @@ def place(img: Image.Image, options: Options) -> Image.Image:
     size = fit_size(img.size, room)
     if size != img.size:
         img = img.resize(size, Image.Resampling.LANCZOS)  # RGBA: Pillow premultiplies alpha
-    x, y = parse_position(options.position)
+    at = parse_position(options.position)
+    top = pad_y + offset(room[1] - size[1], at[1])
+    if at == POSITIONS["bottom"]:  # the keyword's own rule, where padding leaves no room too
+        top = height - pad_y - size[1]
     canvas = empty(img.mode, (width, height))
-    canvas.paste(img, (pad_x + offset(room[0] - size[0], x), pad_y + offset(room[1] - size[1], y)))
+    canvas.paste(img, (pad_x + offset(room[0] - size[0], at[0]), top))
     return canvas
 
 

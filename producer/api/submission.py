@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from collections.abc import Mapping
 
 import anyio
@@ -219,6 +220,10 @@ async def read_json(
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(422, "invalid_request", f"malformed JSON body: {exc}") from None
+    except ValueError:  # an integer past Python's limit on digits converted (4300 by default)
+        digits = sys.get_int_max_str_digits()
+        too_long = f"malformed JSON body: a number of over {digits} digits"
+        raise ApiError(422, "invalid_request", too_long) from None
     except RecursionError:
         raise ApiError(422, "invalid_request", "malformed JSON body: nested too deeply") from None
     if not isinstance(body, dict):
