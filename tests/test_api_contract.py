@@ -53,6 +53,7 @@ REMOVEBG_UNDESCRIBABLE = {
     "invalid_image",  # a job that failed on the image
     "failed_image_download",
     "failed_bg_download",
+    "invalid_image_url",  # a URL the pattern admits and the fetcher refuses (a port past 65535)
 }
 # Its own rules (one image source, one background, no position=original with a scale), and
 # bg_image's, which only it takes as a field: on a cutout (not with channels=alpha).

@@ -251,6 +251,17 @@ def test_bgq_refusals_in_remove_bg_terms(message: str, title: str, code: str) ->
             "2",
             0,
         ),
+        (  # both limits, the jobs one used up: the fields describe the one that refused
+            {
+                "RateLimit-Policy": '"interactive-rpm";q=60;w=60, '
+                '"interactive-jobs";q=2;qu="concurrent-requests"',
+                "RateLimit": '"interactive-rpm";r=59;t=60, "interactive-jobs";r=0',
+                "Retry-After": "4",
+            },
+            "2",
+            "0",
+            4,
+        ),
     ],
 )
 def test_x_ratelimit_fields_for_a_rate_or_a_jobs_limit(

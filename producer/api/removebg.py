@@ -121,21 +121,26 @@ def too_large_response(message: str) -> JSONResponse:
 
 
 def rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """remove.bg's X-RateLimit-* fields from bgq's RateLimit fields: its requests a minute, or
-    without one its jobs outstanding (Reset: Retry-After's time)."""
+    """remove.bg's X-RateLimit-* fields from bgq's RateLimit fields: the limit that is used up
+    (on a 429), else its requests a minute, else its jobs outstanding (Reset: Retry-After's)."""
     policy, left = headers.get("RateLimit-Policy", ""), headers.get("RateLimit", "")
-    kind = next((k for k in ("-rpm", "-jobs") if k in policy and k in left), None)
-    if kind is None:
+    found = [rate_item(k, policy, left) for k in ("-rpm", "-jobs") if k in policy and k in left]
+    if not found:
         return {}
-    quota = policy.split(kind)[1].split(";q=")[1].split(";")[0]
-    item = left.split(kind)[1].split(",")[0]
-    remaining = item.split(";r=")[1].split(";")[0]
-    reset = item.split(";t=")[1] if ";t=" in item else headers.get("Retry-After", "0")
+    quota, remaining, reset = next((f for f in found if f[1] == "0"), found[0])
     return {
         "X-RateLimit-Limit": quota,
         "X-RateLimit-Remaining": remaining,
-        "X-RateLimit-Reset": str(int(time.time()) + int(reset)),
+        "X-RateLimit-Reset": str(int(time.time()) + int(reset or headers.get("Retry-After", "0"))),
     }
+
+
+def rate_item(kind: str, policy: str, left: str) -> tuple[str, str, str]:
+    """One limit's (quota, remaining, seconds to reset or "") from the RateLimit fields."""
+    quota = policy.split(kind)[1].split(";q=")[1].split(";")[0]
+    item = left.split(kind)[1].split(",")[0]
+    remaining = item.split(";r=")[1].split(";")[0]
+    return quota, remaining, item.split(";t=")[1] if ";t=" in item else ""
 
 
 class RemoveBgRoute(APIRoute):
@@ -325,14 +330,15 @@ async def sibling_box(
     ready by `deadline` (with no box)."""
     model, options = options_for(fields, sent.settings)
     image, usages = cast(bytes, sent.image), sent.usages or []
+    shown = sent.limit_headers  # the answer's: the main job's, not the sibling's
     try:
         job = await run_in_threadpool(sent.enqueue, image, model, options, lane_of(fields), usages)
         await ready(request, job, deadline)
-    except ApiError as exc:
-        if exc.status not in (429, 503):
-            raise
-        log.info("no foreground box for %s: %s", sent.caller, exc.message)
+    except (ApiError, BgqError, redis.RedisError) as exc:  # the result stands without its box
+        log.info("no foreground box for %s: %s", sent.caller, exc)
         return False, None
+    finally:
+        sent.limit_headers = shown
     png = await run_in_threadpool(sent.producer.store.read_output, job.output)
     return True, (await run_in_threadpool(measure, png))[2]
 
