@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bgq import defaults
 from bgq.errors import InvalidRequest
-from bgq.options import CONTENT_TYPES, FORMATS, Options  # options enter the cache key
+from bgq.options import CONTENT_TYPES, FORMATS, REMBG_FIELDS, Options  # options enter the cache key
 
 # Bump whenever output pixels could change for the same input, model and options (the rembg
 # pin in pyproject.toml, or bgq's own pipeline code): old cache entries then stop matching.
@@ -222,14 +222,8 @@ OUTCOMES = (Counter.COMPUTED, Counter.SKIPPED, Counter.FAILED)  # of a job, coun
 # The options of the release before roi, scale, fit_megapixels and bg_image, sent in every task
 # message; a later option is sent only when set, since an older worker refuses (for good) a
 # message with an option it does not know, and a rolling upgrade runs both releases at once.
-BASE_OPTIONS = frozenset(
+BASE_OPTIONS = REMBG_FIELDS | frozenset(
     {
-        "alpha_matting",
-        "alpha_matting_foreground_threshold",
-        "alpha_matting_background_threshold",
-        "alpha_matting_erode_size",
-        "only_mask",
-        "post_process_mask",
         "bgcolor",
         "format",
         "quality",

@@ -70,6 +70,18 @@ DIGEST_PATTERN = r"^[0-9a-f]{64}$"  # bg_image: the SHA-256 of an input in the s
 PYTHON_ONLY = frozenset({"bg_image"})
 
 
+# The options passed to rembg.remove() as they are (bgcolor aside: shaped outputs get it later).
+REMBG_FIELDS = frozenset(
+    {
+        "alpha_matting",
+        "alpha_matting_foreground_threshold",
+        "alpha_matting_background_threshold",
+        "alpha_matting_erode_size",
+        "only_mask",
+        "post_process_mask",
+    }
+)
+
 # What each option must be: the one text of its per-field errors, on every surface.
 _BOOL = "must be true or false"
 _BYTES = "must be an integer from 0 to 255"
@@ -369,13 +381,6 @@ class Options(BaseModel):
 
     def rembg_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for rembg.remove(); a shaped output gets its bgcolor afterwards."""
-        return self.model_dump(
-            include={
-                "alpha_matting",
-                "alpha_matting_foreground_threshold",
-                "alpha_matting_background_threshold",
-                "alpha_matting_erode_size",
-                "only_mask",
-                "post_process_mask",
-            }
-        ) | {"bgcolor": None if self.shaped else self.bgcolor}
+        return self.model_dump(include=set(REMBG_FIELDS)) | {
+            "bgcolor": None if self.shaped else self.bgcolor
+        }

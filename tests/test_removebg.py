@@ -70,13 +70,6 @@ def servers(url_stack: LocalStack) -> Iterator[dict[str, str]]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def photos() -> Iterator[ImageServer]:
-    server = ImageServer().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def api(servers: dict[str, str]) -> str:
     return servers["api"]
