@@ -33,7 +33,29 @@ WEBHOOK_QUEUE = f"{defaults.QUEUE}.webhooks"  # kept apart so deliveries skip th
 PRUNE_TASK_NAME = "bgq.prune_cache"  # no arguments: the worker's BGQ_CACHE_* settings apply
 MAINTENANCE_QUEUE = f"{defaults.QUEUE}.maintenance"
 CONSUME_ORDER = (QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE, BULK_QUEUE)  # strict: first wins
-IMAGE_QUEUES = (QUEUE, BULK_QUEUE)  # a worker consuming either needs a model
+IMAGE_QUEUES = (QUEUE, BULK_QUEUE)  # a worker consuming either needs a model (BASE_MODEL's)
+# Jobs are routed by model: each model has its own queue per lane, so a worker consumes only the
+# jobs of the models it serves (BGQ_MODELS). BASE_MODEL's queues keep the names they had before
+# routing (bgq, bgq.bulk), so a rolling upgrade strands no message; another model's queues are
+# `bgq@<model>` and `bgq.bulk@<model>` ('@' is not in a model name, and `bgq.bulk.<run>` are
+# run lists).
+BASE_MODEL = "u2netp"
+MODEL_HEADER = "bgq_model"  # message header: the job's model (DISPATCH routes bulk jobs by it)
+
+
+def image_queue(lane: str, model: str) -> str:
+    """The queue where jobs of `model` in `lane` wait for a worker that serves that model."""
+    base = QUEUE if lane == INTERACTIVE else BULK_QUEUE
+    return base if model == BASE_MODEL else f"{base}@{model}"
+
+
+def queue_route(queue: str) -> tuple[str, str] | None:
+    """The (lane, model) of an image queue; None for any other queue."""
+    base, _, model = queue.partition("@")
+    lane = {QUEUE: INTERACTIVE, BULK_QUEUE: BULK}.get(base)
+    if lane is None or (not model and "@" in queue):
+        return None
+    return lane, model or BASE_MODEL
 
 
 def check_model(name: str) -> str:

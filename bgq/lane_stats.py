@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bgq import contract, lanes
+from bgq.lanes import Node
 
 if TYPE_CHECKING:
     import redis
@@ -60,7 +61,7 @@ class Snapshot:
 
     lanes: dict[str, LaneStats]
     runs: dict[str, int]  # bulk run -> jobs waiting in its list to be let in
-    workers: dict[str, tuple[list[str], int]]  # worker node -> (its lanes, pool processes)
+    workers: dict[str, Node]  # worker node -> its lanes, pool processes, models
 
 
 def enqueued_at(raw: bytes | None) -> float | None:
@@ -99,7 +100,7 @@ def lane_stats(client: redis.Redis, now: float) -> Snapshot:
     found = {}
     for lane, queue in LANE_QUEUES.items():
         tails = [tail[queue], *(run_tails if lane == contract.BULK else [])]
-        serving = [processes for served, processes in workers.values() if lane in served]
+        serving = [node.processes for node in workers.values() if lane in node.lanes]
         found[lane] = LaneStats(
             waiting=int(depth[queue]) + (sum(runs.values()) if lane == contract.BULK else 0),
             running=int(running[queue]),

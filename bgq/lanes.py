@@ -17,7 +17,7 @@ fine on one Redis or Sentinel, not on Redis Cluster (which bgq does not support)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from kombu.utils.scheduling import priority_cycle
 
@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 RING_KEY = f"{defaults.KEY_PREFIX}bulk:ring"  # list: runs with waiting jobs, rotated
 RUNS_KEY = f"{defaults.KEY_PREFIX}bulk:runs"  # set: the same runs, to add each once
 CAPACITY_KEY = f"{defaults.KEY_PREFIX}capacity"  # zset: worker node -> when its entry expires
-SLOTS_KEY = f"{defaults.KEY_PREFIX}capacity:slots"  # hash: worker node -> "<lanes>:<processes>"
+# hash: worker node -> "<lanes>:<processes>:<models>" (an entry without models, from a release
+# before routing by model, serves contract.BASE_MODEL only: those are the queues it consumes)
+SLOTS_KEY = f"{defaults.KEY_PREFIX}capacity:slots"
 
 SWEEP_KEY = f"{defaults.KEY_PREFIX}bulk:sweep"  # held by the worker sweeping for lost runs
 QUEUE_ORDER = "bgq.lanes:LaneOrder"  # kombu's queue_order_strategy for bgq (bgq/connections.py)
@@ -85,7 +87,7 @@ if #gone > 0 then
 end
 local slots = 0
 for _, entry in ipairs(redis.call('HVALS', KEYS[5])) do
-  local lanes, count = string.match(entry, '^([^:]*):(%d+)$')
+  local lanes, count = string.match(entry, '^([^:]*):(%d+)')
   if lanes and string.find(lanes, 'b', 1, true) then slots = slots + tonumber(count) end
 end
 local target = math.max(tonumber(ARGV[3]), slots)
@@ -209,11 +211,13 @@ def sweep(client: redis.Redis, now: bool = False) -> list[str]:
     return [run for run, new in zip(runs, added, strict=True) if new]
 
 
-def register_worker(pipe: Any, node: str, lanes: list[str], processes: int) -> None:
-    """Queue on a pipeline: this worker node serves `lanes` with `processes` pool processes,
-    for WORKER_ENTRY_TTL seconds (by Redis's clock) unless it says so again."""
+def register_worker(
+    pipe: Any, node: str, lanes: list[str], processes: int, models: list[str]
+) -> None:
+    """Queue on a pipeline: this worker node serves `lanes` for `models` with `processes` pool
+    processes, for WORKER_ENTRY_TTL seconds (by Redis's clock) unless it says so again."""
     code = "".join(lane[0] for lane in lanes) or "-"
-    entry = f"{code}:{processes}"
+    entry = f"{code}:{processes}:{','.join(models)}"
     pipe.eval(REGISTER, 2, CAPACITY_KEY, SLOTS_KEY, node, entry, defaults.WORKER_ENTRY_TTL)
 
 
@@ -231,14 +235,39 @@ def unregister_worker(client: redis.Redis, node: str) -> None:
         pipe.execute()
 
 
-def capacity(client: redis.Redis) -> dict[str, tuple[list[str], int]]:
-    """The live worker nodes: each one's lanes and pool processes."""
+class Node(NamedTuple):
+    """A live worker node's capacity entry."""
+
+    lanes: list[str]
+    processes: int
+    models: list[str]
+
+
+def parse_entry(entry: str) -> Node:
+    """A capacity entry, `<lanes>:<processes>[:<models>]`, read."""
+    code, _, rest = entry.partition(":")
+    count, _, models = rest.partition(":")
+    lanes = [lane for lane in contract.LANES if lane[0] in code]
+    served = [m for m in models.split(",") if m] if models else [contract.BASE_MODEL]
+    return Node(lanes, int(count) if count.isdigit() else 0, served)
+
+
+def capacity(client: redis.Redis) -> dict[str, Node]:
+    """The live worker nodes: each one's lanes, pool processes and models."""
     flat: list[bytes] = client.eval(CAPACITY, 2, CAPACITY_KEY, SLOTS_KEY)
-    found = {}
-    for node, entry in zip(flat[0::2], flat[1::2], strict=True):
-        code, _, count = entry.decode().partition(":")
-        lanes = [lane for lane in contract.LANES if lane[0] in code]
-        found[node.decode()] = (lanes, int(count) if count.isdigit() else 0)
+    return {
+        node.decode(): parse_entry(entry.decode())
+        for node, entry in zip(flat[0::2], flat[1::2], strict=True)
+    }
+
+
+def served_models(nodes: dict[str, Node]) -> dict[str, int]:
+    """Each model some live worker serves (on any lane), and its pool processes in all."""
+    found: dict[str, int] = {}
+    for node in nodes.values():
+        if node.lanes:
+            for model in node.models:
+                found[model] = found.get(model, 0) + node.processes
     return found
 
 

@@ -17,6 +17,7 @@ from bgq import contract
 from bgq.contract import BULK, INPUTS, INTERACTIVE
 from bgq.exporter import Exporter
 from bgq.lane_stats import COUNT_HELD, UNACKED_KEY, LaneStats, Snapshot, enqueued_at, lane_stats
+from bgq.lanes import Node
 from bgq.process import free_port
 from bgq.settings import Settings
 from bgq.stack import LocalStack
@@ -77,7 +78,10 @@ def test_status_lines() -> None:
             BULK: LaneStats(waiting=9, running=0, oldest=200.0, workers=0, processes=0),
         },
         runs={f"run-{i}": i for i in range(1, 8)},
-        workers={"a@h": ([INTERACTIVE, BULK], 4), "b@h": ([INTERACTIVE], 2)},
+        workers={
+            "a@h": Node([INTERACTIVE, BULK], 4, ["u2netp"]),
+            "b@h": Node([INTERACTIVE], 2, ["u2netp"]),
+        },
     )
     assert lane_lines(snapshot) == [
         "interactive: 0 waiting, 2 running",

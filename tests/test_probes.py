@@ -11,6 +11,7 @@ import time
 from bgq import defaults, lanes
 from bgq.contract import BULK, INTERACTIVE
 from bgq.lane_stats import LaneStats, Snapshot
+from bgq.lanes import Node
 from bgq.process import free_port
 from bgq.stack import LocalStack
 from producer.cli.services import status_document
@@ -29,7 +30,7 @@ def test_status_document_fields() -> None:
             BULK: LaneStats(waiting=300, running=4, oldest=None, workers=1, processes=4),
         },
         runs={"catalog": 296},
-        workers={"a@h": ([INTERACTIVE, BULK], 4)},
+        workers={"a@h": Node([INTERACTIVE, BULK], 4, ["u2netp"])},
     )
     document = status_document("redis://r:6379/0", "/s", {"bgq": 1, "bgq.bulk": 4}, snapshot,
                                ["a@h", "hooks@h"])  # fmt: skip

@@ -65,10 +65,10 @@ def test_the_bulk_queue_is_as_deep_as_the_live_workers_bulk_processes(
 ) -> None:
     producer, client = idle
     with client.pipeline() as pipe:
-        lanes.register_worker(pipe, "a@host", [INTERACTIVE, BULK], 3)
-        lanes.register_worker(pipe, "b@host", [BULK], 2)
-        lanes.register_worker(pipe, "c@host", [INTERACTIVE], 7)  # serves no bulk
-        lanes.register_worker(pipe, "d@host", [BULK], 9)
+        lanes.register_worker(pipe, "a@host", [INTERACTIVE, BULK], 3, ["u2netp"])
+        lanes.register_worker(pipe, "b@host", [BULK], 2, ["u2netp"])
+        lanes.register_worker(pipe, "c@host", [INTERACTIVE], 7, ["u2netp"])  # serves no bulk
+        lanes.register_worker(pipe, "d@host", [BULK], 9, ["u2netp"])
         pipe.execute()
     # d's entry was last renewed an hour ago (by Redis's clock, the only one that counts).
     client.zadd(lanes.CAPACITY_KEY, {"d@host": int(client.time()[0]) - 3600})

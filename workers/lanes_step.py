@@ -59,7 +59,9 @@ class LaneBeat(bootsteps.StartStopStep):
         client = worker.app.backend.client
         try:
             with client.pipeline(transaction=False) as pipe:
-                lanes.register_worker(pipe, worker.hostname, served, worker.concurrency)
+                lanes.register_worker(
+                    pipe, worker.hostname, served, worker.concurrency, [contract.BASE_MODEL]
+                )
                 if contract.BULK in served:
                     lanes.dispatch_on(pipe)
                 pipe.execute()

@@ -58,7 +58,7 @@ def ready(settings: Settings, node: str) -> tuple[bool, str]:
         return False, f"cannot read Redis: {exc}"
     if node not in live:
         return False, f"no live entry in Redis (renewed every {defaults.WORKER_BEAT} s)"
-    served, processes = live[node]
+    served, processes, _ = live[node]
     return True, f"{processes} pool process(es) serving {', '.join(served) or 'no image lane'}"
 
 

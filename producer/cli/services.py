@@ -16,6 +16,7 @@ from bgq import contract, defaults, quotas
 from bgq.connections import broker_url
 from bgq.errors import ConfigError
 from bgq.lane_stats import Snapshot, lane_stats
+from bgq.lanes import Node
 from bgq.settings import load_settings
 from bgq.stack import LocalStack, flower_command, flower_env, worker_command
 from bgq.store import open_store
@@ -127,7 +128,7 @@ def status_document(
     }
     nodes = {}
     for name in names:
-        served, processes = snapshot.workers.get(name, ([], 0))
+        served, processes, _ = snapshot.workers.get(name, Node([], 0, []))
         nodes[name] = {"lanes": served, "pool_processes": processes}
     return {
         "broker": broker,
@@ -172,14 +173,14 @@ def worker_lines(names: list[str], snapshot: Snapshot) -> str:
     groups: dict[str, int] = {}
     nodes = []
     for name in names:
-        served, processes = snapshot.workers.get(name, ([], 0))
+        served, processes, _ = snapshot.workers.get(name, Node([], 0, []))
         if not served:  # webhooks or maintenance only
             nodes.append(f"\n  {name}: no image queue")
             continue
-        lanes = ", ".join(served)
-        groups[lanes] = groups.get(lanes, 0) + processes
-        nodes.append(f"\n  {name}: {pool_processes(processes)} ({lanes})")
-    pools = "".join(f", {pool_processes(n)} ({lanes})" for lanes, n in groups.items())
+        lane_list = ", ".join(served)
+        groups[lane_list] = groups.get(lane_list, 0) + processes
+        nodes.append(f"\n  {name}: {pool_processes(processes)} ({lane_list})")
+    pools = "".join(f", {pool_processes(n)} ({group})" for group, n in groups.items())
     return f"workers:     {len(names)} online{pools}" + "".join(nodes)
 
 
