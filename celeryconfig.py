@@ -22,9 +22,10 @@ def build(settings: Settings) -> dict[str, Any]:
         "result_expires": defaults.RESULT_TTL,
         "task_default_queue": contract.QUEUE,
         # A worker takes its next task from the first of these that has one (in this order,
-        # whatever -Q says: workers/app.py): interactive jobs, webhook deliveries, the prune,
-        # and bulk jobs last. Bulk runs wait in their own lists until bgq/lanes.py lets them in.
-        "task_queues": [Queue(name) for name in contract.CONSUME_ORDER],
+        # whatever -Q says: bgq.lanes.LaneOrder): interactive jobs of each model it serves
+        # (BGQ_MODELS), webhook deliveries, the prune, and bulk jobs last. Bulk runs wait in
+        # their own lists until bgq/lanes.py lets them into their model's bulk queue.
+        "task_queues": [Queue(name) for name in contract.consume_order(settings.served_models)],
         "task_routes": {
             contract.WEBHOOK_TASK_NAME: {"queue": contract.WEBHOOK_QUEUE},
             contract.PRUNE_TASK_NAME: {"queue": contract.MAINTENANCE_QUEUE},

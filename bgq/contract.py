@@ -32,8 +32,6 @@ WEBHOOK_TASK_NAME = "bgq.deliver_webhook"  # kwargs: url, body (the job JSON, as
 WEBHOOK_QUEUE = f"{defaults.QUEUE}.webhooks"  # kept apart so deliveries skip the image backlog
 PRUNE_TASK_NAME = "bgq.prune_cache"  # no arguments: the worker's BGQ_CACHE_* settings apply
 MAINTENANCE_QUEUE = f"{defaults.QUEUE}.maintenance"
-CONSUME_ORDER = (QUEUE, WEBHOOK_QUEUE, MAINTENANCE_QUEUE, BULK_QUEUE)  # strict: first wins
-IMAGE_QUEUES = (QUEUE, BULK_QUEUE)  # a worker consuming either needs a model (BASE_MODEL's)
 # Jobs are routed by model: each model has its own queue per lane, so a worker consumes only the
 # jobs of the models it serves (BGQ_MODELS). BASE_MODEL's queues keep the names they had before
 # routing (bgq, bgq.bulk), so a rolling upgrade strands no message; another model's queues are
@@ -47,6 +45,21 @@ def image_queue(lane: str, model: str) -> str:
     """The queue where jobs of `model` in `lane` wait for a worker that serves that model."""
     base = QUEUE if lane == INTERACTIVE else BULK_QUEUE
     return base if model == BASE_MODEL else f"{base}@{model}"
+
+
+def consume_order(models: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The queues of a worker serving `models`, strictly in the order it tries them: every
+    model's interactive queue (in `models`' order), webhooks, maintenance, every bulk queue."""
+    return (
+        *(image_queue(INTERACTIVE, model) for model in models),
+        WEBHOOK_QUEUE,
+        MAINTENANCE_QUEUE,
+        *(image_queue(BULK, model) for model in models),
+    )
+
+
+CONSUME_ORDER = consume_order([BASE_MODEL])  # a worker of BASE_MODEL alone: strict, first wins
+IMAGE_QUEUES = (QUEUE, BULK_QUEUE)  # a worker consuming either needs a model (BASE_MODEL's)
 
 
 def queue_route(queue: str) -> tuple[str, str] | None:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from kombu.utils.scheduling import priority_cycle
 
 from bgq import contract, defaults
+from bgq.errors import ConfigError
+from bgq.settings import load_settings
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -68,16 +70,20 @@ end
 return found
 """
 
-# KEYS: ring, runs, bulk queue, capacity, slots; ARGV: a run list's prefix, the promoted-mark
-# prefix, the least depth, the most steps, the guard prefix, the guard's TTL. Let waiting bulk
-# jobs in, one run at a time, until the bulk queue holds as many as the live workers have bulk
-# pool processes (at least the least depth). A message keeps kombu's format; only its routing key
-# becomes the bulk queue, so that kombu puts it back there (not in its run's list) if its worker
-# dies or it is retried. A message whose enqueue was promoted to the interactive lane (the mark
-# holds that enqueue's guard token, its `bgq_guard` header) is dropped: its interactive copy runs
-# instead. A later bulk enqueue of the same job has another token, so a mark left behind never
-# drops it. A message let in renews its enqueue's guard: a job may wait its turn longer than
-# GUARD_TTL.
+# KEYS: ring, runs, BASE_MODEL's bulk queue, capacity, slots; ARGV: a run list's prefix, the
+# promoted-mark prefix, the least depth, the most steps, the guard prefix, the guard's TTL,
+# BASE_MODEL. Let waiting bulk jobs in, one run at a time, each into its model's bulk queue (the
+# `bgq_model` header; none: BASE_MODEL's, `bgq.bulk`; else `bgq.bulk@<model>`) while that queue
+# holds fewer than the live workers' bulk pool processes serving that model (at least the least
+# depth). A run whose next message's model has a full queue is skipped for this pass (the
+# message stays at the tail kombu pops from, so the run keeps its order); the pass ends when
+# every run in the ring was skipped, or after the most steps. A message keeps kombu's format;
+# only its routing key becomes its bulk queue, so that kombu puts it back there (not in its
+# run's list) if its worker dies or it is retried. A message whose enqueue was promoted to the
+# interactive lane (the mark holds that enqueue's guard token, its `bgq_guard` header) is
+# dropped: its interactive copy runs instead. A later bulk enqueue of the same job has another
+# token, so a mark left behind never drops it. A message let in renews its enqueue's guard: a
+# job may wait its turn longer than GUARD_TTL.
 DISPATCH = """
 local now = tonumber(redis.call('TIME')[1])
 local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -85,44 +91,74 @@ if #gone > 0 then
   redis.call('ZREM', KEYS[4], unpack(gone))
   redis.call('HDEL', KEYS[5], unpack(gone))
 end
-local slots = 0
+local slots = {}
 for _, entry in ipairs(redis.call('HVALS', KEYS[5])) do
-  local lanes, count = string.match(entry, '^([^:]*):(%d+)')
-  if lanes and string.find(lanes, 'b', 1, true) then slots = slots + tonumber(count) end
+  local lanes, count, models = string.match(entry, '^([^:]*):(%d+):?(.*)$')
+  if lanes and string.find(lanes, 'b', 1, true) then
+    if models == '' then models = ARGV[7] end
+    for model in string.gmatch(models, '[^,]+') do
+      slots[model] = (slots[model] or 0) + tonumber(count)
+    end
+  end
 end
-local target = math.max(tonumber(ARGV[3]), slots)
-local depth = redis.call('LLEN', KEYS[3])
+local depths = {}
+local function queue_of(model)
+  if model == ARGV[7] then return KEYS[3] end
+  return KEYS[3] .. '@' .. model
+end
+local function room(model)
+  if depths[model] == nil then depths[model] = redis.call('LLEN', queue_of(model)) end
+  return depths[model] < math.max(tonumber(ARGV[3]), slots[model] or 0)
+end
+local rounds = redis.call('LLEN', KEYS[1])
+local skipped = {}
+local blocked = 0
 local moved = 0
 local steps = 0
-while depth < target and steps < tonumber(ARGV[4]) do
+while steps < tonumber(ARGV[4]) and blocked < rounds do
   steps = steps + 1
   local run = redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
   if not run then break end
-  local msg = redis.call('RPOP', ARGV[1] .. run)
+  local msg = redis.call('LINDEX', ARGV[1] .. run, -1)
   if not msg then
     redis.call('LREM', KEYS[1], 0, run)
     redis.call('SREM', KEYS[2], run)
-  else
+    rounds = rounds - 1
+    if skipped[run] then blocked = blocked - 1 end
+  elseif not skipped[run] then
     local ok, decoded = pcall(cjson.decode, msg)
     local headers = ok and type(decoded) == 'table' and decoded['headers']
+    local model = ARGV[7]
+    if type(headers) == 'table' and type(headers['bgq_model']) == 'string' then
+      model = headers['bgq_model']
+    end
     local promoted = false
     if type(headers) == 'table' and type(headers['id']) == 'string' then
       local mark = redis.call('GET', ARGV[2] .. headers['id'])
       promoted = mark ~= false and mark == headers['bgq_guard']
-      local guard = ARGV[5] .. headers['id']
-      if not promoted and redis.call('GET', guard) == headers['bgq_guard'] then
-        redis.call('EXPIRE', guard, ARGV[6])
-      end
     end
-    if not promoted then
+    if promoted then
+      redis.call('RPOP', ARGV[1] .. run)
+    elseif not room(model) then
+      skipped[run] = true
+      blocked = blocked + 1
+    else
+      redis.call('RPOP', ARGV[1] .. run)
+      if type(headers) == 'table' and type(headers['id']) == 'string' then
+        local guard = ARGV[5] .. headers['id']
+        if redis.call('GET', guard) == headers['bgq_guard'] then
+          redis.call('EXPIRE', guard, ARGV[6])
+        end
+      end
+      local queue = queue_of(model)
       local from = '"routing_key": "' .. ARGV[1] .. run .. '"'
       local i, j = string.find(msg, from, 1, true)
       if i then
-        local to = '"routing_key": "' .. KEYS[3] .. '"'
+        local to = '"routing_key": "' .. queue .. '"'
         msg = string.sub(msg, 1, i - 1) .. to .. string.sub(msg, j + 1)
       end
-      redis.call('LPUSH', KEYS[3], msg)
-      depth = depth + 1
+      redis.call('LPUSH', queue, msg)
+      depths[model] = depths[model] + 1
       moved = moved + 1
     end
   end
@@ -132,14 +168,35 @@ return moved
 
 
 class LaneOrder(priority_cycle):
-    """kombu's queue order on bgq's connections: a worker tries its queues strictly in
-    contract.CONSUME_ORDER (interactive first, bulk last), however they were added: -Q in any
-    order, or `add_consumer` at run time (kombu appends a new queue at the end). Other queues
-    keep their order after bgq's."""
+    """kombu's queue order on bgq's connections: a worker tries its queues strictly by class,
+    contract.consume_order's (every model's interactive queue, webhooks, maintenance, every
+    model's bulk queue; models in BGQ_MODELS' order), however they were added: -Q in any order,
+    or `add_consumer` at run time (kombu appends a new queue at the end). Other queues keep
+    their order after bgq's."""
 
     def update(self, it: Any) -> None:
-        rank = {queue: i for i, queue in enumerate(contract.CONSUME_ORDER)}
-        self.items[:] = sorted(it, key=lambda queue: rank.get(queue, len(rank)))
+        models = {model: i for i, model in enumerate(_served_models())}
+        self.items[:] = sorted(it, key=lambda queue: queue_rank(queue, models))
+
+
+CLASSES = {contract.WEBHOOK_QUEUE: 1, contract.MAINTENANCE_QUEUE: 2}  # between the two lanes
+
+
+def queue_rank(queue: str, models: dict[str, int]) -> tuple[int, int]:
+    """Where `queue` comes in a worker's order: its class, then its model's place in `models`."""
+    route = contract.queue_route(queue)
+    if route is None:
+        return CLASSES.get(queue, len(CLASSES) + 2), 0
+    lane, model = route
+    return (0 if lane == contract.INTERACTIVE else len(CLASSES) + 1), models.get(model, len(models))
+
+
+def _served_models() -> list[str]:
+    """This process's BGQ_MODELS (their order ranks a worker's queues of one lane)."""
+    try:
+        return load_settings().served_models
+    except ConfigError:
+        return []
 
 
 def guard_token(lane: str, token: str) -> str:
@@ -166,6 +223,7 @@ def dispatch_args() -> tuple[list[str], list[Any]]:
         defaults.BULK_DISPATCH_STEPS,
         contract.guard_key(""),
         defaults.GUARD_TTL,
+        contract.BASE_MODEL,
     ]
     return keys, argv
 
@@ -183,7 +241,7 @@ def dispatch_on(pipe: Any) -> None:
 
 
 def dispatch(client: redis.Redis) -> int:
-    """Let waiting bulk jobs in now; how many were."""
+    """Let waiting bulk jobs in now, each into its model's bulk queue; how many were."""
     keys, argv = dispatch_args()
     return int(client.eval(DISPATCH, len(keys), *keys, *argv))
 

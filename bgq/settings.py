@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     models_dir: Path | None = None  # unset: $BGQ_HOME/models
     model: str = defaults.MODEL
+    models: str | None = None  # comma-separated models a worker serves; unset: just BGQ_MODEL
     concurrency: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: os.cpu_count() or 1)
     ort_threads: Annotated[int, Field(ge=1)] = defaults.ORT_THREADS
     ort_arena: bool = defaults.ORT_ARENA
@@ -139,10 +140,30 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown model; {choices}")
         return name
 
+    @field_validator("models")
+    @classmethod
+    def _served_models(cls, text: str | None) -> str | None:
+        if text is None:
+            return None
+        names = parse_models(text)
+        if not names:
+            raise ValueError("must name at least one model")
+        if len(set(names)) != len(names):
+            raise ValueError("names a model twice")
+        for name in names:
+            if choices := defaults.unknown_model_hint(name):
+                raise ValueError(f"unknown model {name!r}; {choices}")
+        return ",".join(names)
+
     @field_validator("home", "models_dir", "redis_tls_ca", "redis_tls_cert", "redis_tls_key")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         return None if path is None else path.expanduser().absolute()
+
+    @property
+    def served_models(self) -> list[str]:
+        """The models a worker serves (BGQ_MODELS, in its order), else just BGQ_MODEL."""
+        return parse_models(self.models) if self.models else [self.model]
 
     @property
     def max_upload_bytes(self) -> int:
@@ -183,6 +204,11 @@ class Settings(BaseSettings):
     def model_home(self) -> Path:
         """Where model weights live; rembg is pointed here through U2NET_HOME."""
         return self.models_dir or self.home / "models"
+
+
+def parse_models(text: str) -> list[str]:
+    """`u2netp, u2net` -> ["u2netp", "u2net"]: a BGQ_MODELS list, blanks dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -116,14 +116,17 @@ def publish(
 
 
 def send(app: Celery, args: TaskArgs, lane: str, run: str, token: str) -> None:
-    """Publish the task to its lane: the interactive queue, or its bulk run's list.
+    """Publish the task to its lane: its model's interactive queue, or its bulk run's list.
 
-    The headers carry the lane, run and time for the workers' wait histograms and the
-    exporter. A run's list is a plain kombu queue that is never declared (no binding keys
-    left behind); bgq/lanes.py moves its messages into the bulk queue.
+    The headers carry the model (bgq/lanes.py lets a bulk job into its model's bulk queue by
+    it), the lane, run and time for the workers' wait histograms and the exporter. Queues are
+    never declared (no binding keys left behind; a producer need not know which models the
+    workers serve): kombu pushes the message onto the list its routing key names.
     """
-    queue = contract.QUEUE if lane == INTERACTIVE else Queue(contract.run_queue(run))
+    name = contract.image_queue(INTERACTIVE, args.model)
+    queue = Queue(name if lane == INTERACTIVE else contract.run_queue(run))
     headers = {
+        contract.MODEL_HEADER: args.model,
         contract.LANE_HEADER: lane,
         contract.RUN_HEADER: run,
         contract.ENQUEUED_HEADER: round(time.time(), 3),

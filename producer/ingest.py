@@ -173,11 +173,17 @@ class Ingest:
         try:
             return self._submit_to(self.producer, data)
         except NoBroker:
-            self.stack = LocalStack(self.settings, log=self.stack_log).start()
+            self.stack = LocalStack(self.stack_settings(), log=self.stack_log).start()
             self.producer.close()  # flushes the hits so far: it finds the embedded Redis now
             settings = self.settings.model_copy(update={"redis_url": self.stack.url})
             self.producer = Producer(settings, run=self.producer.run)
             return self._submit_to(self.producer, data)
+
+    def stack_settings(self) -> Settings:
+        """An embedded stack's settings: its worker serves BGQ_MODELS and this ingest's model."""
+        served = self.settings.served_models
+        models = served if self.model in served else [*served, self.model]
+        return self.settings.model_copy(update={"models": ",".join(models)})
 
     def _submit_to(self, producer: Producer, data: bytes) -> Job:
         return producer.submit_data(data, self.model, self.options, False, lane=self.lane)

@@ -10,7 +10,6 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
 import celeryconfig
-from bgq import contract
 from bgq.errors import BgqError
 from bgq.settings import load_settings
 from bgq.store import Store, open_store
@@ -36,7 +35,7 @@ app.steps["consumer"].add(shutdown.GracefulShutdown)
 
 
 _store: Store | None = None
-serves_images = True  # decided in the main process before the pool forks (see _check_worker)
+served: list[str] = settings.served_models  # decided before the pool forks (see _check_worker)
 
 
 def app_store() -> Store:
@@ -49,28 +48,28 @@ def app_store() -> Store:
 
 @worker_init.connect
 def _check_worker(sender: WorkController, **_: object) -> None:
-    """In the main process, before forking: the store must be usable, and a worker that consumes
-    the image queue needs the default model's weights; one that serves only webhooks or
+    """In the main process, before forking: the store must be usable, and a worker needs the
+    weights of every model whose image queues it consumes; one that serves only webhooks or
     maintenance loads none."""
-    global serves_images
+    global served
     queues = list(sender.app.amqp.queues.consume_from)
-    serves_images = any(queue in queues for queue in contract.IMAGE_QUEUES)
+    served = lanes_step.served_models(queues)
     try:
         open_store(settings).check()
-        if serves_images:
-            session.ensure_weights(settings)
+        session.ensure_weights(settings, served)
     except BgqError as exc:
         log.critical("bgq worker cannot start: %s", exc)
         raise SystemExit(f"bgq worker cannot start: {exc}") from None
-    if not serves_images:
+    if not served:
         log.info("this worker consumes %s, no image queue: no model is loaded", ",".join(queues))
     else:
+        log.info("this worker serves %s", ", ".join(served))
         session.preload()  # what every pool process imports, shared copy-on-write
 
 
 @worker_process_init.connect
 def _load_session(**_: object) -> None:
-    """After fork, in each pool process: create its own onnxruntime session, if it serves images."""
-    session.init_process(settings, load=serves_images)
-    if not serves_images:
+    """After fork, in each pool process: create its own session of each model it serves."""
+    session.init_process(settings, served)
+    if not served:
         log.info("pool process %d: no model loaded", os.getpid())

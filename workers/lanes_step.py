@@ -27,9 +27,18 @@ log = logging.getLogger(__name__)
 
 
 def served_lanes(queues: list[str]) -> list[str]:
-    """The lanes a worker consuming `queues` serves."""
-    served = {contract.QUEUE: contract.INTERACTIVE, contract.BULK_QUEUE: contract.BULK}
-    return [served[queue] for queue in queues if queue in served]
+    """The lanes a worker consuming `queues` serves (for any model)."""
+    routes = [contract.queue_route(queue) for queue in queues]
+    return [lane for lane in contract.LANES if any(r and r[0] == lane for r in routes)]
+
+
+def served_models(queues: list[str]) -> list[str]:
+    """The models a worker consuming `queues` serves, in their order (none: no image queue)."""
+    found: list[str] = []
+    for route in map(contract.queue_route, queues):
+        if route and route[1] not in found:
+            found.append(route[1])
+    return found
 
 
 class LaneBeat(bootsteps.StartStopStep):
@@ -55,13 +64,13 @@ class LaneBeat(bootsteps.StartStopStep):
             self.beat_file.touch()
         except OSError as exc:
             log.warning("cannot touch %s (`bgq probe alive` reads it): %s", self.beat_file, exc)
-        served = served_lanes(list(worker.app.amqp.queues.consume_from))
+        queues = list(worker.app.amqp.queues.consume_from)
+        served = served_lanes(queues)
+        models = served_models(queues)
         client = worker.app.backend.client
         try:
             with client.pipeline(transaction=False) as pipe:
-                lanes.register_worker(
-                    pipe, worker.hostname, served, worker.concurrency, [contract.BASE_MODEL]
-                )
+                lanes.register_worker(pipe, worker.hostname, served, worker.concurrency, models)
                 if contract.BULK in served:
                     lanes.dispatch_on(pipe)
                 pipe.execute()

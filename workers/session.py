@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _sessions: dict[str, BaseSession] = {}  # this process's sessions, by model name
+_served: list[str] = []  # the models this process's worker serves (BGQ_MODELS, its queues)
 
 # What rembg imports when it loads but calls only for alpha matting or mask post-processing.
 DEFERRED_MODULES = (
@@ -124,15 +125,20 @@ def preload() -> None:
     gc.freeze()  # the collector never writes to these objects, so their pages stay shared
 
 
-def ensure_weights(settings: Settings) -> None:
-    """Make the default model's weights available (fetching them if possible) or raise."""
-    models.fetch(settings.model, settings.model_home)
+def ensure_weights(settings: Settings, names: list[str]) -> None:
+    """Make each served model's weights available (fetching them if possible) or raise."""
+    for name in names:
+        models.fetch(name, settings.model_home)
 
 
 def get(name: str, settings: Settings) -> BaseSession:
-    """This process's session for model `name`, created on first use."""
+    """This process's session for model `name`, created on first use. A model this worker does
+    not serve (a job queued before its routing by model) still runs, loaded now: logged."""
     if name not in _sessions:
         from rembg import new_session
+
+        if _served and name not in _served:
+            log.warning("a job for model %s, which this worker does not serve: loading it", name)
 
         models.fetch(name, settings.model_home)
         try:
@@ -142,16 +148,15 @@ def get(name: str, settings: Settings) -> BaseSession:
     return _sessions[name]
 
 
-def init_process(settings: Settings, load: bool = True) -> None:
-    """Load the default model in a fresh pool process; a failure is logged, tasks then report it.
-
-    With `load` False (a worker that serves no images) nothing is loaded until a task needs it.
-    """
+def init_process(settings: Settings, served: list[str]) -> None:
+    """Load each served model once in a fresh pool process; a failure is logged, tasks then
+    report it. With none served (a worker of webhooks or maintenance) nothing is loaded until
+    a task needs it."""
     _sessions.clear()  # never reuse a session inherited through fork
+    _served[:] = served
     models.use_models_dir(settings.model_home)
-    if not load:
-        return
-    try:
-        get(settings.model, settings)
-    except ConfigError as exc:
-        log.error("pool process could not load model %s: %s", settings.model, exc)
+    for name in served:
+        try:
+            get(name, settings)
+        except ConfigError as exc:
+            log.error("pool process could not load model %s: %s", name, exc)

@@ -105,7 +105,10 @@ def _check_starts(key: str) -> None:
 def lane_of(request: Any) -> str:
     """The lane a task came from: its queue (a retry keeps it), whatever its headers say."""
     routing_key = (request.delivery_info or {}).get("routing_key") or ""
-    bulk = routing_key == contract.BULK_QUEUE or routing_key.startswith(contract.run_queue(""))
+    route = contract.queue_route(routing_key)
+    bulk = (route is not None and route[0] == contract.BULK) or routing_key.startswith(
+        contract.run_queue("")
+    )
     return contract.BULK if bulk else contract.INTERACTIVE
 
 

@@ -17,10 +17,12 @@ models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 
 
 def ensure_model(settings: Settings) -> None:
-    """BGQ_MODEL's weights under BGQ_HOME, fetched if missing (before workers start)."""
+    """The weights of every model the workers will serve (BGQ_MODELS, else BGQ_MODEL) under
+    BGQ_MODELS_DIR, fetched if missing (before workers start)."""
     from workers import models  # the workers' code, loaded only when this runs
 
-    models.fetch(settings.model, settings.model_home)
+    for name in settings.served_models:
+        models.fetch(name, settings.model_home)
 
 
 @models_app.command("fetch")

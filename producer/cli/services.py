@@ -273,13 +273,24 @@ def beat() -> None:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handle_errors
-def worker(ctx: typer.Context) -> None:
+def worker(
+    ctx: typer.Context,
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="Models this worker serves, comma-separated (BGQ_MODELS; default: BGQ_MODEL): "
+            "each pool process loads each once at start, and the worker takes only their jobs."
+        ),
+    ] = None,
+) -> None:
     """Start a Celery worker with bgq's defaults; extra arguments go to `celery worker`."""
+    if models is not None:
+        os.environ["BGQ_MODELS"] = models  # checked by load_settings, passed on to the worker
     settings = load_settings()
     broker_url(settings)  # fail here, clearly, when there is no broker
     queues = consumed_queues(ctx.args)
-    # A worker of neither image queue (webhooks or maintenance only) needs no weights.
-    if queues is None or any(queue in queues for queue in contract.IMAGE_QUEUES):
+    # A worker of no image queue (webhooks or maintenance only) needs no weights.
+    if queues is None or any(contract.queue_route(queue) for queue in queues):
         ensure_model(settings)
     check_store(settings)
     named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in ctx.args)
