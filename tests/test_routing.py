@@ -1,0 +1,182 @@
+"""Routing by model (bgq/lanes.py, producer/enqueue.py), against a real Redis with no worker:
+each job in its model's queue, each model's bulk queue as deep as the pool processes that serve
+that model, and a message a worker took goes back to its own model's queue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection
+
+from bgq import contract, defaults, lanes
+from bgq.contract import BULK, INTERACTIVE, TaskArgs
+from bgq.errors import ConfigError
+from bgq.options import Options
+from bgq.settings import Settings, load_settings
+from producer import Producer, enqueue
+
+P, N, S = "u2netp", "u2net", "silueta"  # two models with workers, one with none
+
+
+@pytest.fixture
+def idle(redis_url: str, tmp_path: Path) -> Iterator[tuple[Producer, redis.Redis]]:
+    """A producer on the test Redis with no worker consuming; Redis flushed afterwards."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    with Producer(Settings(home=tmp_path, redis_url=redis_url)) as producer:
+        yield producer, client
+    client.flushdb()
+    client.close()
+
+
+def enqueue_job(producer: Producer, model: str, lane: str = BULK, run: str = "r") -> str:
+    """Publish a job of `model` as a submit does (its guard, its message, its run's admission);
+    no input is stored, since no worker runs it. Its key."""
+    args = TaskArgs.build(hashlib.sha256(uuid.uuid4().bytes).hexdigest(), model, Options())
+    token = lanes.guard_token(lane, uuid.uuid4().hex)
+    assert enqueue.publish(producer.app, args, token, lane, run, True, 0) is None
+    enqueue.hold(producer.app, args, token, lane, run)
+    return args.key
+
+
+def messages(client: redis.Redis, queue: str) -> list[dict[str, object]]:
+    """A list's messages in the order a worker takes them (kombu pops the tail)."""
+    return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
+
+
+def keys(client: redis.Redis, queue: str) -> list[str]:
+    return [str(message["headers"]["id"]) for message in messages(client, queue)]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("model", [P, N])
+@pytest.mark.parametrize("lane", contract.LANES)
+def test_a_job_waits_in_its_models_queue_and_carries_its_model(
+    idle: tuple[Producer, redis.Redis], model: str, lane: str
+) -> None:
+    producer, client = idle
+    key = enqueue_job(producer, model, lane)
+    queue = contract.image_queue(lane, model)
+    [message] = messages(client, queue)
+    assert message["headers"]["id"] == key  # type: ignore[index]
+    assert message["headers"][contract.MODEL_HEADER] == model  # type: ignore[index]
+    assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}  # type: ignore[index]
+    others = {contract.image_queue(lane, m) for lane in contract.LANES for m in (P, N)} - {queue}
+    assert not any(client.llen(other) for other in others)
+    assert not client.keys("_kombu.binding.*")  # nothing declared by a producer
+
+
+def register(client: redis.Redis, entries: dict[str, str]) -> None:
+    """Capacity entries as workers write them (`<lanes>:<processes>[:<models>]`)."""
+    for node, entry in entries.items():
+        client.eval(lanes.REGISTER, 2, lanes.CAPACITY_KEY, lanes.SLOTS_KEY, node, entry, 60)
+
+
+def let_in(client: redis.Redis, runs: dict[str, list[tuple[str, str]]]) -> dict[str, list[str]]:
+    """Each run's jobs let in so far, by key, in the order a worker takes them: asserts that a
+    run's jobs went in as a prefix of its own order and that the rest still wait in order."""
+    taken = {q: keys(client, q) for q in (contract.image_queue(BULK, m) for m in (P, N, S))}
+    for run, jobs in runs.items():
+        waiting = keys(client, contract.run_queue(run))
+        done = len(jobs) - len(waiting)
+        assert waiting == [key for key, _ in jobs[done:]], run
+        for key, model in jobs[:done]:
+            assert key in taken[contract.image_queue(BULK, model)], (run, key)
+        for queue in taken.values():
+            mine = [key for key in queue if key in dict(jobs)]
+            assert mine == [key for key, _ in jobs if key in mine], (run, "order")
+    return taken
+
+
+def test_each_models_bulk_queue_is_as_deep_as_its_own_pool_processes(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    producer, client = idle
+    register(
+        client,
+        {
+            "old@host": "b:2",  # an entry from before routing by model: it serves u2netp only
+            "both@host": f"ib:3:{N},{P}",  # 3 processes serving both models
+            "mine@host": f"i:9:{N}",  # no bulk lane: not counted
+        },
+    )
+    plan = {"a": [N, N, N, N, P, P, P], "b": [P] * 6 + [S], "c": [S, S, S]}
+    runs: dict[str, list[tuple[str, str]]] = {run: [] for run in plan}
+    for i in range(max(map(len, plan.values()))):
+        for run, models in plan.items():
+            if i < len(models):
+                runs[run].append((enqueue_job(producer, models[i], run=run), models[i]))
+    lanes.dispatch(client)
+    taken = let_in(client, runs)
+    depths = {queue: len(found) for queue, found in taken.items()}
+    assert depths == {
+        contract.image_queue(BULK, P): 5,  # 2 + 3 processes
+        contract.image_queue(BULK, N): 3,
+        contract.image_queue(BULK, S): defaults.BULK_MIN_READY,  # no worker serves it
+    }
+    # Run a waits behind its 4th u2net job (u2net's queue is full), its u2netp jobs with it.
+    assert keys(client, contract.run_queue("a"))[0] == runs["a"][3][0]
+    # A worker takes a u2net job: a's next one goes in, and no other.
+    client.rpop(contract.image_queue(BULK, N))
+    assert lanes.dispatch(client) == 1
+    assert keys(client, contract.image_queue(BULK, N))[-1] == runs["a"][3][0]
+    assert keys(client, contract.run_queue("a")) == [key for key, _ in runs["a"][4:]]
+
+
+def test_a_message_a_worker_took_goes_back_to_its_models_queue(
+    idle: tuple[Producer, redis.Redis], redis_url: str
+) -> None:
+    """kombu's restore (a lease run out, a hand-back at shutdown, a killed pool process) puts
+    a message back where its routing key says: its model's queue, never another model's."""
+    producer, client = idle
+    interactive = enqueue_job(producer, N, INTERACTIVE)
+    bulk = enqueue_job(producer, N, BULK)  # let in: its routing key is now bgq.bulk@u2net
+    queues = [contract.image_queue(lane, N) for lane in contract.LANES]
+    with Connection(redis_url, transport_options={"visibility_timeout": 0}) as conn:
+        channel = conn.default_channel
+        held = [channel.basic_get(queue, no_ack=False) for queue in queues]
+        assert [m.headers["id"] for m in held] == [interactive, bulk]
+        assert not any(client.llen(queue) for queue in queues)
+        channel.qos.restore_visible(num=10)
+    assert [keys(client, queue) for queue in queues] == [[interactive], [bulk]]
+    assert not client.llen(contract.QUEUE) and not client.llen(contract.BULK_QUEUE)
+
+
+def test_a_workers_queues_are_ranked_by_lane_then_by_its_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every interactive queue first (in BGQ_MODELS' order), then webhooks and maintenance,
+    then every bulk queue, whatever order -Q or add_consumer gave them."""
+    monkeypatch.setenv("BGQ_MODELS", f"{N},{P}")
+    order = lanes.LaneOrder()
+    given = [*reversed(contract.consume_order([P, N])), "other"]
+    order.update(given)
+    assert order.consume(len(given)) == [*contract.consume_order([N, P]), "other"]
+    assert contract.consume_order([P]) == contract.CONSUME_ORDER
+
+
+@pytest.mark.parametrize(
+    ("value", "served", "error"),
+    [
+        (None, [P], None),
+        (f" {N}, {P} ", [N, P], None),
+        (f"{N},{N}", None, "names a model twice"),
+        ("u2", None, "unknown model 'u2'"),
+        (",", None, "must name at least one model"),
+    ],
+)
+def test_bgq_models(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, served: list[str], error: str | None
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("BGQ_MODELS", value)
+    if error is None:
+        assert load_settings().served_models == served
+    else:
+        with pytest.raises(ConfigError, match=f"BGQ_MODELS=.*{error}"):
+            load_settings()
