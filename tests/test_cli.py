@@ -16,7 +16,7 @@ from bgq.options import PYTHON_ONLY, Options
 from bgq.settings import Settings
 from producer import Producer
 from producer.cli.options import FLAGS, PARAMETERS
-from producer.cli.services import consumed_queues
+from producer.cli.services import consumed_queues, lane_queues, queue_models
 from tests.helpers import (
     BGQ,
     SAMPLES,
@@ -139,9 +139,42 @@ def test_plain_celery_worker_with_redis_url(
     _worker_serves(env, tmp_path, cmd)
 
 
-def test_bgq_worker_with_redis_url(env: dict[str, str], tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("serves", [[], ["--models", "u2netp", "--lanes", "interactive,bulk"]])
+def test_bgq_worker_with_redis_url(
+    env: dict[str, str], tmp_path: Path, redis_url: str, serves: list[str]
+) -> None:
     env = {**env, "BGQ_REDIS_URL": redis_url}
-    _worker_serves(env, tmp_path, [BGQ, "worker", "--concurrency", "1"])
+    _worker_serves(env, tmp_path, [BGQ, "worker", "--concurrency", "1", *serves])
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--models", "u2netp,nope"], "BGQ_MODELS='u2netp,nope': unknown model 'nope'"),
+        (["--lanes", "sideways"], "--lanes: name some of interactive, bulk, not 'sideways'"),
+        (["--lanes", "bulk", "-Q", "bgq"], "--lanes and --queues both name the queues"),
+    ],
+)
+def test_bgq_worker_refuses_bad_models_and_lanes(
+    env: dict[str, str], redis_url: str, args: list[str], words: str
+) -> None:
+    result = bgq_in_process("worker", *args, env={**env, "BGQ_REDIS_URL": redis_url})
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("lanes", "models", "queues"),
+    [
+        ("interactive,bulk", ["u2netp"], {"bgq", "bgq.bulk"}),
+        ("bulk", ["u2netp", "u2net"], {"bgq.bulk", "bgq.bulk@u2net"}),
+        (" interactive ", ["u2net"], {"bgq@u2net"}),
+    ],
+)
+def test_worker_lanes_are_each_models_queues(
+    lanes: str, models: list[str], queues: set[str]
+) -> None:
+    assert lane_queues(lanes, models) == queues
+    assert queue_models(queues) == sorted(models)
 
 
 @pytest.mark.parametrize(

@@ -16,12 +16,12 @@ from producer.cli.common import handle_errors, model_name, shown_default
 models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 
 
-def ensure_model(settings: Settings) -> None:
-    """The weights of every model the workers will serve (BGQ_MODELS, else BGQ_MODEL) under
-    BGQ_MODELS_DIR, fetched if missing (before workers start)."""
+def ensure_model(settings: Settings, names: list[str] | None = None) -> None:
+    """The weights of every model the workers will serve (`names`, else BGQ_MODELS, else
+    BGQ_MODEL) under BGQ_MODELS_DIR, fetched if missing (before workers start)."""
     from workers import models  # the workers' code, loaded only when this runs
 
-    for name in settings.served_models:
+    for name in settings.served_models if names is None else names:
         models.fetch(name, settings.model_home)
 
 

@@ -278,27 +278,58 @@ def worker(
     models: Annotated[
         str | None,
         typer.Option(
-            help="Models this worker serves, comma-separated (BGQ_MODELS; default: BGQ_MODEL): "
-            "each pool process loads each once at start, and the worker takes only their jobs."
+            help="Models this worker serves, comma-separated (sets BGQ_MODELS; default: "
+            "BGQ_MODEL): each pool process loads each once at start, and the worker takes only "
+            "their jobs."
+        ),
+    ] = None,
+    lanes: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve only these lanes (interactive, bulk; comma-separated) of its models: "
+            "their queues, and no webhook deliveries or prune. Default: every bgq queue."
         ),
     ] = None,
 ) -> None:
-    """Start a Celery worker with bgq's defaults; extra arguments go to `celery worker`."""
-    if models is not None:
-        os.environ["BGQ_MODELS"] = models  # checked by load_settings, passed on to the worker
-    settings = load_settings()
+    """Start a Celery worker with bgq's defaults; extra arguments go to `celery worker`
+    (`-Q`/`--queues` names queues outright: `bgq@<model>` and `bgq.bulk@<model>` serve a
+    model other than u2netp, whose queues are `bgq` and `bgq.bulk`)."""
+    settings = load_settings() if models is None else load_settings(models=models)
     broker_url(settings)  # fail here, clearly, when there is no broker
-    queues = consumed_queues(ctx.args)
-    # A worker of no image queue (webhooks or maintenance only) needs no weights.
-    if queues is None or any(contract.queue_route(queue) for queue in queues):
-        ensure_model(settings)
+    args = list(ctx.args)
+    queues = consumed_queues(args)
+    if lanes is not None:
+        if queues is not None:
+            raise ConfigError("--lanes and --queues both name the queues: give one")
+        queues = lane_queues(lanes, settings.served_models)
+        args += ["--queues", ",".join(queues)]
+    served = settings.served_models if queues is None else queue_models(queues)
+    ensure_model(settings, served)  # none for a worker of webhooks or maintenance only
     check_store(settings)
-    named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in ctx.args)
-    cmd = worker_command(settings.concurrency, "bgq@%h", *ctx.args)
+    named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in args)
+    cmd = worker_command(settings.concurrency, "bgq@%h", *args)
     if named:  # the caller's node name wins: drop bgq's default
         at = cmd.index("--hostname")
         del cmd[at : at + 2]
-    os.execv(cmd[0], cmd)
+    env = dict(os.environ)
+    if settings.models:
+        env["BGQ_MODELS"] = settings.models  # --models, checked, for the worker's settings
+    os.execve(cmd[0], cmd, env)
+
+
+def lane_queues(lanes: str, models: list[str]) -> set[str]:
+    """`--lanes interactive,bulk`: the image queues of those lanes for each of `models`."""
+    names = [lane.strip() for lane in lanes.split(",") if lane.strip()]
+    unknown = [lane for lane in names if lane not in contract.LANES]
+    if unknown or not names:
+        raise ConfigError(f"--lanes: name some of {', '.join(contract.LANES)}, not {lanes!r}")
+    return {contract.image_queue(lane, model) for lane in names for model in models}
+
+
+def queue_models(queues: set[str]) -> list[str]:
+    """The models whose image queues are among `queues` (what a worker of them loads)."""
+    routes = [contract.queue_route(queue) for queue in sorted(queues)]
+    return sorted({route[1] for route in routes if route is not None})
 
 
 def consumed_queues(args: list[str]) -> set[str] | None:
