@@ -20,6 +20,8 @@ from bgq.errors import ConfigError
 from bgq.options import Options
 from bgq.settings import Settings, load_settings
 from producer import Producer, enqueue
+from tests.helpers import variant
+from workers import lanes_step
 
 P, N, S = "u2netp", "u2net", "silueta"  # two models with workers, one with none
 
@@ -126,6 +128,42 @@ def test_each_models_bulk_queue_is_as_deep_as_its_own_pool_processes(
     assert lanes.dispatch(client) == 1
     assert keys(client, contract.image_queue(BULK, N))[-1] == runs["a"][3][0]
     assert keys(client, contract.run_queue("a")) == [key for key, _ in runs["a"][4:]]
+
+
+def test_a_promotion_sends_the_copy_to_its_models_interactive_queue(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    """A waiting u2net bulk job asked for interactively: its copy waits in `bgq@u2net`, and the
+    scheduler drops the bulk message (u2net's bulk queue full, then taken)."""
+    producer, client = idle
+    register(client, {"n@host": f"ib:1:{N}"})
+    for i in range(defaults.BULK_MIN_READY):
+        producer.submit(variant("car-1.jpg", (i, 0, 120 + i, 90)), N, lane=BULK)
+    waiting = producer.submit(variant("car-1.jpg", (50, 0, 170, 90)), N, lane=BULK)
+    assert lanes.waiting_runs(client) == {producer.run: 1}
+    promoted = producer.submit(variant("car-1.jpg", (50, 0, 170, 90)), N)
+    assert promoted.key == waiting.key
+    [copy] = messages(client, contract.image_queue(INTERACTIVE, N))
+    assert copy["headers"][contract.MODEL_HEADER] == N  # type: ignore[index]
+    assert not client.llen(contract.QUEUE)
+    client.delete(contract.image_queue(BULK, N))  # the worker took the two let in
+    lanes.dispatch(client)
+    assert not lanes.waiting_runs(client) and not client.llen(contract.image_queue(BULK, N))
+
+
+@pytest.mark.parametrize(
+    ("queues", "served_lanes", "served_models"),
+    [
+        (list(contract.consume_order([N, P])), list(contract.LANES), [N, P]),
+        ([contract.image_queue(BULK, N), contract.WEBHOOK_QUEUE], [BULK], [N]),
+        ([contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE, contract.run_queue("x")], [], []),
+    ],
+)
+def test_a_workers_entry_names_the_lanes_and_models_of_its_queues(
+    queues: list[str], served_lanes: list[str], served_models: list[str]
+) -> None:
+    assert lanes_step.served_lanes(queues) == served_lanes
+    assert lanes_step.served_models(queues) == served_models
 
 
 def test_a_message_a_worker_took_goes_back_to_its_models_queue(
