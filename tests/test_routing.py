@@ -20,6 +20,7 @@ from bgq.errors import ConfigError
 from bgq.options import Options
 from bgq.settings import Settings, load_settings
 from producer import Producer, enqueue
+from producer.ingest import Folder, Ingest
 from tests.helpers import variant
 from workers import lanes_step
 
@@ -196,6 +197,22 @@ def test_a_workers_queues_are_ranked_by_lane_then_by_its_models(
     order.update(given)
     assert order.consume(len(given)) == [*contract.consume_order([N, P]), "other"]
     assert contract.consume_order([P]) == contract.CONSUME_ORDER
+
+
+@pytest.mark.parametrize(
+    ("models", "model", "served"),
+    [(None, N, [P, N]), (f"{N},{P}", P, [N, P]), (None, P, [P])],
+)
+def test_an_ingests_embedded_stack_serves_its_model(
+    tmp_path: Path, models: str | None, model: str, served: list[str]
+) -> None:
+    """`bgq ingest --model` with no broker starts a stack whose worker serves that model too."""
+    settings = Settings(home=tmp_path, models=models)
+    ingest = Ingest(settings, Folder(tmp_path / "out"), model, Options())
+    try:
+        assert ingest.stack_settings().served_models == served
+    finally:
+        ingest.producer.close()
 
 
 @pytest.mark.parametrize(
