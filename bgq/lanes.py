@@ -77,7 +77,10 @@ return found
 # holds fewer than the live workers' bulk pool processes serving that model (at least the least
 # depth). A run whose next message's model has a full queue is skipped for this pass (the
 # message stays at the tail kombu pops from, so the run keeps its order); the pass ends when
-# every run in the ring was skipped, or after the most steps. A message keeps kombu's format;
+# every run in the ring was skipped, or after the most steps. While BASE_MODEL's queue and those
+# of every model some bulk worker serves are full, a pass reads no run at all (a catalog's
+# steady state costs no more with many runs waiting); a job of a model nobody serves waits
+# until one of them has room. A message keeps kombu's format;
 # only its routing key becomes its bulk queue, so that kombu puts it back there (not in its
 # run's list) if its worker dies or it is retried. A message whose enqueue was promoted to the
 # interactive lane (the mark holds that enqueue's guard token, its `bgq_guard` header) is
@@ -110,6 +113,14 @@ local function room(model)
   if depths[model] == nil then depths[model] = redis.call('LLEN', queue_of(model)) end
   return depths[model] < math.max(tonumber(ARGV[3]), slots[model] or 0)
 end
+local function model_of(msg)
+  local _, j = string.find(msg, '"bgq_model": "', 1, true)
+  if not j then return ARGV[7] end
+  return string.sub(msg, j + 1, string.find(msg, '"', j + 1, true) - 1)
+end
+local open = room(ARGV[7])
+for model in pairs(slots) do open = open or room(model) end
+if not open then return 0 end
 local rounds = redis.call('LLEN', KEYS[1])
 local skipped = {}
 local blocked = 0
@@ -120,30 +131,25 @@ while steps < tonumber(ARGV[4]) and blocked < rounds do
   local run = redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
   if not run then break end
   local msg = redis.call('LINDEX', ARGV[1] .. run, -1)
+  local model = msg and model_of(msg)
   if not msg then
     redis.call('LREM', KEYS[1], 0, run)
     redis.call('SREM', KEYS[2], run)
     rounds = rounds - 1
-    if skipped[run] then blocked = blocked - 1 end
-  elseif not skipped[run] then
+  elseif not skipped[run] and not room(model) then
+    skipped[run] = true
+    blocked = blocked + 1
+  end
+  if msg and not skipped[run] then
+    redis.call('RPOP', ARGV[1] .. run)
     local ok, decoded = pcall(cjson.decode, msg)
     local headers = ok and type(decoded) == 'table' and decoded['headers']
-    local model = ARGV[7]
-    if type(headers) == 'table' and type(headers['bgq_model']) == 'string' then
-      model = headers['bgq_model']
-    end
     local promoted = false
     if type(headers) == 'table' and type(headers['id']) == 'string' then
       local mark = redis.call('GET', ARGV[2] .. headers['id'])
       promoted = mark ~= false and mark == headers['bgq_guard']
     end
-    if promoted then
-      redis.call('RPOP', ARGV[1] .. run)
-    elseif not room(model) then
-      skipped[run] = true
-      blocked = blocked + 1
-    else
-      redis.call('RPOP', ARGV[1] .. run)
+    if not promoted then
       if type(headers) == 'table' and type(headers['id']) == 'string' then
         local guard = ARGV[5] .. headers['id']
         if redis.call('GET', guard) == headers['bgq_guard'] then

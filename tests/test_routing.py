@@ -131,6 +131,27 @@ def test_each_models_bulk_queue_is_as_deep_as_its_own_pool_processes(
     assert keys(client, contract.run_queue("a")) == [key for key, _ in runs["a"][4:]]
 
 
+def test_a_bulk_job_from_before_routing_goes_to_u2netps_bulk_queue(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    """A run's message with no `bgq_model` header (an older producer's) is u2netp's."""
+    producer, client = idle
+    register(client, {"n@host": f"b:1:{N}"})
+    for model in (P, N):  # both bulk queues full: the next job waits in its run's list
+        for _ in range(defaults.BULK_MIN_READY):
+            enqueue_job(producer, model, run="old")
+    key = enqueue_job(producer, N, run="old")
+    raw = client.rpop(contract.run_queue("old"))
+    assert isinstance(raw, bytes)
+    message = json.loads(raw)
+    del message["headers"][contract.MODEL_HEADER]
+    client.rpush(contract.run_queue("old"), json.dumps(message))
+    client.delete(contract.BULK_QUEUE)  # a worker took u2netp's two
+    assert lanes.dispatch(client) == 1
+    assert keys(client, contract.BULK_QUEUE) == [key]
+    assert client.llen(contract.image_queue(BULK, N)) == defaults.BULK_MIN_READY
+
+
 def test_a_promotion_sends_the_copy_to_its_models_interactive_queue(
     idle: tuple[Producer, redis.Redis],
 ) -> None:
