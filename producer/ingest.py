@@ -84,6 +84,12 @@ class Folder:
         return str(dest)
 
 
+def stack_models(settings: Settings, model: str) -> list[str]:
+    """The models the worker of an ingest's embedded stack serves: BGQ_MODELS and its own."""
+    served = settings.served_models
+    return served if model in served else [*served, model]
+
+
 class Ingest:
     """One ingestion run: submit, wait within the window, place outputs, report."""
 
@@ -181,8 +187,7 @@ class Ingest:
 
     def stack_settings(self) -> Settings:
         """An embedded stack's settings: its worker serves BGQ_MODELS and this ingest's model."""
-        served = self.settings.served_models
-        models = served if self.model in served else [*served, self.model]
+        models = stack_models(self.settings, self.model)
         return self.settings.model_copy(update={"models": ",".join(models)})
 
     def _submit_to(self, producer: Producer, data: bytes) -> Job:

@@ -8,12 +8,14 @@ from typing import Annotated
 import typer
 
 from bgq import contract, defaults
+from bgq.connections import broker_url
 from bgq.contract import BULK, INTERACTIVE, LANES
-from bgq.errors import InvalidRequest
+from bgq.errors import InvalidRequest, NoBroker
 from bgq.options import FORMATS, Options
 from bgq.settings import Settings, load_settings
 from producer.catalog import is_url, url_stem
 from producer.cli.common import app, handle_errors, model_name, shown_default
+from producer.cli.models import ensure_model
 from producer.cli.options import output_options
 from producer.client import Producer
 
@@ -123,7 +125,7 @@ def ingest(
     options: Options,  # the output flags: producer/cli/options.py
 ) -> None:
     """Remove the backgrounds of a whole catalog; exit 1 if any input failed (see the report)."""
-    from producer.ingest import run_ingest  # it imports httpx (~0.3 s): only for `bgq ingest`
+    from producer.ingest import run_ingest, stack_models  # httpx (~0.3 s): only for ingest
 
     settings = load_settings()
     model = model_name(model, settings)
@@ -133,6 +135,10 @@ def ingest(
             contract.check_run(run_id)
         except InvalidRequest as exc:
             raise typer.BadParameter(str(exc), param_hint="'--run-id'") from None
+    try:
+        broker_url(settings)
+    except NoBroker:  # an embedded stack will start: its worker's weights first, clearly
+        ensure_model(settings, stack_models(settings, model))
     failed = run_ingest(
         settings,
         src,
