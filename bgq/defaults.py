@@ -51,7 +51,8 @@ POOL_RUNTIME_MIB = 150  # MiB: interpreter and libraries, before any session
 # arena keeps it) and the peak while loading. Measured (`make bench-models`, 2 cores): above the
 # libraries of a probe process, u2netp 191, u2net 426 (its loading's peak; 352 once loaded, its
 # parsed protobuf trimmed away, and run), both together 545; in pool processes, the largest
-# VmHWM - 17 x MP of the table's rows: u2netp 300, u2net 533 (so u2net = u2netp's + 233).
+# VmHWM - 17 x MP of the table's rows, two runs: u2netp 300-302, u2net 533-546 (u2netp's + 244 at
+# most; u2net's is loading's peak, at 640x480).
 MODEL_SESSION_MIB = {"u2netp": 200, "u2net": 440}
 # MiB for a model not measured here (u2net-int8 until measured, isnet, birefnet, ...): u2net's.
 # The birefnet models' weights alone are larger; give their workers a higher memory limit.
