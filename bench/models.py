@@ -110,6 +110,15 @@ def print_table(model: str, rows: list[dict[str, Any]]) -> None:
         line += f" {published if published else '-':>4}"
         line += f" {PUBLISHED_S[row['size']]:4.1f}" if row["size"] in PUBLISHED_S else "    -"
         print(line)
+    print(f"  peak growth, {model}: {growth_per_mp(rows):.1f} MiB per MP (2560x1440 to 5120x2880)")
+
+
+def growth_per_mp(rows: list[dict[str, Any]]) -> float:
+    """MiB of peak per megapixel between the last three rows (past loading's peak): rembg's
+    image work, which the memory model takes as the same for every model."""
+    low, high = rows[-3], rows[-1]
+    mp = [w * h / 1e6 for w, h in (low["size"], high["size"])]
+    return float((high["hwm"] - low["hwm"]) / MIB / (mp[1] - mp[0]))
 
 
 def catalog(base: Settings, work: Path, names: list[str], rounds: int) -> dict[str, list[float]]:
