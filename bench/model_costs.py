@@ -101,7 +101,7 @@ def line(label: str, got: dict[str, float]) -> str:
     """libs, then above them: loading's peak, the session, the peak with inference; peak."""
     libs = got["libs"]
     return (
-        f"  {label:50} {libs / MIB:5.0f} {(got['load_peak'] - libs) / MIB:6.0f} "
+        f"  {label:52} {libs / MIB:5.0f} {(got['load_peak'] - libs) / MIB:6.0f} "
         f"{(got['loaded'] - libs) / MIB:8.0f} {(got['peak'] - libs) / MIB:6.0f} "
         f"{got['peak'] / MIB:6.0f}"
     )
@@ -111,7 +111,7 @@ def report(names: list[str], model_home: Path) -> dict[str, dict[str, float]]:
     """Print the probes (each model, then pairs) and bare onnxruntime; return the probes."""
     from workers import models
 
-    head = f"  {'process':50}  libs  +load  +session  +peak   peak"
+    head = f"  {'process':52}  libs  +load  +session  +peak   peak"
     print("\nwhat a model costs a pool process (MiB): libraries, then above them the peak")
     print("while loading, the session once loaded, and the peak with two small cutouts")
     print(head)

@@ -193,7 +193,8 @@ def summary(tables: dict[str, list[dict[str, Any]]], med: dict[str, float], wall
             f"{size[0]}x{size[1]} (target <= {TARGET_RSS} at every row: {verdict})"
         )
     over = [r for r in u2net if r["hwm"] > PUBLISHED_MB.get(r["size"], 10**9) * MB]
-    print(f"  u2net rows over the published peak: {len(over)} of {len(PUBLISHED_MB)}")
+    if u2net:
+        print(f"  u2net rows over the published peak: {len(over)} of {len(PUBLISHED_MB)}")
     for size, seconds in PUBLISHED_S.items():
         row = next((r for r in u2net if r["size"] == size), None)
         if row:
