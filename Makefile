@@ -12,7 +12,7 @@ UV := $(TOOLS)/bin/uv
 # One environment with every extra (test, bench): `uv sync` removes what it was not asked for.
 SYNC := $(UV) sync --locked --quiet --all-extras --python $(PYTHON)
 
-.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-api bench-lanes bench-autoscale bench-elastic profile lint format lock floors clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-models bench-api bench-lanes bench-autoscale bench-elastic profile lint format lock floors clean
 
 setup: $(STAMP) models
 
@@ -65,7 +65,7 @@ run: setup
 	$(BIN)/bgq ingest samples/catalog.csv --out out
 
 # Figures, not tests: rembg p vs bgq ingest vs the model-bound limit, then a URL catalog
-# (a few minutes on 2 cores).
+# (a few minutes on 2 cores). Per model (u2net, u2netp, u2net-int8): `make bench-models`.
 bench: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.urls
@@ -74,6 +74,12 @@ bench: setup $(NUMBA_CACHE)
 # small tasks (several minutes on 2 cores; figures, not tests).
 bench-memory: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.memory
+
+# rembg's published table per model (u2netp, u2net; u2net-int8 when fetched): a pool process
+# beside rembg.remove() at 7 sizes, what each model costs a pool process, and the 1080p catalog:
+# rembg p -m u2net vs bgq ingest --model u2net vs bare onnxruntime (about 7 minutes on 2 cores).
+bench-models: setup $(NUMBA_CACHE)
+	$(BIN)/python -m bench.models
 
 # Cache-hit latency of the HTTP API (p50/p99, requests/s).
 bench-api: setup $(NUMBA_CACHE)

@@ -59,12 +59,13 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def _infer(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queue) -> None:
-    """One model-bound process: tensors prepared first, then only session.run is timed."""
+    """One model-bound process (settings.model): tensors prepared first, then only session.run
+    is timed."""
     from PIL import Image
 
     from workers import session
 
-    sess = session.get("u2netp", settings)
+    sess = session.get(settings.model, settings)
     feeds = [model_input(sess, Image.open(p).convert("RGB")) for p in paths]
     sess.inner_session.run(None, feeds[0])  # warm-up
     barrier.wait()
@@ -166,7 +167,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp folder)")
     args = parser.parse_args()
 
-    base = load_settings()
+    base = load_settings(model="u2netp")  # the model of `rembg p -m u2netp` below
     models.fetch("u2netp", base.model_home)
     procs = base.concurrency
     work = args.keep or Path(tempfile.mkdtemp(prefix="bgq-bench-"))

@@ -52,6 +52,7 @@ GROWTH_OPTIONS: list[dict[str, Any]] = [  # cycled; the first two and every 50th
     {},
 ]
 GROWTH_MATTING_EVERY = 50
+WARM_SIZE = (200, 150)  # pixels of a warm-up task's input
 WARM_ATTEMPTS = 20  # pairs of warm-up tasks at most, until every pool process has run one
 
 
@@ -120,14 +121,18 @@ def run_pair(producer: Producer, size: tuple[int, int], index: int) -> list[dict
     return [task_result(producer, job.key) for job in jobs]
 
 
-def bench_bgq(settings: Settings, repeats: int, log: Path) -> list[dict[str, Any]]:
-    """Per size: median ms of the tasks, and the pool processes' memory after it."""
+def bench_bgq(
+    settings: Settings, repeats: int, log: Path, sizes: list[tuple[int, int]] = SIZES
+) -> list[dict[str, Any]]:
+    """Per size: median ms of the tasks (of settings.model), and the pool processes' memory
+    after it."""
     rows = []
     with LocalStack(settings, log=log) as stack:
         assert stack.worker is not None
         sampler = Sampler(stack.worker.pid)
         producer = Producer(stack.settings)
-        for size in SIZES:
+        warm_every_process(producer, sampler.pids(), {})
+        for size in sizes:
             results = []
             for rep in range(repeats):
                 results += run_pair(producer, size, 2 * rep)
@@ -155,11 +160,12 @@ def _row(
     }
 
 
-def rembg_child(files: list[str], repeats: int) -> None:
+def rembg_child(files: list[str], repeats: int, model: str = "u2netp") -> None:
     """In a plain process: rembg.remove() with rembg's defaults; print one JSON row per file."""
     import rembg
 
-    session = rembg.new_session("u2netp")
+    session = rembg.new_session(model)
+    rembg.remove(make_input(WARM_SIZE, 10**6), session=session)  # as a pool process's first task
     for name in files:
         data = Path(name).read_bytes()
         seconds = []
@@ -172,19 +178,22 @@ def rembg_child(files: list[str], repeats: int) -> None:
         print(json.dumps({**row, "uss": mem["USS"], "pss": mem["PSS"]}), flush=True)
 
 
-def bench_rembg(work: Path, settings: Settings, repeats: int) -> list[dict[str, Any]]:
-    """rembg.remove() on the same sizes, ascending, in one fresh plain process."""
+def bench_rembg(
+    work: Path, settings: Settings, repeats: int, sizes: list[tuple[int, int]] = SIZES
+) -> list[dict[str, Any]]:
+    """rembg.remove() with settings.model on the same sizes, ascending, in one fresh plain
+    process."""
     files = []
-    for size in SIZES:
+    for size in sizes:
         path = work / f"rembg-{size[0]}x{size[1]}.jpg"
         path.write_bytes(make_input(size, 0))
         files.append(str(path))
     env = {**os.environ, "U2NET_HOME": str(settings.model_home)}
     cmd = [sys.executable, "-m", "bench.memory", "--rembg-child", *files]
-    cmd += ["--repeats", str(repeats)]
+    cmd += ["--repeats", str(repeats), "--model", settings.model]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return [{**row, "size": size} for row, size in zip(rows, SIZES, strict=True)]
+    return [{**row, "size": size} for row, size in zip(rows, sizes, strict=True)]
 
 
 def mixed_inputs(count: int) -> Iterator[tuple[bytes, dict[str, Any]]]:
@@ -208,19 +217,20 @@ def drain(producer: Producer, inputs: Iterator[tuple[bytes, dict[str, Any]]], n:
         job.wait(timeout=600)
 
 
-def warm_every_process(producer: Producer, pids: list[int]) -> None:
-    """Run the lazily imported paths (alpha matting, post-processing) once in every pool
-    process, so that the baseline is not taken before a library's first use."""
+def warm_every_process(
+    producer: Producer, pids: list[int], options: dict[str, Any] | None = None
+) -> None:
+    """Run a small task in every pool process: by default with the lazily imported paths
+    (alpha matting, post-processing), so that the growth baseline is not taken before a
+    library's first use; `{}` runs the model once (its first run sets up onnxruntime)."""
+    if options is None:
+        options = {"alpha_matting": True, "post_process_mask": True}
     warmed: set[int] = set()
     for attempt in range(WARM_ATTEMPTS):
         if warmed >= set(pids):
             return
         jobs = [
-            producer.submit(
-                make_input((200, 150), 10**6 + 2 * attempt + k),
-                alpha_matting=True,
-                post_process_mask=True,
-            )
+            producer.submit(make_input(WARM_SIZE, 10**6 + 2 * attempt + k), **options)
             for k in range(2)
         ]
         for job in jobs:
@@ -285,9 +295,10 @@ def main() -> None:
     parser.add_argument("--growth-tasks", type=int, default=1000, help="0: skip growth")
     parser.add_argument("--growth-only", action="store_true", help="skip the per-size tables")
     parser.add_argument("--rembg-child", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="u2netp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rembg_child is not None:
-        return rembg_child(args.rembg_child, args.repeats)
+        return rembg_child(args.rembg_child, args.repeats, args.model)
     base = load_settings()
     models.fetch("u2netp", base.model_home)
     with tempfile.TemporaryDirectory(prefix="bgq-bench-memory-") as tmp:

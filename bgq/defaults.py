@@ -40,11 +40,24 @@ PNG_COMPRESS_LEVEL = 6  # zlib level 0-9 of the "pillow" encoder; 6 is Pillow's 
 TASK_MAX_RETRIES = 5  # retries of a task that failed with a transient error
 MAX_DELIVERIES = 3  # times a job may kill its worker process (crash, OOM) before it fails for good
 
-# Memory model of a pool process (u2netp, BGQ_ORT_THREADS=1; measured, see docs/memory.md):
-# peak MiB = POOL_BASE_MIB + (MiB per megapixel of the options) x input megapixels, plus
-# MATTING_MIB with alpha matting. A worker refuses, before decoding, an input whose estimated
-# peak is over BGQ_MAX_MEMORY_PER_CHILD_MB.
-POOL_BASE_MIB = 350  # MiB: interpreter, libraries, session, onnxruntime's working memory
+# Memory model of a pool process (BGQ_ORT_THREADS=1; measured, see docs/memory.md):
+# peak MiB = POOL_RUNTIME_MIB + MODEL_SESSION_MIB of each model whose session the process holds
+# (summed) + (MiB per megapixel of the options) x input megapixels, plus MATTING_MIB with alpha
+# matting. A worker refuses, before decoding, an input whose estimated peak is over
+# BGQ_MAX_MEMORY_PER_CHILD_MB. The per-megapixel terms are rembg's image work, the same for
+# every model (each runs at 320x320): u2net's table rows grow by 14-18 MiB per MP, u2netp's 16-20.
+POOL_RUNTIME_MIB = 150  # MiB: interpreter and libraries, before any session
+# MiB per session held: weights, onnxruntime's working memory for one 320x320 inference (the
+# arena keeps it) and the peak while loading. Measured (`make bench-models`, 2 cores): above the
+# libraries of a probe process, u2netp 191, u2net 426 (its loading's peak; 352 once loaded, its
+# parsed protobuf trimmed away, and run), both together 545; in pool processes, the largest
+# VmHWM - 17 x MP of the table's rows, two runs: u2netp 300-302, u2net 533-546 (u2netp's + 244 at
+# most; u2net's is loading's peak, at 640x480).
+MODEL_SESSION_MIB = {"u2netp": 200, "u2net": 440}
+# MiB for a model not measured here (u2net-int8 until measured, isnet, birefnet, ...): u2net's.
+# The birefnet models' weights alone are larger; give their workers a higher memory limit.
+UNMEASURED_SESSION_MIB = MODEL_SESSION_MIB["u2net"]
+POOL_BASE_MIB = POOL_RUNTIME_MIB + MODEL_SESSION_MIB[MODEL]  # MiB: a process holding u2netp (350)
 CUTOUT_MIB_PER_MP = 17  # MiB per megapixel: a cutout, with or without bgcolor
 MASK_MIB_PER_MP = 8  # MiB per megapixel: only_mask
 POST_PROCESS_MIB_PER_MP = 24  # MiB per megapixel: post_process_mask

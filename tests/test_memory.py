@@ -11,21 +11,62 @@ import pytest
 from PIL import Image
 
 from bgq import defaults
-from bgq.errors import JobFailed
+from bgq.errors import ImageTooLarge, JobFailed
 from bgq.options import Options
 from producer import Producer
 from tests.stacks import StackFactory
-from workers.imaging import estimated_peak_mib
+from workers.imaging import check_memory, estimated_peak_mib, pool_base_mib
+
+MODEL_SETS = [("u2netp",), ("u2net",), ("u2netp", "u2net")]
 
 
+@pytest.mark.parametrize("models", MODEL_SETS, ids="+".join)
 @pytest.mark.parametrize(
     "options",
     [{}, {"only_mask": True}, {"post_process_mask": True}, {"bgcolor": (0, 0, 0, 255)}],
     ids=str,
 )
-def test_default_megapixel_limit_fits_the_default_memory_limit(options: dict[str, object]) -> None:
-    peak = estimated_peak_mib(defaults.MAX_MEGAPIXELS, Options.parse(options))
+def test_default_megapixel_limit_fits_the_default_memory_limit(
+    options: dict[str, object], models: tuple[str, ...]
+) -> None:
+    """Also for u2net, and for a pool process that holds both u2netp and u2net."""
+    peak = estimated_peak_mib(defaults.MAX_MEGAPIXELS, Options.parse(options), models=models)
     assert peak <= defaults.MAX_MEMORY_PER_CHILD_MB
+
+
+def test_u2netp_alone_keeps_the_measured_base() -> None:
+    """Splitting the base into runtime + session leaves u2netp's estimates where they were."""
+    assert pool_base_mib() == pool_base_mib(["u2netp"]) == defaults.POOL_BASE_MIB == 350
+    assert estimated_peak_mib(2.0, Options()) == 350 + 2.0 * defaults.CUTOUT_MIB_PER_MP
+
+
+@pytest.mark.parametrize(
+    "options",
+    [Options(), Options(post_process_mask=True), Options(format="webp", canvas="6000x6000")],
+    ids=["cutout", "post-process", "webp-canvas"],
+)
+def test_a_process_holding_two_models_is_sized_as_the_sum(options: Options) -> None:
+    """Both phases (rembg's, and shaping's after it) carry every session the process holds."""
+    one = estimated_peak_mib(12.0, options, models=["u2netp"])
+    both = estimated_peak_mib(12.0, options, models=["u2netp", "u2net"])
+    assert both - one == defaults.MODEL_SESSION_MIB["u2net"]
+    alone = estimated_peak_mib(12.0, options, models=["u2net"])
+    assert alone - one == defaults.MODEL_SESSION_MIB["u2net"] - defaults.MODEL_SESSION_MIB["u2netp"]
+    assert estimated_peak_mib(12.0, options, models=["u2net", "u2net", "u2netp"]) == both
+
+
+def test_a_model_not_measured_counts_as_u2net() -> None:
+    assert pool_base_mib(["isnet-general-use"]) == pool_base_mib(["u2net"])
+    assert pool_base_mib(["u2net"]) > pool_base_mib(["u2netp"])
+
+
+def test_the_refusal_counts_the_sessions_the_process_holds() -> None:
+    """A limit that a u2netp process meets for a 20 MP cutout refuses it once u2net is loaded."""
+    img = Image.new("RGB", (5000, 4000))  # check_memory reads the size only
+    limit = estimated_peak_mib(20.0, Options()) + 1
+    check_memory(img, Options(), limit, models=["u2netp"])
+    with pytest.raises(ImageTooLarge, match="holding u2net, u2netp"):
+        check_memory(img, Options(), limit, models=["u2netp", "u2net"])
 
 
 def test_alpha_matting_at_the_megapixel_limit_would_not_fit() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,29 +22,52 @@ Image.MAX_IMAGE_PIXELS = None
 _EXIF_TURNS = range(2, 9)  # EXIF orientations that ImageOps.exif_transpose turns or flips
 
 
+_DEFAULT_MODELS = (defaults.MODEL,)
+
+
+def pool_base_mib(models: Iterable[str] = _DEFAULT_MODELS) -> float:
+    """A pool process's resident MiB before any input: its runtime and the sessions of
+    `models` (each model's cost, summed), by the memory model in defaults."""
+    sessions = (
+        defaults.MODEL_SESSION_MIB.get(m, defaults.UNMEASURED_SESSION_MIB) for m in set(models)
+    )
+    return defaults.POOL_RUNTIME_MIB + sum(sessions)
+
+
 def estimated_peak_mib(
-    megapixels: float, options: Options, background_mp: float = 0.0, background_mib: float = 0.0
+    megapixels: float,
+    options: Options,
+    background_mp: float = 0.0,
+    background_mib: float = 0.0,
+    models: Iterable[str] = _DEFAULT_MODELS,
 ) -> float:
     """A pool process's peak resident MiB for one input (and its bg_image's `background_mp`
-    megapixels, from a file of `background_mib`), by the memory model in defaults."""
+    megapixels, from a file of `background_mib`) while it holds the sessions of `models`, by
+    the memory model in defaults."""
+    models = frozenset(models)
     if options.post_process_mask:
         per_mp = defaults.POST_PROCESS_MIB_PER_MP
     elif options.only_mask:
         per_mp = defaults.MASK_MIB_PER_MP
     else:
         per_mp = defaults.CUTOUT_MIB_PER_MP
-    peak = defaults.POOL_BASE_MIB + per_mp * megapixels
+    peak = pool_base_mib(models) + per_mp * megapixels
     if options.alpha_matting and not options.only_mask:
         peak += defaults.MATTING_MIB + defaults.MATTING_MIB_PER_MP * megapixels
     if options.bg_image is not None:  # its file, read before the input, waits while rembg runs
         peak += background_mib
     if options.shaped or options.format != "png":
-        peak = max(peak, shaping_peak_mib(megapixels, options, background_mp, background_mib))
+        shaping = shaping_peak_mib(megapixels, options, background_mp, background_mib, models)
+        peak = max(peak, shaping)
     return peak
 
 
 def shaping_peak_mib(
-    megapixels: float, options: Options, background_mp: float = 0.0, background_mib: float = 0.0
+    megapixels: float,
+    options: Options,
+    background_mp: float = 0.0,
+    background_mib: float = 0.0,
+    models: Iterable[str] = _DEFAULT_MODELS,
 ) -> float:
     """The peak while shaping and encoding, after rembg (the input is freed by then; the
     background's file is freed once its pixels are decoded)."""
@@ -57,7 +80,7 @@ def shaping_peak_mib(
         held += background_mib + defaults.BACKGROUND_MIB_PER_MP * (background_mp + output)
     if options.fit_megapixels is not None:  # the frame before fitting: premultiplied, a pass
         held += defaults.SHAPING_HELD_MIB_PER_MP * output * defaults.FIT_FRAMES
-    return defaults.POOL_BASE_MIB + held + defaults.SHAPING_MIB_PER_MP[options.format] * output
+    return pool_base_mib(models) + held + defaults.SHAPING_MIB_PER_MP[options.format] * output
 
 
 def held_frames(options: Options) -> int:
@@ -72,13 +95,18 @@ def held_frames(options: Options) -> int:
 
 
 def check_memory(
-    img: Image.Image, options: Options, max_memory_mb: float, background: Image.Image | None = None
+    img: Image.Image,
+    options: Options,
+    max_memory_mb: float,
+    background: Image.Image | None = None,
+    models: Iterable[str] = _DEFAULT_MODELS,
 ) -> None:
     """Refuse, before decoding, an input (and its bg_image's header and file, if any) that
-    would take a pool process past its limit."""
+    would take a pool process holding the sessions of `models` past its limit."""
     background_mp = background.width * background.height / 1e6 if background else 0.0
     background_mib = file_mib(background) if background else 0.0
-    peak = estimated_peak_mib(img.width * img.height / 1e6, options, background_mp, background_mib)
+    megapixels = img.width * img.height / 1e6
+    peak = estimated_peak_mib(megapixels, options, background_mp, background_mib, models)
     if peak > max_memory_mb:
         what = " with alpha matting" if options.alpha_matting and not options.only_mask else ""
         what += f" on a {options.canvas} canvas" if options.canvas else ""
@@ -87,7 +115,8 @@ def check_memory(
             what += f" over a {size} bg_image (a {background_mib:.1f} MiB file)"
         raise ImageTooLarge(
             f"{img.width}x{img.height}{what} would need about {peak:.0f} MiB in a worker "
-            f"process, over the BGQ_MAX_MEMORY_PER_CHILD_MB limit of {max_memory_mb:g}"
+            f"process (holding {', '.join(sorted(set(models)))}), over the "
+            f"BGQ_MAX_MEMORY_PER_CHILD_MB limit of {max_memory_mb:g}"
         )
 
 
@@ -97,14 +126,16 @@ def decode(
     options: Options,
     max_memory_mb: float | None = None,
     background: Image.Image | None = None,
+    models: Iterable[str] = _DEFAULT_MODELS,
 ) -> Image.Image:
-    """Check the header and the memory it needs (with `background`, bg_image's opened image),
-    then decode every pixel; or a PermanentError."""
+    """Check the header and the memory it needs in a process holding the sessions of `models`
+    (with `background`, bg_image's opened image), then decode every pixel; or a
+    PermanentError."""
     img = open_header(data, max_megapixels)
     if options.alpha_matting and not options.only_mask and img.mode in NO_ALPHA_MATTING_MODES:
         raise UnsupportedImage(f"alpha matting does not support image mode {img.mode}")
     if max_memory_mb is not None:
-        check_memory(img, options, max_memory_mb, background)
+        check_memory(img, options, max_memory_mb, background, models)
     try:
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import importlib
 import logging
@@ -145,7 +147,20 @@ def get(name: str, settings: Settings) -> BaseSession:
             _sessions[name] = new_session(name, sess_opts=session_options(settings))
         except Exception as exc:
             raise ConfigError(f"cannot load model {name}: {exc}") from exc
+        trim_heap()
     return _sessions[name]
+
+
+def loaded() -> frozenset[str]:
+    """The models whose sessions this process holds (the memory model sizes them as a sum)."""
+    return frozenset(_sessions)
+
+
+def trim_heap() -> None:
+    """Give glibc's free heap pages back to the system: loading a model leaves its parsed
+    protobuf's buffers free but resident (u2net: about 200 MiB, docs/memory.md)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim this way
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def init_process(settings: Settings, served: list[str]) -> None:

@@ -49,6 +49,7 @@ def process(args: TaskArgs) -> dict[str, Any]:
             args.options,
             settings.max_memory_per_child_mb,
             background,
+            session.loaded() | {args.model},  # the task's model with those already loaded here
         )
         lap("decode")
         source = masks.MaskSource(
