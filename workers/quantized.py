@@ -7,7 +7,6 @@ Inference runs through rembg's `U2netSession`, so pre- and post-processing stay 
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Iterator
@@ -206,8 +205,3 @@ def register() -> None:
     sessions.sessions[NAME] = cls
     sessions.sessions_class.append(cls)
     sessions.sessions_names.append(NAME)
-
-
-def describe(recipe: Recipe) -> str:
-    """The recipe as one JSON line, for logs and the benchmark."""
-    return json.dumps(recipe.__dict__)
