@@ -122,9 +122,9 @@ def lane_stats(client: redis.Redis, now: float) -> Snapshot:
         lane_queues = [by_lane[lane] for by_lane in MODEL_QUEUES.values()]
         tails = [tail[q] for q in lane_queues] + (run_tails if lane == contract.BULK else [])
         serving = [node.processes for node in workers.values() if lane in node.lanes]
+        in_runs = sum(runs.values()) if lane == contract.BULK else 0
         found[lane] = LaneStats(
-            waiting=sum(depth[q] for q in lane_queues)
-            + (sum(runs.values()) if lane == contract.BULK else 0),
+            waiting=sum(depth[q] for q in lane_queues) + in_runs,
             running=sum(running[q] for q in lane_queues),
             oldest=oldest_wait(tails, now),
             workers=len(serving),

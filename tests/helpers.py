@@ -164,15 +164,24 @@ STAND_IN = "stand-in-"  # how a StandInWorker's node name starts
 
 
 class StandInWorker:
-    """A capacity entry saying that a worker serves `models` in the interactive lane with no
-    pool process, renewed every WORKER_BEAT seconds until closed: jobs for those models are
-    accepted (producer/served.py) and wait in their queues, since nothing takes them. No pool
-    process: the bulk queue's depth (lanes.DISPATCH) is not changed by it."""
+    """A capacity entry saying that a worker serves `models` (by default in the interactive
+    lane with no pool process), renewed every WORKER_BEAT seconds until closed: jobs for those
+    models are accepted (producer/served.py) and wait in their queues, since nothing takes
+    them. No pool process: the bulk queue's depth (lanes.DISPATCH) is not changed by it."""
 
-    def __init__(self, url: str, models: tuple[str, ...] = (contract.BASE_MODEL,)) -> None:
+    def __init__(
+        self,
+        url: str,
+        models: tuple[str, ...] = (contract.BASE_MODEL,),
+        lanes: tuple[str, ...] = (contract.INTERACTIVE,),
+        processes: int = 0,
+        node: str | None = None,
+    ) -> None:
         self.client = redis.Redis.from_url(url)
-        self.node = f"{STAND_IN}{os.getpid()}-{id(self)}@test"
+        self.node = node or f"{STAND_IN}{os.getpid()}-{id(self)}@test"
         self.models = list(models)
+        self.lanes = list(lanes)
+        self.processes = processes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="stand-in", daemon=True)
 
@@ -183,7 +192,7 @@ class StandInWorker:
 
     def _register(self) -> None:
         with self.client.pipeline(transaction=False) as pipe:
-            lanes.register_worker(pipe, self.node, [contract.INTERACTIVE], 0, self.models)
+            lanes.register_worker(pipe, self.node, self.lanes, self.processes, self.models)
             pipe.execute()
 
     def _renew(self) -> None:

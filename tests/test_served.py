@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from bgq import contract, defaults, lanes
+from bgq import contract, defaults
 from bgq.contract import BULK, INPUTS, INTERACTIVE
 from bgq.errors import ModelNotServed
 from bgq.exporter import Exporter
@@ -201,14 +201,12 @@ def message(model: str) -> bytes:
 
 @pytest.fixture
 def two_models(own_redis: str) -> Iterator[tuple[redis.Redis, str]]:
-    """Workers registered as they register: one serving u2netp and u2net (3 processes), one
-    u2netp (2); jobs waiting for u2net in both lanes, and for silueta, which no worker serves;
-    one u2net job held."""
+    """Workers registered as they register (renewed while the test runs): one serving u2netp
+    and u2net (3 processes), one u2netp (2); jobs waiting for u2net in both lanes, and for
+    silueta, which no worker serves; one u2net job held."""
     redis_client = redis.Redis.from_url(own_redis)
-    with redis_client.pipeline() as pipe:
-        lanes.register_worker(pipe, "a@h", [INTERACTIVE, BULK], 3, ["u2netp", "u2net"])
-        lanes.register_worker(pipe, "b@h", [INTERACTIVE], 2, ["u2netp"])
-        pipe.execute()
+    both = StandInWorker(own_redis, ("u2netp", "u2net"), (INTERACTIVE, BULK), 3, "a@h").start()
+    one = StandInWorker(own_redis, ("u2netp",), (INTERACTIVE,), 2, "b@h").start()
     queue = contract.image_queue
     redis_client.lpush(queue(INTERACTIVE, "u2net"), message("u2net"), message("u2net"))
     redis_client.lpush(queue(BULK, "u2net"), message("u2net"))
@@ -217,6 +215,8 @@ def two_models(own_redis: str) -> Iterator[tuple[redis.Redis, str]]:
     held = [json.loads(message("u2net")), "", queue(INTERACTIVE, "u2net")]
     redis_client.hset("unacked", "tag-1", json.dumps(held))
     yield redis_client, own_redis
+    both.close()
+    one.close()
     redis_client.close()
 
 

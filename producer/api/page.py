@@ -26,6 +26,7 @@ from bgq import contract, defaults, options
 from bgq.errors import BgqError
 from bgq.settings import Settings
 from bgq.store import Store
+from producer.api.deps import ProducerDep
 from producer.client import Producer
 from producer.served import page_models
 
@@ -91,9 +92,9 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/")
-async def page(request: Request, view: Annotated[Page, Depends(get_page)]) -> HTMLResponse:
+async def page(view: Annotated[Page, Depends(get_page)], producer: ProducerDep) -> HTMLResponse:
     policy = await view.content_policy()
-    models = await run_in_threadpool(offered_models, request.app.state.producer, view.settings)
+    models = await run_in_threadpool(offered_models, producer, view.settings)
     headers = {**HEADERS, "Content-Security-Policy": policy}
     return HTMLResponse(view.html(models), headers=headers)
 
