@@ -102,6 +102,9 @@ BULK_MIN_READY = 2
 BULK_DISPATCH_STEPS = 1000
 WORKER_BEAT = 5  # seconds between a worker's capacity entries (and scheduling passes)
 WORKER_ENTRY_TTL = 20  # seconds a worker's capacity entry counts without a new one
+# Seconds a producer trusts that a model is served before reading the workers' entries again (a
+# refusal is always read fresh: bgq/errors.py ModelNotServed, producer/served.py).
+SERVED_MEMO = 1.0
 WORKER_ALIVE_STALE = 60  # seconds without a beat after which `bgq probe alive` may fail
 SWEEP_INTERVAL = 60  # seconds between sweeps for bulk runs lost from the scheduler's ring
 RESULT_TTL = 86400  # seconds Celery keeps a task's result/state in Redis
@@ -192,6 +195,10 @@ API_WAIT = 30.0  # seconds POST /v1/remove waits for a result by default
 API_MAX_WAIT = 300.0  # seconds a request may ask to wait at most
 API_BROKER_RETRY_SECONDS = 5.0  # seconds an API request waits out a Redis outage, then 503
 API_RETRY_AFTER = 5  # seconds a 503 (Redis or the store unavailable) asks clients to wait
+# Seconds a 503 for a model no live worker serves asks clients to wait: a worker's entry lives
+# this long, so the capacity the refusal read changes on this scale (a new worker registers at
+# its start, a vanished one drops out within it).
+API_MODEL_RETRY_AFTER = WORKER_ENTRY_TTL
 API_LIMIT_RETRY_AFTER = 5  # seconds a 429 for a key's jobs outstanding asks clients to wait
 
 # Webhooks.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class BgqError(Exception):
     """Base class of every error bgq raises on purpose."""
@@ -57,6 +59,21 @@ class StoreError(TransientError):
 
 class NotInStore(StoreError):
     """The object is not in the store (yet: a shared filesystem may show it late)."""
+
+
+class ModelNotServed(TransientError):
+    """No live worker serves the job's model: refused rather than queued for nobody (a worker
+    that serves it may start)."""
+
+    def __init__(self, model: str, served: Iterable[str]) -> None:
+        names = sorted(served)
+        workers = f"workers serve {', '.join(names)}" if names else "no worker is live"
+        super().__init__(
+            f"model {model}: no live worker serves it ({workers}); start one with "
+            f"BGQ_MODELS={model} or `bgq worker --models {model}`"
+        )
+        self.model = model
+        self.served = names
 
 
 class JobFailed(BgqError):

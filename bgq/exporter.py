@@ -231,6 +231,39 @@ def lane_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     )
     runs.add_metric([], len(snapshot.runs))
     yield runs
+    yield from model_metrics(snapshot)
+
+
+def model_metrics(snapshot: Snapshot) -> Iterator[Metric]:
+    """Per known model: its jobs waiting and running by lane, the live workers serving it."""
+    by_lane = {
+        "waiting": GaugeMetricFamily(
+            "bgq_model_waiting",
+            "Jobs waiting in each model's queue of each lane (bulk: let in; the runs' lists "
+            "mix models and count only in bgq_lane_waiting).",
+            labels=["model", "lane"],
+        ),
+        "running": GaugeMetricFamily(
+            "bgq_model_running",
+            "Jobs of each model and lane that workers hold.",
+            labels=["model", "lane"],
+        ),
+    }
+    workers = GaugeMetricFamily(
+        "bgq_model_workers", "Live worker nodes that serve each model.", labels=["model"]
+    )
+    processes = GaugeMetricFamily(
+        "bgq_model_pool_processes",
+        "Pool processes of the live workers that serve each model.",
+        labels=["model"],
+    )
+    for model, stats in snapshot.models.items():
+        for field, gauge in by_lane.items():
+            for lane, count in getattr(stats, field).items():
+                gauge.add_metric([model, lane], count)
+        workers.add_metric([model], stats.workers)
+        processes.add_metric([model], stats.processes)
+    yield from (*by_lane.values(), workers, processes)
 
 
 class Exporter:

@@ -1,6 +1,10 @@
 """What the lanes hold now, for `bgq exporter` and `bgq status`: per lane, the jobs waiting and
 running and how long the oldest has waited; the bulk runs waiting for their share; the live
-workers' pool processes per lane.
+workers' pool processes per lane; and per model, its workers and the jobs in its queues.
+
+Jobs are routed by model (contract.image_queue): a lane is every known model's queue of it
+(`bgq`, `bgq@<model>`; `bgq.bulk`, `bgq.bulk@<model>`), so a lane's totals sum them. Bulk run
+lists mix models and are not split: they count in the bulk lane and per run, not per model.
 
 Three round trips, whatever the backlog. A kombu list is pushed at its head and consumed from
 its tail, so its tail (LINDEX -1) is its oldest message: one read per list gives each lane's
@@ -14,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bgq import contract, lanes
+from bgq import contract, defaults, lanes
 from bgq.lanes import Node
 
 if TYPE_CHECKING:
@@ -40,8 +44,12 @@ for i = 1, #ARGV do found[i] = counts[ARGV[i]] end
 return found
 """
 
-# Each lane's queue, as it is a routing key of the messages workers take from it.
-LANE_QUEUES = {contract.INTERACTIVE: contract.QUEUE, contract.BULK: contract.BULK_QUEUE}
+# Each lane's queue of each known model, as it is a routing key of the messages workers take
+# from it: model -> lane -> queue.
+MODELS = sorted(defaults.MODELS)
+MODEL_QUEUES = {
+    model: {lane: contract.image_queue(lane, model) for lane in contract.LANES} for model in MODELS
+}
 
 
 @dataclass(frozen=True)
@@ -56,12 +64,23 @@ class LaneStats:
 
 
 @dataclass(frozen=True)
+class ModelStats:
+    """One model now: its queues and the live workers that serve it."""
+
+    waiting: dict[str, int]  # lane -> jobs in the model's queue (bulk: let in; run lists apart)
+    running: dict[str, int]  # lane -> jobs of the model that workers hold
+    workers: int  # live worker nodes that serve the model (on any lane)
+    processes: int  # their pool processes
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """Every lane, the bulk runs waiting, and the live workers."""
+    """Every lane, the bulk runs waiting, the live workers, and every known model."""
 
     lanes: dict[str, LaneStats]
     runs: dict[str, int]  # bulk run -> jobs waiting in its list to be let in
     workers: dict[str, Node]  # worker node -> its lanes, pool processes, models
+    models: dict[str, ModelStats]  # every known model (defaults.MODELS), served or not
 
 
 def enqueued_at(raw: bytes | None) -> float | None:
@@ -84,7 +103,7 @@ def oldest_wait(tails: list[bytes | None], now: float) -> float | None:
 
 def lane_stats(client: redis.Redis, now: float) -> Snapshot:
     """Read the lanes' state from Redis (`now`: epoch seconds, for the ages)."""
-    queues = list(LANE_QUEUES.values())
+    queues = [queue for by_lane in MODEL_QUEUES.values() for queue in by_lane.values()]
     with client.pipeline(transaction=False) as pipe:
         for queue in queues:
             pipe.llen(queue)
@@ -92,23 +111,43 @@ def lane_stats(client: redis.Redis, now: float) -> Snapshot:
         pipe.lrange(lanes.RING_KEY, 0, -1)
         pipe.eval(COUNT_HELD, 1, UNACKED_KEY, *queues)
         *listed, ring, held = pipe.execute()
-    depth = dict(zip(queues, listed[0::2], strict=True))
+    depth = {queue: int(n) for queue, n in zip(queues, listed[0::2], strict=True)}
     tail = dict(zip(queues, listed[1::2], strict=True))
-    running = dict(zip(queues, held, strict=True))
+    running = {queue: int(n) for queue, n in zip(queues, held, strict=True)}
     runs, run_tails = run_lists([raw.decode() for raw in ring], client)
     workers = lanes.capacity(client)
+    models = model_stats(depth, running, workers)
     found = {}
-    for lane, queue in LANE_QUEUES.items():
-        tails = [tail[queue], *(run_tails if lane == contract.BULK else [])]
+    for lane in contract.LANES:
+        lane_queues = [by_lane[lane] for by_lane in MODEL_QUEUES.values()]
+        tails = [tail[q] for q in lane_queues] + (run_tails if lane == contract.BULK else [])
         serving = [node.processes for node in workers.values() if lane in node.lanes]
+        in_runs = sum(runs.values()) if lane == contract.BULK else 0
         found[lane] = LaneStats(
-            waiting=int(depth[queue]) + (sum(runs.values()) if lane == contract.BULK else 0),
-            running=int(running[queue]),
+            waiting=sum(depth[q] for q in lane_queues) + in_runs,
+            running=sum(running[q] for q in lane_queues),
             oldest=oldest_wait(tails, now),
             workers=len(serving),
             processes=sum(serving),
         )
-    return Snapshot(found, runs, workers)
+    return Snapshot(found, runs, workers, models)
+
+
+def model_stats(
+    depth: dict[str, int], running: dict[str, int], workers: dict[str, Node]
+) -> dict[str, ModelStats]:
+    """Each known model's queues (depths and held jobs by lane) and the workers serving it."""
+    processes = lanes.served_models(workers)
+    found = {}
+    for model, by_lane in MODEL_QUEUES.items():
+        serving = [node for node in workers.values() if node.lanes and model in node.models]
+        found[model] = ModelStats(
+            waiting={lane: depth[queue] for lane, queue in by_lane.items()},
+            running={lane: running[queue] for lane, queue in by_lane.items()},
+            workers=len(serving),
+            processes=processes.get(model, 0),
+        )
+    return found
 
 
 def run_lists(ring: list[str], client: redis.Redis) -> tuple[dict[str, int], list[bytes | None]]:

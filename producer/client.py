@@ -36,6 +36,7 @@ from bgq.store import open_store
 from producer import enqueue
 from producer.job import Job
 from producer.outage import Outage
+from producer.served import ServedModels
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -79,9 +80,11 @@ class Producer:
         settings: Settings | None = None,
         retry_seconds: float | None = None,
         run: str | None = None,
+        served_memo: float = defaults.SERVED_MEMO,
     ) -> None:
         """`retry_seconds` overrides BGQ_BROKER_RETRY_SECONDS (0: a request handler that must
-        answer at once); `run` names this producer's bulk run (default: host and process)."""
+        answer at once); `run` names this producer's bulk run (default: host and process);
+        `served_memo`: seconds a model found served is trusted (producer/served.py)."""
         self.run = contract.check_run(run) if run is not None else default_run()
         self.settings = settings or load_settings()
         self.store = open_store(self.settings)
@@ -94,6 +97,7 @@ class Producer:
         self._outage = Outage(budget)
         self._timer: threading.Timer | None = None  # flushes hits when no later hit does
         self._closed = False
+        self.served = ServedModels(self._read_served, served_memo)
 
     @property
     def app(self) -> Celery:
@@ -108,6 +112,11 @@ class Producer:
             app.conf.update(celeryconfig.build(self.settings))
             self._app = app
         return self._app
+
+    def _read_served(self) -> dict[str, int]:
+        """The models the live workers serve (their capacity entries), and their processes."""
+        client = self.app.backend.client
+        return self.with_broker("read workers", lambda: lanes.served_models(lanes.capacity(client)))
 
     def workers_online(self, timeout: float = 1.0) -> list[str]:
         """The names of the Celery workers that answer a ping on this broker."""
@@ -185,7 +194,8 @@ class Producer:
     ) -> Job:
         """Short-circuit on a stored result (no Redis call); else check, store and enqueue.
 
-        A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job.
+        A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job;
+        a model no live worker serves raises ModelNotServed, before anything is stored or sent.
         """
         self._check_open()
         contract.check_lane(lane)
@@ -201,6 +211,7 @@ class Producer:
             if raise_bad_image:
                 raise
             return Job(args.key, False, self.store, error=exc, lane=lane, run=run)
+        self.served.require(model)
         self.store.put_input(args.input_sha256, data)
         self._enqueue(args, lane, run)
         return Job(args.key, False, self.store, self, args=args, lane=lane, run=run)

@@ -2,14 +2,18 @@
 
 Cache hits are answered from the store; misses are enqueued, at most `window` at a time.
 Without a broker (no BGQ_REDIS_URL, no `bgq up`) the first miss starts an embedded stack for
-the run. A second run over the same catalog finds its results in the store, so an interrupted
-run resumes where it stopped and a finished one is all cache hits.
+the run. The first miss also checks that a live worker serves the model (once a stack started
+here is ready), and only the first: a run is refused at once, not stopped half-way when the
+workers go away (its jobs wait for the next one). A second run over the same catalog finds its
+results in the store, so an interrupted run resumes where it stopped and a finished one is all
+cache hits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -112,7 +116,7 @@ class Ingest:
         self.settings = settings
         self.warn = warn or (lambda message: print(message, file=sys.stderr))
         self.lane = lane
-        self.producer = Producer(settings, run=run_id)
+        self.producer = Producer(settings, run=run_id, served_memo=math.inf)
         self.out = out
         self.read = read
         self.fetch_concurrency = fetch_concurrency
@@ -182,7 +186,7 @@ class Ingest:
             self.stack = LocalStack(self.stack_settings(), log=self.stack_log).start()
             self.producer.close()  # flushes the hits so far: it finds the embedded Redis now
             settings = self.settings.model_copy(update={"redis_url": self.stack.url})
-            self.producer = Producer(settings, run=self.producer.run)
+            self.producer = Producer(settings, run=self.producer.run, served_memo=math.inf)
             return self._submit_to(self.producer, data)
 
     def stack_settings(self) -> Settings:

@@ -27,7 +27,7 @@ import uvicorn
 from PIL import Image
 
 from bench.photoserver import PhotoServer
-from bgq import contract, defaults
+from bgq import contract, defaults, lanes
 from bgq.contract import INPUTS
 from bgq.settings import Settings
 from bgq.stack import LocalStack
@@ -160,20 +160,82 @@ def stale_leftovers(store: FileStore) -> tuple[Path, Path]:
     return store.path(INPUTS, name), temporary
 
 
+STAND_IN = "stand-in-"  # how a StandInWorker's node name starts
+
+
+class StandInWorker:
+    """A capacity entry saying that a worker serves `models` (by default in the interactive
+    lane with no pool process), renewed every WORKER_BEAT seconds until closed: jobs for those
+    models are accepted (producer/served.py) and wait in their queues, since nothing takes
+    them. No pool process: the bulk queue's depth (lanes.DISPATCH) is not changed by it."""
+
+    def __init__(
+        self,
+        url: str,
+        models: tuple[str, ...] = (contract.BASE_MODEL,),
+        lanes: tuple[str, ...] = (contract.INTERACTIVE,),
+        processes: int = 0,
+        node: str | None = None,
+    ) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.node = node or f"{STAND_IN}{os.getpid()}-{id(self)}@test"
+        self.models = list(models)
+        self.lanes = list(lanes)
+        self.processes = processes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="stand-in", daemon=True)
+
+    def start(self) -> StandInWorker:
+        self._register()
+        self._thread.start()
+        return self
+
+    def _register(self) -> None:
+        with self.client.pipeline(transaction=False) as pipe:
+            lanes.register_worker(pipe, self.node, self.lanes, self.processes, self.models)
+            pipe.execute()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(defaults.WORKER_BEAT):
+            with contextlib.suppress(redis.RedisError):  # a test that stops Redis: next beat
+                self._register()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        with contextlib.suppress(redis.RedisError):
+            lanes.unregister_worker(self.client, self.node)
+        self.client.close()
+
+    def __enter__(self) -> StandInWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class LocalStackControl:
-    """Stop and restart a stack's worker consuming the image queues (jobs stay queued)."""
+    """Stop and restart a stack's worker consuming the image queues (jobs stay queued; a
+    stand-in entry keeps the model served meanwhile, as a worker busy with other jobs would)."""
 
     def __init__(self, stack: LocalStack) -> None:
         self.app = Producer(stack.settings.model_copy(update={"redis_url": stack.url})).app
         self.hostname = stack.hostname
+        self.url = stack.url
+        self.stand_in: StandInWorker | None = None
 
     def pause(self) -> None:
+        if self.stand_in is None:
+            self.stand_in = StandInWorker(self.url).start()
         for queue in contract.IMAGE_QUEUES:
             self.app.control.cancel_consumer(queue, destination=[self.hostname], reply=True)
 
     def resume(self) -> None:
         for queue in contract.IMAGE_QUEUES:  # in order: added consumers go last
             self.app.control.add_consumer(queue, destination=[self.hostname], reply=True)
+        if self.stand_in is not None:
+            self.stand_in.close()
+            self.stand_in = None
 
 
 def settle_polls(client: redis.Redis) -> None:

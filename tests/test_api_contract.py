@@ -13,10 +13,11 @@ import schemathesis
 from schemathesis.engine import Status, events, from_schema
 from schemathesis.engine.recorder import CheckNode
 
+from bgq import defaults
 from bgq.options import ROI_ORDER
 from producer.api.removebg_fields import ONE_BACKGROUND, ONE_SOURCE, SCALED_ORIGINAL
 from producer.api.submission import ONE_IMAGE
-from tests.helpers import ApiServer
+from tests.helpers import ApiServer, StandInWorker
 from tests.stacks import StackFactory
 
 # No schema can say "a decodable image within BGQ_MAX_MEGAPIXELS that rembg can process with
@@ -111,14 +112,17 @@ def refused_only_for(
 @pytest.fixture(scope="module")
 def api(make_stack: StackFactory) -> Iterator[str]:
     """The API on prefork workers that may sign webhooks, with a key and its limits; its base
-    URL."""
+    URL. Every model is served (a stand-in entry beside the u2netp worker): whether a worker
+    serves a model at the time is no part of a request's schema (its 503 is documented, and
+    tested in tests/test_served.py)."""
     stack = make_stack(webhook_secret="contract-test-secret")
     # A short fetch timeout: generated image_urls may name hosts that never answer.
     update = {"max_upload_mb": 1, "fetch_timeout": 2.0, "api_keys": KEY, "api_limits": LIMITS}
     settings = stack.settings.model_copy(update={"redis_url": stack.url, **update})
-    server = ApiServer(settings).start()
-    yield server.url
-    server.stop()
+    with StandInWorker(stack.url, tuple(sorted(defaults.MODELS))):
+        server = ApiServer(settings).start()
+        yield server.url
+        server.stop()
 
 
 @pytest.fixture

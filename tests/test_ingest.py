@@ -26,6 +26,7 @@ from producer.ingest import Folder, Ingest, default_run_id, run_ingest
 from tests.helpers import (
     BGQ,
     LocalStackControl,
+    StandInWorker,
     bgq,
     bgq_in_process,
     processes_mentioning,
@@ -245,7 +246,9 @@ def test_a_stalled_run_says_so_when_no_worker_is_online(
     try:
         settings = Settings(home=tmp_path / "home", redis_url=server.url, models_dir=model_home)
         warnings: list[str] = []
-        with pytest.raises(Stop):
+        # The entry of a worker that served the model when the run started (so it was not
+        # refused) and whose process is gone: nothing answers a ping.
+        with StandInWorker(server.url), pytest.raises(Stop):
             _ingest_one(settings, tmp_path, warnings, stop=True)
     finally:
         server.stop()

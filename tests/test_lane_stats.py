@@ -82,6 +82,7 @@ def test_status_lines() -> None:
             "a@h": Node([INTERACTIVE, BULK], 4, ["u2netp"]),
             "b@h": Node([INTERACTIVE], 2, ["u2netp"]),
         },
+        models={},  # tests/test_served.py: the lines per model
     )
     assert lane_lines(snapshot) == [
         "interactive: 0 waiting, 2 running",

@@ -32,6 +32,7 @@ from playwright.sync_api import (
 
 from bgq import contract
 from bgq.options import Options
+from bgq.redis_server import EmbeddedRedis
 from bgq.stack import LocalStack
 from producer.api import page as web
 from tests.browser import (
@@ -50,6 +51,7 @@ from tests.helpers import (
     ApiServer,
     ImageServer,
     LocalStackControl,
+    StandInWorker,
     api_servers,
     assert_same_pixels,
     sample_bytes,
@@ -120,7 +122,32 @@ def test_page_is_served_from_the_package_with_nothing_from_elsewhere(base: str) 
     assert httpx.get(base + "/static/page.html").status_code == 404  # the template is not served
     config = re.search(r'<script id="bgq-config"[^>]*>(.*?)</script>', page.text, re.S)
     assert config and '"model":"u2netp"' in config.group(1) and '"auth":false' in config.group(1)
+    assert '"models":["u2netp"]' in config.group(1)  # what the stack's worker serves
     assert "/" not in httpx.get(base + "/openapi.json").json()["paths"]  # not in the contract
+
+
+def test_the_model_list_is_what_live_workers_serve(
+    context: BrowserContext, base: str, page_stack: LocalStack, tmp_path: Path
+) -> None:
+    """The stack's worker serves u2netp; a worker of u2net joins; then an API whose Redis has
+    no worker at all: the page says so."""
+    watched = Watched(context, base)
+    expect(watched.page.locator("#model option")).to_have_text(["u2netp"])
+    expect(watched.page.locator("#no-models")).to_be_hidden()
+    with StandInWorker(page_stack.url, ("u2net", "u2netp")):
+        watched.page.reload()
+        expect(watched.page.locator("#model option")).to_have_text(["u2netp", "u2net"])
+        expect(watched.page.locator("#model")).to_have_value("u2netp")  # the default, first
+    redis = EmbeddedRedis.start(tmp_path / "redis")
+    server = ApiServer(page_stack.settings.model_copy(update={"redis_url": redis.url})).start()
+    try:
+        watched.page.goto(server.url)
+        expect(watched.page.locator("#model option")).to_have_count(0)
+        expect(watched.page.locator("#no-models")).to_contain_text("No live worker serves")
+    finally:
+        server.stop()
+        redis.stop()
+    assert not watched.errors, watched.errors
 
 
 def test_vendored_library_is_the_pinned_release_with_its_licence() -> None:

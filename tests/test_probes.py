@@ -10,7 +10,7 @@ import time
 
 from bgq import defaults, lanes
 from bgq.contract import BULK, INTERACTIVE
-from bgq.lane_stats import LaneStats, Snapshot
+from bgq.lane_stats import LaneStats, ModelStats, Snapshot
 from bgq.lanes import Node
 from bgq.process import free_port
 from bgq.stack import LocalStack
@@ -30,7 +30,10 @@ def test_status_document_fields() -> None:
             BULK: LaneStats(waiting=300, running=4, oldest=None, workers=1, processes=4),
         },
         runs={"catalog": 296},
-        workers={"a@h": Node([INTERACTIVE, BULK], 4, ["u2netp"])},
+        workers={"a@h": Node([INTERACTIVE, BULK], 4, ["u2netp", "u2net"])},
+        models={
+            "u2net": ModelStats({INTERACTIVE: 1, BULK: 0}, {INTERACTIVE: 0, BULK: 2}, 1, 4),
+        },
     )
     document = status_document("redis://r:6379/0", "/s", {"bgq": 1, "bgq.bulk": 4}, snapshot,
                                ["a@h", "hooks@h"])  # fmt: skip
@@ -57,8 +60,20 @@ def test_status_document_fields() -> None:
         "bulk_runs": {"catalog": 296},
         "workers_online": 2,
         "workers": {
-            "a@h": {"lanes": ["interactive", "bulk"], "pool_processes": 4},
-            "hooks@h": {"lanes": [], "pool_processes": 0},
+            "a@h": {
+                "lanes": ["interactive", "bulk"],
+                "pool_processes": 4,
+                "models": ["u2netp", "u2net"],
+            },
+            "hooks@h": {"lanes": [], "pool_processes": 0, "models": []},
+        },
+        "models": {
+            "u2net": {
+                "workers": 1,
+                "pool_processes": 4,
+                "waiting": {"interactive": 1, "bulk": 0},
+                "running": {"interactive": 0, "bulk": 2},
+            },
         },
     }
     json.dumps(document)  # all of it is JSON
@@ -70,8 +85,14 @@ def test_status_json_on_a_running_worker(stack: LocalStack, env: dict[str, str])
     document = json.loads(done.stdout)
     assert document["workers_online"] == 1
     assert document["workers"] == {
-        stack.hostname: {"lanes": ["interactive", "bulk"], "pool_processes": 2}
+        stack.hostname: {
+            "lanes": ["interactive", "bulk"],
+            "pool_processes": 2,
+            "models": ["u2netp"],
+        }
     }
+    assert document["models"]["u2netp"]["workers"] == 1
+    assert document["models"]["u2netp"]["pool_processes"] == 2
     assert set(document["queues"]) == {"bgq", "bgq.bulk"}
     for lane in ("interactive", "bulk"):
         assert document["lanes"][lane]["pool_processes"] == 2

@@ -21,15 +21,17 @@ from bgq.errors import BrokerError, JobTimeout, OutOfMemory
 from bgq.options import Options
 from bgq.settings import Settings
 from producer import Producer
-from tests.helpers import variant, wait_for
+from tests.helpers import StandInWorker, variant, wait_for
 
 
 @pytest.fixture
 def idle(redis_url: str, tmp_path: Path) -> Iterator[tuple[Producer, redis.Redis]]:
-    """A producer on the test Redis with no worker consuming; Redis flushed afterwards."""
+    """A producer on the test Redis with no worker consuming (a stand-in entry serves the
+    model); Redis flushed afterwards."""
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    yield Producer(Settings(home=tmp_path, redis_url=redis_url)), client
+    with StandInWorker(redis_url):
+        yield Producer(Settings(home=tmp_path, redis_url=redis_url)), client
     client.flushdb()
     client.close()
 

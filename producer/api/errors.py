@@ -21,6 +21,7 @@ from bgq.errors import (
     InvalidImage,
     InvalidRequest,
     JobFailed,
+    ModelNotServed,
     StoreError,
     UnsupportedImage,
 )
@@ -44,6 +45,7 @@ class ApiError(Exception):
 
 
 RETRY_LATER = {"Retry-After": str(defaults.API_RETRY_AFTER)}  # with every 503
+NOT_SERVED_RETRY = {"Retry-After": str(defaults.API_MODEL_RETRY_AFTER)}  # but model_not_served's
 # The codes of the framework's own HTTP errors (a route or a method that is not there).
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 OTHER_HTTP_CODE = "http_error"  # any other status Starlette raises
@@ -73,6 +75,8 @@ def api_error(exc: BgqError) -> ApiError:
         return ApiError(422, "invalid_request", str(exc))
     if isinstance(exc, JobFailed):
         return ApiError(422 if exc.permanent else 500, "job_failed", exc.error)
+    if isinstance(exc, ModelNotServed):
+        return ApiError(503, "model_not_served", str(exc), NOT_SERVED_RETRY)
     if isinstance(exc, BrokerError | ConfigError | StoreError):
         return ApiError(503, "unavailable", str(exc), RETRY_LATER)
     return ApiError(500, "internal", str(exc))

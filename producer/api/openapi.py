@@ -90,6 +90,14 @@ ERRORS = {
         Retry_After=header("seconds", pattern="^[0-9]+$"),
     ),
 }
+# A submission's 503 may also say that no live worker serves its model (a cached result is
+# answered whatever the workers).
+SUBMIT_UNAVAILABLE = error(
+    "`unavailable`: Redis or the store is unreachable; `model_not_served`: no live worker "
+    "serves the request's model (the message names the models served); retry after "
+    "`Retry-After` seconds",
+    Retry_After=header("seconds", pattern="^[0-9]+$"),
+)
 # The fields of draft-ietf-httpapi-ratelimit-headers: each limit of the request's lane that the
 # caller's key has, `"<lane>-rpm";q=<n>;w=60` (submissions per minute) and
 # `"<lane>-jobs";q=<n>;qu="concurrent-requests"` (jobs outstanding at once).
@@ -306,12 +314,17 @@ def operations() -> dict[str, dict[str, Any]]:
         "remove": {
             "parameters": [*option_parameters(), IMAGE_URL, LANE, WAIT],
             "requestBody": image_body([LANE, WAIT]),
-            "responses": {"200": png, "202": ACCEPTED, **pick("413", "415", "422", "503")},
+            "responses": {
+                "200": png,
+                "202": ACCEPTED,
+                **pick("413", "415", "422"),
+                "503": SUBMIT_UNAVAILABLE,
+            },
         },
         "create_job": {
             "parameters": [*option_parameters(), IMAGE_URL, LANE, CALLBACK_URL],
             "requestBody": image_body([LANE, CALLBACK_URL]),
-            "responses": {"202": ACCEPTED, **pick("413", "415", "422", "503")},
+            "responses": {"202": ACCEPTED, **pick("413", "415", "422"), "503": SUBMIT_UNAVAILABLE},
         },
         "get_job": {
             "parameters": [job_id()],

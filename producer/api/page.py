@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -22,8 +23,12 @@ from starlette.responses import Response
 
 import bgq
 from bgq import contract, defaults, options
+from bgq.errors import BgqError
 from bgq.settings import Settings
 from bgq.store import Store
+from producer.api.deps import ProducerDep
+from producer.client import Producer
+from producer.served import page_models
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"  # served as is under /static/
@@ -55,8 +60,7 @@ class Page:
     first use: signing a URL may need credentials."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
-        html = TEMPLATE.read_text(encoding="utf-8")
-        self.html = html.replace(CONFIG_SLOT, script_json(page_config(settings)))
+        self.template = TEMPLATE.read_text(encoding="utf-8")
         self.settings = settings
         self.store = store
         self.policy: str | None = None
@@ -73,6 +77,10 @@ class Page:
         self.policy = content_policy(origin)
         return self.policy
 
+    def html(self, models: list[str]) -> str:
+        """The page, offering `models` (those some live worker serves)."""
+        return self.template.replace(CONFIG_SLOT, script_json(page_config(self.settings, models)))
+
 
 async def get_page(request: Request) -> Page:
     """The app's page (install_page made it)."""
@@ -84,9 +92,22 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/")
-async def page(view: Annotated[Page, Depends(get_page)]) -> HTMLResponse:
+async def page(view: Annotated[Page, Depends(get_page)], producer: ProducerDep) -> HTMLResponse:
     policy = await view.content_policy()
-    return HTMLResponse(view.html, headers={**HEADERS, "Content-Security-Policy": policy})
+    models = await run_in_threadpool(offered_models, producer, view.settings)
+    headers = {**HEADERS, "Content-Security-Policy": policy}
+    return HTMLResponse(view.html(models), headers=headers)
+
+
+def offered_models(producer: Producer, settings: Settings) -> list[str]:
+    """The models some live worker serves, the default first; all of them when Redis cannot
+    say (a job is then answered as the API answers it)."""
+    try:
+        served = producer.served.current()
+    except (BgqError, redis.RedisError) as exc:
+        log.warning("the web page cannot read which models are served: %s", exc)
+        return page_models(dict.fromkeys(defaults.MODELS, 0), settings.model)
+    return page_models(served, settings.model)
 
 
 def install_page(app: FastAPI, settings: Settings, store: Store) -> None:
@@ -96,12 +117,13 @@ def install_page(app: FastAPI, settings: Settings, store: Store) -> None:
     app.mount("/static", PageFiles(directory=STATIC), name="static")
 
 
-def page_config(settings: Settings) -> dict[str, Any]:
-    """What the page needs to know about this API: models, defaults, limits, whether keys."""
+def page_config(settings: Settings, models: list[str]) -> dict[str, Any]:
+    """What the page needs to know about this API: the models offered (none: the page says no
+    worker serves any), defaults, limits, whether keys."""
     return {
         "version": bgq.__version__,
         "model": settings.model,
-        "models": sorted(defaults.MODELS),
+        "models": models,
         "auth": bool(settings.api_key_list),
         "max_upload_bytes": settings.max_upload_bytes,
         "quality": defaults.QUALITY,

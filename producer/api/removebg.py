@@ -48,7 +48,8 @@ from producer.job import Job
 
 log = logging.getLogger("bgq.api")
 
-# bgq's error codes as remove.bg's: (status, code). A 5xx other than "internal" answers 503.
+# bgq's error codes as remove.bg's: (status, code). A 5xx other than "internal" answers 503
+# (`service_unavailable` unless named here).
 ERRORS = {
     "unauthorized": (403, "auth_failed"),
     "rate_limited": (429, "rate_limit_exceeded"),
@@ -60,6 +61,7 @@ ERRORS = {
     "invalid_request": (400, "invalid_parameters"),
     "job_failed": (400, "invalid_image"),
     "unavailable": (503, "service_unavailable"),
+    "model_not_served": (503, "model_not_served"),
     "internal": (500, "internal_error"),
 }
 # What GET /v1.0/account reports: calls are never charged (X-Credits-Charged: 0), so a balance
@@ -89,8 +91,9 @@ def error_answer(exc: Exception) -> JSONResponse:
     elif exc.code == "fetch_failed":
         title, code = fetch_terms("image_url", title)
     headers = dict(exc.headers or {})
-    if exc.status >= 500 and exc.code != "internal":
-        status, code, headers = 503, "service_unavailable", {**headers, **RETRY_LATER}
+    if exc.status >= 500 and exc.code != "internal":  # Retry-After: the error's own, else 5 s
+        code = code if status == 503 else "service_unavailable"
+        status, headers = 503, {**RETRY_LATER, **headers}
     if status == 429:
         headers |= rate_headers(headers)
     return JSONResponse(error_body(title, code), status_code=status, headers=headers)

@@ -132,7 +132,11 @@ def answers(secured: bool, limited: bool) -> dict[str, Any]:
             "headers": headers,
         },
         "400": error("Bad parameters or image (`file_too_large`: over BGQ_MAX_UPLOAD_MB)"),
-        "503": error("Redis or the store is down, or no result within the wait", retry),
+        "503": error(
+            "`service_unavailable`: Redis or the store is down, or no result within the wait; "
+            "`model_not_served`: no live worker serves BGQ_MODEL",
+            retry,
+        ),
     }
     if secured:
         out["403"] = error("`auth_failed`: X-Api-Key (or a bearer token) missing or wrong")

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import typer
 
 from bgq import contract
-from bgq.errors import BgqError, ConfigError, InvalidRequest
+from bgq.errors import BgqError, ConfigError, InvalidRequest, ModelNotServed
 from bgq.settings import Settings
 from bgq.store import open_store
 
@@ -29,13 +29,14 @@ def shown_default(text: str) -> str:
 
 
 def handle_errors(func: F) -> F:
-    """Turn bgq's errors into one line on stderr: exit 2 for setup problems, 1 otherwise."""
+    """Turn bgq's errors into one line on stderr: exit 2 for setup problems (a model no live
+    worker serves is one), 1 otherwise."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ConfigError as exc:
+        except (ConfigError, ModelNotServed) as exc:
             typer.echo(f"bgq: {exc}", err=True)
             raise typer.Exit(2) from None
         except (BgqError, OSError) as exc:

@@ -89,7 +89,8 @@ def status(
     ] = False,
 ) -> None:
     """Print the broker, the store, the lanes (jobs waiting and running, the oldest wait), the
-    bulk runs waiting and the workers online with their pool processes; exit 1 if none is up."""
+    bulk runs waiting, the models (workers, jobs) and the workers online with their pool
+    processes; exit 1 if none is up."""
     producer = Producer()
     producer.store.check()
     celery_app = producer.app
@@ -105,7 +106,7 @@ def status(
         typer.echo(f"broker:      {broker}")
         typer.echo(f"store:       {store}")
         typer.echo(f"queue depth: {queued}")
-        for line in lane_lines(snapshot):
+        for line in [*lane_lines(snapshot), *model_lines(snapshot)]:
             typer.echo(line)
         typer.echo(worker_lines(names, snapshot))
     if not names:
@@ -128,8 +129,8 @@ def status_document(
     }
     nodes = {}
     for name in names:
-        served, processes, _ = snapshot.workers.get(name, Node([], 0, []))
-        nodes[name] = {"lanes": served, "pool_processes": processes}
+        served, processes, models = snapshot.workers.get(name, Node([], 0, []))
+        nodes[name] = {"lanes": served, "pool_processes": processes, "models": models}
     return {
         "broker": broker,
         "store": store,
@@ -138,6 +139,15 @@ def status_document(
         "bulk_runs": snapshot.runs,
         "workers_online": len(names),
         "workers": nodes,
+        "models": {
+            model: {
+                "workers": stats.workers,
+                "pool_processes": stats.processes,
+                "waiting": stats.waiting,
+                "running": stats.running,
+            }
+            for model, stats in snapshot.models.items()
+        },
     }
 
 
@@ -161,6 +171,24 @@ def lane_lines(snapshot: Snapshot) -> list[str]:
         f"bulk runs:   {len(runs)} waiting their turn" + (f": {named}{more}" if runs else "")
     )
     return lines
+
+
+def model_lines(snapshot: Snapshot) -> list[str]:
+    """`bgq status`'s line for each model with workers or jobs (bulk run lists mix models:
+    their jobs count in the bulk lane, not here); jobs that no live worker serves are flagged."""
+    lines: list[str] = []
+    for model, stats in snapshot.models.items():
+        waiting, running = sum(stats.waiting.values()), sum(stats.running.values())
+        if not (stats.workers or waiting or running):
+            continue
+        lanes = ", ".join(f"{count} {lane}" for lane, count in stats.waiting.items())
+        workers = f"{stats.workers} worker" + ("" if stats.workers == 1 else "s")
+        line = f"{model}: {workers}, {pool_processes(stats.processes)}; "
+        line += f"{waiting} waiting ({lanes}), {running} running"
+        if waiting and not stats.workers:
+            line += f" (no live worker serves {model}: start one with BGQ_MODELS={model})"
+        lines.append(("models:      " if not lines else " " * 13) + line)
+    return lines or ["models:      none served, no jobs waiting"]
 
 
 def pool_processes(count: int) -> str:

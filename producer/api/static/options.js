@@ -7,6 +7,7 @@ export function setUpOptions(config) {
   for (const name of config.models) {
     field("model").append(new Option(name, name, false, name === config.model));
   }
+  $("#no-models").hidden = config.models.length > 0; // only models some live worker serves
   field("quality").placeholder = String(config.quality);
   form.addEventListener("input", syncOptions);
   form.addEventListener("change", syncOptions);
