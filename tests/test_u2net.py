@@ -35,8 +35,8 @@ def restore_u2net_home(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def stack(make_stack: StackFactory, u2net_home: Path) -> LocalStack:
-    """One pool process: it loads each model a task names (u2net, u2net-int8) once."""
-    return make_stack(concurrency=1)
+    """One pool process serving both models: each loaded once, at start."""
+    return make_stack(concurrency=1, models="u2net,u2net-int8")
 
 
 @pytest.fixture(scope="module")
