@@ -205,4 +205,4 @@ def test_the_wait_histograms_count_each_lane(producer: Producer, redis_client: r
         settle(redis_client, job.key)
     assert waits(redis_client) == {INTERACTIVE: before[INTERACTIVE] + 1, BULK: before[BULK] + 1}
     nodes = lanes.capacity(redis_client)
-    assert list(nodes.values()) == [([INTERACTIVE, BULK], 1, [contract.BASE_MODEL])]
+    assert list(nodes.values()) == [lanes.Node([INTERACTIVE, BULK], 1, [contract.BASE_MODEL])]
