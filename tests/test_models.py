@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import zipfile
 from collections.abc import Callable
@@ -188,6 +189,46 @@ def test_a_changed_file_is_hashed_again(
     hashed = counted_md5(monkeypatch)
     assert not models.is_present("u2netp", tmp_path)
     assert hashed == [path]
+
+
+def after_a_clock_tick(tmp_path: Path, ctime_ns: int) -> None:
+    """Return once the kernel's file clock (coarse: a few ms) has moved past `ctime_ns`, so
+    that a rewrite now gets another ctime, as it would minutes after the weights came."""
+    probe = tmp_path / "clock-probe"
+    while True:
+        probe.touch()
+        if probe.stat().st_ctime_ns > ctime_ns:
+            return
+
+
+@pytest.mark.usefixtures("fake_checksum")
+@pytest.mark.parametrize("copy", [["cp", "-p"], ["rsync", "-a", "-I"]], ids=["cp-p", "rsync-a"])
+def test_a_same_size_file_with_the_old_mtime_is_hashed_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, copy: list[str]
+) -> None:
+    """cp -p rewrites the file in place (same inode, new ctime); rsync -a renames a new file
+    over it (new inode; -I: rsync itself would skip a file of the same size and mtime). Both
+    keep the size and carry the mtime that `touch -r` gave."""
+    if shutil.which(copy[0]) is None:
+        pytest.skip(f"{copy[0]} is not installed")
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    assert models.is_present("u2netp", tmp_path)
+    before = path.stat()
+    other = tmp_path / "other.onnx"
+    other.write_bytes(FAKE_WEIGHTS.upper())  # same size, other bytes
+    subprocess.run(["touch", "-r", str(path), str(other)], check=True)
+    after_a_clock_tick(tmp_path, before.st_ctime_ns)
+    subprocess.run([*copy, str(other), str(path)], check=True)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert path.read_bytes() == FAKE_WEIGHTS.upper()
+    hashed = counted_md5(monkeypatch)
+    assert not models.is_present("u2netp", tmp_path)
+    assert hashed == [path]
+    assert models.recorded_md5(path) == md5_hex(FAKE_WEIGHTS.upper())
+    assert hashed == [path]  # recorded again, with the new identity
 
 
 @pytest.mark.usefixtures("fake_checksum")

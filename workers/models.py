@@ -86,17 +86,30 @@ def is_present(name: str, models_dir: Path) -> bool:
 
 
 def sidecar(path: Path) -> Path:
-    """Where the md5 of `path` is recorded with the size and mtime it was computed at."""
+    """Where the md5 of `path` is recorded with the file's identity when it was computed."""
     return path.with_name(path.name + ".md5")
 
 
+def identity(path: Path) -> dict[str, int]:
+    """What a recorded md5 is trusted on: size and mtime, and the inode and ctime, which
+    copying tools (`cp -p`, `rsync -a`, `touch -r`) cannot set, so a file they replaced or
+    rewrote with its old size and mtime is hashed again."""
+    stat = path.stat()
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ino": stat.st_ino,
+        "ctime_ns": stat.st_ctime_ns,
+    }
+
+
 def recorded_md5(path: Path) -> str:
-    """`path`'s md5: from its sidecar while size and mtime match it, else hashed and recorded.
+    """`path`'s md5: from its sidecar while the file's identity matches it, else hashed and
+    recorded.
 
     Every pool process checks its weights at start; u2net's 176 MB would be hashed each time.
     """
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = identity(path)
     try:
         record = json.loads(sidecar(path).read_text())
     except (OSError, ValueError):
