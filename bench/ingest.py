@@ -6,7 +6,9 @@ Prints img/s for, alternating and repeated:
      warmed up by one ingest of the sample photos, as a deployment's workers are;
   2s. the same with the S3 store, against a local S3 server (moto, on the same 2 cores);
   3. `bgq ingest` self-contained (it starts and stops its own embedded stack);
-  4. the model-bound limit: bare onnxruntime u2netp inference, one process per core;
+  4. the model-bound limit: bare onnxruntime u2netp inference (default session options, one
+     thread, prepared 320x320 inputs), one process per core; 4'. the same through bgq's
+     session, with bgq's onnxruntime options;
   4b. the compute-bound limit: what a worker computes (decode, rembg.remove, PNG encode) in a
       plain loop, one process per core, with no queue, store or producer: the most any queue
       could reach while keeping rembg's pixels;
@@ -28,9 +30,11 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -39,7 +43,7 @@ from bench.profile import model_input
 from bench.s3server import AWS_ENV, S3Server
 from bgq.settings import Settings, load_settings, settings_env
 from bgq.stack import LocalStack
-from workers import models
+from workers import models, quantized
 
 BIN = Path(sys.executable).parent
 TARGET_VS_REMBG = 2.0  # cold bgq / rembg p
@@ -59,19 +63,41 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def _infer(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queue) -> None:
-    """One model-bound process (settings.model): tensors prepared first, then only session.run
-    is timed."""
+    """One model-bound process (settings.model), bare: its weights file loaded directly with
+    onnxruntime's default SessionOptions but one intra-op thread; rembg's 320x320 inputs
+    prepared first, then only run() is timed."""
+    import onnxruntime as ort
+    from PIL import Image
+    from rembg.sessions.base import BaseSession
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    weights = models.weights_path(settings.model, settings.model_home)
+    sess = ort.InferenceSession(str(weights), opts, providers=["CPUExecutionProvider"])
+    holder = types.SimpleNamespace(inner_session=sess)  # what rembg's normalize reads
+    mean, std, size = quantized.MEAN, quantized.STD, quantized.SIZE  # U2netSession's
+    feeds = [BaseSession.normalize(holder, Image.open(p), mean, std, size) for p in paths]
+    _time_runs(sess, feeds, barrier, out)
+
+
+def infer_bgq(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queue) -> None:
+    """As _infer, through bgq's own session (its session options: bgq/defaults.py ORT_*)."""
     from PIL import Image
 
     from workers import session
 
     sess = session.get(settings.model, settings)
     feeds = [model_input(sess, Image.open(p).convert("RGB")) for p in paths]
-    sess.inner_session.run(None, feeds[0])  # warm-up
+    _time_runs(sess.inner_session, feeds, barrier, out)
+
+
+def _time_runs(sess: Any, feeds: list[dict[str, Any]], barrier: Barrier, out: mp.Queue) -> None:
+    """One warm-up run, then (all processes together) the seconds that `feeds` take."""
+    sess.run(None, feeds[0])
     barrier.wait()
     start = time.perf_counter()
     for feed in feeds:
-        sess.inner_session.run(None, feed)
+        sess.run(None, feed)
     out.put(time.perf_counter() - start)
 
 
@@ -102,7 +128,7 @@ def bound(
     procs: int,
     target: Callable[[list[Path], Settings, Barrier, mp.Queue], None] = _infer,
 ) -> float:
-    """img/s of `target` (bare inference by default) in `procs` processes started together."""
+    """img/s of `target` (bare onnxruntime by default) in `procs` processes started together."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(procs), ctx.Queue()
     workers = [
@@ -178,7 +204,7 @@ def main() -> None:
     rembg_env = {**env, "U2NET_HOME": str(models.weights_path("u2netp", base.model_home).parent)}
     up_settings = load_settings(home=work / "home-up", models_dir=base.model_home)
     up_env = {**env, **settings_env(up_settings)}
-    runs = ("rembg", "cold", "s3", "self", "model", "compute", "warm")
+    runs = ("rembg", "cold", "s3", "self", "model", "modelbgq", "compute", "warm")
     results: dict[str, list[float]] = {k: [] for k in runs}
     n = len(paths)
 
@@ -224,6 +250,7 @@ def main() -> None:
             shutil.rmtree(work / f"home-self-{rep}", ignore_errors=True)
             run("self", lambda: n / timed(ingest, self_env))
             run("model", lambda: bound(paths, base, procs))
+            run("modelbgq", lambda: bound(paths, base, procs, infer_bgq))
             run("compute", lambda: bound(paths, base, procs, _compute))
         rss.stop.set()
     finally:
@@ -251,6 +278,7 @@ def main() -> None:
         ("s3", "2s. the same on the S3 store (local moto server)"),
         ("self", "3. bgq ingest, self-contained (starts its own stack)"),
         ("model", f"4. model-bound: bare ORT inference, {procs} processes"),
+        ("modelbgq", "4'. the same through bgq's session (bgq's ORT options)"),
         ("compute", f"4b. compute-bound: decode+rembg+PNG, {procs} processes"),
         ("warm", f"5. bgq ingest, warm, {files} files all cached"),
     ]

@@ -5,8 +5,8 @@ Prints, for 640x480, 1920x1080, 3840x2160 and 5120x2880 JPEGs:
     once so that both pool processes run it, in ascending order: ms per image (the task's own
     read + decode + inference + encode + write), ms per megapixel, the peak RSS (VmHWM) of the
     pool processes after the input, and their USS and PSS (peak of 20 Hz samples);
-  - rembg: `rembg.remove()` on the same files in a plain process with rembg's default session,
-    same model, same run;
+  - rembg: `rembg.remove()` on the same files (each once) in a plain process with rembg's
+    default session, same model, same run;
 next to rembg's published figures. Then the growth figure: RSS of each pool process after 50
 and after 1,000 mixed small tasks (160x120 to 640x480, a few options), recycling off.
 Figures, not a pass/fail test; a few minutes on 2 cores, most of it the 1,000 tasks.
@@ -113,9 +113,15 @@ def task_result(producer: Producer, key: str) -> dict[str, Any]:
     return dict(meta["result"])
 
 
-def run_pair(producer: Producer, size: tuple[int, int], index: int) -> list[dict[str, Any]]:
-    """Send two fresh inputs of `size` at once (one per pool process); their task results."""
-    jobs = [producer.submit(make_input(size, index + k)) for k in range(2)]
+def size_inputs(size: tuple[int, int], repeats: int) -> list[bytes]:
+    """One size's inputs, the same for bgq and for rembg.remove(): 2 x `repeats` distinct JPEGs
+    (bgq's cache would answer a repeated input without running the model)."""
+    return [make_input(size, index) for index in range(2 * repeats)]
+
+
+def run_pair(producer: Producer, pair: tuple[bytes, bytes]) -> list[dict[str, Any]]:
+    """Send two fresh inputs at once (one per pool process); their task results."""
+    jobs = [producer.submit(data) for data in pair]
     for job in jobs:
         job.wait(timeout=600)
     return [task_result(producer, job.key) for job in jobs]
@@ -134,8 +140,9 @@ def bench_bgq(
         warm_every_process(producer, sampler.pids(), {})
         for size in sizes:
             results = []
-            for rep in range(repeats):
-                results += run_pair(producer, size, 2 * rep)
+            inputs = size_inputs(size, repeats)
+            for pair in zip(inputs[::2], inputs[1::2], strict=True):
+                results += run_pair(producer, pair)
             mem = {pid: proc_memory(pid) for pid in sampler.pids()}
             seconds = [sum(r["seconds"].values()) for r in results]
             rows.append(_row(size, seconds, mem, sampler.peaks))
@@ -161,15 +168,17 @@ def _row(
 
 
 def rembg_child(files: list[str], repeats: int, model: str = "u2netp") -> None:
-    """In a plain process: rembg.remove() with rembg's defaults; print one JSON row per file."""
+    """In a plain process: rembg.remove() with rembg's defaults on each file once; print one
+    JSON row per size (each 2 x `repeats` consecutive files, size_inputs's)."""
     import rembg
 
     session = rembg.new_session(model)
     rembg.remove(make_input(WARM_SIZE, 10**6), session=session)  # as a pool process's first task
-    for name in files:
-        data = Path(name).read_bytes()
+    per_size = 2 * repeats
+    for first in range(0, len(files), per_size):
         seconds = []
-        for _ in range(repeats):
+        for name in files[first : first + per_size]:
+            data = Path(name).read_bytes()
             start = time.perf_counter()
             rembg.remove(data, session=session)
             seconds.append(time.perf_counter() - start)
@@ -181,13 +190,14 @@ def rembg_child(files: list[str], repeats: int, model: str = "u2netp") -> None:
 def bench_rembg(
     work: Path, settings: Settings, repeats: int, sizes: list[tuple[int, int]] = SIZES
 ) -> list[dict[str, Any]]:
-    """rembg.remove() with settings.model on the same sizes, ascending, in one fresh plain
-    process."""
+    """rembg.remove() with settings.model on the same inputs as bench_bgq's, sizes ascending,
+    in one fresh plain process."""
     files = []
     for size in sizes:
-        path = work / f"rembg-{size[0]}x{size[1]}.jpg"
-        path.write_bytes(make_input(size, 0))
-        files.append(str(path))
+        for index, data in enumerate(size_inputs(size, repeats)):
+            path = work / f"rembg-{size[0]}x{size[1]}-{index}.jpg"
+            path.write_bytes(data)
+            files.append(str(path))
     env = {**os.environ, "U2NET_HOME": str(settings.model_home)}
     cmd = [sys.executable, "-m", "bench.memory", "--rembg-child", *files]
     cmd += ["--repeats", str(repeats), "--model", settings.model]

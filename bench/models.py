@@ -129,7 +129,7 @@ def catalog(base: Settings, work: Path, names: list[str], rounds: int) -> dict[s
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGQ_")}
     env["BGQ_MODELS_DIR"] = str(base.model_home)
     rembg_env = {**env, "U2NET_HOME": str(base.model_home)}
-    results: dict[str, list[float]] = {k: [] for k in ["rembg", *names, "bare"]}
+    results: dict[str, list[float]] = {k: [] for k in ["rembg", *names, "bare", "bare-bgq"]}
 
     def run(name: str, rate: Callable[[], float]) -> None:
         results[name].append(rate())
@@ -157,6 +157,7 @@ def catalog(base: Settings, work: Path, names: list[str], rounds: int) -> dict[s
                 run(model, lambda: n / ingest.timed([*cmd, "--model", model], up_env))
             u2net = base.model_copy(update={"model": "u2net"})
             run("bare", lambda: ingest.bound(paths, u2net, base.concurrency))
+            run("bare-bgq", lambda: ingest.bound(paths, u2net, base.concurrency, ingest.infer_bgq))
     finally:
         for stack, _ in stacks.values():
             stack.stop()
@@ -171,6 +172,7 @@ def print_catalog(results: dict[str, list[float]], procs: int) -> dict[str, floa
         "u2net": "bgq ingest --model u2net, cold, workers running",
         INT8: f"bgq ingest --model {INT8}, cold, workers running",
         "bare": f"bare onnxruntime u2net, {procs} processes x 1 thread",
+        "bare-bgq": "  the same through bgq's session (bgq's ORT options)",
     }
     print(f"\n1080p catalog, {CATALOG} images: {'img/s (median)':>38}  all rounds")
     for key, rates in results.items():

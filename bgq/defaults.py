@@ -55,9 +55,14 @@ POOL_RUNTIME_MIB = 150  # MiB: interpreter and libraries, before any session
 # VmHWM - 17 x MP of the table's rows, two runs: u2netp 300-302, u2net 533-546 (u2netp's + 244 at
 # most; u2net's is loading's peak, at 640x480).
 MODEL_SESSION_MIB = {"u2netp": 200, "u2net": 440}
-# MiB for a model not measured here (u2net-int8 until measured, isnet, birefnet, ...): u2net's.
-# The birefnet models' weights alone are larger; give their workers a higher memory limit.
-UNMEASURED_SESSION_MIB = MODEL_SESSION_MIB["u2net"]
+# A model not measured here (u2net-int8 until measured, isnet, birefnet, ...): its weights file's
+# MiB x u2net's session MiB per weights MiB (440 / 167.8 = 2.62: loading holds the file's bytes,
+# the parsed graph and the session's copy at once), and at least u2net's 440 (its working memory
+# for one inference); u2net's 440 while the file's size is unknown. birefnet-general's 928 MiB of
+# weights: 2,432 MiB, over the default limit, so give its workers a higher one (docs/memory.md).
+U2NET_WEIGHTS_MIB = 175_997_641 / 2**20  # MiB: u2net.onnx (167.8)
+SESSION_MIB_PER_WEIGHTS_MIB = MODEL_SESSION_MIB["u2net"] / U2NET_WEIGHTS_MIB  # 2.62
+UNMEASURED_SESSION_MIB = MODEL_SESSION_MIB["u2net"]  # MiB: the least an unmeasured model gets
 POOL_BASE_MIB = POOL_RUNTIME_MIB + MODEL_SESSION_MIB[MODEL]  # MiB: a process holding u2netp (350)
 CUTOUT_MIB_PER_MP = 17  # MiB per megapixel: a cutout, with or without bgcolor
 MASK_MIB_PER_MP = 8  # MiB per megapixel: only_mask

@@ -15,6 +15,7 @@ from bgq import contract, defaults
 from bgq.contract import Counter, TaskArgs, cache_key, input_digest
 from bgq.errors import InvalidRequest
 from bgq.options import Options
+from workers import quantized
 
 REPO = Path(__file__).resolve().parent.parent
 DIGEST = input_digest(b"some image bytes")
@@ -84,6 +85,14 @@ def test_cache_key_changes_with_pipeline_version(monkeypatch: pytest.MonkeyPatch
     before = key_of({})
     monkeypatch.setattr(contract, "PIPELINE_VERSION", contract.PIPELINE_VERSION + ".next")
     assert key_of({}) != before
+
+
+def test_the_int8_build_is_the_one_the_pipeline_version_names() -> None:
+    """u2net-int8's pixels are in its cache keys only through PIPELINE_VERSION and its name."""
+    assert quantized.RECIPE.md5 == contract.U2NET_INT8_MD5, (
+        "changing the int8 build changes pixels under the same key: bump PIPELINE_VERSION or "
+        "rename the model, then record the new md5 in bgq.contract.U2NET_INT8_MD5"
+    )
 
 
 @pytest.mark.parametrize(

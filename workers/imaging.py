@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,15 +24,27 @@ _EXIF_TURNS = range(2, 9)  # EXIF orientations that ImageOps.exif_transpose turn
 
 
 _DEFAULT_MODELS = (defaults.MODEL,)
+_weights_mib: dict[str, float] = {}  # model -> MiB of its weights file, as fetched here
+
+
+def note_weights(model: str, path: Path) -> None:
+    """Record the size of `model`'s weights file: an unmeasured model's session is sized by it."""
+    _weights_mib[model] = path.stat().st_size / 2**20
+
+
+def session_mib(model: str) -> float:
+    """MiB a session of `model` costs: measured, else estimated from its weights file's size
+    (u2net's session MiB per weights MiB, at least u2net's 440; 440 while the size is unknown)."""
+    if model in defaults.MODEL_SESSION_MIB:
+        return defaults.MODEL_SESSION_MIB[model]
+    estimate = _weights_mib.get(model, 0.0) * defaults.SESSION_MIB_PER_WEIGHTS_MIB
+    return max(float(defaults.UNMEASURED_SESSION_MIB), estimate)
 
 
 def pool_base_mib(models: Iterable[str] = _DEFAULT_MODELS) -> float:
     """A pool process's resident MiB before any input: its runtime and the sessions of
     `models` (each model's cost, summed), by the memory model in defaults."""
-    sessions = (
-        defaults.MODEL_SESSION_MIB.get(m, defaults.UNMEASURED_SESSION_MIB) for m in set(models)
-    )
-    return defaults.POOL_RUNTIME_MIB + sum(sessions)
+    return defaults.POOL_RUNTIME_MIB + sum(session_mib(m) for m in set(models))
 
 
 def estimated_peak_mib(

