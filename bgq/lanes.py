@@ -176,13 +176,28 @@ return moved
 class LaneOrder(priority_cycle):
     """kombu's queue order on bgq's connections: a worker tries its queues strictly by class,
     contract.consume_order's (every model's interactive queue, webhooks, maintenance, every
-    model's bulk queue; models in BGQ_MODELS' order), however they were added: -Q in any order,
-    or `add_consumer` at run time (kombu appends a new queue at the end). Other queues keep
-    their order after bgq's."""
+    model's bulk queue; models in BGQ_MODELS' order at first), however they were added: -Q in
+    any order, or `add_consumer` at run time (kombu appends a new queue at the end). Other
+    queues keep their order after bgq's. Within a class the models take turns: the queue that
+    delivered goes to the end of its class (`rotate`), so a worker serving two models serves
+    both backlogs alternately rather than one model's to the end first."""
 
     def update(self, it: Any) -> None:
         models = {model: i for i, model in enumerate(_served_models())}
         self.items[:] = sorted(it, key=lambda queue: queue_rank(queue, models))
+
+    def rotate(self, last_used: str) -> str:
+        """kombu calls this after each delivery: `last_used` goes after the other queues of its
+        class (its lane), never ahead of another class."""
+        items = self.items
+        if last_used in items:
+            rank = queue_rank(last_used, {})[0]
+            items.remove(last_used)
+            end = max(
+                (i + 1 for i, q in enumerate(items) if queue_rank(q, {})[0] <= rank), default=0
+            )
+            items.insert(end, last_used)
+        return last_used
 
 
 CLASSES = {contract.WEBHOOK_QUEUE: 1, contract.MAINTENANCE_QUEUE: 2}  # between the two lanes

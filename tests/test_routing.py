@@ -220,6 +220,59 @@ def test_a_workers_queues_are_ranked_by_lane_then_by_its_models(
     assert contract.consume_order([P]) == contract.CONSUME_ORDER
 
 
+def test_the_queue_that_delivered_goes_to_the_end_of_its_class(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kombu's rotate after each delivery: the models of one lane take turns, and a lane's
+    queues never move ahead of another class's."""
+    monkeypatch.setenv("BGQ_MODELS", f"{P},{N},{S}")
+    order = lanes.LaneOrder()
+    order.update([*contract.consume_order([P, N, S]), "other"])
+    iP, iN, iS = (contract.image_queue(INTERACTIVE, m) for m in (P, N, S))
+    bP, bN, bS = (contract.image_queue(BULK, m) for m in (P, N, S))
+    hooks, upkeep = contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE
+    order.rotate(bP)
+    assert order.consume(10) == [iP, iN, iS, hooks, upkeep, bN, bS, bP, "other"]
+    order.rotate(iN)
+    order.rotate(hooks)  # alone in its class: stays
+    order.rotate("unknown")  # not consumed: nothing moves
+    assert order.consume(10) == [iP, iS, iN, hooks, upkeep, bN, bS, bP, "other"]
+    order.rotate(iP)
+    order.rotate("other")
+    assert order.consume(10) == [iS, iN, iP, hooks, upkeep, bN, bS, bP, "other"]
+
+
+def test_a_two_model_consumer_takes_both_backlogs_in_turn(
+    idle: tuple[Producer, redis.Redis], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through kombu's own Redis channel (BRPOP, then rotate): with a backlog of both models in
+    each lane, deliveries alternate between the models, interactive ones all before bulk."""
+    monkeypatch.setenv("BGQ_MODELS", f"{P},{N}")
+    producer, client = idle
+    register(client, {"both@host": f"ib:9:{P},{N}"})  # room for every bulk job
+    for lane in contract.LANES:
+        for model in (P, N):
+            for _ in range(3):
+                enqueue_job(producer, model, lane)
+    got: list[tuple[str, str]] = []
+    with Connection(
+        redis_url, transport_options={"queue_order_strategy": lanes.QUEUE_ORDER}
+    ) as conn:
+        channel = conn.default_channel
+        for queue in contract.consume_order([P, N]):
+            channel.basic_consume(queue, True, lambda m: got.append(route(m)), queue)
+        for _ in range(12):
+            conn.drain_events(timeout=5)
+    assert got == [(lane, m) for lane in contract.LANES for _ in range(3) for m in (P, N)]
+
+
+def route(message: object) -> tuple[str, str]:
+    """A delivered message's (lane, model), from the queue it was taken from."""
+    found = contract.queue_route(message.delivery_info["routing_key"])  # type: ignore[attr-defined]
+    assert found is not None
+    return found
+
+
 @pytest.mark.parametrize(
     ("models", "model", "served"),
     [(None, N, [P, N]), (f"{N},{P}", P, [N, P]), (None, P, [P])],
