@@ -77,10 +77,11 @@ return found
 # holds fewer than the live workers' bulk pool processes serving that model (at least the least
 # depth). A run whose next message's model has a full queue is skipped for this pass (the
 # message stays at the tail kombu pops from, so the run keeps its order); the pass ends when
-# every run in the ring was skipped, or after the most steps. While BASE_MODEL's queue and those
-# of every model some bulk worker serves are full, a pass reads no run at all (a catalog's
-# steady state costs no more with many runs waiting); a job of a model nobody serves waits
-# until one of them has room. A message keeps kombu's format;
+# every run in the ring was skipped, or after the most steps. While the queues of every model
+# some live bulk worker serves are full, a pass reads no run at all (a catalog's steady state
+# costs no more with many runs waiting); a job of a model nobody serves waits until one of them
+# has room. With no live bulk worker at all, BASE_MODEL's queue counts instead (so jobs are let
+# in up to the least depth for the first worker to come). A message keeps kombu's format;
 # only its routing key becomes its bulk queue, so that kombu puts it back there (not in its
 # run's list) if its worker dies or it is retried. A message whose enqueue was promoted to the
 # interactive lane (the mark holds that enqueue's guard token, its `bgq_guard` header) is
@@ -118,7 +119,7 @@ local function model_of(msg)
   if not j then return ARGV[7] end
   return string.sub(msg, j + 1, string.find(msg, '"', j + 1, true) - 1)
 end
-local open = room(ARGV[7])
+local open = next(slots) == nil and room(ARGV[7])
 for model in pairs(slots) do open = open or room(model) end
 if not open then return 0 end
 local rounds = redis.call('LLEN', KEYS[1])

@@ -146,10 +146,36 @@ def test_a_bulk_job_from_before_routing_goes_to_u2netps_bulk_queue(
     message = json.loads(raw)
     del message["headers"][contract.MODEL_HEADER]
     client.rpush(contract.run_queue("old"), json.dumps(message))
-    client.delete(contract.BULK_QUEUE)  # a worker took u2netp's two
+    client.delete(contract.BULK_QUEUE)  # taken (by a worker from before routing, say)
+    assert lanes.dispatch(client) == 0  # no u2netp worker: a pass waits for u2net's room
+    client.rpop(contract.image_queue(BULK, N))  # the u2net worker takes one
     assert lanes.dispatch(client) == 1
     assert keys(client, contract.BULK_QUEUE) == [key]
+    assert client.llen(contract.image_queue(BULK, N)) == defaults.BULK_MIN_READY - 1
+
+
+def reads(client: redis.Redis) -> dict[str, int]:
+    """How many times Redis ran each command that reads a run (scripts' calls count too)."""
+    found = client.info("commandstats")
+    return {cmd: found.get(f"cmdstat_{cmd}", {}).get("calls", 0) for cmd in ("lindex", "lmove")}
+
+
+def test_a_pass_reads_no_run_while_every_served_models_bulk_queue_is_full(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    """Only u2net bulk workers, their queue full: `bgq.bulk` (u2netp's, which nobody takes
+    from) has room, but a pass reads no run. With no bulk worker at all, u2netp's room counts."""
+    producer, client = idle
+    for i in range(defaults.BULK_MIN_READY + 5):  # no worker: u2netp's room lets them in
+        enqueue_job(producer, N, run=f"r{i}")
     assert client.llen(contract.image_queue(BULK, N)) == defaults.BULK_MIN_READY
+    register(client, {"n@host": f"b:1:{N}"})
+    client.config_resetstat()
+    assert lanes.dispatch(client) == 0
+    assert reads(client) == {"lindex": 0, "lmove": 0}
+    client.rpop(contract.image_queue(BULK, N))  # the worker takes one: a pass walks again
+    assert lanes.dispatch(client) == 1
+    assert reads(client)["lindex"] >= 1
 
 
 def test_a_promotion_sends_the_copy_to_its_models_interactive_queue(
