@@ -11,7 +11,7 @@ model's queue in its lane, then acknowledged without a state (Celery's `Ignore`)
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.exceptions import Ignore
@@ -46,7 +46,7 @@ def destination(request: Any, model: str, served: list[str]) -> str | None:
     return target
 
 
-def hand_on(task: Task, target: str) -> None:
+def hand_on(task: Task, target: str) -> NoReturn:
     """Republish this task's message to `target` (same id, arguments, headers and retries, so
     the guard token and FINISH's count stay the enqueue's), then end it without a state: Celery
     acknowledges an `Ignore`d task. A publish that fails raises (the caller retries it)."""
