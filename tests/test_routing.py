@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -22,7 +23,7 @@ from bgq.settings import Settings, load_settings
 from producer import Producer, enqueue
 from producer.ingest import Folder, Ingest
 from tests.helpers import variant
-from workers import lanes_step
+from workers import handoff, lanes_step
 
 P, N, S = "u2netp", "u2net", "silueta"  # two models with workers, one with none
 
@@ -212,6 +213,24 @@ def test_a_workers_entry_names_the_lanes_and_models_of_its_queues(
 ) -> None:
     assert lanes_step.served_lanes(queues) == served_lanes
     assert lanes_step.served_models(queues) == served_models
+
+
+@pytest.mark.parametrize(
+    ("queue", "model", "served", "target"),
+    [
+        (contract.QUEUE, N, [P], contract.image_queue(INTERACTIVE, N)),  # an old producer's
+        (contract.BULK_QUEUE, N, [P], contract.image_queue(BULK, N)),  # an old scheduler's
+        (contract.run_queue("r"), N, [], contract.image_queue(BULK, N)),  # no image queue
+        (contract.BULK_QUEUE, P, [N], None),  # its own model's queue (add_consumer): run here
+        (contract.image_queue(INTERACTIVE, N), N, [N, P], None),
+        ("", N, [P], None),  # taken from no queue (Task.apply)
+    ],
+)
+def test_a_job_is_handed_on_when_taken_from_another_models_queue(
+    queue: str, model: str, served: list[str], target: str | None
+) -> None:
+    request = SimpleNamespace(delivery_info={"routing_key": queue} if queue else None)
+    assert handoff.destination(request, model, served) == target
 
 
 def test_a_message_a_worker_took_goes_back_to_its_models_queue(

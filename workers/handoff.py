@@ -39,9 +39,10 @@ def queue_of(request: Any) -> str:
 def destination(request: Any, model: str, served: list[str]) -> str | None:
     """The queue to hand a job of `model` on to; None to run it here. A worker that serves the
     model runs it; so does one that took it from the model's own queue (added at run time with
-    `add_consumer`): handing it on would hand it back to itself."""
+    `add_consumer`): handing it on would hand it back to itself. A task taken from no queue
+    (run eagerly, `Task.apply`) runs where it is called."""
     target = contract.image_queue(lane_of(request), model)
-    if model in served or queue_of(request) == target:
+    if model in served or queue_of(request) in ("", target):
         return None
     return target
 
