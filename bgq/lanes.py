@@ -77,10 +77,11 @@ return found
 # holds fewer than the live workers' bulk pool processes serving that model (at least the least
 # depth). A run whose next message's model has a full queue is skipped for this pass (the
 # message stays at the tail kombu pops from, so the run keeps its order); the pass ends when
-# every run in the ring was skipped, or after the most steps. While BASE_MODEL's queue and those
-# of every model some bulk worker serves are full, a pass reads no run at all (a catalog's
-# steady state costs no more with many runs waiting); a job of a model nobody serves waits
-# until one of them has room. A message keeps kombu's format;
+# every run in the ring was skipped, or after the most steps. While the queues of every model
+# some live bulk worker serves are full, a pass reads no run at all (a catalog's steady state
+# costs no more with many runs waiting); a job of a model nobody serves waits until one of them
+# has room. With no live bulk worker at all, BASE_MODEL's queue counts instead (so jobs are let
+# in up to the least depth for the first worker to come). A message keeps kombu's format;
 # only its routing key becomes its bulk queue, so that kombu puts it back there (not in its
 # run's list) if its worker dies or it is retried. A message whose enqueue was promoted to the
 # interactive lane (the mark holds that enqueue's guard token, its `bgq_guard` header) is
@@ -118,7 +119,7 @@ local function model_of(msg)
   if not j then return ARGV[7] end
   return string.sub(msg, j + 1, string.find(msg, '"', j + 1, true) - 1)
 end
-local open = room(ARGV[7])
+local open = next(slots) == nil and room(ARGV[7])
 for model in pairs(slots) do open = open or room(model) end
 if not open then return 0 end
 local rounds = redis.call('LLEN', KEYS[1])
@@ -176,13 +177,28 @@ return moved
 class LaneOrder(priority_cycle):
     """kombu's queue order on bgq's connections: a worker tries its queues strictly by class,
     contract.consume_order's (every model's interactive queue, webhooks, maintenance, every
-    model's bulk queue; models in BGQ_MODELS' order), however they were added: -Q in any order,
-    or `add_consumer` at run time (kombu appends a new queue at the end). Other queues keep
-    their order after bgq's."""
+    model's bulk queue; models in BGQ_MODELS' order at first), however they were added: -Q in
+    any order, or `add_consumer` at run time (kombu appends a new queue at the end). Other
+    queues keep their order after bgq's. Within a class the models take turns: the queue that
+    delivered goes to the end of its class (`rotate`), so a worker serving two models serves
+    both backlogs alternately rather than one model's to the end first."""
 
     def update(self, it: Any) -> None:
         models = {model: i for i, model in enumerate(_served_models())}
         self.items[:] = sorted(it, key=lambda queue: queue_rank(queue, models))
+
+    def rotate(self, last_used: str) -> str:
+        """kombu calls this after each delivery: `last_used` goes after the other queues of its
+        class (its lane), never ahead of another class."""
+        items = self.items
+        if last_used in items:
+            rank = queue_rank(last_used, {})[0]
+            items.remove(last_used)
+            end = max(
+                (i + 1 for i, q in enumerate(items) if queue_rank(q, {})[0] <= rank), default=0
+            )
+            items.insert(end, last_used)
+        return last_used
 
 
 CLASSES = {contract.WEBHOOK_QUEUE: 1, contract.MAINTENANCE_QUEUE: 2}  # between the two lanes

@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -22,7 +23,7 @@ from bgq.settings import Settings, load_settings
 from producer import Producer, enqueue
 from producer.ingest import Folder, Ingest
 from tests.helpers import variant
-from workers import lanes_step
+from workers import handoff, lanes_step
 
 P, N, S = "u2netp", "u2net", "silueta"  # two models with workers, one with none
 
@@ -146,10 +147,36 @@ def test_a_bulk_job_from_before_routing_goes_to_u2netps_bulk_queue(
     message = json.loads(raw)
     del message["headers"][contract.MODEL_HEADER]
     client.rpush(contract.run_queue("old"), json.dumps(message))
-    client.delete(contract.BULK_QUEUE)  # a worker took u2netp's two
+    client.delete(contract.BULK_QUEUE)  # taken (by a worker from before routing, say)
+    assert lanes.dispatch(client) == 0  # no u2netp worker: a pass waits for u2net's room
+    client.rpop(contract.image_queue(BULK, N))  # the u2net worker takes one
     assert lanes.dispatch(client) == 1
     assert keys(client, contract.BULK_QUEUE) == [key]
+    assert client.llen(contract.image_queue(BULK, N)) == defaults.BULK_MIN_READY - 1
+
+
+def reads(client: redis.Redis) -> dict[str, int]:
+    """How many times Redis ran each command that reads a run (scripts' calls count too)."""
+    found = client.info("commandstats")
+    return {cmd: found.get(f"cmdstat_{cmd}", {}).get("calls", 0) for cmd in ("lindex", "lmove")}
+
+
+def test_a_pass_reads_no_run_while_every_served_models_bulk_queue_is_full(
+    idle: tuple[Producer, redis.Redis],
+) -> None:
+    """Only u2net bulk workers, their queue full: `bgq.bulk` (u2netp's, which nobody takes
+    from) has room, but a pass reads no run. With no bulk worker at all, u2netp's room counts."""
+    producer, client = idle
+    for i in range(defaults.BULK_MIN_READY + 5):  # no worker: u2netp's room lets them in
+        enqueue_job(producer, N, run=f"r{i}")
     assert client.llen(contract.image_queue(BULK, N)) == defaults.BULK_MIN_READY
+    register(client, {"n@host": f"b:1:{N}"})
+    client.config_resetstat()
+    assert lanes.dispatch(client) == 0
+    assert reads(client) == {"lindex": 0, "lmove": 0}
+    client.rpop(contract.image_queue(BULK, N))  # the worker takes one: a pass walks again
+    assert lanes.dispatch(client) == 1
+    assert reads(client)["lindex"] >= 1
 
 
 def test_a_promotion_sends_the_copy_to_its_models_interactive_queue(
@@ -188,6 +215,24 @@ def test_a_workers_entry_names_the_lanes_and_models_of_its_queues(
     assert lanes_step.served_models(queues) == served_models
 
 
+@pytest.mark.parametrize(
+    ("queue", "model", "served", "target"),
+    [
+        (contract.QUEUE, N, [P], contract.image_queue(INTERACTIVE, N)),  # an old producer's
+        (contract.BULK_QUEUE, N, [P], contract.image_queue(BULK, N)),  # an old scheduler's
+        (contract.run_queue("r"), N, [], contract.image_queue(BULK, N)),  # no image queue
+        (contract.BULK_QUEUE, P, [N], None),  # its own model's queue (add_consumer): run here
+        (contract.image_queue(INTERACTIVE, N), N, [N, P], None),
+        ("", N, [P], None),  # taken from no queue (Task.apply)
+    ],
+)
+def test_a_job_is_handed_on_when_taken_from_another_models_queue(
+    queue: str, model: str, served: list[str], target: str | None
+) -> None:
+    request = SimpleNamespace(delivery_info={"routing_key": queue} if queue else None)
+    assert handoff.destination(request, model, served) == target
+
+
 def test_a_message_a_worker_took_goes_back_to_its_models_queue(
     idle: tuple[Producer, redis.Redis], redis_url: str
 ) -> None:
@@ -218,6 +263,59 @@ def test_a_workers_queues_are_ranked_by_lane_then_by_its_models(
     order.update(given)
     assert order.consume(len(given)) == [*contract.consume_order([N, P]), "other"]
     assert contract.consume_order([P]) == contract.CONSUME_ORDER
+
+
+def test_the_queue_that_delivered_goes_to_the_end_of_its_class(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kombu's rotate after each delivery: the models of one lane take turns, and a lane's
+    queues never move ahead of another class's."""
+    monkeypatch.setenv("BGQ_MODELS", f"{P},{N},{S}")
+    order = lanes.LaneOrder()
+    order.update([*contract.consume_order([P, N, S]), "other"])
+    iP, iN, iS = (contract.image_queue(INTERACTIVE, m) for m in (P, N, S))
+    bP, bN, bS = (contract.image_queue(BULK, m) for m in (P, N, S))
+    hooks, upkeep = contract.WEBHOOK_QUEUE, contract.MAINTENANCE_QUEUE
+    order.rotate(bP)
+    assert order.consume(10) == [iP, iN, iS, hooks, upkeep, bN, bS, bP, "other"]
+    order.rotate(iN)
+    order.rotate(hooks)  # alone in its class: stays
+    order.rotate("unknown")  # not consumed: nothing moves
+    assert order.consume(10) == [iP, iS, iN, hooks, upkeep, bN, bS, bP, "other"]
+    order.rotate(iP)
+    order.rotate("other")
+    assert order.consume(10) == [iS, iN, iP, hooks, upkeep, bN, bS, bP, "other"]
+
+
+def test_a_two_model_consumer_takes_both_backlogs_in_turn(
+    idle: tuple[Producer, redis.Redis], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through kombu's own Redis channel (BRPOP, then rotate): with a backlog of both models in
+    each lane, deliveries alternate between the models, interactive ones all before bulk."""
+    monkeypatch.setenv("BGQ_MODELS", f"{P},{N}")
+    producer, client = idle
+    register(client, {"both@host": f"ib:9:{P},{N}"})  # room for every bulk job
+    for lane in contract.LANES:
+        for model in (P, N):
+            for _ in range(3):
+                enqueue_job(producer, model, lane)
+    got: list[tuple[str, str]] = []
+    with Connection(
+        redis_url, transport_options={"queue_order_strategy": lanes.QUEUE_ORDER}
+    ) as conn:
+        channel = conn.default_channel
+        for queue in contract.consume_order([P, N]):
+            channel.basic_consume(queue, True, lambda m: got.append(route(m)), queue)
+        for _ in range(12):
+            conn.drain_events(timeout=5)
+    assert got == [(lane, m) for lane in contract.LANES for _ in range(3) for m in (P, N)]
+
+
+def route(message: object) -> tuple[str, str]:
+    """A delivered message's (lane, model), from the queue it was taken from."""
+    found = contract.queue_route(message.delivery_info["routing_key"])  # type: ignore[attr-defined]
+    assert found is not None
+    return found
 
 
 @pytest.mark.parametrize(

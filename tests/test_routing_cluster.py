@@ -1,9 +1,11 @@
 """A two-model cluster: one real prefork worker per model (u2netp, u2net) on one Redis and one
 store. Each job runs on the worker that serves its model, in both lanes; each pool process
-holds only its own model's session; a job from before routing by model still runs."""
+holds only its own model's session; a job found in another model's queue (a rolling upgrade)
+is handed on to its own model's queue, not run."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +15,14 @@ import pytest
 import redis
 
 from bgq import contract, lanes
+from bgq.contract import TaskArgs
+from bgq.options import Options
 from bgq.settings import Settings
 from bgq.stack import LocalStack
-from producer import Producer
-from tests.helpers import variant
+from producer import Producer, enqueue
+from tests.helpers import settle, stats, variant, wait_for
 
-P, N = "u2netp", "u2net"
+P, N, S = "u2netp", "u2net", "silueta"  # S: a model no worker serves
 MiB = 2**20
 # u2net's session holds its 168 MiB of weights (u2netp's: 4.4) and larger activations: a pool
 # process of the u2netp-only worker stays well below one of the u2net worker (measured: 305
@@ -67,9 +71,15 @@ def cluster(
 
 
 def ran_on(cluster: Cluster, key: str) -> list[str]:
-    """The models whose worker logged this job's success (each worker logs to its own file)."""
+    """The models whose worker logged this job's success (each worker logs to its own file).
+    Celery logs it just after it stores the job's state: wait for the line, within a bound."""
     done = f"Task {contract.TASK_NAME}[{key}] succeeded"
-    return [m for m, s in cluster.workers.items() if s.log and done in s.log.read_text()]
+
+    def found() -> list[str]:
+        return [m for m, s in cluster.workers.items() if s.log and done in s.log.read_text()]
+
+    wait_for(found, timeout=30, what=f"a worker to log the success of {key}")
+    return found()
 
 
 def photo(i: int) -> bytes:
@@ -106,16 +116,56 @@ def test_a_pool_process_holds_only_its_own_models_session(cluster: Cluster) -> N
     assert sizes[P] + SESSION_MARGIN < sizes[N], sizes
 
 
-def test_a_job_queued_before_routing_still_runs_with_a_warning(
+def outcomes(client: redis.Redis) -> int:
+    counted = stats(client)
+    return sum(counted.get(outcome, 0) for outcome in contract.OUTCOMES)
+
+
+def log_of(cluster: Cluster, model: str) -> str:
+    log = cluster.workers[model].log
+    assert log is not None
+    return log.read_text()
+
+
+@pytest.mark.parametrize("old_queue", [contract.QUEUE, contract.BULK_QUEUE])
+def test_a_job_in_another_models_queue_is_handed_on_not_run(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, old_queue: str
+) -> None:
+    """A u2net job in `bgq` (a producer from before routing by model) or in `bgq.bulk` (an old
+    worker's scheduler) is handed on by the u2netp worker to u2net's queue of its lane, and
+    runs on the u2net worker, counted once."""
+    lane = contract.BULK if old_queue == contract.BULK_QUEUE else contract.INTERACTIVE
+    target = contract.image_queue(lane, N)
+    before = outcomes(cluster.client)
+    monkeypatch.setattr(contract, "image_queue", lambda lane, model: old_queue)
+    job = cluster.producer.submit(photo(20 + len(old_queue)), model=N)
+    job.wait(timeout=240)
+    settle(cluster.client, job.key)
+    assert ran_on(cluster, job.key) == [N]
+    assert f"handed job {job.key} on to {target}" in log_of(cluster, P)
+    assert outcomes(cluster.client) == before + 1
+
+
+def test_a_job_of_a_model_nobody_serves_is_handed_on_to_wait_in_its_queue(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A u2net job in `bgq` (published by a producer from before routing by model) is taken by
-    the u2netp worker, which loads u2net for it and says so."""
+    """Handed on even when no live worker serves its model: it waits in that model's queue,
+    with its guard token, uncounted."""
+    target = contract.image_queue(contract.INTERACTIVE, S)
+    before = outcomes(cluster.client)
     monkeypatch.setattr(contract, "image_queue", lambda lane, model: contract.QUEUE)
-    job = cluster.producer.submit(photo(20), model=N)
-    job.wait(timeout=240)
-    assert ran_on(cluster, job.key) == [P]
-    log = cluster.workers[P].log
-    assert log is not None and f"a job for model {N}, which this worker does not serve" in (
-        log.read_text()
-    )
+    args = TaskArgs.build(contract.input_digest(photo(30)), S, Options())
+    token = lanes.guard_token(contract.INTERACTIVE, "handed-on")
+    app = cluster.producer.app
+    assert enqueue.publish(app, args, token, contract.INTERACTIVE, "r", True, 0) is None
+    try:
+        wait_for(lambda: cluster.client.llen(target), timeout=30, what=f"a message in {target}")
+        [raw] = cluster.client.lrange(target, 0, -1)
+        headers = json.loads(raw)["headers"]
+        assert (headers["id"], headers[contract.GUARD_HEADER]) == (args.key, token)
+        assert headers[contract.MODEL_HEADER] == S
+        assert not cluster.client.llen(contract.QUEUE)
+        assert f"handed job {args.key} on to {target}" in log_of(cluster, P)
+        assert outcomes(cluster.client) == before
+    finally:
+        cluster.client.delete(target, contract.guard_key(args.key))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bgq import contract, lanes
+from bgq.contract import INTERACTIVE, TaskArgs
 from bgq.errors import ConfigError
+from bgq.options import Options
 from bgq.stack import LocalStack
-from producer import Producer
-from tests.helpers import SAMPLES, pixels, sample_bytes
+from bgq.store import FileStore
+from producer import Producer, enqueue
+from tests.helpers import SAMPLES, Gate, pixels, sample_bytes, settle, variant
 from tests.stacks import StackFactory
 from workers import models, quantized
 
@@ -109,3 +114,38 @@ def test_through_the_queue_equals_rembg(
     (got_mode, got_px), (want_mode, want_px) = pixels(got), pixels(want)
     assert got_mode == want_mode
     assert np.array_equal(got_px, want_px)
+
+
+def test_a_two_model_worker_takes_both_backlogs_in_turn(producer: Producer) -> None:
+    """The one pool process, serving u2net and u2net-int8, is held on a u2net job while three
+    jobs of each model queue up (their results stored already: each run is a cheap skip); once
+    it is let through they start in turn, not u2net's backlog first (bgq.lanes.LaneOrder)."""
+    store = producer.store
+    assert isinstance(store, FileStore)
+    data = variant("car-1.jpg", (0, 0, 200, 150))
+    gate = Gate(store.path(contract.INPUTS, contract.input_digest(data)))
+    try:
+        held = producer.submit_data(data, "u2net", Options())
+        gate.wait_for_reader()
+        queued: dict[str, str] = {}
+        for i in range(3):
+            for model in ("u2net", "u2net-int8"):
+                args = TaskArgs.build(
+                    contract.input_digest(f"{model}-{i}".encode()), model, Options()
+                )
+                store.put_output(args.output, b"stored")
+                token = lanes.guard_token(INTERACTIVE, args.key)
+                assert enqueue.publish(producer.app, args, token, INTERACTIVE, "r", True, 0) is None
+                queued[args.key] = model
+        gate.let_through(data)
+        held.wait(timeout=120)
+    finally:
+        gate.remove()
+    done = {}
+    for key in queued:
+        settle(producer.app.backend.client, key)
+        meta = producer.task_meta(key)
+        assert meta["status"] == "SUCCESS", meta
+        done[key] = datetime.fromisoformat(meta["date_done"])
+    order = [queued[key] for key in sorted(done, key=done.__getitem__)]
+    assert order == ["u2net-int8", "u2net"] * 3

@@ -134,13 +134,14 @@ def ensure_weights(settings: Settings, names: list[str]) -> None:
 
 
 def get(name: str, settings: Settings) -> BaseSession:
-    """This process's session for model `name`, created on first use. A model this worker does
-    not serve (a job queued before its routing by model) still runs, loaded now: logged."""
+    """This process's session for model `name`, created on first use. A model this worker did
+    not load at start (a job taken from a queue added at run time; others are handed on,
+    workers/handoff.py) is loaded now: logged."""
     if name not in _sessions:
         from rembg import new_session
 
         if _served and name not in _served:
-            log.warning("a job for model %s, which this worker does not serve: loading it", name)
+            log.warning("a job for model %s, which this worker did not load: loading it", name)
 
         imaging.note_weights(name, models.fetch(name, settings.model_home))
         try:
@@ -149,6 +150,11 @@ def get(name: str, settings: Settings) -> BaseSession:
             raise ConfigError(f"cannot load model {name}: {exc}") from exc
         trim_heap()
     return _sessions[name]
+
+
+def served() -> list[str]:
+    """The models this process's worker serves (empty: it consumes no image queue)."""
+    return list(_served)
 
 
 def loaded() -> frozenset[str]:

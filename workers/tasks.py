@@ -13,11 +13,12 @@ from typing import Any
 
 import redis
 from celery import Task
+from kombu.exceptions import OperationalError
 
 from bgq import contract, defaults, jobs, lanes
 from bgq.contract import Counter, TaskArgs
 from bgq.errors import BrokerError, NotInStore, OutOfMemory, TransientError, WorkerCrashed
-from workers import backgrounds, imaging, masks, session, shaping
+from workers import backgrounds, handoff, imaging, masks, session, shaping
 from workers.app import app, app_store, settings
 from workers.leases import LeasedTask
 from workers.retry import retry_later
@@ -103,21 +104,11 @@ def _check_starts(key: str) -> None:
         )
 
 
-def lane_of(request: Any) -> str:
-    """The lane a task came from: its queue (a retry keeps it), whatever its headers say."""
-    routing_key = (request.delivery_info or {}).get("routing_key") or ""
-    route = contract.queue_route(routing_key)
-    bulk = (route is not None and route[0] == contract.BULK) or routing_key.startswith(
-        contract.run_queue("")
-    )
-    return contract.BULK if bulk else contract.INTERACTIVE
-
-
 def _started(request: Any) -> None:
     """A job starts: record how long its first delivery waited in its lane (not a retry's or a
     redelivery's: their wait includes an earlier run), and if it is a bulk job, let the next
     waiting one in (so the bulk queue stays one cluster deep). Best effort."""
-    lane = lane_of(request)
+    lane = handoff.lane_of(request)
     enqueued = request.get(contract.ENQUEUED_HEADER)
     first = not request.retries and not (request.delivery_info or {}).get("redelivered")
     try:
@@ -261,6 +252,7 @@ REDIS_FAULTS = (redis.ConnectionError, redis.TimeoutError)
 )
 def remove_background(self: Task, **kwargs: Any) -> dict[str, Any]:
     """Remove the background of the input blob named by the (JSON) task arguments."""
+    _hand_on_unless_served(self, kwargs.get("model"))
     _started(self.request)
     try:
         args = TaskArgs.from_kwargs(kwargs)
@@ -279,3 +271,14 @@ def remove_background(self: Task, **kwargs: Any) -> dict[str, Any]:
             "ran out of memory processing this image; lower BGQ_MAX_MEGAPIXELS or "
             "BGQ_CONCURRENCY, or give the workers more memory"
         ) from None
+
+
+def _hand_on_unless_served(task: Task, model: object) -> None:
+    """A job for a model this worker does not serve (a rolling upgrade's) goes on to its
+    model's queue, unrun (workers/handoff.py); a publish that fails is retried as a fault."""
+    target = isinstance(model, str) and handoff.destination(task.request, model, session.served())
+    if target:
+        try:
+            handoff.hand_on(task, target)
+        except (OperationalError, *REDIS_FAULTS) as exc:
+            retry_later(task, exc)
