@@ -49,8 +49,8 @@ def held_out_folder() -> Path:
     return Path(skimage.data.__file__).parent
 
 
-def held_out_photos() -> dict[str, Image.Image]:
-    return {name: Image.open(held_out_folder() / name).convert("RGB") for name in HELD_OUT}
+def held_out_photos(names: tuple[str, ...] = HELD_OUT) -> dict[str, Image.Image]:
+    return {name: Image.open(held_out_folder() / name).convert("RGB") for name in names}
 
 
 def session(name: str) -> Any:
@@ -110,8 +110,11 @@ def main() -> None:
     parser.add_argument("--int8", nargs="*", type=Path, default=[], help="other u2net-int8 files")
     parser.add_argument("--runs", type=int, default=5, help="timed inferences per model")
     parser.add_argument("--models", nargs="*", default=MODELS, help="models to compare")
+    parser.add_argument(
+        "--photos", nargs="*", choices=HELD_OUT, default=HELD_OUT, help="a quick subset"
+    )
     args = parser.parse_args()
-    photos = held_out_photos()
+    photos = held_out_photos(tuple(args.photos))
     ref_sess = session(REFERENCE)
     refs = {name: mask(ref_sess, im) for name, im in photos.items()}
     candidates = [(m, session(m)) for m in args.models]
@@ -119,7 +122,7 @@ def main() -> None:
     for label, sess in candidates:
         report(label, [agreement(n, mask(sess, im), refs[n]) for n, im in photos.items()])
     sessions = {REFERENCE: ref_sess, **dict(candidates)}
-    timings = ms_per_inference(sessions, photos["astronaut.png"], args.runs)
+    timings = ms_per_inference(sessions, next(iter(photos.values())), args.runs)
     for label, ms in timings.items():
         speedup = timings[REFERENCE] / ms
         print(f"{label:<24} {ms:7.0f} ms per inference (320x320, 1 thread), {speedup:.2f}x u2net")

@@ -84,6 +84,20 @@ def test_int8_build_is_the_recorded_one_with_one_thread(u2net_home: Path) -> Non
     )
 
 
+def test_int8_keeps_its_float_ends_once_optimized(u2net_home: Path, tmp_path: Path) -> None:
+    """onnxruntime's optimizer may quantize a float conv itself: the first conv, the six side
+    convs and the fusing conv must still be float convs in the model it runs."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(models.weights_path("u2net-int8", u2net_home)), opts)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 119 - 8
+    assert sum(op in ("Conv", "FusedConv") for op in ops) == 8
+
+
 def test_new_session_loads_u2net_int8(rembg_session: Any) -> None:
     session = rembg_session("u2net-int8")
     assert session.name() == "u2net-int8"
