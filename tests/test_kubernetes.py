@@ -302,7 +302,9 @@ def test_scaled_object_scales_workers_on_the_exporters_lane_metrics() -> None:
     meta = trigger["metadata"]
     assert int(meta["threshold"]) == int(settings_map()["BGQ_CONCURRENCY"])
     stats = LaneStats(waiting=1, running=1, oldest=None, workers=1, processes=1)
-    exported = {m.name for m in lane_metrics(Snapshot({INTERACTIVE: stats, BULK: stats}, {}, {}, {}))}
+    exported = {
+        m.name for m in lane_metrics(Snapshot({INTERACTIVE: stats, BULK: stats}, {}, {}, {}))
+    }
     queried = set(re.findall(r"\bbgq_\w+", meta["query"]))
     assert queried == {"bgq_lane_waiting", "bgq_lane_running"} and queried <= exported
     assert set(re.findall(r'lane=~"([^"]+)"', meta["query"])) == {f"{INTERACTIVE}|{BULK}"}
