@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from bgq import contract, defaults
+from bgq import contract, defaults, lanes
 from bgq.contract import BULK, INPUTS, INTERACTIVE
 from bgq.errors import ModelNotServed
 from bgq.exporter import Exporter
@@ -263,6 +263,7 @@ def test_submit_and_ingest_exit_2_with_the_words(
 def message(model: str) -> bytes:
     """A kombu message of a job for `model`, as a producer publishes it."""
     headers = {"id": model, "task": contract.TASK_NAME, contract.ENQUEUED_HEADER: 1.0}
+    headers[contract.MODEL_HEADER] = model
     return json.dumps({"body": "e30=", "headers": headers, "properties": {}}).encode()
 
 
@@ -339,3 +340,23 @@ def test_status_and_exporter_per_model(
     assert metric(scraped, "bgq_model_pool_processes", 'model="u2net"') == 3
     assert 'bgq_model_workers{model="silueta"} 0.0' in scraped.splitlines()
     assert metric(scraped, "bgq_lane_waiting", 'lane="interactive"') == 4  # unchanged names
+
+
+def test_a_runs_jobs_count_under_its_model(two_models: tuple[redis.Redis, str]) -> None:
+    """Jobs still in their bulk runs' lists count under the model of each list's oldest job,
+    in `bgq status` and in the exporter's bgq_model_waiting (what a per-model KEDA query reads)."""
+    client, url = two_models
+    client.lpush(contract.run_queue("catalog"), *[message("u2net")] * 3)
+    client.lpush(contract.run_queue("mixed"), message("u2netp"), message("u2net"))  # tail: u2netp
+    client.rpush(lanes.RING_KEY, "catalog", "mixed")
+    snapshot = lane_stats(client, 10.0)
+    assert snapshot.runs == {"catalog": 3, "mixed": 2}
+    assert snapshot.models["u2net"].waiting == {INTERACTIVE: 2, BULK: 1 + 3}
+    assert snapshot.models["u2netp"].waiting == {INTERACTIVE: 1, BULK: 2}
+    assert snapshot.lanes[BULK].waiting == 1 + 3 + 2
+    exporter = Exporter(Settings(redis_url=url), "127.0.0.1", 0)
+    try:
+        scraped = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics").text
+    finally:
+        exporter.stop()
+    assert metric(scraped, "bgq_model_waiting", 'lane="bulk",model="u2net"') == 4
