@@ -239,8 +239,8 @@ def model_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     by_lane = {
         "waiting": GaugeMetricFamily(
             "bgq_model_waiting",
-            "Jobs waiting in each model's queue of each lane (bulk: let in; the runs' lists "
-            "mix models and count only in bgq_lane_waiting).",
+            "Jobs of each model waiting in each lane (bulk: let in, or in a run's list, "
+            "counted under the model of the run's oldest job).",
             labels=["model", "lane"],
         ),
         "running": GaugeMetricFamily(

@@ -18,8 +18,8 @@ import yaml
 
 from bgq import defaults
 from bgq.contract import BULK, INTERACTIVE
-from bgq.exporter import lane_metrics
-from bgq.lane_stats import LaneStats, Snapshot
+from bgq.exporter import lane_metrics, model_metrics
+from bgq.lane_stats import LaneStats, ModelStats, Snapshot
 from bgq.settings import ENV_PREFIX, Settings
 from producer.api.ops import router
 from tests.test_deploy import (
@@ -302,10 +302,22 @@ def test_scaled_object_scales_workers_on_the_exporters_lane_metrics() -> None:
     meta = trigger["metadata"]
     assert int(meta["threshold"]) == int(settings_map()["BGQ_CONCURRENCY"])
     stats = LaneStats(waiting=1, running=1, oldest=None, workers=1, processes=1)
-    exported = {m.name for m in lane_metrics(Snapshot({INTERACTIVE: stats, BULK: stats}, {}, {}))}
+    exported = {
+        m.name for m in lane_metrics(Snapshot({INTERACTIVE: stats, BULK: stats}, {}, {}, {}))
+    }
     queried = set(re.findall(r"\bbgq_\w+", meta["query"]))
     assert queried == {"bgq_lane_waiting", "bgq_lane_running"} and queried <= exported
     assert set(re.findall(r'lane=~"([^"]+)"', meta["query"])) == {f"{INTERACTIVE}|{BULK}"}
     down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     grace = pod_spec("bgq-worker")["terminationGracePeriodSeconds"]
     assert all(policy["periodSeconds"] >= grace for policy in down["policies"])
+
+
+def test_a_second_models_scaled_object_has_a_per_model_query() -> None:
+    """The query scaledobject.yaml gives a second model's copy reads that model's metrics."""
+    (query,) = re.findall(r"^#   query: (.+)$", (KUBE / "scaledobject.yaml").read_text(), re.M)
+    stats = ModelStats({INTERACTIVE: 1, BULK: 1}, {INTERACTIVE: 0, BULK: 0}, 1, 1)
+    exported = {m.name for m in model_metrics(Snapshot({}, {}, {}, {"u2net": stats}))}
+    assert set(re.findall(r"\bbgq_\w+", query)) == {"bgq_model_waiting", "bgq_model_running"}
+    assert set(re.findall(r"\bbgq_\w+", query)) <= exported
+    assert set(re.findall(r'model="([^"]+)"', query)) == {"u2net"}
