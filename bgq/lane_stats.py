@@ -18,7 +18,7 @@ in kombu's `unacked` hash, counted by routing key in Redis (only the counts come
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bgq import contract, defaults, lanes
@@ -84,6 +84,9 @@ class Snapshot:
     runs: dict[str, int]  # bulk run -> jobs waiting in its list to be let in
     workers: dict[str, Node]  # worker node -> its lanes, pool processes, models
     models: dict[str, ModelStats]  # every known model (defaults.MODELS), served or not
+    # queue -> messages in it: BASE_MODEL's queues, and the queues of each model with jobs or
+    # workers (not a line per idle model)
+    queues: dict[str, int] = field(default_factory=dict)
 
 
 def header(raw: bytes | None, name: str) -> object:
@@ -149,7 +152,21 @@ def lane_stats(client: redis.Redis, now: float) -> Snapshot:
             workers=len(serving),
             processes=sum(serving),
         )
-    return Snapshot(found, runs, workers, models)
+    return Snapshot(found, runs, workers, models, shown_queues(depth, models))
+
+
+def shown_queues(depth: dict[str, int], models: dict[str, ModelStats]) -> dict[str, int]:
+    """The depths of BASE_MODEL's queues and of those of every model with jobs or workers."""
+    shown = [
+        model
+        for model, stats in models.items()
+        if model == contract.BASE_MODEL
+        or stats.workers
+        or any(stats.waiting.values())
+        or any(stats.running.values())
+    ]
+    shown.sort(key=lambda model: model != contract.BASE_MODEL)
+    return {queue: depth[queue] for model in shown for queue in MODEL_QUEUES[model].values()}
 
 
 def model_stats(

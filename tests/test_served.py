@@ -324,8 +324,13 @@ def test_status_and_exporter_per_model(
         "running": {INTERACTIVE: 1, BULK: 0},
     }
     assert json.loads(shown.stdout)["lanes"][INTERACTIVE]["waiting"] == 4
+    # Queue depths: u2netp's queues, and those of the models with jobs or workers, no others.
+    queues = {"bgq": 1, "bgq.bulk": 0, "bgq@u2net": 2, "bgq.bulk@u2net": 1}
+    queues |= {"bgq@silueta": 1, "bgq.bulk@silueta": 0}
+    assert json.loads(shown.stdout)["queues"] == queues
     text = bgq("status", env=env).stdout
     assert "(no live worker serves silueta: start one with BGQ_MODELS=silueta)" in text
+    assert "queue depth: 1 (bgq), 0 (bgq.bulk), 1 (bgq@silueta), 0 (bgq.bulk@silueta), " in text
 
     settings = Settings(home=tmp_path, redis_url=url)
     exporter = Exporter(settings, "127.0.0.1", 0)
@@ -334,6 +339,9 @@ def test_status_and_exporter_per_model(
     finally:
         exporter.stop()
     assert metric(scraped, "bgq_model_waiting", 'lane="interactive",model="u2net"') == 2
+    for queue, depth in queues.items():
+        assert metric(scraped, "bgq_queue_depth", f'queue="{queue}"') == depth
+    assert 'queue="bgq@isnet-general-use"' not in scraped
     assert metric(scraped, "bgq_model_waiting", 'lane="bulk",model="u2net"') == 1
     assert metric(scraped, "bgq_model_running", 'lane="interactive",model="u2net"') == 1
     assert metric(scraped, "bgq_model_workers", 'model="u2netp"') == 2
