@@ -55,6 +55,10 @@ class ServedModels:
             ]
             raise ModelNotServed(model, lanes.served_models(nodes), lane, ", ".join(others))
 
+    def serves(self, model: str, lane: str) -> bool:
+        """Whether some live worker serves `model` in `lane` now (a fresh read)."""
+        return model in lanes.served_models(self._fresh(), lane)
+
     def current(self) -> dict[str, int]:
         """The models served now in any lane, and their pool processes (a fresh read)."""
         return lanes.served_models(self._fresh())
