@@ -88,7 +88,7 @@ class BgqCollector(Collector):
         yield from metrics
         yield from self._from_store()
 
-    def _from_redis(self, model_queues: dict[str, int]) -> Iterator[Metric]:
+    def _from_redis(self, model_queues: dict[str, int] | None = None) -> Iterator[Metric]:
         """The queues' depths (`model_queues`: the lane_stats snapshot's), counters, stage
         timings and lane waits."""
         with self.client.pipeline(transaction=False) as pipe:
@@ -107,7 +107,7 @@ class BgqCollector(Collector):
         depth = GaugeMetricFamily(
             "bgq_queue_depth", "Messages waiting in each queue.", labels=["queue"]
         )
-        for queue, n in {**dict(zip(QUEUES, depths, strict=True)), **model_queues}.items():
+        for queue, n in {**dict(zip(QUEUES, depths, strict=True)), **(model_queues or {})}.items():
             depth.add_metric([queue], n)
         yield depth
         yield from counter_metrics({k.decode(): float(v) for k, v in raw_stats.items()})
