@@ -65,15 +65,27 @@ class ModelNotServed(TransientError):
     """No live worker serves the job's model: refused rather than queued for nobody (a worker
     that serves it may start)."""
 
-    def __init__(self, model: str, served: Iterable[str]) -> None:
+    def __init__(
+        self, model: str, served: Iterable[str], lane: str | None = None, elsewhere: str = ""
+    ) -> None:
+        """`served`: the models live workers serve; `elsewhere`: the lane(s) where workers
+        serve `model` when they do, but not in the job's `lane`."""
         names = sorted(served)
         workers = f"workers serve {', '.join(names)}" if names else "no worker is live"
-        super().__init__(
-            f"model {model}: no live worker serves it ({workers}); start one with "
-            f"BGQ_MODELS={model} or `bgq worker --models {model}`"
-        )
+        if lane is not None and elsewhere:
+            super().__init__(
+                f"model {model}: no live worker serves it in the {lane} lane (its workers "
+                f"serve the {elsewhere} lane only); start one with "
+                f"`bgq worker --models {model} --lanes {lane}`"
+            )
+        else:
+            super().__init__(
+                f"model {model}: no live worker serves it ({workers}); start one with "
+                f"BGQ_MODELS={model} or `bgq worker --models {model}`"
+            )
         self.model = model
         self.served = names
+        self.lane = lane
 
 
 class JobFailed(BgqError):

@@ -77,7 +77,8 @@ class BgqCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("bgq_redis_up", "1 when the exporter could read Redis.")
         try:
-            metrics = [*self._from_redis(), *lane_metrics(lane_stats(self.client, time.time()))]
+            snapshot = lane_stats(self.client, time.time())
+            metrics = [*self._from_redis(snapshot.queues), *lane_metrics(snapshot)]
             up.add_metric([], 1)
         except redis.RedisError as exc:
             log.warning("cannot read Redis: %s", exc)
@@ -87,7 +88,9 @@ class BgqCollector(Collector):
         yield from metrics
         yield from self._from_store()
 
-    def _from_redis(self) -> Iterator[Metric]:
+    def _from_redis(self, model_queues: dict[str, int] | None = None) -> Iterator[Metric]:
+        """The queues' depths (`model_queues`: the lane_stats snapshot's), counters, stage
+        timings and lane waits."""
         with self.client.pipeline(transaction=False) as pipe:
             for queue in QUEUES:
                 pipe.llen(queue)
@@ -104,7 +107,7 @@ class BgqCollector(Collector):
         depth = GaugeMetricFamily(
             "bgq_queue_depth", "Messages waiting in each queue.", labels=["queue"]
         )
-        for queue, n in zip(QUEUES, depths, strict=True):
+        for queue, n in {**dict(zip(QUEUES, depths, strict=True)), **(model_queues or {})}.items():
             depth.add_metric([queue], n)
         yield depth
         yield from counter_metrics({k.decode(): float(v) for k, v in raw_stats.items()})
@@ -239,8 +242,8 @@ def model_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     by_lane = {
         "waiting": GaugeMetricFamily(
             "bgq_model_waiting",
-            "Jobs waiting in each model's queue of each lane (bulk: let in; the runs' lists "
-            "mix models and count only in bgq_lane_waiting).",
+            "Jobs of each model waiting in each lane (bulk: let in, or in a run's list, "
+            "counted under the model of the run's oldest job).",
             labels=["model", "lane"],
         ),
         "running": GaugeMetricFamily(

@@ -3,8 +3,11 @@ running and how long the oldest has waited; the bulk runs waiting for their shar
 workers' pool processes per lane; and per model, its workers and the jobs in its queues.
 
 Jobs are routed by model (contract.image_queue): a lane is every known model's queue of it
-(`bgq`, `bgq@<model>`; `bgq.bulk`, `bgq.bulk@<model>`), so a lane's totals sum them. Bulk run
-lists mix models and are not split: they count in the bulk lane and per run, not per model.
+(`bgq`, `bgq@<model>`; `bgq.bulk`, `bgq.bulk@<model>`), so a lane's totals sum them. A bulk
+run's list counts in the bulk lane, per run, and under one model: its tail's (its oldest
+message's `bgq_model` header), read with the tail already read for the oldest wait. A run from
+`bgq ingest` has one model; a run of API bulk jobs (one per key) may mix models, and then counts
+whole under its oldest job's model.
 
 Three round trips, whatever the backlog. A kombu list is pushed at its head and consumed from
 its tail, so its tail (LINDEX -1) is its oldest message: one read per list gives each lane's
@@ -15,7 +18,7 @@ in kombu's `unacked` hash, counted by routing key in Redis (only the counts come
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bgq import contract, defaults, lanes
@@ -67,7 +70,7 @@ class LaneStats:
 class ModelStats:
     """One model now: its queues and the live workers that serve it."""
 
-    waiting: dict[str, int]  # lane -> jobs in the model's queue (bulk: let in; run lists apart)
+    waiting: dict[str, int]  # lane -> jobs waiting (bulk: let in, or in a run of the model)
     running: dict[str, int]  # lane -> jobs of the model that workers hold
     workers: int  # live worker nodes that serve the model (on any lane)
     processes: int  # their pool processes
@@ -81,18 +84,37 @@ class Snapshot:
     runs: dict[str, int]  # bulk run -> jobs waiting in its list to be let in
     workers: dict[str, Node]  # worker node -> its lanes, pool processes, models
     models: dict[str, ModelStats]  # every known model (defaults.MODELS), served or not
+    # queue -> messages in it: BASE_MODEL's queues, and the queues of each model with jobs or
+    # workers (not a line per idle model)
+    queues: dict[str, int] = field(default_factory=dict)
 
 
-def enqueued_at(raw: bytes | None) -> float | None:
-    """The enqueue time (epoch seconds) a kombu message's headers carry, if any."""
+def header(raw: bytes | None, name: str) -> object:
+    """One header of a kombu message, if it has it."""
     if raw is None:
         return None
     try:
         headers = json.loads(raw).get("headers") or {}
     except (ValueError, AttributeError):
         return None
-    value = headers.get(contract.ENQUEUED_HEADER) if isinstance(headers, dict) else None
+    return headers.get(name) if isinstance(headers, dict) else None
+
+
+def enqueued_at(raw: bytes | None) -> float | None:
+    """The enqueue time (epoch seconds) a kombu message's headers carry, if any."""
+    value = header(raw, contract.ENQUEUED_HEADER)
     return float(value) if isinstance(value, int | float) else None
+
+
+def run_models(runs: dict[str, int], tails: list[bytes | None]) -> dict[str, int]:
+    """The jobs waiting in run lists, by model: each run's under its tail message's model
+    (no header: BASE_MODEL, as lanes.DISPATCH routes it)."""
+    found: dict[str, int] = {}
+    for count, tail in zip(runs.values(), tails, strict=True):
+        model = header(tail, contract.MODEL_HEADER)
+        model = model if isinstance(model, str) else contract.BASE_MODEL
+        found[model] = found.get(model, 0) + count
+    return found
 
 
 def oldest_wait(tails: list[bytes | None], now: float) -> float | None:
@@ -116,7 +138,7 @@ def lane_stats(client: redis.Redis, now: float) -> Snapshot:
     running = {queue: int(n) for queue, n in zip(queues, held, strict=True)}
     runs, run_tails = run_lists([raw.decode() for raw in ring], client)
     workers = lanes.capacity(client)
-    models = model_stats(depth, running, workers)
+    models = model_stats(depth, running, workers, run_models(runs, run_tails))
     found = {}
     for lane in contract.LANES:
         lane_queues = [by_lane[lane] for by_lane in MODEL_QUEUES.values()]
@@ -130,19 +152,40 @@ def lane_stats(client: redis.Redis, now: float) -> Snapshot:
             workers=len(serving),
             processes=sum(serving),
         )
-    return Snapshot(found, runs, workers, models)
+    return Snapshot(found, runs, workers, models, shown_queues(depth, models))
+
+
+def shown_queues(depth: dict[str, int], models: dict[str, ModelStats]) -> dict[str, int]:
+    """The depths of BASE_MODEL's queues and of those of every model with jobs or workers."""
+    shown = [
+        model
+        for model, stats in models.items()
+        if model == contract.BASE_MODEL
+        or stats.workers
+        or any(stats.waiting.values())
+        or any(stats.running.values())
+    ]
+    shown.sort(key=lambda model: model != contract.BASE_MODEL)
+    return {queue: depth[queue] for model in shown for queue in MODEL_QUEUES[model].values()}
 
 
 def model_stats(
-    depth: dict[str, int], running: dict[str, int], workers: dict[str, Node]
+    depth: dict[str, int],
+    running: dict[str, int],
+    workers: dict[str, Node],
+    in_runs: dict[str, int] | None = None,
 ) -> dict[str, ModelStats]:
-    """Each known model's queues (depths and held jobs by lane) and the workers serving it."""
+    """Each known model's jobs (waiting, with `in_runs`' in run lists, and held, by lane) and
+    the workers serving it."""
     processes = lanes.served_models(workers)
+    in_runs = in_runs or {}
     found = {}
     for model, by_lane in MODEL_QUEUES.items():
         serving = [node for node in workers.values() if node.lanes and model in node.models]
+        waiting = {lane: depth[queue] for lane, queue in by_lane.items()}
+        waiting[contract.BULK] += in_runs.get(model, 0)
         found[model] = ModelStats(
-            waiting={lane: depth[queue] for lane, queue in by_lane.items()},
+            waiting=waiting,
             running={lane: running[queue] for lane, queue in by_lane.items()},
             workers=len(serving),
             processes=processes.get(model, 0),

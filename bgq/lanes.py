@@ -26,6 +26,7 @@ from bgq.errors import ConfigError
 from bgq.settings import load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     import redis
@@ -324,11 +325,13 @@ class Node(NamedTuple):
 
 
 def parse_entry(entry: str) -> Node:
-    """A capacity entry, `<lanes>:<processes>[:<models>]`, read."""
+    """A capacity entry, `<lanes>:<processes>[:<models>]`, read: a models part, even an empty
+    one (a webhooks-only worker), names exactly its models; none (an older release) means
+    BASE_MODEL, the only queues such a worker consumes."""
     code, _, rest = entry.partition(":")
-    count, _, models = rest.partition(":")
+    count, has_models, models = rest.partition(":")
     lanes = [lane for lane in contract.LANES if lane[0] in code]
-    served = [m for m in models.split(",") if m] if models else [contract.BASE_MODEL]
+    served = [m for m in models.split(",") if m] if has_models else [contract.BASE_MODEL]
     return Node(lanes, int(count) if count.isdigit() else 0, served)
 
 
@@ -341,11 +344,12 @@ def capacity(client: redis.Redis) -> dict[str, Node]:
     }
 
 
-def served_models(nodes: dict[str, Node]) -> dict[str, int]:
-    """Each model some live worker serves (on any lane), and its pool processes in all."""
+def served_models(nodes: Mapping[str, Node], lane: str | None = None) -> dict[str, int]:
+    """Each model some live worker serves on `lane` (None: on any lane), and its pool
+    processes in all."""
     found: dict[str, int] = {}
     for node in nodes.values():
-        if node.lanes:
+        if (lane in node.lanes) if lane is not None else bool(node.lanes):
             for model in node.models:
                 found[model] = found.get(model, 0) + node.processes
     return found

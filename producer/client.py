@@ -113,10 +113,10 @@ class Producer:
             self._app = app
         return self._app
 
-    def _read_served(self) -> dict[str, int]:
-        """The models the live workers serve (their capacity entries), and their processes."""
+    def _read_served(self) -> dict[str, lanes.Node]:
+        """The live workers' capacity entries: the lanes and models each serves."""
         client = self.app.backend.client
-        return self.with_broker("read workers", lambda: lanes.served_models(lanes.capacity(client)))
+        return self.with_broker("read workers", lambda: lanes.capacity(client))
 
     def workers_online(self, timeout: float = 1.0) -> list[str]:
         """The names of the Celery workers that answer a ping on this broker."""
@@ -195,7 +195,8 @@ class Producer:
         """Short-circuit on a stored result (no Redis call); else check, store and enqueue.
 
         A bad image raises its PermanentError, or with raise_bad_image False gives a failed Job;
-        a model no live worker serves raises ModelNotServed, before anything is stored or sent.
+        a model no live worker serves in `lane` raises ModelNotServed, before anything is
+        stored or sent.
         """
         self._check_open()
         contract.check_lane(lane)
@@ -211,7 +212,7 @@ class Producer:
             if raise_bad_image:
                 raise
             return Job(args.key, False, self.store, error=exc, lane=lane, run=run)
-        self.served.require(model)
+        self.served.require(model, lane)
         self.store.put_input(args.input_sha256, data)
         self._enqueue(args, lane, run)
         return Job(args.key, False, self.store, self, args=args, lane=lane, run=run)

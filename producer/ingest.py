@@ -238,22 +238,32 @@ class Ingest:
             )
 
     def _check_stalled(self) -> None:
-        """After INGEST_STALL_WARNING seconds without a finished input, say so if no worker is
-        online on the cluster's broker (then keep waiting: one may be started)."""
+        """After INGEST_STALL_WARNING seconds without a finished input, say so if no live worker
+        serves this run's model in its lane, or none is online on the cluster's broker (then
+        keep waiting: one may be started)."""
         now = time.monotonic()
         if self.stack is not None or now - self.progress_at < defaults.INGEST_STALL_WARNING:
             return
         self.progress_at = now  # look again after another period
         try:
-            online = self.producer.workers_online()
+            served = self.producer.served.serves(self.model, self.lane)
+            online = served and self.producer.workers_online()
         except BgqError:
             return  # the broker itself is failing: the next submit or poll reports it
-        if not online:
-            self.warn(
-                f"bgq: nothing has finished for {defaults.INGEST_STALL_WARNING:.0f}s and no worker "
-                f"is online; start one with `bgq worker` (same BGQ_REDIS_URL and store). "
-                f"{len(self.pending)} jobs are waiting; Ctrl-C stops, the same command resumes."
+        if not served:
+            missing = (
+                f"no live worker serves {self.model} in the {self.lane} lane; start one with "
+                f"`bgq worker --models {self.model} --lanes {self.lane}`"
             )
+        elif not online:
+            missing = "no worker is online; start one with `bgq worker`"
+        else:
+            return
+        self.warn(
+            f"bgq: nothing has finished for {defaults.INGEST_STALL_WARNING:.0f}s and {missing} "
+            f"(same BGQ_REDIS_URL and store). {len(self.pending)} jobs are waiting; Ctrl-C "
+            f"stops, the same command resumes."
+        )
 
     def _finish(self, item: Item, job: Job, status: str, started: float) -> None:
         assert item.output is not None

@@ -1,5 +1,8 @@
 """Which models the live workers serve, as a producer sees them: a job for a model that no live
-worker serves is refused at once (`ModelNotServed`) instead of waiting in a queue for nobody.
+worker serves in the job's lane is refused at once (`ModelNotServed`) instead of waiting in a
+queue for nobody (a worker that serves u2net in the interactive lane only never takes a bulk
+u2net job). An interactive submit that promotes a waiting bulk job is held to the same rule:
+its interactive copy needs a worker of the model in the interactive lane.
 
 "Served" is trusted for a short while (SERVED_MEMO seconds: one read of the workers' entries a
 second, not one per job); "not served" never is: a refusal always comes from a fresh read, so a
@@ -15,16 +18,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from bgq import defaults
+from bgq import contract, defaults, lanes
 from bgq.errors import ModelNotServed
+from bgq.lanes import Node
 
 
 class ServedModels:
-    """The models live workers serve (model -> pool processes), read through `read`."""
+    """The models live workers serve, by lane, from their capacity entries read through `read`."""
 
     def __init__(
         self,
-        read: Callable[[], Mapping[str, int]],
+        read: Callable[[], Mapping[str, Node]],
         memo: float = defaults.SERVED_MEMO,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -34,26 +38,39 @@ class ServedModels:
         self._memo = memo
         self._clock = clock
         self._lock = threading.Lock()
-        self._served: Mapping[str, int] = {}
+        self._nodes: Mapping[str, Node] = {}
         self._read_at = -float("inf")
 
-    def require(self, model: str) -> None:
-        """Return if some live worker serves `model`, else raise ModelNotServed (read fresh)."""
+    def require(self, model: str, lane: str = contract.INTERACTIVE) -> None:
+        """Return if some live worker serves `model` in `lane`, else raise ModelNotServed
+        (read fresh)."""
         with self._lock:
-            if model in self._served and self._clock() - self._read_at < self._memo:
+            fresh = self._clock() - self._read_at < self._memo
+            if fresh and model in lanes.served_models(self._nodes, lane):
                 return
-        served = self.current()
-        if model not in served:
-            raise ModelNotServed(model, served)
+        nodes = self._fresh()
+        if model not in lanes.served_models(nodes, lane):
+            others = [
+                other for other in contract.LANES if model in lanes.served_models(nodes, other)
+            ]
+            raise ModelNotServed(model, lanes.served_models(nodes), lane, ", ".join(others))
 
-    def current(self) -> Mapping[str, int]:
-        """The models served now (a fresh read, kept for the memo)."""
+    def serves(self, model: str, lane: str) -> bool:
+        """Whether some live worker serves `model` in `lane` now (a fresh read)."""
+        return model in lanes.served_models(self._fresh(), lane)
+
+    def current(self) -> dict[str, int]:
+        """The models served now in any lane, and their pool processes (a fresh read)."""
+        return lanes.served_models(self._fresh())
+
+    def _fresh(self) -> Mapping[str, Node]:
+        """The workers' entries read now, kept for the memo."""
         read_at = self._clock()
-        served = self._read()
+        nodes = self._read()
         with self._lock:
             if read_at >= self._read_at:
-                self._served, self._read_at = served, read_at
-        return served
+                self._nodes, self._read_at = nodes, read_at
+        return nodes
 
 
 def page_models(served: Mapping[str, int], default: str) -> list[str]:

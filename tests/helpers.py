@@ -164,16 +164,16 @@ STAND_IN = "stand-in-"  # how a StandInWorker's node name starts
 
 
 class StandInWorker:
-    """A capacity entry saying that a worker serves `models` (by default in the interactive
-    lane with no pool process), renewed every WORKER_BEAT seconds until closed: jobs for those
-    models are accepted (producer/served.py) and wait in their queues, since nothing takes
+    """A capacity entry saying that a worker serves `models` (by default in both lanes with no
+    pool process), renewed every WORKER_BEAT seconds until closed: jobs for those models are
+    accepted in those lanes (producer/served.py) and wait in their queues, since nothing takes
     them. No pool process: the bulk queue's depth (lanes.DISPATCH) is not changed by it."""
 
     def __init__(
         self,
         url: str,
         models: tuple[str, ...] = (contract.BASE_MODEL,),
-        lanes: tuple[str, ...] = (contract.INTERACTIVE,),
+        lanes: tuple[str, ...] = contract.LANES,
         processes: int = 0,
         node: str | None = None,
     ) -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -21,8 +22,10 @@ from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from bgq.store import open_store
+from producer import Producer
 from producer.catalog import open_catalog
 from producer.ingest import Folder, Ingest, default_run_id, run_ingest
+from producer.job import Job
 from tests.helpers import (
     BGQ,
     LocalStackControl,
@@ -238,22 +241,39 @@ def _ingest_one(settings: Settings, tmp_path: Path, warnings: list[str], stop: b
     return run
 
 
+@pytest.mark.parametrize(
+    ("leaves", "words"),
+    [
+        # The entry of a worker that served the model when the run started (so it was not
+        # refused) and whose process is gone: the entry lives on, nothing answers a ping.
+        (False, "no worker is online; start one with `bgq worker`"),
+        # The model's last worker in the bulk lane leaves once the job is sent.
+        (True, "no live worker serves u2netp in the bulk lane; start one with "),
+    ],
+)
 def test_a_stalled_run_says_so_when_no_worker_is_online(
-    tmp_path: Path, model_home: Path, monkeypatch: pytest.MonkeyPatch
+    leaves: bool, words: str, tmp_path: Path, model_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(defaults, "INGEST_STALL_WARNING", 0.5)
     server = EmbeddedRedis.start(tmp_path / "redis")  # a broker of its own, no worker on it
+    stand_in = StandInWorker(server.url, lanes=(contract.INTERACTIVE, contract.BULK))
+    submit_data = Producer.submit_data
+
+    def submit_then_leave(producer: Producer, *args: Any, **kwargs: Any) -> Job:
+        job = submit_data(producer, *args, **kwargs)
+        if leaves:
+            stand_in.close()
+        return job
+
+    monkeypatch.setattr(Producer, "submit_data", submit_then_leave)
     try:
         settings = Settings(home=tmp_path / "home", redis_url=server.url, models_dir=model_home)
         warnings: list[str] = []
-        # The entry of a worker that served the model when the run started (so it was not
-        # refused) and whose process is gone: nothing answers a ping.
-        with StandInWorker(server.url), pytest.raises(Stop):
+        with stand_in, pytest.raises(Stop):
             _ingest_one(settings, tmp_path, warnings, stop=True)
     finally:
         server.stop()
-    assert "no worker is online" in warnings[0] and "`bgq worker`" in warnings[0]
-    assert "1 jobs are waiting" in warnings[0]
+    assert words in warnings[0] and "1 jobs are waiting" in warnings[0]
 
 
 def test_a_slow_queue_with_a_worker_online_is_not_a_stall(

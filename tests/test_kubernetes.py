@@ -18,8 +18,8 @@ import yaml
 
 from bgq import defaults
 from bgq.contract import BULK, INTERACTIVE
-from bgq.exporter import lane_metrics
-from bgq.lane_stats import LaneStats, Snapshot
+from bgq.exporter import lane_metrics, model_metrics
+from bgq.lane_stats import LaneStats, ModelStats, Snapshot
 from bgq.settings import ENV_PREFIX, Settings
 from producer.api.ops import router
 from tests.test_deploy import (
@@ -311,3 +311,13 @@ def test_scaled_object_scales_workers_on_the_exporters_lane_metrics() -> None:
     down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     grace = pod_spec("bgq-worker")["terminationGracePeriodSeconds"]
     assert all(policy["periodSeconds"] >= grace for policy in down["policies"])
+
+
+def test_a_second_models_scaled_object_has_a_per_model_query() -> None:
+    """The query scaledobject.yaml gives a second model's copy reads that model's metrics."""
+    (query,) = re.findall(r"^#   query: (.+)$", (KUBE / "scaledobject.yaml").read_text(), re.M)
+    stats = ModelStats({INTERACTIVE: 1, BULK: 1}, {INTERACTIVE: 0, BULK: 0}, 1, 1)
+    exported = {m.name for m in model_metrics(Snapshot({}, {}, {}, {"u2net": stats}))}
+    assert set(re.findall(r"\bbgq_\w+", query)) == {"bgq_model_waiting", "bgq_model_running"}
+    assert set(re.findall(r"\bbgq_\w+", query)) <= exported
+    assert set(re.findall(r'model="([^"]+)"', query)) == {"u2net"}

@@ -25,7 +25,7 @@ from bgq.store import FileStore
 from bgq.units import format_duration
 from producer import Producer
 from producer.cli.services import lane_lines, worker_lines
-from tests.helpers import BGQ, Gate, answers, bgq, settle, variant, wait_for
+from tests.helpers import BGQ, Gate, StandInWorker, answers, bgq, settle, variant, wait_for
 from tests.stacks import StackFactory
 from tests.test_ops import metric
 
@@ -266,7 +266,10 @@ def test_a_worker_of_bgq_alone_leaves_bulk_jobs_waiting(
     stack = make_stack(queues=[contract.QUEUE], concurrency=1)
     producer = Producer(stack.settings, run="isolated")
     bulk_data, interactive_data = images(30, 32)
-    bulk = producer.submit(bulk_data, lane=BULK)
+    # A bulk worker's entry while the bulk job is sent (a job is refused in a lane that no live
+    # worker of its model serves), gone when the interactive one is.
+    with StandInWorker(stack.url, lanes=(BULK,)):
+        bulk = producer.submit(bulk_data, lane=BULK)
     wait_for(lambda: redis_client.llen(contract.BULK_QUEUE) == 1, what="the bulk job let in")
     producer.submit(interactive_data).wait(timeout=120)
     assert producer.task_meta(bulk.key)["status"] == "PENDING"

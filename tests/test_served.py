@@ -13,11 +13,12 @@ import httpx
 import pytest
 import redis
 
-from bgq import contract, defaults
+from bgq import contract, defaults, lanes
 from bgq.contract import BULK, INPUTS, INTERACTIVE
 from bgq.errors import ModelNotServed
 from bgq.exporter import Exporter
 from bgq.lane_stats import lane_stats
+from bgq.lanes import Node, parse_entry, served_models
 from bgq.options import Options
 from bgq.redis_server import EmbeddedRedis
 from bgq.settings import Settings
@@ -35,15 +36,20 @@ WORDS += "BGQ_MODELS=u2net or `bgq worker --models u2net`"
 
 
 class Reads:
-    """A stand-in for the workers' entries: what they serve now, and how often they were read."""
+    """A stand-in for the workers' entries: one worker node per model served (in every lane,
+    `lanes` says otherwise) and how often they were read."""
 
     def __init__(self, served: dict[str, int]) -> None:
         self.served = served
+        self.lanes: dict[str, list[str]] = {}
         self.count = 0
 
-    def __call__(self) -> dict[str, int]:
+    def __call__(self) -> dict[str, Node]:
         self.count += 1
-        return dict(self.served)
+        return {
+            f"w-{model}": Node(self.lanes.get(model, list(contract.LANES)), processes, [model])
+            for model, processes in self.served.items()
+        }
 
 
 @pytest.fixture
@@ -83,6 +89,40 @@ def test_a_refusal_is_always_read_fresh(memo: tuple[ServedModels, Reads, list[fl
     now[0] += 1.0
     with pytest.raises(ModelNotServed):
         served.require("u2net")
+
+
+def test_a_model_is_served_per_lane(memo: tuple[ServedModels, Reads, list[float]]) -> None:
+    """A worker of u2net in the interactive lane alone does not serve u2net's bulk jobs."""
+    served, reads, _ = memo
+    reads.served["u2net"] = 2
+    reads.lanes["u2net"] = [INTERACTIVE]
+    served.require("u2net", INTERACTIVE)
+    with pytest.raises(ModelNotServed) as refused:
+        served.require("u2net", BULK)
+    assert str(refused.value) == (
+        "model u2net: no live worker serves it in the bulk lane (its workers serve the "
+        "interactive lane only); start one with `bgq worker --models u2net --lanes bulk`"
+    )
+    assert refused.value.lane == BULK
+    served.require("u2netp", BULK)
+    assert served.current() == {"u2netp": 2, "u2net": 2}
+
+
+@pytest.mark.parametrize(
+    ("entry", "node"),
+    [
+        ("ib:4:u2netp,u2net", Node([INTERACTIVE, BULK], 4, ["u2netp", "u2net"])),
+        ("-:4:", Node([], 4, [])),  # webhooks only: no model, even with lanes added
+        ("i:2:", Node([INTERACTIVE], 2, [])),
+        ("ib:3", Node([INTERACTIVE, BULK], 3, [contract.BASE_MODEL])),  # an older release
+    ],
+)
+def test_an_entry_serves_exactly_its_models(entry: str, node: Node) -> None:
+    assert parse_entry(entry) == node
+    for lane in contract.LANES:
+        expected = dict.fromkeys(node.models, node.processes) if lane in node.lanes else {}
+        assert served_models({"n": node}, lane) == expected
+    assert "u2netp" not in served_models({"n": parse_entry("-:4:")})
 
 
 def test_the_error_says_when_no_worker_is_live() -> None:
@@ -167,9 +207,36 @@ def test_a_worker_that_starts_is_not_refused_for(own_redis: str, tmp_path: Path)
         with StandInWorker(own_redis, ("u2net",)):
             job = producer.submit(photo(5), "u2net")
     assert not job.cached and client.exists(contract.guard_key(job.key))
-    # Its queue: bgq@u2net once producers route by model (bgq before).
-    queues = {contract.QUEUE, contract.image_queue(INTERACTIVE, "u2net")}
-    assert sum(client.llen(queue) for queue in queues) == 1
+    assert client.llen(contract.image_queue(INTERACTIVE, "u2net")) == 1
+    assert client.llen(contract.QUEUE) == 0
+    client.close()
+
+
+def test_a_job_needs_its_models_worker_in_its_lane(own_redis: str, tmp_path: Path) -> None:
+    """Refused in a lane no worker of its model serves, and so is the promotion of a waiting
+    bulk job by an interactive submit (its interactive copy would wait for nobody)."""
+    producer = Producer(Settings(home=tmp_path, redis_url=own_redis))
+    client = redis.Redis.from_url(own_redis)
+    interactive_only = StandInWorker(own_redis, ("u2net",), (INTERACTIVE,))
+    with interactive_only, pytest.raises(ModelNotServed, match="serves it in the bulk lane"):
+        producer.submit(photo(7), "u2net", lane=BULK)
+    with StandInWorker(own_redis, ("u2net",), (BULK,)):
+        job = producer.submit(photo(7), "u2net", lane=BULK)
+        with pytest.raises(ModelNotServed, match="serves it in the interactive lane"):
+            producer.submit(photo(7), "u2net")
+    assert client.exists(contract.guard_key(job.key))
+    assert client.llen(contract.image_queue(INTERACTIVE, "u2net")) == 0
+    client.close()
+
+
+def test_a_webhooks_only_worker_serves_no_model(own_redis: str, tmp_path: Path) -> None:
+    """Its entry as it registers it (`-:4:`): no model, in `bgq status` as in the refusal."""
+    producer = Producer(Settings(home=tmp_path, redis_url=own_redis))
+    client = redis.Redis.from_url(own_redis)
+    with StandInWorker(own_redis, (), (), 4, "hooks@h"):
+        assert lane_stats(client, 1.0).workers["hooks@h"] == Node([], 4, [])
+        with pytest.raises(ModelNotServed, match=r"\(no worker is live\)"):
+            producer.submit(photo(8), contract.BASE_MODEL)
     client.close()
 
 
@@ -196,6 +263,7 @@ def test_submit_and_ingest_exit_2_with_the_words(
 def message(model: str) -> bytes:
     """A kombu message of a job for `model`, as a producer publishes it."""
     headers = {"id": model, "task": contract.TASK_NAME, contract.ENQUEUED_HEADER: 1.0}
+    headers[contract.MODEL_HEADER] = model
     return json.dumps({"body": "e30=", "headers": headers, "properties": {}}).encode()
 
 
@@ -256,8 +324,13 @@ def test_status_and_exporter_per_model(
         "running": {INTERACTIVE: 1, BULK: 0},
     }
     assert json.loads(shown.stdout)["lanes"][INTERACTIVE]["waiting"] == 4
+    # Queue depths: u2netp's queues, and those of the models with jobs or workers, no others.
+    queues = {"bgq": 1, "bgq.bulk": 0, "bgq@u2net": 2, "bgq.bulk@u2net": 1}
+    queues |= {"bgq@silueta": 1, "bgq.bulk@silueta": 0}
+    assert json.loads(shown.stdout)["queues"] == queues
     text = bgq("status", env=env).stdout
     assert "(no live worker serves silueta: start one with BGQ_MODELS=silueta)" in text
+    assert "queue depth: 1 (bgq), 0 (bgq.bulk), 1 (bgq@silueta), 0 (bgq.bulk@silueta), " in text
 
     settings = Settings(home=tmp_path, redis_url=url)
     exporter = Exporter(settings, "127.0.0.1", 0)
@@ -266,9 +339,32 @@ def test_status_and_exporter_per_model(
     finally:
         exporter.stop()
     assert metric(scraped, "bgq_model_waiting", 'lane="interactive",model="u2net"') == 2
+    for queue, depth in queues.items():
+        assert metric(scraped, "bgq_queue_depth", f'queue="{queue}"') == depth
+    assert 'queue="bgq@isnet-general-use"' not in scraped
     assert metric(scraped, "bgq_model_waiting", 'lane="bulk",model="u2net"') == 1
     assert metric(scraped, "bgq_model_running", 'lane="interactive",model="u2net"') == 1
     assert metric(scraped, "bgq_model_workers", 'model="u2netp"') == 2
     assert metric(scraped, "bgq_model_pool_processes", 'model="u2net"') == 3
     assert 'bgq_model_workers{model="silueta"} 0.0' in scraped.splitlines()
     assert metric(scraped, "bgq_lane_waiting", 'lane="interactive"') == 4  # unchanged names
+
+
+def test_a_runs_jobs_count_under_its_model(two_models: tuple[redis.Redis, str]) -> None:
+    """Jobs still in their bulk runs' lists count under the model of each list's oldest job,
+    in `bgq status` and in the exporter's bgq_model_waiting (what a per-model KEDA query reads)."""
+    client, url = two_models
+    client.lpush(contract.run_queue("catalog"), *[message("u2net")] * 3)
+    client.lpush(contract.run_queue("mixed"), message("u2netp"), message("u2net"))  # tail: u2netp
+    client.rpush(lanes.RING_KEY, "catalog", "mixed")
+    snapshot = lane_stats(client, 10.0)
+    assert snapshot.runs == {"catalog": 3, "mixed": 2}
+    assert snapshot.models["u2net"].waiting == {INTERACTIVE: 2, BULK: 1 + 3}
+    assert snapshot.models["u2netp"].waiting == {INTERACTIVE: 1, BULK: 2}
+    assert snapshot.lanes[BULK].waiting == 1 + 3 + 2
+    exporter = Exporter(Settings(redis_url=url), "127.0.0.1", 0)
+    try:
+        scraped = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics").text
+    finally:
+        exporter.stop()
+    assert metric(scraped, "bgq_model_waiting", 'lane="bulk",model="u2net"') == 4

@@ -97,7 +97,7 @@ def status(
     client = celery_app.backend.client
     names = producer.workers_online()
     snapshot = lane_stats(client, time.time())
-    depths = {queue: int(client.llen(queue)) for queue in contract.IMAGE_QUEUES}
+    depths = snapshot.queues  # u2netp's queues, and those of each model with jobs or workers
     broker, store = safe_url(celery_app.conf.broker_url), producer.store.url
     if as_json:
         typer.echo(json.dumps(status_document(broker, store, depths, snapshot, names), indent=2))
