@@ -98,9 +98,9 @@ if #gone > 0 then
 end
 local slots = {}
 for _, entry in ipairs(redis.call('HVALS', KEYS[5])) do
-  local lanes, count, models = string.match(entry, '^([^:]*):(%d+):?(.*)$')
+  local lanes, count, sep, models = string.match(entry, '^([^:]*):(%d+)(:?)(.*)$')
   if lanes and string.find(lanes, 'b', 1, true) then
-    if models == '' then models = ARGV[7] end
+    if sep == '' then models = ARGV[7] end  -- an entry from before routing: u2netp's
     for model in string.gmatch(models, '[^,]+') do
       slots[model] = (slots[model] or 0) + tonumber(count)
     end
