@@ -221,10 +221,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="inputs per size and process")
     parser.add_argument("--rounds", type=int, default=2, help="catalog rounds, alternating")
     parser.add_argument("--skip", nargs="*", default=[], choices=["table", "costs", "catalog"])
+    parser.add_argument("--models", nargs="*", help="only these of the models present")
     args = parser.parse_args()
     start = time.monotonic()
     base = load_settings()
-    names = present_models(base.model_home)
+    names = [m for m in present_models(base.model_home) if not args.models or m in args.models]
     tables: dict[str, list[dict[str, Any]]] = {}
     med: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bgq-bench-models-") as tmp:
