@@ -57,8 +57,8 @@ def held_out_photos(names: tuple[str, ...] = HELD_OUT) -> dict[str, Image.Image]
 
 
 def session(name: str) -> Any:
-    """A rembg session with one intra-op thread, its weights under BGQ_HOME's models folder
-    (u2net-int8's: built under `$BGQ_HOME/bench/` if missing)."""
+    """A rembg session with one intra-op thread, its weights fetched into BGQ_HOME's models
+    folder (u2net-int8's: built under `$BGQ_HOME/bench/`) if missing."""
     import onnxruntime as ort
     from rembg import new_session
 
@@ -66,7 +66,7 @@ def session(name: str) -> Any:
 
     if name == quantize.NAME:
         return int8_session(quantize.ensure())
-    models.weights_path(name, load_settings().model_home)  # U2NET_HOME
+    models.fetch(name, load_settings().model_home)  # fetched if missing; sets U2NET_HOME
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     return new_session(name, sess_opts=opts)
