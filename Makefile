@@ -65,7 +65,7 @@ run: setup
 	$(BIN)/bgq ingest samples/catalog.csv --out out
 
 # Figures, not tests: rembg p vs bgq ingest vs the model-bound limit, then a URL catalog
-# (a few minutes on 2 cores). Per model (u2net, u2netp, u2net-int8): `make bench-models`.
+# (a few minutes on 2 cores). Per model (u2net, u2netp): `make bench-models`.
 bench: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.urls
@@ -75,7 +75,7 @@ bench: setup $(NUMBA_CACHE)
 bench-memory: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.memory
 
-# rembg's published table per model (u2netp, u2net; u2net-int8 when fetched): a pool process
+# rembg's published table per model (u2netp, u2net): a pool process
 # beside rembg.remove() at 7 sizes, what each model costs a pool process, and the 1080p catalog:
 # rembg p -m u2net vs bgq ingest --model u2net vs bare onnxruntime (about 7 minutes on 2 cores).
 bench-models: setup $(NUMBA_CACHE)
@@ -103,15 +103,14 @@ bench-elastic: setup
 profile: setup $(NUMBA_CACHE)
 	$(BIN)/python -m bench.profile
 
-# Which model to use: u2netp and u2net-int8 against u2net fp32 on 10 photos the int8 model was
-# not calibrated on, and ms per inference with one thread (docs/models.md; about 2 minutes).
+# Which model to use: u2netp and the dropped u2net-int8 (built by `python -m bench.quantize` into
+# $BGQ_HOME/bench/ when missing) against u2net fp32 on 10 photos the int8 model was not
+# calibrated on, and ms per inference with one thread (docs/models.md; about 2 minutes).
 bench-quality: setup
-	$(BIN)/bgq models fetch u2net-int8
 	$(BIN)/python -m bench.model_quality
 
-# docs/img/models-grid.png: the sample photos' cutouts by u2netp, u2net and u2net-int8.
+# docs/img/models-grid.png: the sample photos' cutouts by u2netp, u2net and the dropped u2net-int8.
 models-grid: setup
-	$(BIN)/bgq models fetch u2net-int8
 	$(BIN)/python -m bench.models_grid
 
 lint: $(STAMP)

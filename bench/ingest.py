@@ -43,13 +43,14 @@ from bench.profile import model_input
 from bench.s3server import AWS_ENV, S3Server
 from bgq.settings import Settings, load_settings, settings_env
 from bgq.stack import LocalStack
-from workers import models, quantized
+from workers import models
 
 BIN = Path(sys.executable).parent
 TARGET_VS_REMBG = 2.0  # cold bgq / rembg p
 TARGET_VS_MODEL = 0.90  # cold bgq / model-bound limit
 TARGET_WARM = 1000.0  # img/s, all cache hits
 TARGET_S3 = 0.90  # cold bgq on the S3 store / cold bgq on the filesystem store
+MEAN, STD, SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)  # U2netSession's
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -75,8 +76,7 @@ def _infer(paths: list[Path], settings: Settings, barrier: Barrier, out: mp.Queu
     weights = models.weights_path(settings.model, settings.model_home)
     sess = ort.InferenceSession(str(weights), opts, providers=["CPUExecutionProvider"])
     holder = types.SimpleNamespace(inner_session=sess)  # what rembg's normalize reads
-    mean, std, size = quantized.MEAN, quantized.STD, quantized.SIZE  # U2netSession's
-    feeds = [BaseSession.normalize(holder, Image.open(p), mean, std, size) for p in paths]
+    feeds = [BaseSession.normalize(holder, Image.open(p), MEAN, STD, SIZE) for p in paths]
     _time_runs(sess, feeds, barrier, out)
 
 

@@ -172,10 +172,6 @@ def rembg_child(files: list[str], repeats: int, model: str = "u2netp") -> None:
     JSON row per size (each 2 x `repeats` consecutive files, size_inputs's)."""
     import rembg
 
-    if model == "u2net-int8":  # bgq's build, through rembg's own U2netSession code
-        from workers import quantized
-
-        quantized.register()
     session = rembg.new_session(model)
     rembg.remove(make_input(WARM_SIZE, 10**6), session=session)  # as a pool process's first task
     per_size = 2 * repeats

@@ -119,7 +119,7 @@ def report(names: list[str], model_home: Path) -> dict[str, dict[str, float]]:
     for name in names:
         probes[name] = child("--probe", name)
         print(line(f"probe: {name}", probes[name]))
-    for pair in [["u2netp", "u2net"], ["u2net", "u2net-int8"]]:
+    for pair in [["u2netp", "u2net"]]:
         if all(name in names for name in pair):
             key = "+".join(pair)
             probes[key] = child("--probe", *pair)

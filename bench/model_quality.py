@@ -1,8 +1,10 @@
 """Which model to use: u2netp and u2net-int8 against u2net fp32 (`make bench-quality`).
 
-On photos the int8 model was not calibrated on (scikit-image's sample photos), per photo: mean
-|mask - u2net's mask| / 255 and IoU of the masks at 0.5; then ms per inference at 320x320 with
-one onnxruntime thread for each model. `--int8 FILE ...` compares other builds (recipe tries).
+u2net-int8 is the dropped experiment (bench/quantize.py), built here into
+`$BGQ_HOME/bench/u2net-int8.onnx` when missing. On photos the int8 model was not calibrated on
+(scikit-image's sample photos), per photo: mean |mask - u2net's mask| / 255 and IoU of the masks
+at 0.5; then ms per inference at 320x320 with one onnxruntime thread for each model.
+`--int8 FILE ...` compares other builds (recipe tries).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench import quantize
 from bgq.settings import load_settings
 
 # scikit-image's photos with a subject (none of them is a calibration photo).
@@ -33,7 +36,7 @@ HELD_OUT = (
     "rocket.jpg",
 )
 REFERENCE = "u2net"
-MODELS = ("u2netp", "u2net-int8")
+MODELS = ("u2netp", quantize.NAME)
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,16 @@ def held_out_photos(names: tuple[str, ...] = HELD_OUT) -> dict[str, Image.Image]
 
 
 def session(name: str) -> Any:
-    """A rembg session with one intra-op thread, its weights under BGQ_HOME's models folder."""
+    """A rembg session with one intra-op thread, its weights fetched into BGQ_HOME's models
+    folder (u2net-int8's: built under `$BGQ_HOME/bench/`) if missing."""
     import onnxruntime as ort
     from rembg import new_session
 
     from workers import models
 
-    models.weights_path(name, load_settings().model_home)  # U2NET_HOME; registers u2net-int8
+    if name == quantize.NAME:
+        return int8_session(quantize.ensure())
+    models.fetch(name, load_settings().model_home)  # fetched if missing; sets U2NET_HOME
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     return new_session(name, sess_opts=opts)
@@ -129,21 +135,12 @@ def main() -> None:
 
 
 def int8_session(path: Path) -> Any:
-    """A u2net-int8 session on another file (a recipe try), through the same session class."""
+    """A u2net-int8 session on `path` (the build, or a recipe try), one intra-op thread."""
     import onnxruntime as ort
-
-    from workers import quantized
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    cls = quantized.session_class()
-
-    class Try(cls):  # type: ignore[misc, valid-type]
-        @classmethod
-        def download_models(cls, *a: Any, **k: Any) -> str:
-            return str(path)
-
-    return Try(quantized.NAME, opts)
+    return quantize.session_class(path)(quantize.NAME, opts)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """rembg's published table reproduced, per model, beside rembg itself: `make bench-models`.
 
-Prints, for u2netp, u2net and (when its weights are present) u2net-int8:
+Prints, for u2netp and u2net:
   1. the table's rows, 640x480 to 5120x2880: a bgq pool process (a local stack serving the
      model, each size sent twice at once, as `make bench-memory` does: the task's own seconds,
      ms per megapixel, peak RSS (VmHWM), USS and PSS) beside `rembg.remove()` in a plain process
@@ -8,8 +8,7 @@ Prints, for u2netp, u2net and (when its weights are present) u2net-int8:
   2. what a model costs a pool process (bench/model_costs.py: docs/memory.md's constants);
   3. the 1080p catalog (16 images, bench/catalog.py), alternating: `rembg p -m u2net`,
      `bgq ingest --model u2net` (workers running and warm, as after `bgq up`), the bare
-     onnxruntime limit of u2net (2 processes x 1 thread, prepared 320x320 inputs), and
-     `bgq ingest --model u2net-int8` when present;
+     onnxruntime limit of u2net (2 processes x 1 thread, prepared 320x320 inputs);
 then a summary of the target ratios. Figures, not a pass/fail test; about 6 minutes on 2 cores.
 """
 
@@ -28,7 +27,6 @@ from typing import Any
 
 from bench import ingest, memory, model_costs
 from bench.catalog import build
-from bgq import defaults
 from bgq.settings import Settings, load_settings, settings_env
 from bgq.stack import LocalStack
 from workers import models
@@ -46,40 +44,27 @@ SIZES = [
 PUBLISHED_MB = memory.PUBLISHED_MB
 PUBLISHED_S = {(1920, 1080): 3.6}
 MODELS = ["u2netp", "u2net"]
-INT8 = "u2net-int8"
 CATALOG = 16  # 1080p images
 MIB, MB = 2**20, 10**6
 TARGET_RSS = 0.6  # peak RSS of a pool process with u2net / rembg.remove()'s, every row
 TARGET_VS_BARE = 0.90  # bgq ingest --model u2net / bare onnxruntime u2net
 TARGET_VS_REMBG = 1.6  # bgq ingest --model u2net / rembg p -m u2net
-TARGET_INT8 = 1.8  # bgq ingest --model u2net-int8 / --model u2net
 
 
 def present_models(model_home: Path) -> list[str]:
-    """The models benchmarked: u2netp and u2net (fetched), u2net-int8 where bgq knows it and
-    its weights are there."""
+    """The models benchmarked: u2netp and u2net, fetched."""
     for name in MODELS:
         models.fetch(name, model_home)
-    if INT8 in defaults.MODELS and models.is_present(INT8, model_home):
-        return [*MODELS, INT8]
     return list(MODELS)
-
-
-def is_rembg_model(name: str) -> bool:
-    """True for a model rembg itself has (u2net-int8 is bgq's own)."""
-    from rembg.sessions import sessions
-
-    return name in sessions
 
 
 def table(base: Settings, work: Path, model: str, repeats: int) -> list[dict[str, Any]]:
     """The table's rows for `model`: bgq's pool processes, then rembg.remove() beside them."""
     settings = load_settings(home=work / f"home-{model}", models_dir=base.model_home, model=model)
     rows = memory.bench_bgq(settings, repeats, work / f"table-{model}.log", SIZES)
-    if is_rembg_model(model):
-        plain = memory.bench_rembg(work, settings, repeats, SIZES)
-        for row, other in zip(rows, plain, strict=True):
-            row["plain"] = other
+    plain = memory.bench_rembg(work, settings, repeats, SIZES)
+    for row, other in zip(rows, plain, strict=True):
+        row["plain"] = other
     return rows
 
 
@@ -170,7 +155,6 @@ def print_catalog(results: dict[str, list[float]], procs: int) -> dict[str, floa
         "rembg": "rembg p -m u2net (whole command)",
         "u2netp": "bgq ingest --model u2netp",
         "u2net": "bgq ingest --model u2net, cold, workers running",
-        INT8: f"bgq ingest --model {INT8}, cold, workers running",
         "bare": f"bare onnxruntime u2net, {procs} processes x 1 thread",
         "bare-bgq": "  the same through bgq's session (bgq's ORT options)",
     }
@@ -205,10 +189,9 @@ def summary(tables: dict[str, list[dict[str, Any]]], med: dict[str, float], wall
     for key, target, label in [
         ("bare", TARGET_VS_BARE, "bgq ingest u2net / bare onnxruntime u2net"),
         ("rembg", TARGET_VS_REMBG, "bgq ingest u2net / rembg p -m u2net  "),
-        (INT8, TARGET_INT8, f"bgq ingest {INT8} / u2net          "),
     ]:
         if key in med and "u2net" in med:
-            ratio = med[INT8] / med["u2net"] if key == INT8 else med["u2net"] / med[key]
+            ratio = med["u2net"] / med[key]
             verdict = "met" if ratio >= target else "NOT met"
             print(f"  {label}: {ratio:5.2f} (target >= {target}: {verdict})")
     print(f"  wall time: {wall / 60:.1f} min")

@@ -1,6 +1,7 @@
 """docs/img/models-grid.png: the sample photos cut out by u2netp, u2net and u2net-int8.
 
-`make models-grid` (after `bgq models fetch u2net-int8`): one row per photo, the photo then each
+u2net-int8 is the dropped experiment (bench/quantize.py; built under `$BGQ_HOME/bench/` when
+missing), shown for comparison. `make models-grid`: one row per photo, the photo then each
 model's cutout on a checkerboard, so that transparency shows. The sample photos (u2net-int8's
 calibration photos), then the two held-out photos where int8 agrees least with u2net
 (bench/model_quality.py).

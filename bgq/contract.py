@@ -20,10 +20,6 @@ from bgq.options import CONTENT_TYPES, FORMATS, REMBG_FIELDS, Options  # options
 # Bump whenever output pixels could change for the same input, model and options (the rembg
 # pin in pyproject.toml, or bgq's own pipeline code): old cache entries then stop matching.
 PIPELINE_VERSION = "1"
-# The u2net-int8 build (its md5: workers/quantized.py RECIPE) whose pixels the keys above name.
-# Changing the int8 build changes pixels under the same key: bump PIPELINE_VERSION or rename
-# the model, then record the new build's md5 here (tests/test_contract.py ties the two).
-U2NET_INT8_MD5 = "799299cb806bbb9ad6998247d43c92bf"
 
 TASK_NAME = "bgq.remove_background"
 INTERACTIVE = "interactive"  # lanes: a job waits in one, workers empty the interactive one first

@@ -20,7 +20,6 @@ MODELS = frozenset(
         "isnet-general-use",
         "silueta",
         "u2net",
-        "u2net-int8",  # u2net quantized here: workers/quantized.py
         "u2net_cloth_seg",
         "u2net_human_seg",
         "u2netp",
@@ -55,7 +54,7 @@ POOL_RUNTIME_MIB = 150  # MiB: interpreter and libraries, before any session
 # VmHWM - 17 x MP of the table's rows, two runs: u2netp 300-302, u2net 533-546 (u2netp's + 244 at
 # most; u2net's is loading's peak, at 640x480).
 MODEL_SESSION_MIB = {"u2netp": 200, "u2net": 440}
-# A model not measured here (u2net-int8 until measured, isnet, birefnet, ...): its weights file's
+# A model not measured here (isnet, birefnet, ...): its weights file's
 # MiB x u2net's session MiB per weights MiB (440 / 167.8 = 2.62: loading holds the file's bytes,
 # the parsed graph and the session's copy at once), and at least u2net's 440 (its working memory
 # for one inference); u2net's 440 while the file's size is unknown. birefnet-general's 928 MiB of

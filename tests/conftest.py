@@ -122,15 +122,6 @@ def u2net_weights(model_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def u2net_home(u2net_weights: Path) -> Path:
-    """model_home with u2net and u2net-int8 (built from it, once)."""
-    from workers import models
-
-    models.fetch("u2net-int8", u2net_weights)
-    return u2net_weights
-
-
-@pytest.fixture(scope="session")
 def reference(model_home: Path) -> Callable[..., bytes]:
     """rembg.remove() itself, in this process, with a fresh u2netp session.
 

@@ -15,7 +15,6 @@ from bgq import contract, defaults
 from bgq.contract import Counter, TaskArgs, cache_key, input_digest
 from bgq.errors import InvalidRequest
 from bgq.options import Options
-from workers import quantized
 
 REPO = Path(__file__).resolve().parent.parent
 DIGEST = input_digest(b"some image bytes")
@@ -49,10 +48,10 @@ def test_cache_key_changes_with_model() -> None:
     assert len(keys) == len(defaults.MODELS)
 
 
-def test_quantized_u2net_never_shares_u2nets_cache_entry() -> None:
-    """u2net-int8's pixels are not rembg's u2net's: neither its key nor its stored mask."""
-    assert key_of({}, model="u2net-int8") != key_of({}, model="u2net")
-    assert contract.mask_name(DIGEST, "u2net-int8") != contract.mask_name(DIGEST, "u2net")
+def test_each_model_has_its_own_stored_mask() -> None:
+    """u2net's masks are not u2netp's: one input's stored masks are named by model."""
+    names = {contract.mask_name(DIGEST, model) for model in defaults.MODELS}
+    assert len(names) == len(defaults.MODELS)
 
 
 @pytest.mark.parametrize(
@@ -85,14 +84,6 @@ def test_cache_key_changes_with_pipeline_version(monkeypatch: pytest.MonkeyPatch
     before = key_of({})
     monkeypatch.setattr(contract, "PIPELINE_VERSION", contract.PIPELINE_VERSION + ".next")
     assert key_of({}) != before
-
-
-def test_the_int8_build_is_the_one_the_pipeline_version_names() -> None:
-    """u2net-int8's pixels are in its cache keys only through PIPELINE_VERSION and its name."""
-    assert quantized.RECIPE.md5 == contract.U2NET_INT8_MD5, (
-        "changing the int8 build changes pixels under the same key: bump PIPELINE_VERSION or "
-        "rename the model, then record the new md5 in bgq.contract.U2NET_INT8_MD5"
-    )
 
 
 @pytest.mark.parametrize(
@@ -375,9 +366,6 @@ def test_from_kwargs_rejects_a_missing_field() -> None:
 def test_models_are_local_rembg_sessions_without_credentials() -> None:
     from rembg.sessions import sessions, sessions_names
 
-    from workers import quantized
-
-    quantized.register()  # bgq's own session (u2net-int8), as the workers register it
     assert set(sessions_names) >= defaults.MODELS
     for name in defaults.MODELS:
         session = sessions[name]

