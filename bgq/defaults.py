@@ -136,6 +136,7 @@ SHUTDOWN_GRACE = 25.0  # seconds running jobs may finish after SIGTERM
 # deploy/ gives grace + this (40 s: Kubernetes' default 30 s is raised, docs/operations.md).
 SHUTDOWN_MARGIN = 15.0
 DRAIN_TICK = 0.2  # seconds between a stopping worker's checks of its running jobs
+DRAIN_STALL = 5.0  # seconds without a tick after which a stopping worker's event loop is stuck
 REDIS_READY_TIMEOUT = 10  # seconds to wait for an embedded redis-server to answer
 
 # Redis connections (bgq.connections).

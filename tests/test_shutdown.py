@@ -21,7 +21,7 @@ import pytest
 import redis
 from kombu.transport.redis import Channel
 
-from bgq import contract
+from bgq import contract, lanes
 from bgq.contract import MASKS, TaskArgs, input_digest
 from bgq.fileio import is_temporary
 from bgq.options import Options
@@ -430,5 +430,53 @@ def test_sigterm_while_the_broker_is_down_still_stops_the_worker(
     finally:
         gate.remove()
         producer.close()
+        stack.stop()
+        group.stop()
+
+
+def unread(port: int) -> int:
+    """Bytes sent to the server on this loopback port that it has not read (/proc/net/tcp)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _remote, _state, queues = line.split()[1:5]
+        if int(local.split(":")[1], 16) == port:
+            total += int(queues.split(":")[1], 16)
+    return total
+
+
+def test_sigterm_stops_a_worker_whose_event_loop_retries_the_broker_for_ever(
+    tmp_path: Path, model_home: Path
+) -> None:
+    """Redis dies while the worker's event loop waits for its reply (Celery's heartbeat, whose
+    publish retries the broker with no bound): no tick runs, yet the consumer is up. SIGTERM,
+    and the parent-death SIGTERM of an embedded stack's worker (`bgq ingest` killed), still end
+    it, exit 0, once the grace is over; before, it slept in that retry for ever."""
+    group = Servers(tmp_path / "redis")
+    server = group.start("broker")
+    home = tmp_path / "home"
+    grace = 2.0
+    settings = Settings(  # type: ignore[call-arg]
+        home=home, models_dir=model_home, concurrency=1, shutdown_grace=grace, lease=600,
+        redis_url=f"redis://127.0.0.1:{server.port}/0",
+    )  # fmt: skip
+    stack = LocalStack(settings, log=home / "worker.log")
+    try:
+        stack.start()
+        assert stack.worker is not None and server.proc is not None
+        # Freeze Redis just after a lane beat: the next call to Redis, the heartbeat's (every
+        # 2 s; lane beats every 5 s, lease beats every 100 s), waits for its reply.
+        beat = lanes.beat_file(settings.run_dir, stack.hostname)
+        wait_for(beat.exists, 30, "a lane beat")
+        first = beat.stat().st_mtime_ns
+        wait_for(lambda: beat.stat().st_mtime_ns != first, 30, "the next lane beat")
+        server.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: unread(server.port), 10, "a request to wait in the frozen Redis")
+        sent = terminate(stack)
+        server.kill()  # the wait fails; the heartbeat's publish retries, the loop stays stuck
+        assert stack.worker.wait(timeout=grace + 30) == 0
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM, the event loop stuck on a dead broker: exit after {exited:.2f} s")
+        assert exited < grace + 10, exited
+    finally:
         stack.stop()
         group.stop()

@@ -97,6 +97,8 @@ class GracefulShutdown(bootsteps.StartStopStep):
         self.draining = False
         self.done = False
         self.tref: Any = None
+        self.ticked = 0.0  # monotonic time of the event loop's last tick
+        self.watchdog: threading.Timer | None = None
 
     def start(self, consumer: Consumer) -> None:
         for name in HANDLED:  # after Celery's own handlers, which Worker.on_start installed
@@ -116,17 +118,20 @@ class GracefulShutdown(bootsteps.StartStopStep):
     def on_signal(self, signum: int, _frame: object) -> None:
         """Note the time (the event loop does the work); a second signal ends the grace now.
         With no event loop running (the consumer reconnecting to the broker), stop as Celery
-        would: its connection retries check the flag, and Redis keeps what it holds."""
+        would: its connection retries check the flag, and Redis keeps what it holds. Either
+        way a watchdog ends the grace should the event loop not tick then: it may be stuck in
+        a call that retries the broker forever (Celery's heartbeat publishes with no bound)."""
         now = time.monotonic()
         if self.signalled is None:
             self.signalled, self.deadline = now, now + self.grace
         else:
             self.deadline = now
         if self.tref is None:
-            state.should_stop = platforms.EX_OK
-            self.arm_expiry()  # Celery's warm stop would wait for running jobs unbounded
+            state.should_stop = platforms.EX_OK  # Celery's warm stop would wait unbounded
+        self.arm_expiry()
 
     def tick(self, consumer: Consumer) -> None:
+        self.ticked = time.monotonic()
         if self.deadline is None or self.done:
             return
         if not self.draining:
@@ -190,26 +195,35 @@ class GracefulShutdown(bootsteps.StartStopStep):
             # The consumer stopped mid-grace (its broker connection lost): no event loop ticks
             # while it reconnects, perhaps never (the stack's Redis died with it). End the grace
             # from a thread; a consumer back by then ticks again and this does nothing.
+            log.warning("graceful shutdown: the broker is out of reach")
             self.arm_expiry()
 
-    def arm_expiry(self) -> None:
-        """End the grace from a thread: no event loop ticks while the consumer reconnects."""
+    def arm_expiry(self, wait: float | None = None) -> None:
+        """End the grace from a thread, unless the event loop is ticking then (see `expire`)."""
         assert self.deadline is not None
-        wait = max(0.0, self.deadline - time.monotonic())
-        log.warning("graceful shutdown: the broker is out of reach; %.1f s of grace left", wait)
-        timer = threading.Timer(wait, self.expire)
-        timer.daemon = True
-        timer.start()
+        if wait is None:
+            wait = max(0.0, self.deadline - time.monotonic())
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.watchdog = threading.Timer(wait, self.expire)
+        self.watchdog.daemon = True
+        self.watchdog.start()
 
     def expire(self) -> None:
-        """The grace ended with no event loop running: exit now, running jobs' pool processes
-        killed first (nothing can be handed back with the broker out of reach: their leases
-        bring them back). Not through Celery's shutdown, which needs the pool's pipes served
-        by the event loop that is not running."""
-        if self.tref is not None or self.done:
+        """The grace ended: a ticking event loop does the work (`tick`); else exit now, running
+        jobs' pool processes killed first (nothing can be handed back with the broker out of
+        reach: their leases bring them back). The loop does not tick while the consumer
+        reconnects, nor while a call in it retries the broker with no bound. Not through
+        Celery's shutdown, which needs the pool's pipes served by the event loop."""
+        if self.done:
+            return
+        if self.tref is not None and time.monotonic() - self.ticked < defaults.DRAIN_STALL:
+            self.arm_expiry(defaults.DRAIN_STALL)  # look again, should the loop stop later
             return
         self.done = True
-        log.warning("graceful shutdown: the grace ended with the broker out of reach; exiting")
+        log.warning(
+            "graceful shutdown: the grace ended with the broker out of reach (no tick); exiting"
+        )
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 child.kill()
