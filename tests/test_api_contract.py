@@ -70,7 +70,7 @@ REMOVEBG_ACROSS_FIELDS = (
 POSITIVE_STATUSES = ["2xx", "3xx", "400", "401", "404", "409", "413", "415", "422", "429"]
 KEY = "contract-test-key"
 # Submissions carry RateLimit fields in both lanes; bulk ones soon meet their 429.
-LIMITS = "*: interactive.rpm=100000 bulk.rpm=2 bulk.jobs=1"
+LIMITS = "*: interactive.rpm=100000 bulk.rpm=1 bulk.jobs=1"
 
 # What `schemathesis run` does: every check, every phase (examples, coverage, fuzzing,
 # stateful), positive and negative data; bounded and derandomised so a run is short and

@@ -14,14 +14,22 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bgq import contract, jobs, quotas
+from bgq import contract, jobs, lanes, quotas
 from bgq.settings import Settings
 from bgq.stack import LocalStack
 from producer import Producer
 from producer.api import ratelimit
 from producer.api.errors import ApiError
 from producer.api.metrics import Metrics
-from tests.helpers import JPEG, bgq_in_process, error_of, settle_polls, variant, wait_for
+from tests.helpers import (
+    JPEG,
+    StandInWorker,
+    bgq_in_process,
+    error_of,
+    settle_polls,
+    variant,
+    wait_for,
+)
 
 
 def client(url: str, key: str) -> httpx.Client:
@@ -50,20 +58,29 @@ def limited(url: str) -> dict[tuple[str, str, str], float]:
 
 @pytest.fixture
 def bulk_paused(api_stack: LocalStack, redis_client: redis.Redis) -> Iterator[Callable[[], None]]:
-    """The stack's worker stops taking bulk jobs (they stay outstanding) until `resume()`."""
+    """The stack's worker stops taking bulk jobs (they stay outstanding) until `resume()`.
+
+    Meanwhile a stand-in entry says the bulk lane is served (the worker's own entry no longer
+    does once it stops consuming it), so bulk submissions are accepted and wait: it stays
+    until the test ends, past the worker's next beat after `resume()`."""
     app = Producer(api_stack.settings.model_copy(update={"redis_url": api_stack.url})).app
     where = {"destination": [api_stack.hostname], "reply": True}
-    app.control.cancel_consumer(contract.BULK_QUEUE, **where)
-    settle_polls(redis_client)
-    resumed: list[bool] = []
+    with StandInWorker(api_stack.url, lanes=(contract.BULK,)):
+        app.control.cancel_consumer(contract.BULK_QUEUE, **where)
+        settle_polls(redis_client)
+        resumed: list[bool] = []
 
-    def resume() -> None:
-        if not resumed:
-            app.control.add_consumer(contract.BULK_QUEUE, **where)
-            resumed.append(True)
+        def resume() -> None:
+            if not resumed:
+                app.control.add_consumer(contract.BULK_QUEUE, **where)
+                resumed.append(True)
 
-    yield resume
-    resume()
+        yield resume
+        resume()
+        wait_for(  # the worker's own entry serves the bulk lane again: the stand-in may go
+            lambda: contract.BULK in lanes.capacity(redis_client)[api_stack.hostname].lanes,
+            what="the worker's entry to serve the bulk lane again",
+        )
 
 
 def test_requests_per_minute_hold_across_two_api_processes(serve: Callable[..., str]) -> None:
