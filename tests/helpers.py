@@ -234,6 +234,13 @@ class LocalStackControl:
         for queue in contract.IMAGE_QUEUES:  # in order: added consumers go last
             self.app.control.add_consumer(queue, destination=[self.hostname], reply=True)
         if self.stand_in is not None:
+            # The worker's entry says which lanes it consumes from its next beat on: until
+            # then the stand-in keeps them served (a producer asking meanwhile is not refused).
+            client = self.stand_in.client
+            wait_for(
+                lambda: set(contract.LANES) <= set(lanes.capacity(client)[self.hostname].lanes),
+                what="the worker's entry to serve every lane again",
+            )
             self.stand_in.close()
             self.stand_in = None
 
