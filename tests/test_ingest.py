@@ -122,11 +122,17 @@ def test_the_default_run_id_names_the_host_and_the_source(tmp_path: Path) -> Non
     assert contract.check_run(first) == first and first.startswith(socket.gethostname()[:8])
 
 
-def results(env: dict[str, str]) -> dict[str, float]:
-    """The store's results and their last writes, as the ingest's environment configures it."""
+def results(env: dict[str, str]) -> dict[str, int | None]:
+    """The store's results, as the ingest's environment configures it, each with its file's
+    inode on a directory store (a result written again is a new file: writes are atomic
+    renames), else None. Not its mtime: that is prune's clock of last use, and a cache hit
+    re-stamps a result older than USE_RESOLUTION."""
     values = {k.removeprefix("BGQ_").lower(): v for k, v in env.items() if k.startswith("BGQ_")}
     store = open_store(Settings(**values))  # type: ignore[arg-type]
-    return {entry.name: entry.mtime for entry in store.scan(RESULTS)}
+    return {
+        entry.name: (path.stat().st_ino if (path := store.local_path(entry.name)) else None)
+        for entry in store.scan(RESULTS)
+    }
 
 
 def store_env(store_settings: dict[str, object]) -> dict[str, str]:
@@ -169,7 +175,12 @@ def test_resume_after_the_ingest_process_is_killed(
     assert {r["status"] for r in rows.values()} <= {"done", "cached"}
     after = results(env)
     assert len(after) == 8
-    assert all(after[key] == mtime for key, mtime in before.items())  # nothing computed twice
+    # Nothing computed twice: each result the first run left is a cache hit of the second
+    # (not enqueued again), and a message of the first run handed to the second's worker
+    # found its result stored and wrote nothing.
+    status = {f"{r['key']}.png": r["status"] for r in rows.values()}
+    assert {name: status[name] for name in before} == dict.fromkeys(before, "cached")
+    assert all(after[name] == inode for name, inode in before.items())
     assert len(list(out.glob("*.png"))) == 8
 
 
