@@ -119,7 +119,7 @@ def install_page(app: FastAPI, settings: Settings, store: Store) -> None:
 
 def page_config(settings: Settings, models: list[str]) -> dict[str, Any]:
     """What the page needs to know about this API: the models offered (none: the page says no
-    worker serves any), defaults, limits, whether keys."""
+    worker serves any), defaults, limits, whether keys, the options' patterns and words."""
     return {
         "version": bgq.__version__,
         "model": settings.model,
@@ -127,7 +127,20 @@ def page_config(settings: Settings, models: list[str]) -> dict[str, Any]:
         "auth": bool(settings.api_key_list),
         "max_upload_bytes": settings.max_upload_bytes,
         "quality": defaults.QUALITY,
-        "patterns": {"length": options.LENGTH_PATTERN, "canvas": options.CANVAS_PATTERN},
+        "patterns": {
+            "length": options.LENGTH_PATTERN,
+            "margin": options.MARGIN_PATTERN,
+            "canvas": options.CANVAS_PATTERN,
+            "roi": options.ROI_PATTERN,
+            "scale": options.SCALE_PATTERN,
+            "position": options.POSITION_PATTERN,
+            "number": options.NUMBER_PATTERN,
+        },
+        "fit_max_megapixels": defaults.FIT_MAX_MEGAPIXELS,
+        # What each option must be, in the API's own words (the page refuses with them too).
+        "must": {
+            name: text for name, text in options.MUST.items() if name not in options.PYTHON_ONLY
+        },
     }
 
 

@@ -4,7 +4,7 @@
 // as an Authorization header, never in a URL.
 import { currentFields, setUpOptions } from "./options.js";
 import { Gone, Unreachable, call, describe, retryAfter, temporary } from "./api.js";
-import { resultName, save, zipResults } from "./files.js";
+import { resultName, save, showResult, zipResults } from "./files.js";
 
 const config = JSON.parse(document.getElementById("bgq-config").textContent);
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -378,7 +378,7 @@ async function fetchResult(item) {
   if (item.removed) throw new Gone();
   item.blob = blob;
   item.resultUrl = URL.createObjectURL(blob);
-  $(".result img", item.el).src = item.resultUrl;
+  showResult(item);
   item.state = "done";
   item.error = "";
   update(item);

@@ -1,5 +1,11 @@
-// Names and files of results: a download's name, saving a blob, the zip of "Download all".
-const EXTENSIONS = { "image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg" };
+// Results as files: a card's preview, a download's name, saving a blob, the zip of "Download all".
+const ZIP = "application/zip"; // format=zip: colour JPEG + alpha PNG, which no <img> shows
+const EXTENSIONS = {
+  "image/png": ".png",
+  "image/webp": ".webp",
+  "image/jpeg": ".jpg",
+  [ZIP]: ".zip",
+};
 
 /** A safe file name for a result: the input's name, its extension the result's format. */
 export function resultName(item) {
@@ -9,6 +15,16 @@ export function resultName(item) {
     .replace(/\.[A-Za-z0-9]{1,5}$/, "");
   const type = item.blob ? item.blob.type : "";
   return (stem.slice(0, 120) || "image") + (EXTENSIONS[type] || ".png");
+}
+
+/** Show a fetched result on its card: an image as its preview, a zip as words. */
+export function showResult(item) {
+  const zip = item.blob.type === ZIP;
+  const img = item.el.querySelector(".result img");
+  img.hidden = zip;
+  item.el.querySelector(".result .packed").hidden = !zip;
+  if (zip) img.removeAttribute("src");
+  else img.src = item.resultUrl;
 }
 
 export function save(blob, name) {

@@ -1,7 +1,9 @@
 // The options form of bgq's web page: which fields apply, and the API fields it stands for.
+// Patterns and the words of a refusal are the API's own, from the page's config.
 const $ = (selector, root = document) => root.querySelector(selector);
 const form = $("#options");
 const field = (id) => $(`#${id}`, form);
+const DEFAULTS = { position: "center" }; // a field at its default is not sent
 
 export function setUpOptions(config) {
   for (const name of config.models) {
@@ -14,46 +16,54 @@ export function setUpOptions(config) {
   syncOptions();
 }
 
-/** Enable only what applies: quality to webp/jpeg, margin to crop, padding to a canvas. */
+/** Enable only what applies: quality to webp, jpeg and zip, margin to crop, padding to a
+ *  canvas, scale to no canvas, position to a canvas or a scale. */
 function syncOptions() {
   field("quality").disabled = field("format").value === "png";
   field("crop_margin").disabled = !field("crop").checked;
   const canvas = field("canvas").value.trim() !== "";
   field("padding").disabled = !canvas;
-  field("position").disabled = !canvas;
+  field("scale").disabled = canvas;
+  field("position").disabled = !canvas && field("scale").value.trim() === "";
   field("bgcolor").disabled = !field("use-bgcolor").checked;
   $("#options-error").textContent = "";
   for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
 }
 
 /** The form fields of the current options (only those that differ from the defaults), or
- *  null with the fault shown when a value cannot be right. */
+ *  null with the fault shown, in the API's words, when a value cannot be right. A value that
+ *  passes here may still be refused by the API (a roi's x2 before its x1): its card says so. */
 export function currentFields(config) {
   const fields = [["model", field("model").value]];
   const text = (id) => (field(id).disabled ? "" : field(id).value.trim());
-  const check = (id, pattern, words) => {
+  const check = (id, pattern, within = () => true) => {
     const value = text(id);
-    if (value === "") return true;
-    if (new RegExp(pattern).test(value)) {
+    if (value === "" || value === DEFAULTS[id]) return true;
+    if (new RegExp(pattern).test(value) && within(value)) {
       fields.push([id, value]);
       return true;
     }
     field(id).setAttribute("aria-invalid", "true");
-    $("#options-error").textContent = `${id.replace("_", " ")}: ${words}`;
+    $("#options-error").textContent = `${id}: ${config.must[id]}`;
     field(id).focus();
     return false;
   };
   const format = field("format").value;
   if (format !== "png") fields.push(["format", format]);
-  if (!check("quality", "^(100|[1-9][0-9]?)$", "a whole number from 1 to 100")) return null;
   if (field("crop").checked) fields.push(["crop", "true"]);
-  const length = config.patterns.length;
-  if (!check("crop_margin", length, "a length such as 20px or 5%")) return null;
-  if (!check("canvas", config.patterns.canvas, "width x height in pixels, such as 1000x1000")) return null;
-  if (!check("padding", length, "a length such as 40px or 5%")) return null;
-  if (!field("position").disabled && field("position").value !== "center") {
-    fields.push(["position", field("position").value]);
-  }
+  const { length, margin, canvas, roi, scale, position, number } = config.patterns;
+  const megapixels = (value) => Number(value) > 0 && Number(value) <= config.fit_max_megapixels;
+  const checks = [
+    ["quality", "^(100|[1-9][0-9]?)$"],
+    ["roi", roi],
+    ["crop_margin", margin],
+    ["canvas", canvas],
+    ["padding", length],
+    ["scale", scale],
+    ["position", position],
+    ["fit_megapixels", number, megapixels],
+  ];
+  if (!checks.every(([id, pattern, within]) => check(id, pattern, within))) return null;
   if (field("use-bgcolor").checked) {
     const hex = field("bgcolor").value; // #rrggbb
     const rgb = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
