@@ -31,7 +31,7 @@ from playwright.sync_api import (
 )
 
 from bgq import contract
-from bgq.options import Options
+from bgq.options import MUST, ROI_ORDER, Options
 from bgq.redis_server import EmbeddedRedis
 from bgq.stack import LocalStack
 from producer.api import page as web
@@ -277,23 +277,48 @@ def test_upload_preview_download(
         assert any(url.startswith(str(bucket)) for _, url, _ in watched.requests)
 
 
+# A value of each field the page refuses itself, in the API's words, before anything is sent;
+# the last field of each is the one refused (position applies only with a canvas or a scale).
+REFUSED_BY_THE_PAGE = [
+    {"canvas": "0x10"},
+    {"crop_margin": "5% 5% 5%"},
+    {"roi": "10 10 50%"},
+    {"scale": "5%"},
+    {"scale": "50%", "position": "left"},
+    {"fit_megapixels": "0"},
+]
+# Shaping options from the form: a roi (which the key proves the API received), the subject at
+# half the frame on its floor's left corner, and the whole fitted within 0.05 MP.
+SHAPED = {"roi": "0 0 50% 100%", "scale": "50%", "position": "0% 100%", "fit_megapixels": "0.05"}
+
+
 def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., str]) -> None:
-    """Output options from the form, an image by URL, a bad option refused before sending."""
+    """Output options from the form, an image by URL, bad options refused before sending (or
+    by the API, in its words), shaping options and a zip result."""
     base = serve(fetch_allow_private=True)  # the image server is on loopback
     with ImageServer() as photos:
         watched = Watched(context, base)
         page = watched.page
         page.select_option("#format", "jpeg")
-        page.fill("#canvas", "0x10")
         page.click(".urls summary")
         page.fill("#urls", f"{photos.url}/photos/anime-girl-1.jpg")
-        page.click("#add-urls")
-        expect(page.locator("#options-error")).to_contain_text("canvas: width x height")
+        page.check("#crop")
+        for values in REFUSED_BY_THE_PAGE:
+            for name, value in values.items():
+                page.fill(f"#{name}", value)
+            page.click("#add-urls")
+            refused = list(values)[-1]
+            expect(page.locator("#options-error")).to_have_text(f"{refused}: {MUST[refused]}")
+            expect(page.locator(f"#{refused}")).to_have_attribute("aria-invalid", "true")
+            for name in reversed(values):  # a position is disabled again once scale is empty
+                page.fill(f"#{name}", "")
+        page.uncheck("#crop")
         expect(page.locator(".job")).to_have_count(0)
+        assert not watched.calls("POST", r"/v1/jobs$")
 
         page.fill("#canvas", "300x200")
         page.fill("#padding", "10%")
-        page.select_option("#position", "bottom")
+        page.fill("#position", "bottom")
         page.fill("#urls", f"{photos.url}/photos/anime-girl-1.jpg\n{photos.url}/page.html")
         page.click("#add-urls")
         watched.final(2)
@@ -318,6 +343,51 @@ def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., s
         assert (img.format, img.size) == ("JPEG", (300, 200))
     html = watched.job("page.html")
     expect(html.locator(".error")).to_contain_text("Refused: cannot fetch image_url (not_an_image)")
+
+    # A roi the page lets through (its pattern fits) but the API refuses: the API's words.
+    page.fill("#canvas", "")
+    page.select_option("#format", "zip")
+    page.fill("#roi", "50% 0 10% 100%")
+    drop(page, "backwards.jpg", variant("car-1.jpg", (40, 40, 440, 340)))
+    watched.final(4)
+    backwards = watched.job("backwards.jpg").locator(".error")
+    expect(backwards).to_have_text(f"Refused: invalid options: roi: {ROI_ORDER}")
+    _shaped_zip(watched)
+
+
+def _shaped_zip(watched: Watched) -> None:
+    """SHAPED and format=zip from the form: the API got them all (the job id is their key),
+    the card says zip instead of a broken preview, the download is NAME.zip whose colour JPEG
+    and alpha PNG open, fitted within 0.05 MP, the subject scaled into the bottom-left quarter."""
+    page = watched.page
+    for name, value in SHAPED.items():
+        page.fill(f"#{name}", value)
+    car = variant("car-1.jpg", (60, 60, 460, 360))
+    drop(page, "zipped.jpg", car)
+    watched.final(5)
+    zipped = watched.job("zipped.jpg")
+    expect(zipped).to_have_attribute("data-state", "done")
+    expect(zipped).to_have_attribute("data-job", key_of(car, format="zip", **SHAPED))
+    expect(zipped.locator(".packed")).to_be_visible()
+    expect(zipped.locator(".result img")).to_be_hidden()
+    assert zipped.locator(".result img").get_attribute("src") is None
+    with page.expect_download() as info:
+        zipped.locator("a.download").click()
+    assert info.value.suggested_filename == "zipped.zip"
+    with zipfile.ZipFile(info.value.path()) as archive:
+        assert archive.namelist() == ["color.jpg", "alpha.png"]
+        color = Image.open(io.BytesIO(archive.read("color.jpg")))
+        alpha = Image.open(io.BytesIO(archive.read("alpha.png")))
+    assert (color.format, color.mode, alpha.format, alpha.mode) == ("JPEG", "RGB", "PNG", "L")
+    width, height = alpha.size
+    assert color.size == alpha.size and 45_000 < width * height <= 50_000  # 400x300 fitted
+    box = alpha.getbbox()
+    assert box and box[0] <= 1 and box[3] == height, box  # on the floor, at the left
+    # Scaled to fill half the frame on its limiting axis, within half on the other: give or
+    # take the few pixels LANCZOS spreads an edge over when fit shrinks it.
+    shares = (box[2] / width, (height - box[1]) / height)
+    assert abs(max(shares) - 0.5) < 0.02 and min(shares) < 0.52, (box, alpha.size)
+    assert not watched.errors, watched.errors
 
 
 def test_many_images_at_once(context: BrowserContext, base: str, tmp_path: Path) -> None:
