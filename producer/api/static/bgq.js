@@ -146,7 +146,10 @@ function reset(item) {
   Object.assign(item, { job: null, cached: false, error: "", blob: null, resultUrl: null });
   item.limited = false;
   item.abort = new AbortController();
-  $(".result img", item.el).removeAttribute("src");
+  const img = $(".result img", item.el);
+  img.removeAttribute("src");
+  img.hidden = false; // a zip result hid it
+  $(".result .packed", item.el).hidden = true;
 }
 
 // -- submitting ------------------------------------------------------------------------------
