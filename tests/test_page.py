@@ -369,7 +369,7 @@ def _shaped_zip(watched: Watched) -> None:
     expect(zipped).to_have_attribute("data-state", "done")
     expect(zipped).to_have_attribute("data-job", key_of(car, format="zip", **SHAPED))
     expect(zipped.locator(".packed")).to_be_visible()
-    expect(zipped.locator(".result img")).to_be_hidden()
+    expect(zipped.locator(".result img")).to_have_attribute("hidden", "")
     assert zipped.locator(".result img").get_attribute("src") is None
     with page.expect_download() as info:
         zipped.locator("a.download").click()
