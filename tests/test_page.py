@@ -346,7 +346,12 @@ def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., s
 
     # A roi the page lets through (its pattern fits) but the API refuses: the API's words.
     page.fill("#canvas", "")
-    page.select_option("#format", "zip")
+    page.check("#use-bgcolor")
+    page.click(".advanced summary")
+    page.check("#only_mask")
+    page.select_option("#format", "zip")  # which the API refuses with either: they are not sent
+    for switch in ("#use-bgcolor", "#bgcolor", "#only_mask"):
+        expect(page.locator(switch)).to_be_disabled()
     page.fill("#roi", "50% 0 10% 100%")
     drop(page, "backwards.jpg", variant("car-1.jpg", (40, 40, 440, 340)))
     watched.final(4)

@@ -16,16 +16,20 @@ export function setUpOptions(config) {
   syncOptions();
 }
 
-/** Enable only what applies: quality to webp, jpeg and zip, margin to crop, padding to a
- *  canvas, scale to no canvas, position to a canvas or a scale. */
+/** Enable only what applies, so the form never sends a combination the API always refuses:
+ *  quality to webp, jpeg and zip, margin to crop, padding to a canvas, scale to no canvas,
+ *  position to a canvas or a scale, a background colour and mask only to anything but zip. */
 function syncOptions() {
+  const zip = field("format").value === "zip";
   field("quality").disabled = field("format").value === "png";
   field("crop_margin").disabled = !field("crop").checked;
   const canvas = field("canvas").value.trim() !== "";
   field("padding").disabled = !canvas;
   field("scale").disabled = canvas;
   field("position").disabled = !canvas && field("scale").value.trim() === "";
-  field("bgcolor").disabled = !field("use-bgcolor").checked;
+  field("use-bgcolor").disabled = zip;
+  field("bgcolor").disabled = zip || !field("use-bgcolor").checked;
+  field("only_mask").disabled = zip;
   $("#options-error").textContent = "";
   for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
 }
@@ -64,13 +68,13 @@ export function currentFields(config) {
     ["fit_megapixels", number, megapixels],
   ];
   if (!checks.every(([id, pattern, within]) => check(id, pattern, within))) return null;
-  if (field("use-bgcolor").checked) {
+  if (!field("bgcolor").disabled) {
     const hex = field("bgcolor").value; // #rrggbb
     const rgb = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
     fields.push(["bgcolor", `${rgb.join(",")},255`]);
   }
   for (const flag of ["alpha_matting", "post_process_mask", "only_mask"]) {
-    if (field(flag).checked) fields.push([flag, "true"]);
+    if (field(flag).checked && !field(flag).disabled) fields.push([flag, "true"]);
   }
   return fields;
 }
