@@ -87,6 +87,7 @@ _BOOL = "must be true or false"
 _BYTES = "must be an integer from 0 to 255"
 _LENGTH = "must be pixels (such as 20px) or a percentage up to 100 (5%)"
 ZIP_HOLDS = "zip holds the subject's colours and alpha"
+QUALITY_RANGE = (1, 100)  # the lowest and highest quality a request may ask for
 MUST = {
     "alpha_matting": _BOOL,
     "alpha_matting_foreground_threshold": _BYTES,
@@ -96,7 +97,7 @@ MUST = {
     "post_process_mask": _BOOL,
     "bgcolor": "must be r,g,b,a: four integers from 0 to 255",
     "format": "must be png, webp, jpeg or zip",
-    "quality": "must be an integer from 1 to 100",
+    "quality": f"must be an integer from {QUALITY_RANGE[0]} to {QUALITY_RANGE[1]}",
     "crop": _BOOL,
     "crop_margin": "must be one, two (TB LR) or four (T R B L) lengths: pixels (such as 20px) "
     "or percentages up to 100 (5%), separated by single spaces",
@@ -177,7 +178,8 @@ class Options(BaseModel):
     post_process_mask: bool = False
     bgcolor: tuple[Threshold, Threshold, Threshold, Threshold] | None = None
     format: Format = "png"
-    quality: Annotated[int, Field(ge=1, le=100)] | None = None  # webp and jpeg; png ignores it
+    # webp, jpeg and zip; png ignores it
+    quality: Annotated[int, Field(ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1])] | None = None
     crop: bool = False
     crop_margin: str = "0"
     canvas: str | None = None

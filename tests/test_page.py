@@ -280,6 +280,7 @@ def test_upload_preview_download(
 # A value of each field the page refuses itself, in the API's words, before anything is sent;
 # the last field of each is the one refused (position applies only with a canvas or a scale).
 REFUSED_BY_THE_PAGE = [
+    {"quality": "101"},
     {"canvas": "0x10"},
     {"crop_margin": "5% 5% 5%"},
     {"roi": "10 10 50%"},
@@ -312,6 +313,10 @@ def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., s
             expect(page.locator(f"#{refused}")).to_have_attribute("aria-invalid", "true")
             for name in reversed(values):  # a position is disabled again once scale is empty
                 page.fill(f"#{name}", "")
+        page.locator("#quality").press_sequentially("1e")  # not a number: the field's value is ""
+        page.click("#add-urls")
+        expect(page.locator("#options-error")).to_have_text(f"quality: {MUST['quality']}")
+        page.fill("#quality", "")
         page.uncheck("#crop")
         expect(page.locator(".job")).to_have_count(0)
         assert not watched.calls("POST", r"/v1/jobs$")

@@ -136,6 +136,7 @@ def page_config(settings: Settings, models: list[str]) -> dict[str, Any]:
             "position": options.POSITION_PATTERN,
             "number": options.NUMBER_PATTERN,
         },
+        "quality_range": options.QUALITY_RANGE,  # an integer within it, both included
         "fit_max_megapixels": defaults.FIT_MAX_MEGAPIXELS,
         # What each option must be, in the API's own words (the page refuses with them too).
         "must": {

@@ -11,6 +11,7 @@ export function setUpOptions(config) {
   }
   $("#no-models").hidden = config.models.length > 0; // only models some live worker serves
   field("quality").placeholder = String(config.quality);
+  [field("quality").min, field("quality").max] = config.quality_range.map(String);
   form.addEventListener("input", syncOptions);
   form.addEventListener("change", syncOptions);
   syncOptions();
@@ -42,9 +43,10 @@ export function currentFields(config) {
   const text = (id) => (field(id).disabled ? "" : field(id).value.trim());
   const check = (id, pattern, within = () => true) => {
     const value = text(id);
-    if (value === "" || value === DEFAULTS[id]) return true;
-    if (new RegExp(pattern).test(value) && within(value)) {
-      fields.push([id, value]);
+    const bad = !field(id).disabled && field(id).validity.badInput; // a number field's nonsense
+    if (!bad && (value === "" || value === DEFAULTS[id])) return true;
+    if (!bad && new RegExp(pattern).test(value) && within(value)) {
+      fields.push([id, id === "quality" ? String(Number(value)) : value]);
       return true;
     }
     field(id).setAttribute("aria-invalid", "true");
@@ -57,8 +59,11 @@ export function currentFields(config) {
   if (field("crop").checked) fields.push(["crop", "true"]);
   const { length, margin, canvas, roi, scale, position, number } = config.patterns;
   const megapixels = (value) => Number(value) > 0 && Number(value) <= config.fit_max_megapixels;
+  const [lowest, highest] = config.quality_range;
+  const quality = (value) =>
+    Number.isInteger(Number(value)) && Number(value) >= lowest && Number(value) <= highest;
   const checks = [
-    ["quality", "^(100|[1-9][0-9]?)$"],
+    ["quality", number, quality],
     ["roi", roi],
     ["crop_margin", margin],
     ["canvas", canvas],
