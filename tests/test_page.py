@@ -288,6 +288,16 @@ REFUSED_BY_THE_PAGE = [
     {"scale": "50%", "position": "left"},
     {"fit_megapixels": "0"},
 ]
+# How the page's refusals name a field: its label, and the API's name where that differs.
+NAMED = {
+    "quality": "Quality",
+    "canvas": "Canvas",
+    "crop_margin": "Crop margin (crop_margin)",
+    "roi": "Region (roi)",
+    "scale": "Scale",
+    "position": "Position",
+    "fit_megapixels": "Fit megapixels (fit_megapixels)",
+}
 # Shaping options from the form: a roi (which the key proves the API received), the subject at
 # half the frame on its floor's left corner, and the whole fitted within 0.05 MP.
 SHAPED = {"roi": "0 0 50% 100%", "scale": "50%", "position": "0% 100%", "fit_megapixels": "0.05"}
@@ -309,13 +319,15 @@ def test_options_and_pasted_urls(context: BrowserContext, serve: Callable[..., s
                 page.fill(f"#{name}", value)
             page.click("#add-urls")
             refused = list(values)[-1]
-            expect(page.locator("#options-error")).to_have_text(f"{refused}: {MUST[refused]}")
+            expect(page.locator("#options-error")).to_have_text(
+                f"{NAMED[refused]}: {MUST[refused]}"
+            )
             expect(page.locator(f"#{refused}")).to_have_attribute("aria-invalid", "true")
             for name in reversed(values):  # a position is disabled again once scale is empty
                 page.fill(f"#{name}", "")
         page.locator("#quality").press_sequentially("1e")  # not a number: the field's value is ""
         page.click("#add-urls")
-        expect(page.locator("#options-error")).to_have_text(f"quality: {MUST['quality']}")
+        expect(page.locator("#options-error")).to_have_text(f"Quality: {MUST['quality']}")
         page.fill("#quality", "")
         page.uncheck("#crop")
         expect(page.locator(".job")).to_have_count(0)

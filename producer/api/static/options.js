@@ -35,6 +35,14 @@ function syncOptions() {
   for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
 }
 
+/** A field as its label names it, with the API's name where the label's differs:
+ *  "Crop margin (crop_margin)", so the API's words on a card point to the field too. */
+function fieldName(id) {
+  const label = field(id).closest("label").firstChild.textContent.trim();
+  const same = label.toLowerCase() === id || label.includes(`(${id})`);
+  return same ? label : `${label} (${id})`;
+}
+
 /** The form fields of the current options (only those that differ from the defaults), or
  *  null with the fault shown, in the API's words, when a value cannot be right. A value that
  *  passes here may still be refused by the API (a roi's x2 before its x1): its card says so. */
@@ -50,7 +58,7 @@ export function currentFields(config) {
       return true;
     }
     field(id).setAttribute("aria-invalid", "true");
-    $("#options-error").textContent = `${id}: ${config.must[id]}`;
+    $("#options-error").textContent = `${fieldName(id)}: ${config.must[id]}`;
     field(id).focus();
     return false;
   };
