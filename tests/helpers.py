@@ -229,6 +229,14 @@ def consume(app: Celery, hostname: str, queue: str, *, on: bool) -> None:
     assert "ok" in replies[0][hostname], replies
 
 
+def inspect_worker(app: Celery, hostname: str, query: str) -> Any:
+    """One worker's answer to an inspect query (`stats`, `active_queues`, ...); it must answer
+    (the call returns at its reply: with a destination, Celery waits for that many replies)."""
+    replies = getattr(app.control.inspect(destination=[hostname], timeout=CONTROL_TIMEOUT), query)()
+    assert replies and hostname in replies, replies
+    return replies[hostname]
+
+
 class LocalStackControl:
     """Stop and restart a stack's worker consuming the image queues (jobs stay queued; a
     stand-in entry keeps the model served meanwhile, as a worker busy with other jobs would)."""
