@@ -24,6 +24,7 @@ import numpy as np
 import psutil
 import redis
 import uvicorn
+from celery import Celery
 from PIL import Image
 
 from bench.photoserver import PhotoServer
@@ -214,6 +215,28 @@ class StandInWorker:
         self.close()
 
 
+CONTROL_TIMEOUT = 30.0  # seconds a control command waits for its worker's reply (it returns at it)
+
+
+def consume(app: Celery, hostname: str, queue: str, *, on: bool) -> None:
+    """Have one worker start (`on`) or stop consuming `queue`, and check that it said ok.
+
+    Celery's default reply timeout (1 s) returns [] when the reply comes later, as on a loaded
+    machine: the caller would go on while the worker may still take jobs from the queue."""
+    command = app.control.add_consumer if on else app.control.cancel_consumer
+    replies = command(queue, destination=[hostname], reply=True, timeout=CONTROL_TIMEOUT)
+    assert [list(reply) for reply in replies] == [[hostname]], replies
+    assert "ok" in replies[0][hostname], replies
+
+
+def inspect_worker(app: Celery, hostname: str, query: str) -> Any:
+    """One worker's answer to an inspect query (`stats`, `active_queues`, ...); it must answer
+    (the call returns at its reply: with a destination, Celery waits for that many replies)."""
+    replies = getattr(app.control.inspect(destination=[hostname], timeout=CONTROL_TIMEOUT), query)()
+    assert replies and hostname in replies, replies
+    return replies[hostname]
+
+
 class LocalStackControl:
     """Stop and restart a stack's worker consuming the image queues (jobs stay queued; a
     stand-in entry keeps the model served meanwhile, as a worker busy with other jobs would)."""
@@ -228,11 +251,11 @@ class LocalStackControl:
         if self.stand_in is None:
             self.stand_in = StandInWorker(self.url).start()
         for queue in contract.IMAGE_QUEUES:
-            self.app.control.cancel_consumer(queue, destination=[self.hostname], reply=True)
+            consume(self.app, self.hostname, queue, on=False)
 
     def resume(self) -> None:
         for queue in contract.IMAGE_QUEUES:  # in order: added consumers go last
-            self.app.control.add_consumer(queue, destination=[self.hostname], reply=True)
+            consume(self.app, self.hostname, queue, on=True)
         if self.stand_in is not None:
             # The worker's entry says which lanes it consumes from its next beat on: until
             # then the stand-in keeps them served (a producer asking meanwhile is not refused).

@@ -25,6 +25,7 @@ from tests.helpers import (
     JPEG,
     StandInWorker,
     bgq_in_process,
+    consume,
     error_of,
     settle_polls,
     variant,
@@ -64,15 +65,14 @@ def bulk_paused(api_stack: LocalStack, redis_client: redis.Redis) -> Iterator[Ca
     does once it stops consuming it), so bulk submissions are accepted and wait: it stays
     until the test ends, past the worker's next beat after `resume()`."""
     app = Producer(api_stack.settings.model_copy(update={"redis_url": api_stack.url})).app
-    where = {"destination": [api_stack.hostname], "reply": True}
     with StandInWorker(api_stack.url, lanes=(contract.BULK,)):
-        app.control.cancel_consumer(contract.BULK_QUEUE, **where)
+        consume(app, api_stack.hostname, contract.BULK_QUEUE, on=False)
         settle_polls(redis_client)
         resumed: list[bool] = []
 
         def resume() -> None:
             if not resumed:
-                app.control.add_consumer(contract.BULK_QUEUE, **where)
+                consume(app, api_stack.hostname, contract.BULK_QUEUE, on=True)
                 resumed.append(True)
 
         yield resume

@@ -49,13 +49,20 @@ def test_close_and_with_block_flush(stack: LocalStack, redis_client: redis.Redis
 def test_a_long_lived_producer_flushes_without_another_submit(
     stack: LocalStack, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A batch lasts 5 s here: the hit below must not come a whole interval after the flush
-    # that starts the batch (it would then be written at once, as the next hit after one).
-    monkeypatch.setattr(defaults, "STATS_FLUSH_INTERVAL", 5.0)
+    # A batch lasts an hour here, however slow the machine: the hit below is never written at
+    # once (as the next hit after an interval would be); its timer, made to fire at once, is.
+    monkeypatch.setattr(defaults, "STATS_FLUSH_INTERVAL", 3600.0)
     data = variant("car-1.jpg", (50, 10, 210, 150))
     producer = Producer(stack.settings)
     timer_fired, let_flush = threading.Event(), threading.Event()
-    timed_flush = producer._timed_flush
+    timed_flush, new_timer = producer._timed_flush, producer._new_timer
+
+    def prompt_timer() -> threading.Timer:
+        """The producer's own timer (armed for the interval), started with no wait."""
+        timer = new_timer()
+        assert timer.interval == defaults.STATS_FLUSH_INTERVAL
+        timer.interval = 0
+        return timer
 
     def held_timed_flush() -> None:
         """The timer's flush, held until the test has read the counters (30 s at most)."""
@@ -64,6 +71,7 @@ def test_a_long_lived_producer_flushes_without_another_submit(
         timed_flush()
 
     monkeypatch.setattr(producer, "_timed_flush", held_timed_flush)
+    monkeypatch.setattr(producer, "_new_timer", prompt_timer)
     try:
         producer.submit(data).wait(timeout=120)
         before = hits(redis_client)

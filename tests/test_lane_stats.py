@@ -25,7 +25,17 @@ from bgq.store import FileStore
 from bgq.units import format_duration
 from producer import Producer
 from producer.cli.services import lane_lines, worker_lines
-from tests.helpers import BGQ, Gate, StandInWorker, answers, bgq, settle, variant, wait_for
+from tests.helpers import (
+    BGQ,
+    Gate,
+    StandInWorker,
+    answers,
+    bgq,
+    inspect_worker,
+    settle,
+    variant,
+    wait_for,
+)
 from tests.stacks import StackFactory
 from tests.test_ops import metric
 
@@ -274,8 +284,8 @@ def test_a_worker_of_bgq_alone_leaves_bulk_jobs_waiting(
     producer.submit(interactive_data).wait(timeout=120)
     assert producer.task_meta(bulk.key)["status"] == "PENDING"
     assert redis_client.llen(contract.BULK_QUEUE) == 1
-    replies = producer.app.control.inspect(destination=[stack.hostname], timeout=5).active_queues()
-    assert [queue["name"] for queue in replies[stack.hostname]] == [contract.QUEUE]
+    queues = inspect_worker(producer.app, stack.hostname, "active_queues")
+    assert [queue["name"] for queue in queues] == [contract.QUEUE]
     snapshot = lane_stats(redis_client, time.time())
     assert (snapshot.lanes[BULK].waiting, snapshot.lanes[BULK].processes) == (1, 0)
     assert snapshot.lanes[INTERACTIVE].processes == 1

@@ -23,7 +23,7 @@ from bgq.stack import LocalStack
 from bgq.store import FileStore
 from producer.client import Producer
 from producer.job import Job
-from tests.helpers import Gate, settle, stats, variant, wait_for
+from tests.helpers import Gate, consume, settle, stats, variant, wait_for
 from tests.stacks import StackFactory
 
 pytestmark = pytest.mark.timeout(600)
@@ -97,9 +97,8 @@ def test_interactive_jobs_run_before_every_waiting_bulk_job(
     round-robin between the queues, and nothing of the backlog is held inside the worker; even
     after the interactive queue's consumer was cancelled and added again at run time (kombu
     then tries it last, but for bgq's queue order)."""
-    control = producer.app.control
-    control.cancel_consumer(contract.QUEUE, destination=[one.hostname], reply=True)
-    control.add_consumer(contract.QUEUE, destination=[one.hostname], reply=True)
+    consume(producer.app, one.hostname, contract.QUEUE, on=False)
+    consume(producer.app, one.hostname, contract.QUEUE, on=True)
     bulk = {f"bulk{i}": producer.submit(image(i), lane=BULK, run="big") for i in range(1, 6)}
     # The bulk queue holds two (the least depth; one pool process), the run's list the rest;
     # the worker holds only the job it runs (prefetch hides no backlog).

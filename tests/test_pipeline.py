@@ -24,6 +24,7 @@ from producer import Producer
 from tests.helpers import (
     GOLDEN,
     SAMPLES,
+    inspect_worker,
     pixels,
     sample_bytes,
     settle,
@@ -134,8 +135,7 @@ def send_by_name(stack: LocalStack, data: bytes, **options: Any) -> Any:
 
 def accepted(stack: LocalStack) -> int:
     app = Producer(stack.settings).app
-    replies = app.control.inspect(destination=[stack.hostname], timeout=2).stats() or {}
-    return sum(replies[stack.hostname]["total"].values()) if replies else 0
+    return sum(inspect_worker(app, stack.hostname, "stats")["total"].values())
 
 
 def big_png() -> bytes:

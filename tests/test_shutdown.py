@@ -21,7 +21,7 @@ import pytest
 import redis
 from kombu.transport.redis import Channel
 
-from bgq import contract, lanes
+from bgq import contract, defaults, lanes
 from bgq.contract import MASKS, TaskArgs, input_digest
 from bgq.fileio import is_temporary
 from bgq.options import Options
@@ -33,6 +33,7 @@ from tests.helpers import BGQ, Gate, assert_same_pixels, pixels, variant, wait_f
 from tests.redis_servers import Servers
 
 GRACE = 10.0  # seconds: the issue's target
+LEASE = 120  # seconds (scale-down test): a job that went back by its lease would take minutes
 
 
 def image(i: int) -> bytes:
@@ -226,7 +227,9 @@ def test_held_countdown_messages_go_back_at_once_and_an_idle_worker_exits_at_onc
         exited = time.monotonic() - sent
         print(f"\nSIGTERM, one countdown held: back after {back:.2f} s, exit after {exited:.2f} s")
         assert code == 0
-        assert back < 2 and exited < 4, (back, exited)
+        # The bug: holding them until the grace's end (a normal idle stop takes about 1.5 s,
+        # 2-3 times that on a loaded machine).
+        assert back < GRACE / 2 and exited < GRACE, (back, exited)
         assert not taken(cluster.client)
         (raw,) = cluster.client.lrange(contract.QUEUE, 0, -1)
         assert json.loads(raw)["headers"]["eta"], "the countdown was lost"
@@ -273,7 +276,8 @@ def test_a_prefetched_job_goes_back_at_once_and_the_running_one_finishes(
         assert stack.worker.wait(timeout=30) == 0
         exited = time.monotonic() - sent
         print(f"\nSIGTERM, one prefetched: back after {back:.2f} s, exit after {exited:.2f} s")
-        assert back < 2 and exited < GRACE, (back, exited)
+        # The bugs: the waiting job held until the grace's end; the worker waiting the grace out.
+        assert back < GRACE / 2 and exited < GRACE, (back, exited)
         assert not taken(cluster.client) and queued(cluster.client) == [jobs[1].key]
         assert not store.has_output(jobs[1].output)
     finally:
@@ -299,8 +303,7 @@ def test_an_ingest_completes_when_one_of_two_workers_is_scaled_down(
     """Two single-process workers share an ingest; the one holding a job mid-run gets SIGTERM
     (grace 2 s): the job goes back at once, the other worker runs it, and the ingest finishes
     with every output identical to rembg's, long before any lease or visibility timeout."""
-    # Leases of 120 s: a job that went back by its lease would take minutes, not seconds.
-    stacks = [cluster.start(1, grace=2, lease=120), cluster.start(1, grace=2, lease=120)]
+    stacks = [cluster.start(1, grace=2, lease=LEASE), cluster.start(1, grace=2, lease=LEASE)]
     store = open_store(cluster.settings)
     assert isinstance(store, FileStore)
     images = {f"{i}.png": image(10 + i) for i in range(6)}
@@ -340,9 +343,11 @@ def test_an_ingest_completes_when_one_of_two_workers_is_scaled_down(
     )
     assert ingest.returncode == 0, stdout + stderr
     assert "6 inputs" in stdout and "0 failed" in stdout, stdout
-    assert exited < 2 + 4, exited  # the grace, then about 1.5 s
-    assert reached < exited + 5, (reached, exited)  # at once, no lease waited for
-    assert finished < 45, finished
+    # The grace of 2 s, not the default's (SHUTDOWN_GRACE, 25 s), then about 1.5 s (2-3 times
+    # that on a loaded machine).
+    assert exited < defaults.SHUTDOWN_GRACE / 2, exited
+    assert reached < exited + LEASE / 4, (reached, exited)  # at once, no lease waited for
+    assert finished < LEASE, finished
     assert sorted(p.name for p in out.glob("*.png")) == sorted(images)
     for name, data in images.items():
         mode, got = pixels(out / name)
@@ -372,12 +377,13 @@ def test_a_second_sigterm_hands_running_jobs_back_now(cluster: Cluster) -> None:
         with Monitor(cluster.client) as monitor:
             sent = time.monotonic()
             stack.hurry()
-            wait_for(lambda: queued(cluster.client) == [job.key], 10, "its return")
+            # The bug: the second SIGTERM ignored, the job held to the grace's end (300 s).
+            wait_for(lambda: queued(cluster.client) == [job.key], 30, "its return")
             back = time.monotonic() - sent
-            assert stack.worker.wait(timeout=10) == 0
+            assert stack.worker.wait(timeout=60) == 0
             exited = time.monotonic() - sent
         print(f"\nsecond SIGTERM: back after {back:.2f} s, exit after {exited:.2f} s")
-        assert back < 2 and exited < 5, (back, exited)
+        assert back < 30 and exited < 60, (back, exited)
         assert not taken(cluster.client)
         # Its record left `unacked` once, in the hand-back's transaction: no acknowledgement
         # after it, which would delete the record of a worker that took the job meanwhile.
