@@ -16,7 +16,7 @@ import pytest
 from bgq import contract
 from bgq.stack import LocalStack
 from producer import Producer
-from tests.helpers import serving, wait_for
+from tests.helpers import inspect_worker, serving, wait_for
 from tests.stacks import StackFactory
 
 SECRET = "delivery-test-secret"
@@ -81,8 +81,8 @@ def deliver(stack: LocalStack, url: str) -> Any:
 def deliveries_taken(stack: LocalStack) -> int:
     """How many deliveries the worker has taken (each retry is taken again)."""
     app = Producer(stack.settings).app
-    replies = app.control.inspect(destination=[stack.hostname], timeout=2).stats() or {}
-    return int(replies[stack.hostname]["total"].get(contract.WEBHOOK_TASK_NAME, 0))
+    total = inspect_worker(app, stack.hostname, "stats")["total"]
+    return int(total.get(contract.WEBHOOK_TASK_NAME, 0))
 
 
 def retries_logged(stack: LocalStack, url: str) -> int:

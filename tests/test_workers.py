@@ -18,7 +18,7 @@ from bgq.contract import Counter
 from bgq.errors import JobFailed
 from bgq.stack import LocalStack
 from producer import Producer
-from tests.helpers import settle, stats, variant, wait_for
+from tests.helpers import inspect_worker, settle, stats, variant, wait_for
 from tests.stacks import StackFactory, both_stores
 
 
@@ -84,8 +84,7 @@ def test_job_that_kills_its_worker_fails_for_good(
 
 def accepted(producer: Producer, stack: LocalStack) -> dict[str, int]:
     """How many tasks of each name the worker has taken (a retry is taken again)."""
-    replies = producer.app.control.inspect(destination=[stack.hostname], timeout=2).stats()
-    return dict((replies or {})[stack.hostname]["total"])
+    return dict(inspect_worker(producer.app, stack.hostname, "stats")["total"])
 
 
 def test_memory_error_fails_for_good_and_the_pool_process_serves_on(
