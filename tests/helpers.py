@@ -222,7 +222,8 @@ def consume(app: Celery, hostname: str, queue: str, *, on: bool) -> None:
     """Have one worker start (`on`) or stop consuming `queue`, and check that it said ok.
 
     Celery's default reply timeout (1 s) returns [] when the reply comes later, as on a loaded
-    machine: the caller would go on while the worker may still take jobs from the queue."""
+    machine. An ok means the worker took the command: its event loop carries it out next, and
+    a poll already sent may still take a job (see `settle_polls`)."""
     command = app.control.add_consumer if on else app.control.cancel_consumer
     replies = command(queue, destination=[hostname], reply=True, timeout=CONTROL_TIMEOUT)
     assert [list(reply) for reply in replies] == [[hostname]], replies
@@ -252,6 +253,9 @@ class LocalStackControl:
             self.stand_in = StandInWorker(self.url).start()
         for queue in contract.IMAGE_QUEUES:
             consume(self.app, self.hostname, queue, on=False)
+        # The worker answers before its event loop cancels the consumers, and a poll already
+        # sent still covers the queues: once it has polled twice more, no job is taken.
+        settle_polls(self.stand_in.client)
 
     def resume(self) -> None:
         for queue in contract.IMAGE_QUEUES:  # in order: added consumers go last
@@ -261,7 +265,10 @@ class LocalStackControl:
             # then the stand-in keeps them served (a producer asking meanwhile is not refused).
             client = self.stand_in.client
             wait_for(
-                lambda: set(contract.LANES) <= set(lanes.capacity(client)[self.hostname].lanes),
+                lambda: (
+                    set(contract.LANES)
+                    <= set(getattr(lanes.capacity(client).get(self.hostname), "lanes", ()))
+                ),
                 what="the worker's entry to serve every lane again",
             )
             self.stand_in.close()

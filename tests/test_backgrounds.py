@@ -28,7 +28,6 @@ from tests.helpers import (
     LocalStackControl,
     sample_bytes,
     settle,
-    settle_polls,
     stale_leftovers,
     variant,
 )
@@ -377,7 +376,6 @@ def test_the_background_survives_a_prune_while_its_job_waits(
     control = LocalStackControl(stack)
     control.pause()
     try:
-        settle_polls(redis_client)  # no poll sent before the pause can take the job now
         job = producer.submit(data, bg_image=digest)
         assert producer.task_meta(job.key)["status"] == "PENDING"
         assert redis_client.sismember(contract.input_refs_key(digest), job.key)

@@ -177,7 +177,8 @@ def test_resume_after_the_ingest_process_is_killed(
     assert len(after) == 8
     # Nothing computed twice: each result the first run left is a cache hit of the second
     # (not enqueued again), and a message of the first run handed to the second's worker
-    # found its result stored and wrote nothing.
+    # found its result stored and wrote nothing (seen by inode on a directory store; on S3
+    # no stamp tells a rewrite from a hit's re-stamp, and the task's skip is the same code).
     status = {f"{r['key']}.png": r["status"] for r in rows.values()}
     assert {name: status[name] for name in before} == dict.fromkeys(before, "cached")
     assert all(after[name] == inode for name, inode in before.items())

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import redis
 
-from bgq import contract
+from bgq import contract, defaults
 from bgq.connections import renew_interval
 from bgq.contract import INPUTS, RESULTS, Counter, TaskArgs
 from bgq.options import Options
@@ -33,8 +33,10 @@ from tests.helpers import Gate, assert_same_pixels, stats, variant, wait_for
 LEASE = 6  # seconds (the least BGQ_LEASE allows): a takeover within LEASE + LEASE/6
 # The most a takeover may take: about LEASE + LEASE/6 (7 s) on an idle machine, more with the
 # sweep, poll, prefetch and pool start on a loaded one. It still fails a job that is never taken
-# over, or only by kombu's own restore (visibility timeout 3600 s: leases not applied).
-TAKEOVER = 10 * LEASE
+# over, taken over only by kombu's own restore (visibility timeout 3600 s: leases not applied),
+# or after the default lease (BGQ_LEASE not applied: about 35 s).
+TAKEOVER = defaults.LEASE - 5
+assert LEASE + LEASE / 6 < TAKEOVER < defaults.LEASE
 
 
 class Cluster:

@@ -12,7 +12,7 @@ from playwright.sync_api import BrowserContext, expect, sync_playwright
 
 from bgq.stack import LocalStack
 from tests.browser import CHROMIUM_FLAGS, DONE, WAIT, Watched, chromium_path, photo
-from tests.helpers import LocalStackControl, api_servers, settle_polls, variant
+from tests.helpers import LocalStackControl, api_servers, variant
 
 KEY = "page-limits-key"
 
@@ -53,7 +53,6 @@ def test_a_rate_limit_is_a_wait_then_a_retry(
     control = LocalStackControl(stack)
     control.pause()  # the first job stays outstanding
     try:
-        settle_polls(redis_client)
         with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.status == 429):
             page.set_input_files("#files", [str(f) for f in files])
         # Sent together: whichever came second waits.

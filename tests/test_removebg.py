@@ -28,7 +28,6 @@ from tests.helpers import (
     LocalStackControl,
     pixels,
     sample_bytes,
-    settle_polls,
     variant,
 )
 from tests.stacks import StackFactory
@@ -600,7 +599,6 @@ def test_an_opaque_results_box_is_left_out_when_not_ready_in_time(
     monkeypatch.setattr(defaults, "API_MAX_WAIT", 0.5)  # the API runs in this process
     control = LocalStackControl(url_stack)
     control.pause()
-    settle_polls(redis_client)
     try:
         params = {"size": "auto", "bg_color": "81d4fa"}
         answer = http.post("/v1.0/removebg", files={"image_file": data}, data=params)
@@ -648,7 +646,6 @@ def test_a_jobs_limit_gives_remove_bgs_rate_fields(
     monkeypatch.setattr(defaults, "API_MAX_WAIT", 0.5)
     control = LocalStackControl(url_stack)
     control.pause()
-    settle_polls(redis_client)
     try:
         with jobs:
             late = jobs.post(
