@@ -212,16 +212,21 @@ def test_each_registered_callback_is_sent_once(
         return len(mine.findall(log.read_text()))
 
     def pending() -> int:
-        """Deliveries to this test's receivers queued, held, or taken and not finished."""
+        """Deliveries to this test's receivers queued, held, or taken and not finished.
+
+        Read in the order a delivery moves (queued, taken, held for a countdown, running), so
+        one that moves on between two reads is seen in a later one, never missed; one that
+        finishes meanwhile is in the log read after this."""
 
         def ask(query: str) -> list[dict[str, Any]]:  # the worker must answer (no reply is not 0)
             return list(inspect_worker(app, api_stack.hostname, query))
 
-        held = [task.get("request", task) for task in ask("scheduled")]
-        taken = [*ask("active"), *ask("reserved"), *held]
         raw = app.backend.client.lrange(contract.WEBHOOK_QUEUE, 0, -1)
         queued = [base64.b64decode(json.loads(message)["body"]).decode() for message in raw]
-        return sum(any(url in repr(item) for url in urls) for item in [*taken, *queued])
+        reserved = ask("reserved")
+        held = [task.get("request", task) for task in ask("scheduled")]
+        items = [*queued, *reserved, *held, *ask("active")]
+        return sum(any(url in repr(item) for url in urls) for item in items)
 
     before = deliveries()
     data = variant("cloth-1.jpg", (30, 30, 430, 530))
